@@ -1,0 +1,3 @@
+from sortedchat.cli import main
+
+main()

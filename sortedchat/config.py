@@ -1,0 +1,118 @@
+"""`sortedchat.json`: what a checkpoint adds to a plain Hugging Face model directory.
+
+The weights stay loadable by any transformers user; this small file records the exits, the auto-mode
+thresholds, where the base model lives when the directory holds only a PEFT adapter, and how the model
+was trained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sortedchat import SortedChatError
+
+CONFIG_NAME = "sortedchat.json"
+EXIT_HEADS_NAME = "exit_heads.safetensors"
+FORMAT_VERSION = 1
+
+
+def default_exits(num_layers: int, count: int = 8) -> list[int]:
+    """`count` exits evenly spaced from 30% to 100% of the depth, like the paper's 12,16,...,40 of 40.
+
+    For 30 layers this gives 9,12,...,30; for 40 layers 12,16,...,40.
+    """
+    first = max(1, round(0.3 * num_layers))
+    if count <= 1 or first >= num_layers:
+        return [num_layers]
+    step = (num_layers - first) / (count - 1)
+    exits = sorted({min(num_layers, max(1, round(first + i * step))) for i in range(count)})
+    if exits[-1] != num_layers:
+        exits.append(num_layers)
+    return exits
+
+
+def validate_exits(exits: list[int], num_layers: int, where: str) -> list[int]:
+    """Sorted, unique exits within 1..num_layers; the last layer is always an exit."""
+    if not exits:
+        raise SortedChatError(f"{where}: the list of exits is empty")
+    for e in exits:
+        if not isinstance(e, int) or isinstance(e, bool) or e < 1 or e > num_layers:
+            raise SortedChatError(f"{where}: exit {e!r} is outside 1..{num_layers} (the model has {num_layers} layers)")
+    out = sorted(set(exits))
+    if out[-1] != num_layers:
+        out.append(num_layers)
+    return out
+
+
+def parse_exits(text: str, num_layers: int, where: str = "--exits") -> list[int]:
+    """Parse '9,12,15' into validated exits."""
+    try:
+        values = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise SortedChatError(f"{where}: expected comma-separated layer numbers, got {text!r}") from None
+    return validate_exits(values, num_layers, where)
+
+
+@dataclass
+class SortedConfig:
+    """The contents of `sortedchat.json`."""
+
+    exits: list[int] | None = None
+    thresholds: dict[int, float] = field(default_factory=dict)
+    confidence: str = "maxprob"
+    base_model: str | None = None
+    exit_heads: str | None = None
+    training: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+    format: int = FORMAT_VERSION
+
+    @classmethod
+    def read(cls, directory: str | os.PathLike) -> "SortedConfig":
+        path = Path(directory) / CONFIG_NAME
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise SortedChatError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
+        except OSError as exc:
+            raise SortedChatError(f"{path}: cannot read ({exc.strerror})") from None
+        if not isinstance(raw, dict):
+            raise SortedChatError(f"{path}: expected a JSON object")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(raw) - known
+        if unknown:
+            raise SortedChatError(f"{path}: unknown field(s) {', '.join(sorted(unknown))}")
+        try:
+            thresholds = {int(k): float(v) for k, v in (raw.get("thresholds") or {}).items()}
+        except (TypeError, ValueError):
+            raise SortedChatError(f"{path}: 'thresholds' must map exit layers to numbers") from None
+        raw["thresholds"] = thresholds
+        exits = raw.get("exits")
+        if exits is not None and (not isinstance(exits, list) or not all(isinstance(e, int) for e in exits)):
+            raise SortedChatError(f"{path}: 'exits' must be a list of layer numbers")
+        return cls(**raw)
+
+    def write(self, directory: str | os.PathLike) -> Path:
+        """Write atomically: a crash leaves the previous file intact."""
+        data = asdict(self)
+        data["thresholds"] = {str(k): v for k, v in sorted(self.thresholds.items())}
+        return atomic_write_text(Path(directory) / CONFIG_NAME, json.dumps(data, indent=2) + "\n")
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write to a temporary file beside `path`, fsync, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

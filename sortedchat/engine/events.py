@@ -1,0 +1,83 @@
+"""What the engine tells front ends: one event per generated token, and a summary per answer."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class TokenEvent:
+    """One generated token.
+
+    `text` is the new piece of the answer this token completes (empty while a multi-byte character is
+    still incomplete, and for the end-of-turn token, which has `is_stop`). `exit_layer` is the depth whose
+    head chose the token; `drafted` marks tokens proposed by the speculative draft and `accepted` whether
+    the full model agreed. `elapsed` counts seconds since the generation started.
+    """
+
+    index: int
+    token_id: int
+    text: str
+    exit_layer: int
+    confidence: float
+    elapsed: float
+    drafted: bool = False
+    accepted: bool | None = None
+    is_stop: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenerationStats:
+    """Summary of one answer. `compute_saved` compares the decoder-layer evaluations actually run
+    (backlog catch-up and rejected drafts included) with running every token through every layer."""
+
+    num_layers: int
+    tokens: int = 0
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    layer_evals: int = 0
+    exit_sum: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    verifications: int = 0
+    check_seconds: float = 0.0
+    checks: int = 0
+    exit_counts: dict[int, int] = field(default_factory=dict)
+    stopped: str = ""
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    @property
+    def mean_exit(self) -> float:
+        return self.exit_sum / self.tokens if self.tokens else 0.0
+
+    @property
+    def compute_saved(self) -> float:
+        full = self.num_layers * self.tokens
+        return 1.0 - self.layer_evals / full if full else 0.0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
+
+    @property
+    def accepted_per_verification(self) -> float | None:
+        return self.accepted / self.verifications if self.verifications else None
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.update(
+            tokens_per_second=self.tokens_per_second,
+            mean_exit=self.mean_exit,
+            compute_saved=self.compute_saved,
+            acceptance_rate=self.acceptance_rate,
+            accepted_per_verification=self.accepted_per_verification,
+        )
+        return out

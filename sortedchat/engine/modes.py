@@ -1,0 +1,54 @@
+"""How deep each token goes: a fixed exit, auto (confidence thresholds), or speculative drafting."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sortedchat import SortedChatError
+
+
+@dataclass(frozen=True)
+class Mode:
+    """`kind` is "depth", "auto" or "speculative". `depth` is the fixed depth or the draft depth
+    (None: full depth / the model's default draft exit). `threshold` overrides every auto threshold.
+    `draft_len` is the initial number of drafted tokens per verification; `draft_stop` ends a draft early
+    when the draft's confidence falls below it."""
+
+    kind: str = "depth"
+    depth: int | None = None
+    threshold: float | None = None
+    draft_len: int = 4
+    draft_stop: float = 0.0
+    confidence: str | None = None
+
+    @classmethod
+    def fixed(cls, depth: int | None = None) -> "Mode":
+        return cls("depth", depth)
+
+    @classmethod
+    def auto(cls, threshold: float | None = None, confidence: str | None = None) -> "Mode":
+        return cls("auto", None, threshold, confidence=confidence)
+
+    @classmethod
+    def speculative(cls, depth: int, draft_len: int = 4, draft_stop: float = 0.0) -> "Mode":
+        return cls("speculative", depth, draft_len=draft_len, draft_stop=draft_stop)
+
+    def validate(self, num_layers: int) -> "Mode":
+        if self.kind not in ("depth", "auto", "speculative"):
+            raise SortedChatError(f"unknown mode {self.kind!r} (depth, auto, speculative)")
+        if self.depth is not None and not 1 <= self.depth <= num_layers:
+            raise SortedChatError(f"depth {self.depth} is outside 1..{num_layers} (the model has {num_layers} layers)")
+        if self.kind == "speculative" and self.depth is not None and self.depth >= num_layers:
+            raise SortedChatError(f"speculative draft depth must be below the last layer ({num_layers})")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise SortedChatError(f"threshold {self.threshold} is outside 0..1")
+        if self.draft_len < 1:
+            raise SortedChatError("draft length must be at least 1")
+        return self
+
+    def label(self, num_layers: int) -> str:
+        if self.kind == "auto":
+            return "Auto" if self.threshold is None else f"Auto ≥{self.threshold:.2f}"
+        if self.kind == "speculative":
+            return f"Speculative {self.depth}"
+        return f"Depth {self.depth or num_layers}/{num_layers}"

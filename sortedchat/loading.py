@@ -1,0 +1,245 @@
+"""Turn whatever the user passed as `--model` into a `SortedModel`.
+
+Accepted: nothing (the default model), a `.gguf` file, a local HF directory, a sortedchat checkpoint
+(HF directory + `sortedchat.json`), a PEFT adapter directory (base from its config), or a hub id.
+Safe by default: safetensors only unless `--allow-pickle`, no remote code unless `--trust-remote-code`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sortedchat import SortedChatError
+from sortedchat.config import CONFIG_NAME, EXIT_HEADS_NAME, SortedConfig, validate_exits
+from sortedchat.paths import cache_dir
+from sortedchat.sorted_model import ExitHeads, SortedModel
+
+Progress = Callable[[str, float | None], None]
+DEFAULT_BASE = "default"  # the value of `base_model` that names the built-in SmolLM2 base
+
+
+def _quiet(stage: str, fraction: float | None = None) -> None:
+    pass
+
+
+@dataclass
+class LoadOptions:
+    device: str = "auto"
+    dtype: str = "auto"
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    exits: list[int] | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
+        raise SortedChatError(f"--device: unknown device {name!r} (choose auto, cpu, cuda, mps)")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SortedChatError("--device cuda: no CUDA device is available on this machine")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise SortedChatError("--device mps: MPS is not available on this machine")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "mps":
+            return torch.float16
+        return torch.float32
+    if name not in table:
+        raise SortedChatError(f"--dtype: unknown dtype {name!r} (choose auto, float32, bfloat16, float16)")
+    return table[name]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _check_weights(directory: Path, allow_pickle: bool) -> None:
+    has_safe = any(directory.glob("*.safetensors"))
+    has_pickle = any(directory.glob("*.bin")) or any(directory.glob("*.pt"))
+    if not has_safe and has_pickle and not allow_pickle:
+        raise SortedChatError(
+            f"{directory}: only pickle weights (.bin) found; they can run code when loaded. "
+            "Convert them to safetensors, or pass --allow-pickle if you trust the source"
+        )
+    if not has_safe and not has_pickle:
+        raise SortedChatError(f"{directory}: no weights found (expected *.safetensors)")
+
+
+def _quantization(opts: LoadOptions, dtype: torch.dtype):
+    if not (opts.load_in_4bit or opts.load_in_8bit):
+        return None
+    if opts.load_in_4bit and opts.load_in_8bit:
+        raise SortedChatError("--load-in-4bit and --load-in-8bit exclude each other")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise SortedChatError("--load-in-4bit/--load-in-8bit need bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    if opts.load_in_4bit:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _from_pretrained(source: str, opts: LoadOptions, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    quant = _quantization(opts, dtype)
+    kwargs = dict(dtype=dtype, trust_remote_code=opts.trust_remote_code, use_safetensors=not opts.allow_pickle or None)
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map={"": str(device)})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except SortedChatError:
+        raise
+    except Exception as exc:
+        raise SortedChatError(f"{source}: cannot load model weights ({_first_line(exc)})") from None
+    if quant is None:
+        model.to(device)
+    return model.eval()
+
+
+def _tokenizer(source: str | Path, opts: LoadOptions):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=opts.trust_remote_code)
+    except Exception as exc:
+        raise SortedChatError(f"{source}: cannot load tokenizer ({_first_line(exc)})") from None
+
+
+def gguf_cache_dir(gguf: Path) -> Path:
+    """A GGUF converts once; the cache key follows the file's path, size and modification time."""
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
+def _load_exit_heads(directory: Path, cfg: SortedConfig, model, device, dtype) -> ExitHeads | None:
+    if not cfg.exit_heads:
+        return None
+    from safetensors.torch import load_file
+
+    path = directory / cfg.exit_heads
+    try:
+        state = load_file(str(path))
+    except Exception as exc:
+        raise SortedChatError(f"{path}: cannot load exit heads ({_first_line(exc)})") from None
+    exits = sorted({int(k.split(".")[1]) for k in state})
+    heads = ExitHeads(exits, model.config.hidden_size, model.config.vocab_size, model.model.norm)
+    try:
+        heads.load_state_dict(state)
+    except RuntimeError as exc:
+        raise SortedChatError(f"{path}: exit heads do not fit this model ({_first_line(exc)})") from None
+    return heads.to(device=device, dtype=dtype).eval()
+
+
+def _resolve_base(base: str, progress: Progress) -> str:
+    if base == DEFAULT_BASE:
+        from sortedchat.default_model import base_model_dir
+
+        return str(base_model_dir(progress))
+    return base
+
+
+def load_sorted_model(spec: str | None = None, opts: LoadOptions | None = None, progress: Progress = _quiet) -> SortedModel:
+    """Load `spec` (see module doc) as a `SortedModel` on the requested device and dtype."""
+    opts = opts or LoadOptions()
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
+
+    if spec is None:
+        from sortedchat.default_model import default_model_dir
+
+        directory = default_model_dir(progress)
+        label = "SmolLM2-135M-Instruct (default)"
+    else:
+        path = Path(spec).expanduser()
+        label = spec
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise SortedChatError(f"--model {spec}: no such file")
+            directory = gguf_cache_dir(path)
+            if not (directory / "model.safetensors").is_file():
+                from sortedchat.convert import convert_gguf
+
+                convert_gguf(path, directory, progress)
+        elif path.exists():
+            if not path.is_dir():
+                raise SortedChatError(f"--model {spec}: not a model directory or .gguf file")
+            directory = path
+        elif spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec:
+            raise SortedChatError(f"--model {spec}: no such file or directory")
+        else:
+            directory = None  # a hub id
+
+    progress("loading weights", None)
+    if directory is None:
+        model = _from_pretrained(spec, opts, device, dtype)
+        cfg = SortedConfig()
+        tokenizer = _tokenizer(spec, opts)
+        weights = spec
+    else:
+        cfg = SortedConfig.read(directory) if (directory / CONFIG_NAME).is_file() else SortedConfig()
+        if (directory / "adapter_config.json").is_file():
+            model, tokenizer = _load_adapter(directory, cfg, opts, device, dtype, progress)
+        elif (directory / "config.json").is_file():
+            _check_weights(directory, opts.allow_pickle)
+            model = _from_pretrained(str(directory), opts, device, dtype)
+            tokenizer = _tokenizer(directory, opts)
+        else:
+            raise SortedChatError(f"{directory}: not a model directory (no config.json or adapter_config.json)")
+        weights = str(directory)
+
+    if opts.exits is not None:
+        cfg.exits = validate_exits(opts.exits, model.config.num_hidden_layers, "--exits")
+    heads = _load_exit_heads(Path(weights), cfg, model, device, dtype) if directory is not None else None
+    progress("model ready", 1.0)
+    return SortedModel(model=model, tokenizer=tokenizer, config=cfg, source=label, weights_path=weights, exit_heads=heads)
+
+
+def _load_adapter(directory: Path, cfg: SortedConfig, opts: LoadOptions, device, dtype, progress: Progress):
+    """Base model (from `sortedchat.json` or the adapter's own config) + PEFT adapter."""
+    import json
+
+    from peft import PeftModel
+
+    try:
+        adapter_cfg = json.loads((directory / "adapter_config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise SortedChatError(f"{directory / 'adapter_config.json'}: line {exc.lineno}: invalid JSON") from None
+    base = cfg.base_model or adapter_cfg.get("base_model_name_or_path")
+    if not base:
+        raise SortedChatError(f"{directory}: adapter names no base model (set base_model in {CONFIG_NAME})")
+    base_dir = _resolve_base(base, progress)
+    if Path(base_dir).is_dir():
+        _check_weights(Path(base_dir), opts.allow_pickle)
+    model = _from_pretrained(base_dir, opts, device, dtype)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(directory))
+    except Exception as exc:
+        raise SortedChatError(f"{directory}: cannot apply adapter ({_first_line(exc)})") from None
+    quantized = opts.load_in_4bit or opts.load_in_8bit
+    # A quantized base cannot absorb the adapter; keep LoRA layers injected and drive the inner model.
+    model = peft_model.base_model.model if quantized else peft_model.merge_and_unload()
+    tok_source = directory if (directory / "tokenizer_config.json").is_file() else base_dir
+    return model.eval(), _tokenizer(tok_source, opts)

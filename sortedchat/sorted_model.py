@@ -1,0 +1,148 @@
+"""A causal LM seen as a stack of nested sub-models: the first k layers, then the shared norm and head.
+
+`SortedModel` wraps a Hugging Face `*ForCausalLM` without changing it. It gives the decoding engine and
+the trainer the pieces they call themselves (embedding, rotary embedding, decoder layers, exit heads),
+knows the exits and thresholds of `sortedchat.json`, and applies per-exit heads (the SFT+ICT baseline)
+where a checkpoint has them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sortedchat import SortedChatError
+from sortedchat.config import SortedConfig, default_exits, validate_exits
+
+# The attribute paths every supported decoder exposes (Llama, Mistral, Qwen2/3, SmolLM, ...).
+REQUIRED_PARTS = ("model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "lm_head")
+
+
+def check_architecture(model: nn.Module) -> None:
+    """Refuse models whose HF class lacks the layer stack we drive ourselves, naming the class."""
+    missing = []
+    for path in REQUIRED_PARTS:
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if obj is None:
+            missing.append(path)
+    if missing:
+        raise SortedChatError(
+            f"{type(model).__name__} is not supported: it has no {', '.join(missing)} "
+            "(sortedchat needs a LLaMA-style decoder: model.layers, model.norm, lm_head)"
+        )
+
+
+class ExitHeads(nn.Module):
+    """Separate norm + LM head per exit, as trained by the SFT+ICT baseline (`sortedchat train --method ict`)."""
+
+    def __init__(self, exits: list[int], hidden_size: int, vocab_size: int, norm_template: nn.Module):
+        super().__init__()
+        import copy
+
+        self.norms = nn.ModuleDict({str(e): copy.deepcopy(norm_template) for e in exits})
+        self.heads = nn.ModuleDict({str(e): nn.Linear(hidden_size, vocab_size, bias=False) for e in exits})
+
+    def forward(self, hidden: torch.Tensor, exit_layer: int) -> torch.Tensor:
+        key = str(exit_layer)
+        return self.heads[key](self.norms[key](hidden))
+
+    def has(self, exit_layer: int) -> bool:
+        return str(exit_layer) in self.heads
+
+
+@dataclass
+class SortedModel:
+    """A HF causal LM, its tokenizer, and what `sortedchat.json` says about its exits."""
+
+    model: nn.Module
+    tokenizer: object
+    config: SortedConfig
+    source: str = ""
+    weights_path: str = ""
+    exit_heads: ExitHeads | None = None
+
+    def __post_init__(self) -> None:
+        check_architecture(self.model)
+        self.num_layers = len(self.model.model.layers)
+        exits = self.config.exits or default_exits(self.num_layers)
+        self.exits = validate_exits(list(exits), self.num_layers, f"exits of {self.source or 'the model'}")
+        self.config.exits = self.exits
+
+    # -- the parts the engine calls ---------------------------------------------------------------
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.model.layers
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.model.embed_tokens.weight.dtype
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.model.embed_tokens(input_ids)
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.model.rotary_emb(hidden, position_ids=position_ids)
+
+    def head(self, hidden: torch.Tensor, exit_layer: int) -> torch.Tensor:
+        """Logits of the sub-model that stops after `exit_layer` layers, from that layer's raw output."""
+        if self.exit_heads is not None and exit_layer != self.num_layers and self.exit_heads.has(exit_layer):
+            return self.exit_heads(hidden, exit_layer)
+        return self.model.lm_head(self.model.model.norm(hidden))
+
+    def normed_head(self, normed_hidden: torch.Tensor) -> torch.Tensor:
+        """LM head on an already-normed state (HF's `hidden_states[-1]` is normed)."""
+        return self.model.lm_head(normed_hidden)
+
+    # -- thresholds --------------------------------------------------------------------------------
+    def thresholds(self, override: float | None = None) -> dict[int, float]:
+        """Per-exit confidence thresholds for auto mode: the command line wins over `sortedchat.json`.
+
+        An exit without a calibrated threshold gets 0.9; the last exit always accepts.
+        """
+        out = {}
+        for e in self.exits[:-1]:
+            out[e] = override if override is not None else self.config.thresholds.get(e, 0.9)
+        out[self.num_layers] = 0.0
+        return out
+
+    @property
+    def default_draft_exit(self) -> int:
+        """The exit nearest half the depth: the speculative draft depth when none is given."""
+        candidates = self.exits[:-1] or [max(1, self.num_layers // 2)]
+        return min(candidates, key=lambda e: abs(e - self.num_layers / 2))
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    # -- analysis ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def exit_top_predictions(self, token_ids: list[int], k: int = 5) -> dict[int, list[tuple[int, float]]]:
+        """For the last position of `token_ids`, each exit's top-k next tokens with probabilities.
+
+        A fresh forward pass, independent of any decoding state: used by the chat's layer lens.
+        """
+        ids = torch.tensor([token_ids], device=self.device)
+        out = self.model(input_ids=ids, output_hidden_states=True, use_cache=False)
+        hidden = out.hidden_states
+        result = {}
+        for e in self.exits:
+            h = hidden[e][:, -1]
+            logits = self.normed_head(h) if e == self.num_layers else self.head(h, e)
+            probs = torch.softmax(logits.float(), dim=-1)[0]
+            p, idx = probs.topk(k)
+            result[e] = [(int(i), float(v)) for i, v in zip(idx, p)]
+        return result

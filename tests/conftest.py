@@ -1,0 +1,95 @@
+"""Shared fixtures: a tiny random LLaMA with a real (small, trained-here) byte-level BPE tokenizer.
+
+Nothing is downloaded. The model is saved as a plain HF directory so loading code runs for real.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Sorted fine-tuning trains every sub-model of a language model at once.",
+    "What is the capital of France? Paris is the capital of France.",
+    "Tokens exit early when the model is confident. Café, naïve, 東京, emoji 🙂.",
+    "Hello! How are you today? I am fine, thank you.",
+] * 20
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>", bos_token="<|im_start|>"
+    )
+    fast.chat_template = CHATML
+    return fast
+
+
+def build_tiny_model(tokenizer, layers: int = 6, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A saved tiny model directory (config.json + model.safetensors + tokenizer)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = build_tokenizer()
+    model = build_tiny_model(tok)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    """The tiny model loaded as a SortedModel with exits 2,4,6 (shared across tests: do not mutate)."""
+    from sortedchat.loading import LoadOptions, load_sorted_model
+
+    return load_sorted_model(str(tiny_dir), LoadOptions(device="cpu", exits=[2, 4, 6]))
+
+
+@pytest.fixture(autouse=True)
+def isolated_dirs(tmp_path, monkeypatch):
+    """Keep every test's cache, data and config directories private (the real cache is opt-in)."""
+    for name in ("DATA", "CONFIG"):
+        monkeypatch.setenv(f"SORTEDCHAT_{name}_DIR", str(tmp_path / name.lower()))
+    if not os.environ.get("SORTEDCHAT_TEST_REAL_CACHE"):
+        monkeypatch.setenv("SORTEDCHAT_CACHE_DIR", str(tmp_path / "cache"))

@@ -1,0 +1,168 @@
+"""The layered-KV engine against transformers: exact greedy equality, exact K/V after mixed depths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from sortedchat.engine import ChatSession, Mode, SamplingConfig
+from sortedchat.engine.state import LayeredState
+
+PROMPTS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Hello! How are you today?"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sorted fine-tuning?"}],
+]
+
+
+def hf_greedy(sm, prompt_ids, n):
+    ids = torch.tensor([prompt_ids])
+    out = sm.model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    return out[0, len(prompt_ids) :].tolist()
+
+
+def run(session, prompt_ids, n=24, **kw):
+    return [ev.token_id for ev in session.generate_ids(prompt_ids, SamplingConfig(max_new_tokens=n, **kw))]
+
+
+def no_stop(session):
+    session.stop_ids = set()  # random weights: let every answer run to max_new_tokens
+    return session
+
+
+def prompt_ids(sm, messages):
+    from sortedchat.engine.session import encode_chat
+
+    return encode_chat(sm, messages)
+
+
+@pytest.mark.parametrize("messages", PROMPTS)
+def test_full_depth_equals_hf_generate(tiny, messages):
+    ids = prompt_ids(tiny, messages)
+    assert run(no_stop(ChatSession(tiny)), ids) == hf_greedy(tiny, ids, 24)
+
+
+@pytest.mark.parametrize("messages", PROMPTS)
+@pytest.mark.parametrize("draft", [1, 2, 4, 5])
+@pytest.mark.parametrize("draft_len", [1, 3, 6])
+def test_speculative_greedy_equals_full_greedy(tiny, messages, draft, draft_len):
+    ids = prompt_ids(tiny, messages)
+    full = run(no_stop(ChatSession(tiny)), ids)
+    spec = no_stop(ChatSession(tiny, Mode.speculative(draft, draft_len=draft_len)))
+    assert run(spec, ids) == full
+    assert spec.last_stats.verifications > 0
+
+
+def test_fixed_depth_equals_truncated_model(tiny):
+    """Depth k is exactly the sub-model of the first k layers with the shared norm and head."""
+    ids = prompt_ids(tiny, PROMPTS[0])
+    got = run(no_stop(ChatSession(tiny, Mode.fixed(4))), ids, n=12)
+    seq = list(ids)
+    for _ in range(12):
+        out = tiny.model(input_ids=torch.tensor([seq]), output_hidden_states=True)
+        seq.append(int(tiny.head(out.hidden_states[4][:, -1], 4).argmax()))
+    assert got == seq[len(ids) :]
+
+
+def test_auto_unreachable_thresholds_equal_full_depth(tiny):
+    ids = prompt_ids(tiny, PROMPTS[1])
+    full = run(no_stop(ChatSession(tiny)), ids)
+    auto = no_stop(ChatSession(tiny, Mode.auto(threshold=1.0)))
+    events = list(auto.generate_ids(ids, SamplingConfig(max_new_tokens=24)))
+    assert [e.token_id for e in events] == full
+    assert {e.exit_layer for e in events} == {6}
+
+
+def test_auto_threshold_zero_equals_first_exit(tiny):
+    ids = prompt_ids(tiny, PROMPTS[1])
+    first = run(no_stop(ChatSession(tiny, Mode.fixed(2))), ids)
+    auto = no_stop(ChatSession(tiny, Mode.auto(threshold=0.0)))
+    events = list(auto.generate_ids(ids, SamplingConfig(max_new_tokens=24)))
+    assert [e.token_id for e in events] == first
+    assert {e.exit_layer for e in events} == {2}
+
+
+def fresh_prefill_kv(sm, tokens):
+    cache = DynamicCache(config=sm.model.config)
+    sm.model(input_ids=torch.tensor([tokens]), past_key_values=cache, use_cache=True)
+    return cache
+
+
+def test_mixed_depths_then_drain_matches_fresh_prefill(tiny):
+    """Tokens at depths 2, 6, 4, auto and speculative: after draining, every layer's K/V is exact."""
+    ids = prompt_ids(tiny, PROMPTS[2])
+    session = no_stop(ChatSession(tiny, Mode.fixed(2)))
+    plan = [Mode.fixed(2), Mode.fixed(6), Mode.fixed(4), Mode.auto(0.3), Mode.speculative(2, 3), Mode.fixed(1)]
+    tokens = list(ids)
+    gen = session.generate_ids(ids, SamplingConfig(max_new_tokens=30))
+    for i, ev in enumerate(gen):
+        tokens.append(ev.token_id)
+        session.mode = plan[(i // 5) % len(plan)]
+        session.state.check_invariants()
+    state = session.state
+    assert state.kv_len[0] > state.kv_len[-1]  # a backlog was left by shallow tokens
+    # The next full-depth token drains it and must match the full model.
+    out = state.run(6, [tokens[-1]])
+    next_full = int(tiny.head(out[:, -1], 6).argmax())
+    state.check_invariants()
+    ref = fresh_prefill_kv(tiny, tokens)
+    for i in range(tiny.num_layers):
+        assert torch.allclose(state.cache.layers[i].keys, ref.layers[i].keys, atol=1e-5)
+        assert torch.allclose(state.cache.layers[i].values, ref.layers[i].values, atol=1e-5)
+    logits = tiny.model(input_ids=torch.tensor([tokens])).logits[0, -1]
+    assert next_full == int(logits.argmax())
+
+
+def test_multi_turn_reuse_equals_fresh_prefill(tiny):
+    session = no_stop(ChatSession(tiny))
+    convo = [{"role": "user", "content": "Hello! How are you today?"}]
+    answer = "".join(e.text for e in session.generate(convo, SamplingConfig(max_new_tokens=10)))
+    convo += [{"role": "assistant", "content": answer}, {"role": "user", "content": "What is the capital of France?"}]
+    second = [e.token_id for e in session.generate(convo, SamplingConfig(max_new_tokens=10))]
+    assert session.last_stats.reused_tokens > 10
+    fresh = no_stop(ChatSession(tiny))
+    assert [e.token_id for e in fresh.generate(convo, SamplingConfig(max_new_tokens=10))] == second
+    assert fresh.last_stats.reused_tokens == 0
+
+
+def test_depth_switch_mid_chat_costs_one_catch_up_pass(tiny):
+    """Going deeper after shallow tokens runs each deep layer once over its backlog, not a re-prefill."""
+    ids = prompt_ids(tiny, PROMPTS[0])
+    session = no_stop(ChatSession(tiny, Mode.fixed(2)))
+    run(session, ids, n=8)
+    state = session.state
+    backlog = state.kv_len[1] - state.kv_len[5]
+    before = state.layer_evals
+    state.run(6, [5])
+    assert state.layer_evals - before == 2 * 1 + 4 * (backlog + 1)
+
+
+def test_layer_call_contract(tiny):
+    """The HF decoder layer call we rely on: returns the hidden states and appends q positions of K/V."""
+    state = LayeredState(tiny)
+    out = state.run(1, [3, 4, 5])
+    assert isinstance(out, torch.Tensor) and out.shape == (1, 3, tiny.model.config.hidden_size)
+    assert state.cache.layers[0].get_seq_length() == 3
+    assert state.waiting[1].shape[1] == 3
+
+
+def test_sampling_is_seeded_and_spec_sampling_runs(tiny):
+    ids = prompt_ids(tiny, PROMPTS[0])
+    a = run(no_stop(ChatSession(tiny)), ids, temperature=0.8, top_p=0.9, seed=7)
+    b = run(no_stop(ChatSession(tiny)), ids, temperature=0.8, top_p=0.9, seed=7)
+    assert a == b
+    spec = run(no_stop(ChatSession(tiny, Mode.speculative(2))), ids, temperature=0.8, seed=7)
+    assert len(spec) == 24
+
+
+def test_stop_token_ends_answer_and_text_is_complete(tiny):
+    session = ChatSession(tiny)
+    eos = tiny.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    session.stop_ids = {eos}
+    ids = prompt_ids(tiny, PROMPTS[0])
+    events = list(session.generate_ids(ids, SamplingConfig(max_new_tokens=40)))
+    text = "".join(e.text for e in events)
+    assert text == tiny.tokenizer.decode([e.token_id for e in events if not e.is_stop])
