@@ -1,0 +1,38 @@
+"""The `sortedchat` command. Each sub-command lives in its own module and registers itself here.
+
+Errors a user can fix (`SortedChatError`) print as one line on stderr with exit code 1; Ctrl+C exits 130.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+app = typer.Typer(
+    name="sortedchat",
+    help="Chat with a Sorted Fine-Tuned model whose depth adapts per token, and train one.",
+    no_args_is_help=False,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Modules that define `register(app)`; each adds its own commands.
+COMMAND_MODULES = ["sortedchat.cli.chat", "sortedchat.cli.ask", "sortedchat.cli.info"]
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(_name).register(app)
+
+
+def main() -> None:
+    from sortedchat import SortedChatError
+
+    try:
+        app()
+    except SortedChatError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

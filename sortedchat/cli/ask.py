@@ -1,0 +1,85 @@
+"""`sortedchat ask`: one prompt, streamed, coloured by exit layer; and the line-based `chat --plain`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from sortedchat.cli import options as o
+from sortedchat.cli.render import AnswerPrinter
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(ask)
+
+
+def ask(
+    prompt: Annotated[str, typer.Argument(help="The question or instruction")],
+    model: o.ModelOpt = None,
+    system: Annotated[str, typer.Option("--system", help="System prompt")] = "",
+    depth: o.DepthOpt = None,
+    auto: o.AutoOpt = False,
+    threshold: o.ThresholdOpt = None,
+    speculative: o.SpecOpt = None,
+    draft_len: o.DraftLenOpt = 4,
+    temperature: o.TemperatureOpt = 0.0,
+    top_p: o.TopPOpt = 1.0,
+    top_k: o.TopKOpt = 0,
+    seed: o.SeedOpt = None,
+    max_new_tokens: o.MaxTokensOpt = 256,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON event per line")] = False,
+    device: o.DeviceOpt = "auto",
+    dtype: o.DtypeOpt = "auto",
+    load_in_4bit: o.Load4Opt = False,
+    load_in_8bit: o.Load8Opt = False,
+    trust_remote_code: o.TrustOpt = False,
+    allow_pickle: o.PickleOpt = False,
+    exits: o.ExitsOpt = None,
+) -> None:
+    """Answer one prompt, streaming tokens coloured by the layer they exited at."""
+    from sortedchat.engine import ChatSession
+
+    sampling = o.make_sampling(temperature, top_p, top_k, seed, max_new_tokens)
+    opts = o.load_options(device, dtype, load_in_4bit, load_in_8bit, trust_remote_code, allow_pickle, exits)
+    sm = o.load_model(model, opts)
+    session = ChatSession(sm, o.make_mode(sm, depth, auto, threshold, speculative, draft_len))
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    printer = AnswerPrinter(sm.num_layers, sm.exits[0], as_json)
+    for ev in session.generate(messages, sampling):
+        printer.token(ev)
+    printer.summary(session.last_stats)
+
+
+def plain_chat(sm, mode, sampling, system: str = "", console: Console | None = None, read=input) -> None:
+    """A line-based multi-turn chat. Empty line or /quit ends it; /reset starts over."""
+    from sortedchat.engine import ChatSession
+
+    console = console or Console(highlight=False)
+    session = ChatSession(sm, mode)
+    base = [{"role": "system", "content": system}] if system else []
+    messages = list(base)
+    printer = AnswerPrinter(sm.num_layers, sm.exits[0], console=console)
+    console.print(f"[dim]{sm.source} · {mode.label(sm.num_layers)} · /reset new chat · /quit or Ctrl+D ends[/dim]")
+    while True:
+        try:
+            line = read("you> ")
+        except EOFError:
+            break
+        if line.strip() in ("", "/quit", "/exit"):
+            break
+        if line.strip() == "/reset":
+            messages = list(base)
+            session.reset()
+            continue
+        messages.append({"role": "user", "content": line})
+        answer = []
+        try:
+            for ev in session.generate(messages, sampling):
+                answer.append(ev.text)
+                printer.token(ev)
+        except KeyboardInterrupt:
+            console.print("\n[dim](stopped)[/dim]")
+        messages.append({"role": "assistant", "content": "".join(answer)})
+        printer.summary(session.last_stats)

@@ -1,0 +1,60 @@
+"""`sortedchat info` (what a model is and where it lives) and `sortedchat pull` (fetch the default)."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sortedchat.cli import options as o
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(info)
+    app.command()(pull)
+
+
+def info(
+    model: o.ModelOpt = None,
+    device: o.DeviceOpt = "auto",
+    dtype: o.DtypeOpt = "auto",
+    load_in_4bit: o.Load4Opt = False,
+    load_in_8bit: o.Load8Opt = False,
+    trust_remote_code: o.TrustOpt = False,
+    allow_pickle: o.PickleOpt = False,
+    exits: o.ExitsOpt = None,
+) -> None:
+    """Layers, exits, thresholds, parameters, dtype, device and where the weights live."""
+    opts = o.load_options(device, dtype, load_in_4bit, load_in_8bit, trust_remote_code, allow_pickle, exits)
+    sm = o.load_model(model, opts)
+    thresholds = sm.thresholds()
+    table = Table(show_header=False, box=None)
+    rows = [
+        ("model", sm.source),
+        ("class", type(sm.model).__name__),
+        ("layers", str(sm.num_layers)),
+        ("exits", ", ".join(map(str, sm.exits))),
+        ("thresholds", ", ".join(f"{e}:{thresholds[e]:.2f}" for e in sm.exits[:-1])
+         + ("" if sm.config.thresholds else " (defaults: not calibrated)")),
+        ("exit heads", "per-exit (ICT)" if sm.exit_heads is not None else "shared norm + LM head"),
+        ("parameters", f"{sm.parameter_count() / 1e6:.1f}M"),
+        ("dtype", str(sm.dtype).replace("torch.", "")),
+        ("device", str(sm.device)),
+        ("weights", sm.weights_path),
+    ]
+    if sm.config.training:
+        t = sm.config.training
+        rows.append(("training", ", ".join(f"{k}={t[k]}" for k in ("method", "steps", "seed") if k in t)))
+    for k, v in rows:
+        table.add_row(f"[bold]{k}[/bold]", v)
+    Console().print(table)
+
+
+def pull() -> None:
+    """Fetch and convert the default model into the cache now (no hub access needed)."""
+    from sortedchat.default_model import default_model_dir
+
+    console = Console(stderr=True)
+    with console.status("preparing the default model", spinner="dots") as status:
+        path = default_model_dir(lambda stage, frac=None: status.update(stage))
+    Console().print(f"default model ready: {path}")
