@@ -127,6 +127,30 @@ def _tokenizer(source: str | Path, opts: LoadOptions):
         raise SortedChatError(f"{source}: cannot load tokenizer ({_first_line(exc)})") from None
 
 
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
+
+
+def pull_hub_model(repo_id: str) -> str:
+    """Download a hub model's safetensors, config and tokenizer into the HF cache (explicit network use)."""
+    from huggingface_hub import constants, snapshot_download
+
+    constants.HF_HUB_OFFLINE = False
+    try:
+        return snapshot_download(repo_id, allow_patterns=HUB_PATTERNS)
+    except Exception as exc:
+        raise SortedChatError(f"{repo_id}: download failed ({_first_line(exc)})") from None
+
+
+def _check_hub_cache(repo_id: str) -> None:
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        raise SortedChatError(
+            f"--model {repo_id}: not a local path, and not in the local hub cache "
+            f"(run `sortedchat pull {repo_id}` to download it)"
+        )
+
+
 def gguf_cache_dir(gguf: Path) -> Path:
     """A GGUF converts once; the cache key follows the file's path, size and modification time."""
     st = gguf.stat()
@@ -194,6 +218,7 @@ def load_sorted_model(spec: str | None = None, opts: LoadOptions | None = None, 
 
     progress("loading weights", None)
     if directory is None:
+        _check_hub_cache(spec)
         model = _from_pretrained(spec, opts, device, dtype)
         cfg = SortedConfig()
         tokenizer = _tokenizer(spec, opts)

@@ -18,6 +18,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+def _quiet_libraries() -> None:
+    """Our own progress displays replace the libraries' tqdm bars and warnings on the terminal, and
+    nothing reaches the network unless the user runs `sortedchat pull`."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+_quiet_libraries()
+
 # Modules that define `register(app)`; each adds its own commands.
 COMMAND_MODULES = ["sortedchat.cli.chat", "sortedchat.cli.ask", "sortedchat.cli.info"]
 

