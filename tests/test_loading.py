@@ -123,3 +123,22 @@ def test_real_default_model_converts_once_and_answers(monkeypatch):
     answer = "".join(e.text for e in session.generate(
         [{"role": "user", "content": "What is the capital of France?"}], SamplingConfig(max_new_tokens=12)))
     assert "Paris" in answer
+
+
+def test_4bit_quantized_model_runs_every_mode(tiny_dir):
+    """bitsandbytes 4-bit (its CPU backend here): the engine drives the quantized layers the same way."""
+    pytest.importorskip("bitsandbytes")
+    from sortedchat.engine import ChatSession, Mode, SamplingConfig
+
+    sm = load_sorted_model(str(tiny_dir), LoadOptions(device="cpu", dtype="bfloat16", load_in_4bit=True, exits=[2, 4]))
+    assert type(sm.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    prompt = sm.tokenizer("Hello! How are", add_special_tokens=False)["input_ids"]
+
+    def run(mode):
+        session = ChatSession(sm, mode)
+        session.stop_ids = set()
+        return [e.token_id for e in session.generate_ids(prompt, SamplingConfig(max_new_tokens=8))]
+
+    full = run(Mode.fixed())
+    assert len(full) == 8
+    assert run(Mode.speculative(2)) == full
