@@ -1,0 +1,81 @@
+"""Resumable checkpoints in `OUT/checkpoints/step-NNNNNNNN/`, written so that a crash never leaves a broken one.
+
+accelerate writes the state (trainable weights, optimizer, RNG states, the scheduler and, under FSDP or
+DeepSpeed, their sharded layouts) into a hidden temporary directory; only when every process is done is it
+renamed into place. A directory named `step-*` is therefore always complete. Only trainable weights are
+stored: a LoRA checkpoint holds the adapter, not the frozen base.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from sortedchat import SortedChatError
+from sortedchat.config import atomic_write_text
+
+CHECKPOINTS = "checkpoints"
+STATE_NAME = "trainer_state.json"
+
+
+def checkpoint_dirs(out: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(out) / CHECKPOINTS
+    found = []
+    for p in root.glob("step-*") if root.is_dir() else []:
+        try:
+            found.append((int(p.name.split("-", 1)[1]), p))
+        except ValueError:
+            continue
+    return sorted(found)
+
+
+def keep_only_trainable(models, weights, output_dir) -> None:
+    """accelerate save hook: drop frozen tensors (a LoRA run stores its adapter, not the base)."""
+    for model, state in zip(models, weights):
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        for key in list(state):
+            if key not in trainable:
+                del state[key]
+
+
+def save_checkpoint(accelerator, out: Path, step: int, trainer_state: dict, keep: int) -> Path:
+    """Save on every process, publish atomically from the main one, then drop all but the newest `keep`."""
+    root = Path(out) / CHECKPOINTS
+    final = root / f"step-{step:08d}"
+    if final.is_dir():  # already saved at this step (e.g. Ctrl+C right after a scheduled save)
+        return final
+    tmp = root / f".tmp-step-{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_text(tmp / STATE_NAME, json.dumps(trainer_state, indent=2) + "\n")
+        tmp.rename(final)
+        for _, old in checkpoint_dirs(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: Path) -> dict:
+    """Restore weights, optimizer, scheduler and RNG states; return the trainer state saved with them."""
+    try:
+        state = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SortedChatError(f"--resume: {path} is not a usable checkpoint ({exc})") from None
+    accelerator.load_state(str(path), strict=False)
+    return state
+
+
+def check_same_run(saved: dict, current: dict, path: Path) -> None:
+    """A resumed run must be the run that was interrupted: name the first setting that differs."""
+    for key, value in current.items():
+        if key in saved and saved[key] != value:
+            raise SortedChatError(
+                f"--resume: {path} was trained with {key}={saved[key]!r}, this run has {key}={value!r}"
+            )

@@ -1,0 +1,211 @@
+"""The training losses: SoFT (mean over exits), SFT (last exit), SFT+ICT (new head per exit), with CE and/or KD.
+
+One decoder pass yields every exit's hidden states. A head is applied only at response positions and only
+a chunk of positions at a time: `ExitHeadLoss` computes the loss *and its gradient* chunk by chunk in the
+forward pass, so no exit ever holds a full-vocabulary logit tensor for the batch and the head is not run
+twice (as activation checkpointing would). Exits that share a head (SoFT, SFT) share one weight-gradient
+buffer. Under DeepSpeed ZeRO-3, whose parameters exist only inside their module's own call, the head is
+instead called as a module on checkpointed chunks (`head_impl="module"`); both give the same numbers.
+
+Per position and exit the objective is `alpha * CE(label) + (1 - alpha) * KL(teacher || exit)`, where the
+teacher is the frozen starting model at full depth: alpha is 1 for `ce`, 0 for `kd`, 0.5 for `ce+kd`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from sortedchat.training.templates import IGNORE
+
+ALPHA = {"ce": 1.0, "kd": 0.0, "ce+kd": 0.5}
+CHUNK_ELEMENTS = 1 << 24  # logits held at once per chunk (64 MiB in float32)
+
+
+def _chunk_terms(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None, alpha: float):
+    """Per-position (objective, CE, KL) and the student's log-probabilities, all in float32."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    ce = -logp.gather(1, targets[:, None]).squeeze(1)
+    if teacher_logits is None:
+        return ce, ce, torch.zeros_like(ce), logp, None
+    logp_t = torch.log_softmax(teacher_logits.float(), dim=-1)
+    p_t = logp_t.exp()
+    kl = (p_t * (logp_t - logp)).sum(-1)
+    return alpha * ce + (1 - alpha) * kl, ce, kl, logp, p_t
+
+
+def _fused_terms(weight, hiddens, targets, coefs, alpha, teacher, chunk, need_grad):
+    """Sum over exits of coef * objective, per-exit CE and KL sums, and (if asked) the gradients."""
+    n_exits = len(hiddens)
+    total = torch.zeros((), dtype=torch.float32, device=weight.device)
+    ce_sums = torch.zeros(n_exits, dtype=torch.float32, device=weight.device)
+    kl_sums = torch.zeros(n_exits, dtype=torch.float32, device=weight.device)
+    grad_h = [torch.zeros_like(h, dtype=torch.float32) for h in hiddens] if need_grad else None
+    grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_grad and weight.requires_grad else None
+    for start in range(0, targets.shape[0], chunk):
+        y = targets[start : start + chunk]
+        t_logits = None
+        if teacher is not None:
+            t_hidden, t_weight = teacher
+            t_logits = F.linear(t_hidden[start : start + chunk], t_weight)
+        for e, h in enumerate(hiddens):
+            hc = h[start : start + chunk]
+            obj, ce, kl, logp, p_t = _chunk_terms(F.linear(hc, weight), y, t_logits, alpha)
+            total += coefs[e] * obj.sum()
+            ce_sums[e] += ce.sum()
+            kl_sums[e] += kl.sum()
+            if not need_grad:
+                continue
+            g = logp.exp_()  # d objective / d logits = p - alpha * onehot - (1 - alpha) * p_teacher
+            g.scatter_add_(1, y[:, None], torch.full_like(y[:, None], -alpha, dtype=g.dtype))
+            if p_t is not None:
+                g.sub_((1 - alpha) * p_t)
+            g.mul_(coefs[e])
+            grad_h[e][start : start + chunk] = torch.mm(g.to(weight.dtype), weight).float()
+            if grad_w is not None:
+                grad_w += torch.mm(g.t().to(hc.dtype), hc).float()
+    return total, ce_sums, kl_sums, grad_h, grad_w
+
+
+class ExitHeadLoss(torch.autograd.Function):
+    """Loss of one head over several exits' (normed) hidden states, gradient computed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, weight, targets, coefs, alpha, teacher, chunk, *hiddens):
+        total, ce_sums, kl_sums, grad_h, grad_w = _fused_terms(weight, hiddens, targets, coefs, alpha, teacher, chunk, True)
+        ctx.save_for_backward(*(g for g in grad_h))
+        ctx.grad_w = grad_w
+        ctx.dtypes = (weight.dtype, [h.dtype for h in hiddens])
+        ctx.mark_non_differentiable(ce_sums, kl_sums)
+        return total, ce_sums, kl_sums
+
+    @staticmethod
+    def backward(ctx, grad_total, _ce, _kl):
+        w_dtype, h_dtypes = ctx.dtypes
+        grad_w = None if ctx.grad_w is None else (ctx.grad_w * grad_total).to(w_dtype)
+        grad_h = [(g * grad_total).to(dt) for g, dt in zip(ctx.saved_tensors, h_dtypes)]
+        ctx.grad_w = None
+        return (grad_w, None, None, None, None, None, *grad_h)
+
+
+def _module_terms(head: nn.Module, hiddens, targets, coefs, alpha, teacher, chunk):
+    """The same sums with the head called as a module on checkpointed chunks (autograd does the rest)."""
+    n_exits = len(hiddens)
+    total = 0.0
+    ce_sums = torch.zeros(n_exits, dtype=torch.float32, device=targets.device)
+    kl_sums = torch.zeros(n_exits, dtype=torch.float32, device=targets.device)
+
+    def piece(hc, y, t_logits, coef):
+        obj, ce, kl, _, _ = _chunk_terms(head(hc), y, t_logits, alpha)
+        return coef * obj.sum(), ce.sum().detach(), kl.sum().detach()
+
+    for start in range(0, targets.shape[0], chunk):
+        y = targets[start : start + chunk]
+        t_logits = None
+        if teacher is not None:
+            with torch.no_grad():
+                t_logits = F.linear(teacher[0][start : start + chunk], teacher[1])
+        for e, h in enumerate(hiddens):
+            hc = h[start : start + chunk]
+            if torch.is_grad_enabled():
+                obj, ce, kl = checkpoint(piece, hc, y, t_logits, coefs[e], use_reentrant=False)
+            else:
+                obj, ce, kl = piece(hc, y, t_logits, coefs[e])
+            total = total + obj
+            ce_sums[e] += ce
+            kl_sums[e] += kl
+    return total, ce_sums, kl_sums
+
+
+def head_loss(head: nn.Linear, hiddens, targets, coefs, alpha, teacher=None, impl="fused"):
+    """(sum over exits and positions of coef * objective, per-exit CE sums, per-exit KL sums).
+
+    `hiddens` are the normed hidden states of each exit at the response positions, `targets` the tokens
+    they predict, `teacher` an optional (normed hidden, head weight) pair of the frozen model.
+    """
+    chunk = max(1, CHUNK_ELEMENTS // head.weight.shape[0])
+    if impl == "module":
+        return _module_terms(head, hiddens, targets, coefs, alpha, teacher, chunk)
+    if torch.is_grad_enabled() and (head.weight.requires_grad or any(h.requires_grad for h in hiddens)):
+        return ExitHeadLoss.apply(head.weight, targets, coefs, alpha, teacher, chunk, *hiddens)
+    total, ce_sums, kl_sums, _, _ = _fused_terms(head.weight, hiddens, targets, coefs, alpha, teacher, chunk, False)
+    return total, ce_sums, kl_sums
+
+
+def decoder_of(model: nn.Module) -> nn.Module:
+    """The decoder stack (`model.model`) of a causal LM, looking through a PEFT wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model
+
+
+def lm_head_of(model: nn.Module) -> nn.Module:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.lm_head
+
+
+class SortedObjective(nn.Module):
+    """Forward is the loss of one micro-batch; this is the module accelerate wraps (DDP/FSDP/DeepSpeed).
+
+    method "soft"/"sft": the model is trained and every exit uses the shared norm + LM head.
+    method "ict": the model is frozen; `exit_heads` (one norm + head per intermediate exit) are trained.
+    """
+
+    def __init__(self, model: nn.Module, num_layers: int, objective: str = "ce", exit_heads: nn.Module | None = None,
+                 teacher: nn.Module | None = None, head_impl: str = "fused"):
+        super().__init__()
+        self.model = model
+        self.exit_heads = exit_heads
+        self.num_layers = num_layers
+        self.alpha = ALPHA[objective]
+        self.head_impl = head_impl
+        # Not a submodule: the frozen teacher is neither trained, wrapped nor checkpointed.
+        self._teacher = [teacher] if teacher is not None else []
+        self.uses_teacher = objective != "ce"
+
+    def _teacher_hidden(self, input_ids, attention_mask, select):
+        """The frozen starting model's normed last hidden state at the response positions."""
+        with torch.no_grad():
+            if self._teacher:
+                teacher = self._teacher[0]
+                out = decoder_of(teacher)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                return out.last_hidden_state[:, :-1][select], lm_head_of(teacher).weight
+            with self.model.disable_adapter():  # LoRA: the base is the starting model
+                out = decoder_of(self.model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            return out.last_hidden_state[:, :-1][select], lm_head_of(self.model).weight.detach()
+
+    def _exit_head(self, exit_layer: int):
+        """(norm or None, head) of an exit: an ICT head where one exists, else the shared final norm + LM head."""
+        if self.exit_heads is not None and self.exit_heads.has(exit_layer):
+            key = str(exit_layer)
+            return self.exit_heads.norms[key], self.exit_heads.heads[key]
+        # HF's last hidden state is already normed; the others are the raw outputs of their layer.
+        norm = None if exit_layer == self.num_layers else decoder_of(self.model).norm
+        return norm, lm_head_of(self.model)
+
+    def forward(self, input_ids, attention_mask, labels, exits: list[int], coefs: torch.Tensor):
+        """(sum over `exits` of coefs[i] * objective summed over response tokens, per-exit CE sums, KL sums)."""
+        select = labels[:, 1:] != IGNORE
+        targets = labels[:, 1:][select]
+        teacher = self._teacher_hidden(input_ids, attention_mask, select) if self.uses_teacher else None
+        frozen = self.exit_heads is not None  # ICT: the decoder is not trained
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            out = decoder_of(self.model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                         output_hidden_states=True)
+        groups: dict[int, tuple[nn.Module, list[int], list[torch.Tensor]]] = {}
+        for i, e in enumerate(exits):
+            norm, head = self._exit_head(e)
+            h = out.hidden_states[e][:, :-1][select]
+            groups.setdefault(id(head), (head, [], []))
+            groups[id(head)][1].append(i)
+            groups[id(head)][2].append(h if norm is None else norm(h))
+        total = 0.0
+        ce_sums = torch.zeros(len(exits), dtype=torch.float32, device=targets.device)
+        kl_sums = torch.zeros_like(ce_sums)
+        for head, index, hiddens in groups.values():  # exits sharing a head share one call
+            part, ce, kl = head_loss(head, hiddens, targets, coefs[index], self.alpha, teacher, self.head_impl)
+            total = total + part
+            ce_sums[index] = ce
+            kl_sums[index] = kl
+        return total, ce_sums, kl_sums

@@ -1,0 +1,498 @@
+"""`sortedchat train`: one run of SoFT, SFT or SFT+ICT through accelerate, from setup to the exported model.
+
+Design points, each for a reason:
+- The data order is a function of (seed, step) alone and a step's loss is normalised by the number of
+  response tokens in the whole global batch, so a resumed run repeats exactly the batches it would have
+  seen, and N processes with micro-batches of b give the same gradient as one process with N*b.
+- Ctrl+C only raises a flag: the current step finishes, a checkpoint is saved, and the run stops cleanly
+  (a second Ctrl+C aborts at once). With several processes the flag is agreed on before acting on it.
+- The same `SortedObjective` computes the training loss and the per-exit evaluation CE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import signal
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from sortedchat import SortedChatError
+from sortedchat.config import SortedConfig, validate_exits
+from sortedchat.training import checkpoints as ckpt
+from sortedchat.training.data import RecordSet, load_records
+from sortedchat.training.export import base_model_name, export_model
+from sortedchat.training.objectives import SortedObjective, decoder_of, lm_head_of
+from sortedchat.training.progress import TrainProgress, format_exit_losses
+from sortedchat.training.recipe import TrainOptions
+from sortedchat.training.templates import collate, encode_all, micro_batches, step_indices, steps_per_epoch
+
+# bitsandbytes (imported by peft) warns at import about an optional CPU kernel package we do not use.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+METRICS_NAME = "metrics.jsonl"
+SCHEDULERS = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    step: int
+    total_steps: int
+    interrupted: bool
+    checkpoint: Path | None
+    metrics: dict = field(default_factory=dict)
+
+
+def make_accelerator(o: TrainOptions):
+    """An Accelerator for this run. Several runs in one process (tests, benchmarks) each get a fresh state."""
+    import os
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # accelerate keeps one global state per process and refuses a second run with other settings.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    if o.device not in ("auto", "cpu", "cuda"):
+        raise SortedChatError(f"--device: {o.device!r} is not one of auto, cpu, cuda (multi-GPU: accelerate launch)")
+    if o.device == "cuda" and not torch.cuda.is_available():
+        raise SortedChatError("--device cuda: no CUDA device is available on this machine")
+    cpu = o.device == "cpu" or (o.device == "auto" and not torch.cuda.is_available())
+    if cpu and o.mixed_precision == "fp16":
+        raise SortedChatError("--mixed-precision fp16 needs a GPU; use bf16 on a CPU")
+    # ICT with sampled exits leaves some heads without a gradient in a step.
+    unused = o.method == "ict" and o.exits_per_step > 0
+    return Accelerator(
+        mixed_precision=o.mixed_precision, cpu=cpu, gradient_accumulation_steps=o.grad_accum,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)],
+    )
+
+
+class Trainer:
+    """Set up with `setup()`, then `run()`; `train_step(step)` is public for the cost benchmark."""
+
+    def __init__(self, opts: TrainOptions, console: Console | None = None):
+        self.opts = opts
+        self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
+        self.out = Path(opts.out).expanduser()
+        self.tokens_seen = 0
+        self.elapsed = 0.0
+        self._stop = False
+
+    # -- setup -------------------------------------------------------------------------------------
+    def setup(self) -> "Trainer":
+        o = self.opts
+        self.acc = make_accelerator(o)
+        self.main = self.acc.is_main_process
+        if not o.resume and self.out.is_dir() and any(self.out.iterdir()):
+            raise SortedChatError(f"--out {self.out}: already holds files; choose another directory, "
+                                  "or pass --resume to continue the run saved there")
+        self.train_set, self.eval_set = self._load_data()
+        self._say(f"data: {len(self.train_set.examples)} training records from {self.train_set.source}"
+                  + (f" ({self.train_set.skipped} malformed skipped)" if self.train_set.skipped else "")
+                  + (f", {len(self.eval_set.examples)} held out for evaluation" if self.eval_set else ""))
+        from accelerate.utils import set_seed
+
+        set_seed(o.seed)
+        self._load_model()
+        self._choose_exits()
+        self._build_objective()
+        self._encode()
+        self._build_optimizer()
+        return self
+
+    def _say(self, message: str) -> None:
+        if self.main:
+            self.console.print(message)
+
+    def _load_data(self) -> tuple[RecordSet, RecordSet | None]:
+        o = self.opts
+        train = load_records(o.data, o.skip_bad, "--data")
+        if o.holdout:
+            return train.holdout(o.holdout)
+        return train, (load_records(o.eval_data, o.skip_bad, "--eval-data") if o.eval_data else None)
+
+    def _load_model(self) -> None:
+        from sortedchat.loading import LoadOptions, load_sorted_model
+
+        o = self.opts
+        quantized = o.load_in_4bit or o.load_in_8bit
+        spec = o.model
+        if spec == "default":
+            from sortedchat.default_model import base_model_dir
+
+            spec = str(base_model_dir())
+        if o.lora and not o.merge and (Path(spec).expanduser() / "adapter_config.json").is_file():
+            raise SortedChatError(f"--model {o.model}: is itself an adapter; a new --lora adapter needs a plain base "
+                                  "(train with --merge, or start from merged weights)")
+        device = self.acc.device
+        load = LoadOptions(device=device.type if device.type == "cpu" else str(device), dtype="auto" if quantized else "float32",
+                           load_in_4bit=o.load_in_4bit, load_in_8bit=o.load_in_8bit,
+                           trust_remote_code=o.trust_remote_code, allow_pickle=o.allow_pickle)
+        with self.console.status("loading model", spinner="dots") if self.main else contextlib.nullcontext():
+            self.sm = load_sorted_model(spec, load)
+        self.tokenizer = self.sm.tokenizer
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+
+    def _choose_exits(self) -> None:
+        o, L = self.opts, self.sm.num_layers
+        self.exits = validate_exits(list(o.exits), L, "--exits") if o.exits else list(self.sm.exits)
+        self.loss_exits = {"soft": self.exits, "sft": [L], "ict": self.exits[:-1]}[o.method]
+        if not self.loss_exits:
+            raise SortedChatError("--method ict trains a head per intermediate exit; --exits names none below the last layer")
+        weights = o.exit_weights or [1.0] * len(self.loss_exits)
+        if len(weights) != len(self.loss_exits):
+            raise SortedChatError(f"--exit-weights: {len(weights)} weights for {len(self.loss_exits)} trained exits "
+                                  f"({','.join(map(str, self.loss_exits))})")
+        if sum(weights) <= 0:
+            raise SortedChatError("--exit-weights: at least one weight must be positive")
+        self.exit_weight = dict(zip(self.loss_exits, weights))
+        if o.exits_per_step > len(self.loss_exits):
+            raise SortedChatError(f"--exits-per-step {o.exits_per_step}: only {len(self.loss_exits)} exits are trained")
+        if o.method == "soft" and o.exits_per_step == 1 and len(self.loss_exits) > 1:
+            raise SortedChatError("--exits-per-step 1 would train the last exit only (that is --method sft); use 2 or more")
+
+    def _build_objective(self) -> None:
+        from sortedchat.sorted_model import ExitHeads
+
+        o, model = self.opts, self.sm.model
+        model.config.use_cache = False
+        teacher, heads = None, None
+        if o.method == "ict":
+            model.requires_grad_(False)
+            cfg = model.config
+            heads = ExitHeads(self.loss_exits, cfg.hidden_size, cfg.vocab_size, decoder_of(model).norm)
+            with torch.no_grad():
+                for e in self.loss_exits:  # start each exit's head from the shared one
+                    heads.heads[str(e)].weight.copy_(lm_head_of(model).weight)
+            heads.to(device=self.acc.device, dtype=torch.float32)
+            teacher = model if o.objective != "ce" else None
+        else:
+            if o.objective != "ce" and not o.lora:
+                teacher = copy.deepcopy(model).requires_grad_(False).eval()
+            if o.load_in_4bit or o.load_in_8bit:
+                from peft import prepare_model_for_kbit_training
+
+                model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=o.gradient_checkpointing)
+            if o.gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if o.lora:
+                from peft import LoraConfig, get_peft_model
+
+                targets = o.lora_targets if o.lora_targets == "all-linear" else [t.strip() for t in o.lora_targets.split(",")]
+                config = LoraConfig(r=o.lora_rank, lora_alpha=o.lora_alpha, lora_dropout=o.lora_dropout,
+                                    target_modules=targets, task_type="CAUSAL_LM")
+                try:
+                    with warnings.catch_warnings():  # peft calls a transformers API deprecated in 5.x
+                        warnings.simplefilter("ignore", FutureWarning)
+                        model = get_peft_model(model, config)
+                except ValueError as exc:
+                    raise SortedChatError(f"--lora-targets {o.lora_targets}: {exc}") from None
+            model.train()
+        ds = self.acc.state.deepspeed_plugin
+        impl = "module" if ds is not None and ds.zero_stage == 3 else "fused"
+        self.objective = SortedObjective(model, self.sm.num_layers, o.objective, heads, teacher, impl)
+
+    def _encode(self) -> None:
+        o = self.opts
+        self.train_enc, dropped = encode_all(self.train_set.examples, self.tokenizer, o.template, o.max_length)
+        if dropped:
+            self._say(f"{dropped} records dropped: their response starts after --max-length {o.max_length} tokens")
+        self.eval_enc = []
+        if self.eval_set is not None:
+            self.eval_enc, _ = encode_all(self.eval_set.examples, self.tokenizer, o.template, o.max_length)
+        W = self.acc.num_processes
+        self.global_batch = o.batch_size * o.grad_accum * W
+        self.per_epoch = steps_per_epoch(len(self.train_enc), self.global_batch)
+        if self.per_epoch == 0:
+            raise SortedChatError(f"--batch-size: one step takes {self.global_batch} records "
+                                  f"(batch {o.batch_size} x accumulation {o.grad_accum} x {W} processes); "
+                                  f"the data has {len(self.train_enc)}")
+        self.total_steps = o.max_steps or o.epochs * self.per_epoch
+        self.warmup = o.warmup_steps or math.ceil(o.warmup_ratio * self.total_steps)
+
+    def _build_optimizer(self) -> None:
+        from transformers import get_scheduler
+
+        o = self.opts
+        params = [p for p in self.objective.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        self.scheduler = get_scheduler(SCHEDULERS[o.schedule], optimizer, num_warmup_steps=self.warmup,
+                                       num_training_steps=self.total_steps)
+        self.objective, self.optimizer = self.acc.prepare(self.objective, optimizer)
+        self.trainable = [p for p in self.objective.parameters() if p.requires_grad]
+        self.acc.register_for_checkpointing(self.scheduler)
+        self.acc.register_save_state_pre_hook(ckpt.keep_only_trainable)
+        n = sum(p.numel() for p in self.trainable)
+        self._say(f"{self.opts.method} on exits {','.join(map(str, self.loss_exits))} of {self.sm.num_layers} layers · "
+                  f"{n / 1e6:.2f}M trainable parameters · {self.total_steps} steps of {self.global_batch} records "
+                  f"({self.per_epoch} per epoch) · device {self.acc.device}"
+                  + (f" x {self.acc.num_processes}" if self.acc.num_processes > 1 else "")
+                  + (f" · {self.acc.mixed_precision}" if self.acc.mixed_precision != "no" else ""))
+
+    # -- one step ----------------------------------------------------------------------------------
+    def exits_for_step(self, step: int) -> tuple[list[int], list[float]]:
+        """The exits trained at `step` and their loss weights (summing to 1); sampled from (seed, step)."""
+        o, exits = self.opts, self.loss_exits
+        n = o.exits_per_step
+        if n and n < len(exits):
+            gen = torch.Generator().manual_seed(o.seed * 7919 + step)
+            if o.method == "soft":  # the last exit is always trained
+                pool = exits[:-1]
+                exits = sorted(pool[i] for i in torch.randperm(len(pool), generator=gen)[: n - 1].tolist()) + [exits[-1]]
+            else:
+                exits = sorted(exits[i] for i in torch.randperm(len(exits), generator=gen)[:n].tolist())
+        weights = [self.exit_weight[e] for e in exits]
+        total = sum(weights) or 1.0
+        return exits, [w / total for w in weights]
+
+    def _batch(self, examples) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.acc.device) for k, v in collate(examples, self.pad_id).items()}
+
+    def train_step(self, step: int) -> dict:
+        """One optimizer step over the global batch of `step`; returns its losses and token count."""
+        o, acc = self.opts, self.acc
+        W, rank = acc.num_processes, acc.process_index
+        mbs = micro_batches(self.train_enc, step_indices(len(self.train_enc), self.global_batch, o.seed, step), o.batch_size)
+        normalizer = sum(e.targets for mb in mbs for e in mb)
+        exits, coefs = self.exits_for_step(step)
+        # accelerate divides by the accumulation steps and DDP averages over processes: undo both, so the
+        # gradient is that of the mean over every response token of the global batch.
+        scale = torch.tensor(coefs, dtype=torch.float32, device=acc.device) * (W * o.grad_accum / normalizer)
+        ce_sums = torch.zeros(len(exits), device=acc.device)
+        kl_sums = torch.zeros(len(exits), device=acc.device)
+        tokens = torch.zeros((), device=acc.device)
+        for mb in mbs[rank::W]:
+            batch = self._batch(mb)
+            tokens += batch["attention_mask"].sum()
+            with acc.accumulate(self.objective):
+                total, ce, kl = self.objective(**batch, exits=exits, coefs=scale)
+                acc.backward(total)
+                if acc.sync_gradients and o.max_grad_norm > 0:
+                    acc.clip_grad_norm_(self.trainable, o.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            ce_sums += ce.detach()
+            kl_sums += kl.detach()
+        if not acc.optimizer_step_was_skipped:
+            self.scheduler.step()
+        sums = torch.cat([ce_sums, kl_sums, tokens[None]])
+        if W > 1:
+            sums = acc.reduce(sums, "sum")
+        ce_mean = (sums[: len(exits)] / normalizer).tolist()
+        kl_mean = (sums[len(exits) : 2 * len(exits)] / normalizer).tolist()
+        alpha = self.objective_alpha
+        loss = sum(c * (alpha * ce + (1 - alpha) * kl) for c, ce, kl in zip(coefs, ce_mean, kl_mean))
+        return {"loss": loss, "exit_ce": dict(zip(exits, ce_mean)), "tokens": int(sums[-1].item()),
+                "targets": normalizer, "lr": self.scheduler.get_last_lr()[0]}
+
+    @property
+    def objective_alpha(self) -> float:
+        return self.acc.unwrap_model(self.objective).alpha
+
+    # -- evaluation --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[int, dict[str, float]]:
+        """Response-token CE and perplexity of every exit on the evaluation data."""
+        if not self.eval_enc:
+            return {}
+        acc, W = self.acc, self.acc.num_processes
+        self.objective.eval()
+        ordered = sorted(self.eval_enc, key=lambda e: len(e.input_ids))
+        mbs = [ordered[i : i + self.opts.batch_size] for i in range(0, len(ordered), self.opts.batch_size)]
+        sums = torch.zeros(len(self.exits) + 1, device=acc.device)
+        coefs = torch.zeros(len(self.exits), device=acc.device)
+        rounds = math.ceil(len(mbs) / W)  # every process runs as many forwards (FSDP gathers in each)
+        for r in range(rounds):
+            i = r * W + acc.process_index
+            mb = mbs[min(i, len(mbs) - 1)]
+            _, ce, _ = self.objective(**self._batch(mb), exits=self.exits, coefs=coefs)
+            if i < len(mbs):
+                sums[:-1] += ce
+                sums[-1] += sum(e.targets for e in mb)
+        if W > 1:
+            sums = acc.reduce(sums, "sum")
+        self.objective.train()
+        if self.opts.method == "ict":
+            acc.unwrap_model(self.objective).model.eval()
+        n = sums[-1].item()
+        return {e: {"ce": sums[i].item() / n, "ppl": math.exp(min(sums[i].item() / n, 50))}
+                for i, e in enumerate(self.exits)}
+
+    # -- the run -----------------------------------------------------------------------------------
+    def fingerprint(self) -> dict:
+        """The settings a resumed run must share with the run it continues."""
+        o = self.opts
+        return {
+            "model": o.model, "data": self.train_set.source, "data_sha256": self.train_set.sha256,
+            "holdout": o.holdout, "template": o.template, "max_length": o.max_length, "method": o.method,
+            "objective": o.objective, "exits": self.exits, "exit_weights": o.exit_weights,
+            "exits_per_step": o.exits_per_step, "total_steps": self.total_steps, "lr": o.lr,
+            "schedule": o.schedule, "warmup_steps": self.warmup, "weight_decay": o.weight_decay,
+            "global_batch": self.global_batch, "seed": o.seed, "lora": self._lora_settings(),
+        }
+
+    def _lora_settings(self) -> dict | None:
+        o = self.opts
+        if not o.lora:
+            return None
+        return {"rank": o.lora_rank, "alpha": o.lora_alpha, "dropout": o.lora_dropout, "targets": o.lora_targets,
+                "quantized": "4bit" if o.load_in_4bit else "8bit" if o.load_in_8bit else None}
+
+    def _record(self, line: dict) -> None:
+        if self.main:
+            with open(self.out / METRICS_NAME, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(line) + "\n")
+
+    def _resume(self) -> int:
+        found = ckpt.checkpoint_dirs(self.out)
+        if not found:
+            raise SortedChatError(f"--resume: no checkpoint in {self.out / ckpt.CHECKPOINTS}")
+        _, path = found[-1]
+        state = ckpt.load_checkpoint(self.acc, path)
+        ckpt.check_same_run(state.get("run", {}), json.loads(json.dumps(self.fingerprint())), path)
+        self.tokens_seen, self.elapsed = state.get("tokens", 0), state.get("seconds", 0.0)
+        if self.main:  # forget metrics logged after the checkpoint: those steps run again
+            metrics = self.out / METRICS_NAME
+            if metrics.is_file():
+                from sortedchat.config import atomic_write_text
+
+                kept = [ln for ln in metrics.read_text(encoding="utf-8").splitlines()
+                        if ln.strip() and json.loads(ln).get("step", 0) <= state["step"]]
+                atomic_write_text(metrics, "".join(ln + "\n" for ln in kept))
+        self._say(f"resuming from {path} (step {state['step']} of {self.total_steps})")
+        return state["step"]
+
+    def save_checkpoint(self, step: int) -> Path:
+        state = {"step": step, "tokens": self.tokens_seen, "seconds": self.elapsed, "run": self.fingerprint()}
+        return ckpt.save_checkpoint(self.acc, self.out, step, state, self.opts.keep_checkpoints)
+
+    def _stop_agreed(self) -> bool:
+        if self.acc.num_processes == 1:
+            return self._stop
+        flag = self.acc.reduce(torch.tensor([float(self._stop)], device=self.acc.device), "sum")
+        return bool(flag.item() > 0)
+
+    def _on_interrupt(self, previous):
+        def handler(signum, frame):
+            self._stop = True
+            signal.signal(signal.SIGINT, previous if callable(previous) else signal.default_int_handler)
+            if self.main:
+                self.console.print("[yellow]Ctrl+C: finishing this step and saving a checkpoint "
+                                   "(press again to abort without saving)[/yellow]")
+        return handler
+
+    def run(self, callback=None) -> TrainResult:
+        """Train to the last step (or until Ctrl+C), checkpointing and logging on the way; then export."""
+        o = self.opts
+        self.out.mkdir(parents=True, exist_ok=True)
+        step = self._resume() if o.resume else 0
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._on_interrupt(previous))
+        window: dict = {"ce": {}, "n": {}, "loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
+        last_train: dict[int, float] = {}
+        interrupted = False
+        try:
+            with TrainProgress(self.total_steps, step, self.console, self.main, o.log_interval) as progress:
+                while step < self.total_steps:
+                    t0 = time.perf_counter()
+                    stats = self.train_step(step)
+                    step += 1
+                    seconds = time.perf_counter() - t0
+                    self.elapsed += seconds
+                    self.tokens_seen += stats["tokens"]
+                    _accumulate(window, stats, seconds)
+                    means = {e: window["ce"][e] / window["n"][e] for e in window["ce"]}
+                    rate = window["tokens"] / max(window["seconds"], 1e-9)
+                    progress.update(step, window["loss"] / window["steps"], means, rate, stats["lr"])
+                    if step % o.log_interval == 0 or step == self.total_steps:
+                        last_train = means
+                        self._record({"step": step, "loss": window["loss"] / window["steps"], "lr": stats["lr"],
+                                      "exit_ce": means, "tokens": self.tokens_seen, "tokens_per_second": rate,
+                                      "seconds": self.elapsed})
+                        window = {"ce": {}, "n": {}, "loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
+                    if o.eval_interval and step % o.eval_interval == 0 and step < self.total_steps:
+                        ev = self.evaluate()
+                        self._record({"step": step, "eval": ev})
+                        progress.print(f"eval @ {step}: " + format_exit_losses({e: m["ce"] for e, m in ev.items()}))
+                    if o.save_interval and step % o.save_interval == 0 and step < self.total_steps:
+                        self.save_checkpoint(step)
+                    if callback is not None:
+                        callback(step)
+                    if self._stop_agreed():
+                        interrupted = step < self.total_steps
+                        break
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+        if interrupted:
+            path = self.save_checkpoint(step)
+            return TrainResult(self.out, step, self.total_steps, True, path)
+        path = self.save_checkpoint(step)
+        metrics = {"train": last_train, "eval": self.evaluate()}
+        if metrics["eval"]:
+            self._record({"step": step, "eval": metrics["eval"]})
+        self.export(step, metrics)
+        return TrainResult(self.out, step, self.total_steps, False, path, metrics)
+
+    def export(self, step: int, metrics: dict) -> None:
+        from accelerate.utils import DistributedType
+
+        o, acc = self.opts, self.acc
+        acc.wait_for_everyone()
+        sharded = acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        full_state = acc.get_state_dict(self.objective) if sharded else None
+        if self.main:
+            inner = acc.unwrap_model(self.objective)
+            adapter = o.lora and not o.merge
+            config = SortedConfig(exits=self.exits, base_model=base_model_name(o.model) if adapter else None,
+                                  training=self._training_record(step, metrics))
+            with self.console.status("writing the model", spinner="dots"):
+                export_model(self.out, inner.model, self.tokenizer, config, full_state, inner.exit_heads, o.merge)
+            self.console.print(f"saved to {self.out}")
+        acc.wait_for_everyone()
+
+    def _training_record(self, step: int, metrics: dict) -> dict:
+        o = self.opts
+        data = self.train_set.describe() | {"holdout": o.holdout}
+        return {
+            "method": o.method, "objective": o.objective, "exits_trained": self.loss_exits,
+            "exit_weights": o.exit_weights, "exits_per_step": o.exits_per_step, "recipe": o.recipe,
+            "model": o.model, "data": data, "eval_data": self.eval_set.describe() if self.eval_set and o.eval_data else None,
+            "template": o.template, "max_length": o.max_length, "steps": step, "total_steps": self.total_steps,
+            "epochs": round(step / self.per_epoch, 3), "seed": o.seed, "global_batch": self.global_batch,
+            "lr": o.lr, "schedule": o.schedule, "warmup_steps": self.warmup, "lora": self._lora_settings(),
+            "merged": o.merge, "mixed_precision": self.acc.mixed_precision, "processes": self.acc.num_processes,
+            "gradient_checkpointing": o.gradient_checkpointing, "tokens": self.tokens_seen,
+            "seconds": round(self.elapsed, 1), "metrics": metrics,
+        }
+
+
+def _accumulate(window: dict, stats: dict, seconds: float) -> None:
+    """Running sums over a log interval; an exit's CE is averaged over the steps that trained it."""
+    for e, v in stats["exit_ce"].items():
+        window["ce"][e] = window["ce"].get(e, 0.0) + v
+        window["n"][e] = window["n"].get(e, 0) + 1
+    window["loss"] += stats["loss"]
+    window["steps"] += 1
+    window["tokens"] += stats["tokens"]
+    window["seconds"] += seconds
+
+
+def train(opts: TrainOptions, console: Console | None = None, callback=None) -> TrainResult:
+    """Set up and run one training run (the `sortedchat train` command without its argument parsing)."""
+    return Trainer(opts, console).setup().run(callback)

@@ -1,0 +1,431 @@
+"""`sortedchat train` on the tiny random model: the losses, the data, resuming, several processes, the output."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from sortedchat import SortedChatError
+from sortedchat.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model gains nothing from threads, and on shared cores a second thread only spins."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+QA_PAIRS = [
+    ("What is the capital of France?", "Paris is the capital of France."),
+    ("Hello! How are you today?", "I am fine, thank you."),
+    ("What jumps over the lazy dog?", "The quick brown fox."),
+    ("When do tokens exit early?", "Tokens exit early when the model is confident."),
+]
+
+
+def alpaca_records(n: int = 16) -> list[dict]:
+    out = []
+    for i in range(n):
+        q, a = QA_PAIRS[i % len(QA_PAIRS)]
+        out.append({"instruction": q, "input": "" if i % 3 else "Sorted fine-tuning", "output": a})
+    return out
+
+
+@pytest.fixture
+def alpaca_file(tmp_path):
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(alpaca_records(), indent=1))
+    return path
+
+
+def options(tiny_dir, data, out, **kw):
+    from sortedchat.training.recipe import resolve_options
+
+    base = dict(model=str(tiny_dir), data=str(data), out=str(out), exits=[2, 4, 6], max_steps=4, batch_size=2,
+                lr=1e-2, warmup_steps=0, log_interval=1, device="cpu", max_length=64)
+    base.update(kw)
+    return resolve_options(base)
+
+
+def run(opts, callback=None):
+    from rich.console import Console
+
+    from sortedchat.training.trainer import train
+
+    return train(opts, Console(file=open(os.devnull, "w")), callback)
+
+
+def objective_for(tiny_dir, **kw):
+    from sortedchat.loading import LoadOptions, load_sorted_model
+    from sortedchat.training.objectives import SortedObjective
+
+    sm = load_sorted_model(str(tiny_dir), LoadOptions(device="cpu", exits=[2, 4, 6]))
+    return sm, SortedObjective(sm.model, sm.num_layers, **kw)
+
+
+def encoded_batch(sm, records=None):
+    from sortedchat.training.data import Example
+    from sortedchat.training.templates import collate, encode
+
+    records = records or alpaca_records(3)
+    examples = [Example([{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}],
+                        "test", input=r["input"]) for r in records]
+    encoded = [encode(ex, sm.tokenizer, "chat", 128) for ex in examples]
+    return encoded, collate(encoded, sm.tokenizer.pad_token_id)
+
+
+def truncated(model, depth):
+    """An independent reference: the same HF model cut to its first `depth` layers (its logits are exit `depth`)."""
+    short = copy.deepcopy(model)
+    short.model.layers = short.model.layers[:depth]
+    short.config.num_hidden_layers = depth
+    return short
+
+
+# -- the losses ------------------------------------------------------------------------------------------
+def test_soft_loss_is_the_mean_of_the_exit_losses_computed_by_hand(tiny_dir):
+    sm, objective = objective_for(tiny_dir)
+    encoded, batch = encoded_batch(sm)
+    n = sum(e.targets for e in encoded)
+    total, ce_sums, _ = objective(**batch, exits=[2, 4, 6], coefs=torch.full((3,), 1 / 3 / n))
+    by_hand = [truncated(sm.model, e)(**batch).loss.item() for e in (2, 4, 6)]  # HF's own shifted CE
+    assert (ce_sums / n).tolist() == pytest.approx(by_hand, rel=1e-5)
+    assert total.item() == pytest.approx(sum(by_hand) / 3, rel=1e-5)
+
+
+def test_sft_loss_and_gradient_are_the_last_exits_only(tiny_dir):
+    sm, objective = objective_for(tiny_dir)
+    encoded, batch = encoded_batch(sm)
+    n = sum(e.targets for e in encoded)
+    total, ce_sums, _ = objective(**batch, exits=[6], coefs=torch.tensor([1.0 / n]))
+    total.backward()
+    ours = {k: p.grad.clone() for k, p in sm.model.named_parameters()}
+    sm.model.zero_grad()
+    reference = sm.model(**batch).loss
+    reference.backward()
+    assert total.item() == pytest.approx(reference.item(), rel=1e-5) and ce_sums.shape == (1,)
+    for k, p in sm.model.named_parameters():
+        assert torch.allclose(ours[k], p.grad, atol=1e-6), k
+
+
+def test_fused_head_gradient_matches_autograd_through_the_module(tiny_dir):
+    from sortedchat.training.objectives import head_loss
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hiddens = [torch.randn(9, 16, requires_grad=True) for _ in range(2)]
+    targets = torch.randint(0, 50, (9,))
+    teacher = (torch.randn(9, 16), torch.randn(50, 16))
+    grads = []
+    for impl in ("fused", "module"):
+        head.zero_grad()
+        for h in hiddens:
+            h.grad = None
+        total, ce, kl = head_loss(head, hiddens, targets, torch.tensor([0.3, 0.7]), 0.5, teacher, impl)
+        (2 * total).backward()
+        grads.append((total.item(), ce, kl, head.weight.grad.clone(), [h.grad.clone() for h in hiddens]))
+    (t1, ce1, kl1, w1, h1), (t2, ce2, kl2, w2, h2) = grads
+    assert t1 == pytest.approx(t2, rel=1e-5) and torch.allclose(ce1, ce2) and torch.allclose(kl1, kl2)
+    assert torch.allclose(w1, w2, atol=1e-6) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(h1, h2))
+
+
+def test_kd_distils_toward_the_frozen_start(tiny_dir):
+    sm, objective = objective_for(tiny_dir, objective="kd", teacher=None)
+    objective._teacher = [copy.deepcopy(sm.model)]
+    encoded, batch = encoded_batch(sm)
+    _, _, kl = objective(**batch, exits=[2, 4, 6], coefs=torch.ones(3))
+    assert kl[-1].item() == pytest.approx(0.0, abs=1e-3)  # the start's last exit is the teacher itself
+    assert (kl[:2] > 1.0).all()
+
+
+# -- data and labels -------------------------------------------------------------------------------------
+def test_labels_cover_the_response_and_its_end_of_turn_token(tiny_dir):
+    from sortedchat.loading import LoadOptions, load_sorted_model
+    from sortedchat.training.templates import IGNORE
+
+    sm = load_sorted_model(str(tiny_dir), LoadOptions(device="cpu"))
+    tok = sm.tokenizer
+    assert tok.pad_token_id == tok.eos_token_id  # the trap: masking pad would mask end-of-turn
+    encoded, batch = encoded_batch(sm, [{"instruction": "Hello!", "input": "", "output": "I am fine."}])
+    labelled = [t for t in encoded[0].labels if t != IGNORE]
+    assert tok.decode(labelled) == "I am fine.<|im_end|>"
+    first = next(i for i, lab in enumerate(encoded[0].labels) if lab != IGNORE)
+    assert tok.decode(encoded[0].input_ids[:first]) == "<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(encoded[0].input_ids[first + len(labelled):]) == "\n"  # the template's glue after the turn
+
+
+def test_alpaca_template_labels_response_and_eos(tiny_dir):
+    from sortedchat.loading import LoadOptions, load_sorted_model
+    from sortedchat.training.data import Example
+    from sortedchat.training.templates import IGNORE, encode
+
+    tok = load_sorted_model(str(tiny_dir), LoadOptions(device="cpu")).tokenizer
+    ex = Example([{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hello!"}], "t", input="now")
+    enc = encode(ex, tok, "alpaca", 256)
+    text = tok.decode(enc.input_ids)
+    assert "### Instruction:\nSay hi\n\n### Input:\nnow\n\n### Response:\nHello!<|im_end|>" in text
+    assert tok.decode([t for t in enc.labels if t != IGNORE]) == "Hello!<|im_end|>"
+
+
+@pytest.mark.parametrize("content, where, message", [
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n', "line 2", "not a record"),
+    ('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": 7}\n', "line 3", "'output' must be a string"),
+    ('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n', "line 2", "invalid JSON"),
+    ('[\n {"instruction": "a", "output": "b"},\n {"question": "q", "answer": "x"}\n]', "line 3", "a qa record in a file of alpaca"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}\n', "line 1", "no assistant message"),
+])
+def test_malformed_records_name_file_and_line(tmp_path, content, where, message):
+    from sortedchat.training.data import load_records
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(SortedChatError) as err:
+        load_records(str(path))
+    assert str(err.value).startswith(f"{path}: {where}: ") and message in str(err.value)
+
+
+def test_malformed_data_stops_the_command_before_training(tiny_dir, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in alpaca_records(4)) + '\n{"instruction": "x", "output": ""}\n')
+    res = subprocess.run([sys.executable, "-m", "sortedchat", "train", "--model", str(tiny_dir), "--data", str(data),
+                          "--out", str(tmp_path / "out"), "--device", "cpu"], capture_output=True, text=True)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines()[-1] == f"error: {data}: line 5: 'output' is empty"
+    assert not (tmp_path / "out").exists()
+
+
+def test_skip_bad_skips_and_counts(tiny_dir, tmp_path):
+    data = tmp_path / "some-bad.jsonl"
+    lines = [json.dumps(r) for r in alpaca_records(8)]
+    lines[2], lines[5] = '{"instruction": 1, "output": "x"}', "not json"
+    data.write_text("\n".join(lines) + "\n")
+    run(options(tiny_dir, data, tmp_path / "out", skip_bad=True, max_steps=1))
+    cfg = json.loads((tmp_path / "out" / "sortedchat.json").read_text())
+    assert cfg["training"]["data"]["records"] == 6 and cfg["training"]["data"]["skipped"] == 2
+
+
+def test_data_order_is_a_function_of_seed_and_step():
+    from sortedchat.training.templates import step_indices
+
+    first_epoch = [i for s in range(4) for i in step_indices(16, 4, seed=3, step=s)]
+    assert sorted(first_epoch) == list(range(16))
+    assert step_indices(16, 4, 3, 5) == step_indices(16, 4, 3, 5) != step_indices(16, 4, 4, 5)
+
+
+# -- runs --------------------------------------------------------------------------------------------------
+def test_training_lowers_every_exit_and_the_output_loads_and_generates(tiny_dir, alpaca_file, tmp_path):
+    from sortedchat.engine import ChatSession, Mode, SamplingConfig
+    from sortedchat.loading import LoadOptions, load_sorted_model
+    from sortedchat.training.evaluate import score_exits
+    from sortedchat.training.templates import encode_all
+    from sortedchat.training.data import load_records
+
+    out = tmp_path / "soft"
+    result = run(options(tiny_dir, alpaca_file, out, max_steps=8, holdout=4))
+    assert not result.interrupted and result.step == 8
+    start = load_sorted_model(str(tiny_dir), LoadOptions(device="cpu", exits=[2, 4, 6]))
+    trained = load_sorted_model(str(out), LoadOptions(device="cpu"))
+    assert trained.exits == [2, 4, 6]
+    enc, _ = encode_all(load_records(str(alpaca_file)).examples, start.tokenizer, "chat", 64)
+    before, after = score_exits(start, enc, [2, 4, 6]), score_exits(trained, enc, [2, 4, 6])
+    for e in (2, 4, 6):
+        assert after[e]["ce"] < before[e]["ce"] - 1.0, (e, before[e], after[e])
+
+    cfg = json.loads((out / "sortedchat.json").read_text())
+    t = cfg["training"]
+    assert t["method"] == "soft" and t["steps"] == 8 and t["seed"] == 0 and t["exits_trained"] == [2, 4, 6]
+    assert t["data"]["sha256"] == hashlib.sha256(alpaca_file.read_bytes()).hexdigest()
+    assert t["data"]["records"] == 12 and t["data"]["holdout"] == 4
+    assert set(t["metrics"]["eval"]) == {"2", "4", "6"} and set(t["metrics"]["train"]) == {"2", "4", "6"}
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x] == list(range(1, 9)) and "eval" in lines[-1]
+
+    for depth in (2, 6):
+        session = ChatSession(trained, Mode.fixed(depth))
+        events = list(session.generate([{"role": "user", "content": "What is the capital of France?"}],
+                                       SamplingConfig(max_new_tokens=12)))
+        assert events and {ev.exit_layer for ev in events} == {depth}
+        assert "".join(ev.text for ev in events).strip()
+
+
+def test_sft_run_trains_only_the_last_exit(tiny_dir, alpaca_file, tmp_path):
+    run(options(tiny_dir, alpaca_file, tmp_path / "sft", method="sft", max_steps=2))
+    lines = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert all(set(x["exit_ce"]) == {"6"} and x["loss"] == pytest.approx(x["exit_ce"]["6"]) for x in lines)
+    assert json.loads((tmp_path / "sft" / "sortedchat.json").read_text())["training"]["exits_trained"] == [6]
+
+
+def _interrupt_at(step):
+    def callback(current):
+        if current == step:
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl+C, delivered mid-run
+    return callback
+
+
+@pytest.mark.parametrize("extra", [
+    dict(exits_per_step=2, grad_accum=2, save_interval=2),
+    dict(lora=True, lora_rank=4, lora_dropout=0.2, max_grad_norm=0.5),
+], ids=["full-sampled-exits", "lora-dropout"])
+def test_interrupted_and_resumed_equals_uninterrupted(tiny_dir, alpaca_file, tmp_path, extra):
+    straight = run(options(tiny_dir, alpaca_file, tmp_path / "a", max_steps=6, **extra))
+    stopped = run(options(tiny_dir, alpaca_file, tmp_path / "b", max_steps=6, **extra), _interrupt_at(3))
+    assert stopped.interrupted and stopped.step == 3 and stopped.checkpoint.name == "step-00000003"
+    assert not (tmp_path / "b" / "sortedchat.json").exists()
+    resumed = run(options(tiny_dir, alpaca_file, tmp_path / "b", max_steps=6, resume=True, **extra))
+    assert not resumed.interrupted and resumed.step == straight.step == 6
+    name = "adapter_model.safetensors" if extra.get("lora") else "model.safetensors"
+    a, b = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert steps == list(range(1, 7))
+
+
+def test_resume_refuses_a_different_run(tiny_dir, alpaca_file, tmp_path):
+    run(options(tiny_dir, alpaca_file, tmp_path / "r", max_steps=4), _interrupt_at(2))
+    with pytest.raises(SortedChatError, match=r"--resume: .*step-00000002 was trained with lr=0.01, this run has lr=0.02"):
+        run(options(tiny_dir, alpaca_file, tmp_path / "r", max_steps=4, lr=2e-2, resume=True))
+    with pytest.raises(SortedChatError, match="already holds files"):
+        run(options(tiny_dir, alpaca_file, tmp_path / "r", max_steps=4))
+
+
+def test_checkpoint_publish_is_atomic(tiny_dir, alpaca_file, tmp_path):
+    out = tmp_path / "c"
+    run(options(tiny_dir, alpaca_file, out, max_steps=4, save_interval=1, keep_checkpoints=2))
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["step-00000003", "step-00000004"]  # no temporary directory left, older ones pruned
+    # A crash mid-save leaves a hidden temporary directory; the newest complete checkpoint is still used.
+    (out / "checkpoints" / ".tmp-step-00000005").mkdir()
+    from sortedchat.training.checkpoints import checkpoint_dirs
+
+    assert checkpoint_dirs(out)[-1][0] == 4
+
+
+def test_two_processes_give_the_losses_of_one(tiny_dir, alpaca_file, tmp_path):
+    one = tmp_path / "one"
+    run(options(tiny_dir, alpaca_file, one, batch_size=4))
+    two = tmp_path / "two"
+    accelerate = shutil.which("accelerate") or os.path.join(os.path.dirname(sys.executable), "accelerate")
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "-m", "sortedchat", "train", "--model", str(tiny_dir), "--data",
+           str(alpaca_file), "--out", str(two), "--exits", "2,4,6", "--max-steps", "4", "--batch-size", "2",
+           "--lr", "0.01", "--warmup-steps", "0", "--log-interval", "1", "--device", "cpu", "--max-length", "64"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "x 2" in res.stderr  # really two processes
+    a = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    b = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
+        assert x["exit_ce"] == pytest.approx(y["exit_ce"], rel=1e-4)
+
+
+def test_lora_adapter_output_loads_on_its_base_and_merge_writes_full_weights(tiny_dir, alpaca_file, tmp_path):
+    from sortedchat.engine import ChatSession, Mode, SamplingConfig
+    from sortedchat.loading import LoadOptions, load_sorted_model
+
+    adapter = tmp_path / "adapter"
+    run(options(tiny_dir, alpaca_file, adapter, lora=True, lora_rank=4, max_steps=3))
+    cfg = json.loads((adapter / "sortedchat.json").read_text())
+    assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "model.safetensors").exists()
+    assert cfg["base_model"] == str(tiny_dir.resolve()) and cfg["training"]["lora"]["rank"] == 4
+    merged = tmp_path / "merged"
+    run(options(tiny_dir, alpaca_file, merged, lora=True, lora_rank=4, max_steps=3, merge=True))
+    assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
+    assert json.loads((merged / "sortedchat.json").read_text())["base_model"] is None
+    # The adapter applied to its base and the merged weights are the same model.
+    a = load_sorted_model(str(adapter), LoadOptions(device="cpu"))
+    m = load_sorted_model(str(merged), LoadOptions(device="cpu"))
+    prompt = [{"role": "user", "content": "Hello!"}]
+    texts = ["".join(ev.text for ev in ChatSession(sm, Mode.fixed(4)).generate(prompt, SamplingConfig(max_new_tokens=8)))
+             for sm in (a, m)]
+    assert texts[0] == texts[1] and texts[0]
+
+
+def test_ict_trains_exit_heads_that_the_engine_uses(tiny_dir, alpaca_file, tmp_path):
+    from sortedchat.loading import LoadOptions, load_sorted_model
+    from sortedchat.training.data import load_records
+    from sortedchat.training.evaluate import score_exits
+    from sortedchat.training.templates import encode_all
+
+    out = tmp_path / "ict"
+    run(options(tiny_dir, alpaca_file, out, method="ict", max_steps=6))
+    cfg = json.loads((out / "sortedchat.json").read_text())
+    assert cfg["exit_heads"] == "exit_heads.safetensors" and cfg["training"]["exits_trained"] == [2, 4]
+    assert sorted(load_file(str(out / "exit_heads.safetensors"))) == [
+        "heads.2.weight", "heads.4.weight", "norms.2.weight", "norms.4.weight"]
+    start = load_sorted_model(str(tiny_dir), LoadOptions(device="cpu", exits=[2, 4, 6]))
+    ict = load_sorted_model(str(out), LoadOptions(device="cpu"))
+    assert ict.exit_heads is not None and ict.exit_heads.has(2) and ict.exit_heads.has(4)
+    for k, v in start.model.state_dict().items():  # the model itself is frozen
+        assert torch.equal(v, ict.model.state_dict()[k]), k
+    enc, _ = encode_all(load_records(str(alpaca_file)).examples, start.tokenizer, "chat", 64)
+    before, after = score_exits(start, enc, [2, 4, 6]), score_exits(ict, enc, [2, 4, 6])
+    assert after[2]["ce"] < before[2]["ce"] - 0.5 and after[4]["ce"] < before[4]["ce"] - 0.5
+    assert after[6]["ce"] == pytest.approx(before[6]["ce"], rel=1e-5)
+
+
+# -- recipes and the command line ------------------------------------------------------------------------
+def test_recipe_values_apply_and_command_line_flags_win(tiny_dir, alpaca_file, tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'model = "{tiny_dir}"\ndata = "{alpaca_file}"\nexits = [2, 4, 6]\nmax_steps = 2\n'
+                      'batch_size = 2\nlr = 0.005\nmethod = "sft"\nmax_length = 64\n')
+    res = runner.invoke(app, ["train", "--recipe", str(recipe), "--out", str(tmp_path / "o"), "--method", "soft",
+                              "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    t = json.loads((tmp_path / "o" / "sortedchat.json").read_text())["training"]
+    assert t["method"] == "soft" and t["lr"] == 0.005 and t["steps"] == 2 and t["recipe"] == str(recipe)
+
+
+def test_recipe_typos_are_named(tmp_path):
+    from sortedchat.training.recipe import load_recipe
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('lr = 0.001\nlearning_rate = 0.1\n')
+    with pytest.raises(SortedChatError, match=f"--recipe {bad}: unknown option 'learning_rate'"):
+        load_recipe(bad)
+    bad.write_text('max_steps = "ten"\n')
+    with pytest.raises(SortedChatError, match="'max_steps' must be a whole number"):
+        load_recipe(bad)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "fancy"], "--method: 'fancy' is not one of soft, sft, ict"),
+    (["--merge"], "--merge merges a LoRA adapter: add --lora"),
+    (["--exits", "2,9"], "--exits: exit 9 is outside 1..6"),
+    (["--exits", "2,4,6", "--exit-weights", "1,2"], "--exit-weights: 2 weights for 3 trained exits (2,4,6)"),
+    (["--batch-size", "64"], "--batch-size: one step takes 64 records"),
+])
+def test_bad_options_are_one_line_errors(tiny_dir, alpaca_file, tmp_path, args, message):
+    res = runner.invoke(app, ["train", "--model", str(tiny_dir), "--data", str(alpaca_file), "--out",
+                              str(tmp_path / "o"), "--device", "cpu", *args])
+    assert res.exit_code != 0 and isinstance(res.exception, SortedChatError), res.output
+    assert str(res.exception).startswith(message)
+
+
+def test_shipped_recipes_parse():
+    from pathlib import Path
+
+    from sortedchat.training.recipe import load_recipe
+
+    recipes = sorted((Path(__file__).parent.parent / "training" / "recipes").glob("*.toml"))
+    assert {p.name for p in recipes} >= {"paper-llama2-13b-alpaca.toml", "paper-llama2-13b-triviaqa.toml",
+                                         "smollm2-135m-alpaca.toml"}
+    for p in recipes:
+        assert load_recipe(p)["method"] in ("soft", "sft", "ict")
