@@ -32,7 +32,8 @@ def _quiet_libraries() -> None:
 _quiet_libraries()
 
 # Modules that define `register(app)`; each adds its own commands.
-COMMAND_MODULES = ["sortedchat.cli.chat", "sortedchat.cli.ask", "sortedchat.cli.info", "sortedchat.cli.train"]
+COMMAND_MODULES = ["sortedchat.cli.chat", "sortedchat.cli.ask", "sortedchat.cli.info", "sortedchat.cli.train",
+                   "sortedchat.cli.bench"]
 
 for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(app)

@@ -168,10 +168,16 @@ class ChatSession:
         return self._measures[name]
 
     def _auto_step(self, token: int, mode: Mode, sampler: Sampler, stats: GenerationStats):
-        """Run exit by exit; leave at the first exit whose confidence reaches its threshold."""
+        """Run exit by exit; leave at the first exit whose confidence reaches its threshold.
+
+        An exit whose threshold is 1 or more is not checked (calibration marks exits that never pay off
+        that way). The measure's per-token work (`prepare`, `observe`) counts as check time."""
         thresholds = self.sm.thresholds(mode.threshold)
         measure = self._measure(mode)
         out = self.state.run(self.sm.exits[0], [token])
+        t = time.perf_counter()
+        measure.prepare(self.state.tokens)
+        stats.check_seconds += time.perf_counter() - t
         for e in self.sm.exits:
             if out is None:
                 out = self.state.run(e)
@@ -179,6 +185,9 @@ class ChatSession:
             if e == self.L:
                 logits = self.sm.head(h, e)
                 break
+            if thresholds[e] >= 1.0:
+                out = None
+                continue
             t = time.perf_counter()
             conf, logits = measure(h, e)
             stats.check_seconds += time.perf_counter() - t
@@ -189,7 +198,9 @@ class ChatSession:
                 break
             out = None
         token_out, p = sampler.pick(logits[0])
-        measure.observe(token_out, logits[0] if e == self.L else None)
+        t = time.perf_counter()
+        measure.observe(token_out, logits[0])
+        stats.check_seconds += time.perf_counter() - t
         return (token_out, p, e, False, None)
 
     def _speculative_round(self, pending: int, mode: Mode, sampler: Sampler, budget: int, stats: GenerationStats):

@@ -1,0 +1,79 @@
+"""`sortedchat bench`: every decoding mode against transformers' `generate`, in one process.
+
+`runner` holds the protocol (see its docstring), `costs` the per-layer / head / check costs behind the
+ideal ratios, `report` the table, JSON and plot, `prompts` the default prompt set and prompt files.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from collections.abc import Callable
+
+import torch
+
+from sortedchat.bench.costs import measure_costs
+from sortedchat.bench.runner import PROTOCOL, Bench, Row
+from sortedchat.sorted_model import SortedModel
+
+
+def machine() -> dict:
+    """What the numbers were measured on, including how busy the machine was."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": sys.version.split()[0], "torch": torch.__version__}
+    import transformers
+
+    info["transformers"] = transformers.__version__
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def run_bench(
+    sm: SortedModel,
+    conversations: list[list[dict]],
+    max_new_tokens: int,
+    repeat: int,
+    progress: Callable[[str], None] = lambda msg: None,
+) -> tuple[dict, list[Row]]:
+    """Measure the costs, warm up, run the repeats; return (metadata, one row per mode)."""
+    load_before = load_average()
+    bench = Bench(sm, conversations, max_new_tokens)
+    progress("measuring layer and head costs")
+    context = sum(map(len, bench.prompts)) // len(bench.prompts) + max_new_tokens // 2
+    costs = measure_costs(sm, context=context)
+    bench.warm_up(progress)
+    bench.run(repeat, progress)
+    meta = {
+        "model": sm.source,
+        "weights": sm.weights_path,
+        "layers": sm.num_layers,
+        "exits": sm.exits,
+        "thresholds": {str(k): v for k, v in sm.thresholds().items()},
+        "confidence": sm.config.confidence,
+        "device": str(sm.device),
+        "dtype": str(sm.dtype).replace("torch.", ""),
+        "max_new_tokens": max_new_tokens,
+        "repeat": repeat,
+        "prompts": len(conversations),
+        "prompt_tokens": [len(p) for p in bench.prompts],
+        "machine": machine(),
+        "load_average": {"before": load_before, "after": load_average()},
+        "costs": costs.to_dict(),
+        "protocol": PROTOCOL,
+    }
+    return meta, bench.rows(costs)

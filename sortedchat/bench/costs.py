@@ -1,0 +1,104 @@
+"""What one decoding step costs, piece by piece: a decoder layer, the norm + full head, a confidence check.
+
+The ideal speed-up of depth k is what these costs allow with no overhead at all,
+(L·layer + head) / (k·layer + head); the benchmark prints it beside the achieved ratio, and calibration
+uses the same costs to predict what auto mode will gain. Layer cost is measured through the engine's own
+`LayeredState.run` at two depths, so it includes what the engine adds per layer; the rest of a step (embedding,
+rotary tables) is `step`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from sortedchat import SortedChatError
+from sortedchat.engine.confidence import MEASURES, make_measure
+from sortedchat.engine.state import LayeredState
+from sortedchat.sorted_model import SortedModel
+
+
+@dataclass
+class Costs:
+    """Seconds, for one token at a context of `context` positions."""
+
+    layer: float
+    head: float
+    step: float
+    context: int
+    check: dict[str, float] = field(default_factory=dict)  # per checked exit
+    per_token: dict[str, float] = field(default_factory=dict)  # a measure's prepare + observe, once per token
+
+    def token(self, depth: int) -> float:
+        """The cost of one token through `depth` layers and the head, overhead excluded."""
+        return depth * self.layer + self.head
+
+    def ideal_ratio(self, depth: int, num_layers: int) -> float:
+        return self.token(num_layers) / self.token(depth)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _median_seconds(fn, inner: int, rounds: int) -> float:
+    samples = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        samples.append((time.perf_counter() - t) / inner)
+    return statistics.median(samples)
+
+
+@torch.inference_mode()
+def measure_costs(
+    sm: SortedModel, context: int = 192, measures: dict | None = None, inner: int = 10, rounds: int = 5
+) -> Costs:
+    """Time the pieces on this machine, on a state holding `context` positions (random token ids).
+
+    `measures` (name -> measure) are the confidence measures to time; by default every registered one
+    this model can build (a classifier needs its calibrated file)."""
+    L = sm.num_layers
+    context = max(2, min(context, (sm.max_positions or context + 2) - 2))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, sm.model.config.vocab_size, (context + 1,), generator=g).tolist()
+    state = LayeredState(sm)
+    state.run(L, ids[:context])
+
+    def step(depth: int):
+        def run():
+            state.run(depth, [ids[context]])
+            state.crop(context)
+
+        return run
+
+    low, high = 1, L
+    for d in (low, high):
+        step(d)()  # warm-up
+    t_low = _median_seconds(step(low), inner, rounds)
+    t_high = _median_seconds(step(high), inner, rounds)
+    layer = max(t_high - t_low, 0.0) / max(high - low, 1)
+    hidden = state.run(L, [ids[context]])[:, -1]
+    state.crop(context)
+    head = _median_seconds(lambda: sm.head(hidden, L), inner, rounds)
+    costs = Costs(layer=layer, head=head, step=max(t_low - layer, 0.0), context=context)
+
+    if measures is None:
+        measures = {}
+        for name in MEASURES:
+            try:
+                measures[name] = make_measure(name, sm)
+            except SortedChatError:  # e.g. no trained classifier for this model
+                pass
+    exit_layer = sm.exits[0] if len(sm.exits) > 1 else L
+    logits = sm.head(hidden, L)[0]
+    for name, measure in measures.items():
+        measure.observe(ids[context], logits)
+        costs.per_token[name] = _median_seconds(
+            lambda m=measure: (m.prepare(ids), m.observe(ids[context], logits)), inner, rounds
+        )
+        costs.check[name] = _median_seconds(lambda m=measure: m(hidden, exit_layer), inner, rounds)
+    return costs

@@ -1,0 +1,304 @@
+"""Run every decoding mode on the same prompts in one process, alternating, and summarise each mode.
+
+Modes: transformers' `model.generate` at full depth (the baseline), transformers' own self-speculative
+decoding (`assistant_early_exit=k`) at each draft exit, and our engine at full depth, at each exit
+(fixed depth), in auto mode at the model's thresholds and confidence measure, and speculative at each
+draft exit.
+
+Protocol (the same for every mode): greedy, exactly `max_new_tokens` tokens per prompt with end-of-turn
+ignored (`eos_token_id=None` for transformers, no stop ids for the engine), so every mode does the same
+amount of work and outputs compare position by position; timing covers the whole call, prefill included.
+After one warm-up run of every mode (which also records its peak memory), each repeat runs every prompt
+through every mode back to back, the order of the modes rotating from repeat to repeat. Per mode and
+repeat, tokens/s = tokens / seconds over all prompts; the table shows the median over repeats, and the
+ratio is the median of the per-repeat ratios to the baseline of the same repeat (robust to load from
+other processes). Agreement is the share of positions whose token equals the baseline's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from sortedchat.bench.costs import Costs
+from sortedchat.engine import ChatSession, Mode, SamplingConfig
+from sortedchat.engine.session import encode_chat
+from sortedchat.sorted_model import SortedModel
+
+PROTOCOL = (
+    "greedy; exactly max_new_tokens tokens per prompt with end-of-turn ignored by every mode; time = the whole "
+    "call, prefill included; one warm-up run per mode; modes alternate prompt by prompt, their order rotating "
+    "each repeat; tok/s = median over repeats; ratio = median of per-repeat ratios to the baseline; agreement = "
+    "share of positions whose token equals the baseline's"
+)
+
+@dataclass
+class ModeSpec:
+    key: str  # "hf", "hf-ee:15", "full", "depth:15", "auto", "spec:15"
+    label: str
+    kind: str  # hf | hf-ee | full | depth | auto | spec
+    exit: int | None = None
+    mode: Mode | None = None
+
+
+@dataclass
+class Tally:
+    """What the runs of one mode added up to."""
+
+    seconds: list[float] = field(default_factory=list)  # per repeat
+    tokens: list[int] = field(default_factory=list)  # per repeat
+    agree: int = 0
+    compared: int = 0
+    exit_sum: int = 0
+    exit_tokens: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    check_seconds: float = 0.0
+    checks: int = 0
+    peak_bytes: int | None = None
+
+
+@dataclass
+class Row:
+    key: str
+    label: str
+    kind: str
+    exit: int | None
+    tokens_per_second: float
+    ratio: float
+    agreement: float
+    mean_exit: float | None
+    acceptance: float | None
+    peak_memory_mib: float | None
+    ideal_ratio: float | None
+    check_share: float | None  # confidence-check time / the time of a full-depth token of our engine
+    checks_per_token: float | None
+    tokens_per_second_by_repeat: list[float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def bench_modes(sm: SortedModel) -> list[ModeSpec]:
+    L, drafts = sm.num_layers, sm.exits[:-1]
+    """The rows of the benchmark: "hf ..." rows are transformers' `generate`, the others our engine."""
+    specs = [ModeSpec("hf", "hf generate", "hf", L)]
+    specs += [ModeSpec(f"hf-ee:{k}", f"hf early-exit {k}", "hf-ee", k) for k in drafts]
+    specs.append(ModeSpec("full", f"depth {L}", "full", L, Mode.fixed(L)))
+    specs += [ModeSpec(f"depth:{k}", f"depth {k}", "depth", k, Mode.fixed(k)) for k in drafts]
+    specs.append(ModeSpec("auto", f"auto ({sm.config.confidence})", "auto", None, Mode.auto()))
+    specs += [ModeSpec(f"spec:{k}", f"speculative {k}", "spec", k, Mode.speculative(k)) for k in drafts]
+    return specs
+
+
+class PeakMemory:
+    """Peak memory of what runs inside: CUDA's allocator peak, or the process's resident set sampled
+    every 2 ms on a CPU (Linux /proc; None elsewhere)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak: int | None = None
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _rss() -> int | None:
+        try:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            rss = self._rss()
+            if rss is not None:
+                self.peak = max(self.peak or 0, rss)
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.peak = self._rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+@contextlib.contextmanager
+def record_hf_acceptance(tally: Tally):
+    """Count drafted and accepted tokens of transformers' early-exit assistant while inside.
+
+    transformers reports each verification to `update_candidate_strategy(input_ids, scores, num_matches)`,
+    with scores for every candidate plus the bonus token; we wrap that method and restore it after."""
+    from transformers.generation.candidate_generator import EarlyExitCandidateGenerator
+
+    original = EarlyExitCandidateGenerator.update_candidate_strategy
+
+    def update(self, input_ids, scores, num_matches):
+        tally.drafted += scores.shape[1] - 1
+        tally.accepted += int(num_matches)
+        return original(self, input_ids, scores, num_matches)
+
+    EarlyExitCandidateGenerator.update_candidate_strategy = update
+    try:
+        yield
+    finally:
+        EarlyExitCandidateGenerator.update_candidate_strategy = original
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers warns, inside its own assisted generation, about a generation config it builds itself."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+class Bench:
+    """Holds the model, the prompts, one engine session per mode, and the tallies."""
+
+    def __init__(self, sm: SortedModel, conversations: list[list[dict]], max_new_tokens: int):
+        self.sm = sm
+        self.prompts = [encode_chat(sm, c) for c in conversations]
+        self.n = max_new_tokens
+        self.specs = bench_modes(sm)
+        self.sessions: dict[str, ChatSession] = {}
+        for spec in self.specs:
+            if spec.mode is not None:
+                session = ChatSession(sm, spec.mode)
+                session.stop_ids = set()  # the protocol: exactly max_new_tokens tokens
+                self.sessions[spec.key] = session
+        self.tallies = {spec.key: Tally() for spec in self.specs}
+        self.reference: dict[int, list[int]] = {}
+        tok = sm.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    # -- one generation ------------------------------------------------------------------------------
+    def generate(self, spec: ModeSpec, prompt_index: int, tally: Tally) -> tuple[list[int], float]:
+        ids = self.prompts[prompt_index]
+        if spec.kind in ("hf", "hf-ee"):
+            x = torch.tensor([ids], device=self.sm.device)
+            extra = {"assistant_early_exit": spec.exit} if spec.kind == "hf-ee" else {}
+            guard = record_hf_acceptance(tally) if spec.kind == "hf-ee" else contextlib.nullcontext()
+            with guard, quiet_transformers():
+                t = time.perf_counter()
+                out = self.sm.model.generate(
+                    x, attention_mask=torch.ones_like(x), max_new_tokens=self.n, do_sample=False,
+                    eos_token_id=None, pad_token_id=self.pad_id, **extra,
+                )
+                self._sync()
+                seconds = time.perf_counter() - t
+            return out[0, len(ids):].tolist(), seconds
+        session = self.sessions[spec.key]
+        session.reset()
+        t = time.perf_counter()
+        tokens = [ev.token_id for ev in session.generate_ids(ids, SamplingConfig(max_new_tokens=self.n))]
+        self._sync()
+        seconds = time.perf_counter() - t
+        st = session.last_stats
+        tally.exit_sum += st.exit_sum
+        tally.exit_tokens += st.tokens
+        tally.drafted += st.drafted
+        tally.accepted += st.accepted
+        tally.check_seconds += st.check_seconds
+        tally.checks += st.checks
+        return tokens, seconds
+
+    def _sync(self) -> None:
+        if self.sm.device.type == "cuda":
+            torch.cuda.synchronize(self.sm.device)
+
+    # -- the protocol --------------------------------------------------------------------------------
+    def warm_up(self, progress: Callable[[str], None]) -> None:
+        """One run of every mode on the longest prompt (discarded), recording peak memory; the
+        baseline's answers to every prompt become the reference for agreement."""
+        longest = max(range(len(self.prompts)), key=lambda i: len(self.prompts[i]))
+        for spec in self.specs:
+            progress(f"warm-up: {spec.label}")
+            with PeakMemory(self.sm.device) as mem:
+                self.generate(spec, longest, Tally())
+            self.tallies[spec.key].peak_bytes = mem.peak
+        for i in range(len(self.prompts)):
+            progress(f"reference answer {i + 1}/{len(self.prompts)}")
+            self.reference[i] = self.generate(self.specs[0], i, Tally())[0]
+
+    def run(self, repeat: int, progress: Callable[[str], None]) -> None:
+        for r in range(repeat):
+            order = self.specs[r % len(self.specs):] + self.specs[: r % len(self.specs)]
+            totals = {spec.key: [0.0, 0] for spec in self.specs}
+            for i in range(len(self.prompts)):
+                progress(f"repeat {r + 1}/{repeat} · prompt {i + 1}/{len(self.prompts)}")
+                for spec in order:
+                    tally = self.tallies[spec.key]
+                    tokens, seconds = self.generate(spec, i, tally)
+                    totals[spec.key][0] += seconds
+                    totals[spec.key][1] += len(tokens)
+                    ref = self.reference[i]
+                    tally.agree += sum(a == b for a, b in zip(tokens, ref))
+                    tally.compared += max(len(tokens), len(ref))
+            for spec in self.specs:
+                self.tallies[spec.key].seconds.append(totals[spec.key][0])
+                self.tallies[spec.key].tokens.append(totals[spec.key][1])
+
+    # -- the summary ---------------------------------------------------------------------------------
+    def rows(self, costs: Costs) -> list[Row]:
+        """One row per mode; `costs` give the ideal ratios."""
+        L = self.sm.num_layers
+        base = self.tallies["hf"]
+        base_tps = [t / s for t, s in zip(base.tokens, base.seconds)]
+        full = self.tallies["full"]
+        full_token_seconds = statistics.median(s / t for t, s in zip(full.tokens, full.seconds))
+        rows = []
+        for spec in self.specs:
+            tally = self.tallies[spec.key]
+            tps = [t / s for t, s in zip(tally.tokens, tally.seconds)]
+            total_tokens = sum(tally.tokens)
+            if spec.kind == "hf":
+                mean_exit = float(L)
+            elif spec.kind == "hf-ee":
+                mean_exit = (tally.accepted * spec.exit + (total_tokens - tally.accepted) * L) / total_tokens
+            else:
+                mean_exit = tally.exit_sum / tally.exit_tokens if tally.exit_tokens else None
+            ideal = None
+            if spec.kind in ("full", "depth"):
+                ideal = costs.ideal_ratio(spec.exit, L)
+            elif spec.kind == "auto" and mean_exit is not None:
+                ideal = costs.token(L) / costs.token(mean_exit)
+            rows.append(
+                Row(
+                    key=spec.key,
+                    label=spec.label,
+                    kind=spec.kind,
+                    exit=spec.exit,
+                    tokens_per_second=statistics.median(tps),
+                    ratio=statistics.median(a / b for a, b in zip(tps, base_tps)),
+                    agreement=tally.agree / tally.compared if tally.compared else 0.0,
+                    mean_exit=mean_exit,
+                    acceptance=tally.accepted / tally.drafted if tally.drafted else None,
+                    peak_memory_mib=tally.peak_bytes / 2**20 if tally.peak_bytes else None,
+                    ideal_ratio=ideal,
+                    check_share=(tally.check_seconds / total_tokens / full_token_seconds) if spec.kind == "auto" else None,
+                    checks_per_token=tally.checks / total_tokens if spec.kind == "auto" else None,
+                    tokens_per_second_by_repeat=tps,
+                )
+            )
+        return rows

@@ -1,0 +1,388 @@
+"""`sortedchat calibrate`: per-exit thresholds (and the exit classifier) so that auto mode meets a target
+agreement with the full model, written into the checkpoint's `sortedchat.json`.
+
+Teacher-forced over reference answers: one forward pass with every hidden state gives every exit at every
+position of an answer. For each checked exit (all but the last) we record whether its greedy token equals
+the last exit's and what each confidence measure says. The examples are split three ways: classifier
+training, threshold selection, and a held-out part on which the expected agreement and speed-up are
+reported. Agreement here is per token given the same prefix; in free-running generation one different
+token changes the rest of the answer, so `sortedchat bench` (position-wise agreement) reports less.
+
+Thresholds are cost-aware: with a price λ (seconds) on every disagreeing token, each exit in turn takes the
+confidence cut that maximises the time it saves, (L − e) layers and the later checks per exiting token,
+minus λ per disagreement and minus the cost of checking every token that reaches it; an exit where no cut
+pays is not checked (threshold 1). λ is the smallest price whose plan meets the target on the selection part.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sortedchat import SortedChatError
+from sortedchat.bench.costs import Costs, measure_costs
+from sortedchat.config import CONFIG_NAME, SortedConfig
+from sortedchat.engine.confidence import (
+    FREQUENT,
+    MEASURES,
+    PREVIOUS_TOP,
+    RECENT,
+    Classifier,
+    ExitClassifier,
+    MaxProb,
+    SubsetProb,
+    subset_features,
+)
+from sortedchat.sorted_model import SortedModel
+
+MAX_ANSWER_TOKENS = 256
+SPLITS = ("fit", "select", "report")  # example i goes to SPLITS[SPLIT_OF[i % 4]]
+SPLIT_OF = (0, 0, 1, 2)
+MEASURE_NAMES = (MaxProb.name, SubsetProb.name, Classifier.name)
+
+Progress = Callable[[str, float | None], None]
+
+
+def _quiet(stage: str, fraction: float | None = None) -> None:
+    pass
+
+
+# -- data ----------------------------------------------------------------------------------------------
+def reference_sequences(
+    sm: SortedModel, spec: str, max_examples: int, holdout: int = 0
+) -> tuple[list[tuple[list[int], int]], dict]:
+    """(token ids, index of the first answer position - 1) per example, and a description of the data.
+
+    Plain text (`.txt`): every non-empty line is a document scored from its second token. Anything else is
+    read by the training data reader (Alpaca, chat or QA records); the last assistant turn is the answer.
+    `holdout` N keeps only the last N records (what `sortedchat train --holdout N` left out)."""
+    path = Path(spec).expanduser()
+    tok = sm.tokenizer
+    out = []
+    if path.suffix.lower() == ".txt":
+        try:
+            lines = [ln for ln in path.read_text(encoding="utf-8").split("\n") if ln.strip()]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SortedChatError(f"--data {spec}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
+        for line in _tail(lines, holdout, spec)[:max_examples]:
+            ids = tok(line, add_special_tokens=False)["input_ids"][: MAX_ANSWER_TOKENS + 1]
+            if len(ids) >= 2:
+                out.append((ids, 0))
+        described = {"path": str(path), "format": "text", "records": len(lines)}
+    else:
+        from sortedchat.engine.session import encode_chat
+        from sortedchat.training.data import load_records
+
+        records = load_records(spec, flag="--data")
+        for ex in _tail(records.examples, holdout, spec)[:max_examples]:
+            messages = ex.chat_messages()
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            prompt_ids = encode_chat(sm, messages[:last])
+            answer = messages[last]["content"]
+            if getattr(tok, "chat_template", None):  # the answer as the template writes it, end of turn included
+                before = tok.apply_chat_template(messages[:last], add_generation_prompt=True, tokenize=False)
+                full = tok.apply_chat_template(messages[: last + 1], tokenize=False)
+                answer = full[len(before):] if full.startswith(before) else answer
+            answer_ids = tok(answer, add_special_tokens=False)["input_ids"][: MAX_ANSWER_TOKENS + 1]
+            if answer_ids:
+                out.append((prompt_ids + answer_ids, len(prompt_ids) - 1))
+        described = records.describe()
+    described["holdout"] = holdout
+    if len(out) < len(SPLIT_OF):
+        raise SortedChatError(f"--data {spec}: {len(out)} usable examples; calibration needs at least {len(SPLIT_OF)}")
+    return out, described
+
+
+def _tail(items: list, holdout: int, spec: str) -> list:
+    if holdout < 0 or holdout > len(items):
+        raise SortedChatError(f"--holdout {holdout}: {spec} has {len(items)} records")
+    return items[-holdout:] if holdout else items
+
+
+# -- what every exit says at every answer position -----------------------------------------------------
+@dataclass
+class Observations:
+    exits: list[int]  # the checked exits (all but the last)
+    agree: torch.Tensor  # [E, N] bool: the exit's greedy token is the last exit's
+    maxprob: torch.Tensor  # [E, N]
+    subset: torch.Tensor  # [E, N, 3] subset features (see confidence.subset_features)
+    hidden: torch.Tensor  # [E, N, H] float16, normed as the exit's head sees it
+    split: torch.Tensor  # [N] index into SPLITS
+
+    def part(self, name: str) -> torch.Tensor:
+        return self.split == SPLITS.index(name)
+
+
+def _candidate_mask(ids: list[int], start: int, previous_final: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[T, V] the candidate set `CandidateSet` would score at each answer position (teacher-forced: the
+    previous full head is the last exit's at the previous position)."""
+    T = len(ids) - 1 - start
+    mask = torch.zeros(T, vocab, dtype=torch.bool)
+    mask[:, : min(FREQUENT, vocab)] = True
+    previous_top = previous_final.topk(PREVIOUS_TOP, dim=-1).indices  # [T, K], row t = position start+t-1
+    for t in range(T):
+        pos = start + t
+        mask[t, ids[max(0, pos + 1 - RECENT) : pos + 1]] = True
+        mask[t, previous_top[t]] = True
+    return mask
+
+
+@torch.inference_mode()
+def observe(sm: SortedModel, sequences: list[tuple[list[int], int]], progress: Progress = _quiet) -> Observations:
+    from sortedchat.engine.confidence import head_parts
+
+    exits, L = sm.exits[:-1], sm.num_layers
+    if not exits:
+        raise SortedChatError(f"{sm.source}: only one exit ({L}); nothing to calibrate")
+    agree, maxprob, subset, hidden, split = [], [], [], [], []
+    for n, (ids, start) in enumerate(sequences):
+        progress(f"scoring example {n + 1}/{len(sequences)}", n / len(sequences))
+        out = sm.model(input_ids=torch.tensor([ids], device=sm.device), output_hidden_states=True, use_cache=False)
+        final = out.logits[0, max(start - 1, 0) : len(ids) - 1].float()  # previous position first
+        if start == 0:
+            final = torch.cat([torch.zeros_like(final[:1]), final])
+        previous, final = final[:-1], final[1:]
+        target = final.argmax(-1)
+        mask = _candidate_mask(ids, start, previous, final.shape[-1]).to(sm.device)
+        a, m, s, h = [], [], [], []
+        for e in exits:
+            norm, _ = head_parts(sm, e)
+            raw = out.hidden_states[e][0, start : len(ids) - 1]
+            logits = sm.head(raw, e).float()
+            probs = torch.softmax(logits, -1)
+            a.append(probs.argmax(-1) == target)
+            m.append(probs.max(-1).values)
+            s.append(subset_features(torch.log_softmax(logits.masked_fill(~mask, float("-inf")), -1)))
+            h.append(norm(raw).to(torch.float16))
+        agree.append(torch.stack(a))
+        maxprob.append(torch.stack(m))
+        subset.append(torch.stack(s))
+        hidden.append(torch.stack(h))
+        split.append(torch.full((len(ids) - 1 - start,), SPLIT_OF[n % len(SPLIT_OF)]))
+    return Observations(exits, torch.cat(agree, 1).cpu(), torch.cat(maxprob, 1).cpu(), torch.cat(subset, 1).cpu(),
+                        torch.cat(hidden, 1).cpu(), torch.cat(split))
+
+
+def train_classifier(obs: Observations, steps: int = 300, width: int = 64, seed: int = 0) -> ExitClassifier:
+    """Fit one small MLP per exit on the `fit` part (full batch, AdamW, binary cross-entropy)."""
+    fit = obs.part("fit")
+    net = ExitClassifier(obs.exits, obs.hidden.shape[-1], width)
+    with torch.random.fork_rng(), torch.enable_grad():
+        torch.manual_seed(seed)
+        for j, e in enumerate(obs.exits):
+            x = torch.cat([obs.hidden[j, fit].float(), obs.subset[j, fit]], -1)
+            y = obs.agree[j, fit].float()
+            mlp = net.nets[str(e)]
+            mlp[0].mean.copy_(x.mean(0))
+            mlp[0].std.copy_(x.std(0).nan_to_num(1.0) + 1e-4)
+            opt = torch.optim.AdamW(mlp.parameters(), lr=1e-3, weight_decay=1e-2)
+            for _ in range(steps):
+                opt.zero_grad()
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(mlp(x)[:, 0], y)
+                loss.backward()
+                opt.step()
+    return net.eval()
+
+
+@torch.inference_mode()
+def confidences(obs: Observations, name: str, classifier: ExitClassifier | None = None) -> torch.Tensor:
+    """[E, N] what measure `name` says at every exit and position."""
+    if name == MaxProb.name:
+        return obs.maxprob
+    if name == SubsetProb.name:
+        return obs.subset[..., 0].exp()
+    rows = []
+    for j, e in enumerate(obs.exits):
+        x = torch.cat([obs.hidden[j].float(), obs.subset[j]], -1)
+        rows.append(torch.sigmoid(classifier(x, e)))
+    return torch.stack(rows)
+
+
+# -- thresholds ------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """Thresholds of one measure and what they give on the held-out part."""
+
+    measure: str
+    thresholds: dict[int, float]
+    agreement: float
+    speedup: float
+    mean_exit: float
+    checks_per_token: float
+    check_share: float  # check time per token / the time of a full-depth token
+    per_exit: dict[int, dict] = field(default_factory=dict)
+
+
+def simulate(conf: torch.Tensor, agree: torch.Tensor, exits: list[int], thresholds: list[float],
+             costs: Costs, measure: str, L: int) -> dict:
+    """Auto mode on recorded confidences: where each position exits, its agreement and its cost."""
+    N = conf.shape[1]
+    exit_at = torch.full((N,), L, dtype=torch.long)
+    agrees = torch.ones(N, dtype=torch.bool)
+    checks = torch.zeros(N)
+    alive = torch.ones(N, dtype=torch.bool)
+    for j, (e, tau) in enumerate(zip(exits, thresholds)):
+        if tau >= 1.0:
+            continue
+        checks += alive.float()
+        leave = alive & (conf[j] >= tau)
+        exit_at[leave] = e
+        agrees[leave] = agree[j, leave]
+        alive &= ~leave
+    check_time = costs.per_token.get(measure, 0.0) + checks * costs.check.get(measure, 0.0)
+    seconds = costs.step + costs.head + exit_at.float() * costs.layer + check_time
+    full = costs.step + costs.head + L * costs.layer
+    return {
+        "agreement": float(agrees.float().mean()) if N else 1.0,
+        "speedup": full / float(seconds.mean()) if N else 1.0,
+        "mean_exit": float(exit_at.float().mean()) if N else float(L),
+        "checks_per_token": float(checks.mean()) if N else 0.0,
+        "check_share": float(check_time.mean() / full) if N else 0.0,
+        "exit_at": exit_at,
+        "agrees": agrees,
+    }
+
+
+def thresholds_for_price(conf: torch.Tensor, agree: torch.Tensor, exits: list[int], price: float,
+                         costs: Costs, measure: str, L: int) -> list[float]:
+    """The cost-aware cut at every exit for a price (seconds) per disagreeing token (module docstring)."""
+    check = costs.check.get(measure, 0.0)
+    alive = torch.ones(conf.shape[1], dtype=torch.bool)
+    out = []
+    for j, e in enumerate(exits):
+        c, a = conf[j, alive], agree[j, alive]
+        saving = (L - e) * costs.layer + (len(exits) - 1 - j) * check
+        tau = 1.0
+        if len(c):
+            order = torch.argsort(c, descending=True)
+            cs, gain = c[order], torch.cumsum(saving - price * (~a[order]).double(), 0)
+            boundary = torch.ones_like(cs, dtype=torch.bool)
+            boundary[:-1] = cs[:-1] > cs[1:]  # cut only between different confidences
+            gain[~boundary] = -math.inf
+            k = int(gain.argmax())
+            if float(gain[k]) - len(c) * check > 0:
+                tau = min(float(cs[k]), 1.0 - 1e-7)
+        out.append(tau)
+        if tau < 1.0:
+            alive &= ~(conf[j] >= tau)
+    return out
+
+
+def plan(obs: Observations, conf: torch.Tensor, measure: str, target: float, costs: Costs, L: int) -> Plan:
+    """Thresholds chosen on the `select` part for the target agreement, judged on the `report` part."""
+    sel, rep = obs.part("select"), obs.part("report")
+    full = costs.token(L)
+    lo, hi = math.log(full * 1e-4), math.log(full * 1e6)
+
+    def at(log_price):
+        return thresholds_for_price(conf[:, sel], obs.agree[:, sel], obs.exits, math.exp(log_price), costs, measure, L)
+
+    def meets(th):
+        return simulate(conf[:, sel], obs.agree[:, sel], obs.exits, th, costs, measure, L)["agreement"] >= target
+
+    if meets(at(lo)):
+        best = at(lo)
+    else:
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if meets(at(mid)) else (mid, hi)
+        best = at(hi)
+        if not meets(best):  # nothing exits early: full depth always meets the target
+            best = [1.0] * len(obs.exits)
+    result = simulate(conf[:, rep], obs.agree[:, rep], obs.exits, best, costs, measure, L)
+    per_exit = {}
+    for e, tau in zip(obs.exits, best):
+        here = result["exit_at"] == e
+        per_exit[e] = {
+            "threshold": round(tau, 6),
+            "share": round(float(here.float().mean()), 4),
+            "agreement": round(float(result["agrees"][here].float().mean()), 4) if here.any() else None,
+        }
+    return Plan(measure, dict(zip(obs.exits, best)), result["agreement"], result["speedup"], result["mean_exit"],
+                result["checks_per_token"], result["check_share"], per_exit)
+
+
+# -- the command ---------------------------------------------------------------------------------------
+def check_options(target: float, measure: str | None, max_examples: int) -> None:
+    if not 0.0 < target <= 1.0:
+        raise SortedChatError(f"--target-agreement {target}: must be in (0, 1]")
+    if measure is not None and measure not in MEASURE_NAMES:
+        raise SortedChatError(f"--measure {measure!r}: choose {', '.join(MEASURE_NAMES)}")
+    if max_examples < len(SPLIT_OF):
+        raise SortedChatError(f"--max-examples {max_examples}: at least {len(SPLIT_OF)} are needed")
+
+
+@dataclass
+class Calibration:
+    plans: dict[str, Plan]
+    chosen: Plan
+    costs: Costs
+    data: dict
+    positions: dict[str, int]
+    classifier: ExitClassifier | None = None
+
+
+def calibrate(sm: SortedModel, data: str, target: float = 0.95, measure: str | None = None,
+              max_examples: int = 300, holdout: int = 0, progress: Progress = _quiet) -> Calibration:
+    """Measure, train (if the classifier is among the measures), choose thresholds; write nothing."""
+    check_options(target, measure, max_examples)
+    sequences, described = reference_sequences(sm, data, max_examples, holdout)
+    obs = observe(sm, sequences, progress)
+    names = [measure] if measure else list(MEASURE_NAMES)
+    classifier = None
+    if Classifier.name in names:
+        progress("training the exit classifier", None)
+        classifier = train_classifier(obs)
+    progress("timing layers, head and checks", None)
+    instances = {n: Classifier(sm, classifier) if n == Classifier.name else MEASURES[n](sm) for n in names}
+    context = sum(len(ids) for ids, _ in sequences) // len(sequences)
+    costs = measure_costs(sm, context=context, measures=instances)
+    plans = {n: plan(obs, confidences(obs, n, classifier), n, target, costs, sm.num_layers) for n in names}
+    chosen = max(plans.values(), key=lambda p: p.speedup) if measure is None else plans[measure]
+    positions = {name: int(obs.part(name).sum()) for name in SPLITS}
+    return Calibration(plans, chosen, costs, described, positions,
+                       classifier if chosen.measure == Classifier.name else None)
+
+
+def checkpoint_dir(sm: SortedModel) -> Path:
+    """Where calibration writes: the model's own directory (the cached copy for the default model)."""
+    directory = Path(sm.weights_path)
+    if not directory.is_dir():
+        raise SortedChatError(
+            f"{sm.source}: calibration writes {CONFIG_NAME} beside the weights, and this model has no local "
+            "directory (download it with `sortedchat pull` or save it first)"
+        )
+    return directory
+
+
+def write(sm: SortedModel, result: Calibration, target: float) -> list[Path]:
+    """Thresholds, measure and calibration record into `sortedchat.json` (atomic), and the classifier."""
+    directory = checkpoint_dir(sm)
+    written = []
+    if result.classifier is not None:
+        written.append(result.classifier.save(directory))
+    cfg = SortedConfig.read(directory) if (directory / CONFIG_NAME).is_file() else SortedConfig()
+    chosen = result.chosen
+    cfg.exits = list(sm.exits)
+    cfg.thresholds = {e: round(t, 6) for e, t in chosen.thresholds.items()}
+    cfg.confidence = chosen.measure
+    cfg.calibration = {
+        "data": result.data,
+        "target_agreement": target,
+        "measure": chosen.measure,
+        "positions": result.positions,
+        "expected": {n: {"agreement": round(p.agreement, 4), "speedup": round(p.speedup, 3),
+                         "mean_exit": round(p.mean_exit, 2), "check_share": round(p.check_share, 4)}
+                     for n, p in result.plans.items()},
+        "per_exit": {str(e): v for e, v in chosen.per_exit.items()},
+        "costs_ms": {"layer": round(result.costs.layer * 1e3, 4), "head": round(result.costs.head * 1e3, 4),
+                     "check": {k: round(v * 1e3, 4) for k, v in result.costs.check.items()}},
+        "device": str(sm.device),
+        "dtype": str(sm.dtype).replace("torch.", ""),
+    }
+    written.append(cfg.write(directory))
+    return written

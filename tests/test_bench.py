@@ -1,0 +1,130 @@
+"""`sortedchat bench` end to end on the tiny model, and its prompt files."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from sortedchat import SortedChatError
+from sortedchat.bench.prompts import DEFAULT_PROMPTS, load_prompts
+
+
+def invoke(argv: list[str]) -> tuple[int, str, str]:
+    """`sortedchat ARGV` in-process, as the console script runs it: (exit code, stdout, stderr)."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+    from unittest import mock
+
+    from sortedchat.cli import main
+
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with mock.patch.object(sys, "argv", ["sortedchat", *map(str, argv)]), redirect_stdout(out), redirect_stderr(err):
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code or 0
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bench_run(tiny_dir, tmp_path_factory):
+    """One bench run (2 prompts, 6 tokens, 1 repeat) shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("bench")
+    prompts = tmp / "prompts.txt"
+    prompts.write_text("# two prompts\nWhat is the capital of France?\n\nHello! How are you today?\n")
+    out_json, out_png = tmp / "bench.json", tmp / "bench.png"
+    code, out, err = invoke(["bench", "--model", tiny_dir, "--device", "cpu", "--exits", "2,4,6", "--prompts", prompts,
+                             "-n", "6", "--repeat", "1", "--json", out_json, "--plot", out_png])
+    assert code == 0, err
+    return json.loads(out_json.read_text()), out_png, out
+
+
+def test_bench_json_has_every_mode(bench_run):
+    data, _, _ = bench_run
+    keys = [r["key"] for r in data["rows"]]
+    assert keys == ["hf", "hf-ee:2", "hf-ee:4", "full", "depth:2", "depth:4", "auto", "spec:2", "spec:4"]
+    assert data["max_new_tokens"] == 6 and data["repeat"] == 1 and data["prompts"] == 2
+    for r in data["rows"]:
+        assert r["tokens_per_second"] > 0 and r["ratio"] > 0 and 0.0 <= r["agreement"] <= 1.0
+        assert r["peak_memory_mib"] is None or r["peak_memory_mib"] > 0
+    assert data["machine"]["cpu_count"] >= 1 and data["costs"]["layer"] >= 0 and data["costs"]["head"] > 0
+
+
+def test_bench_exact_modes_agree_with_the_baseline(bench_run):
+    rows = {r["key"]: r for r in bench_run[0]["rows"]}
+    for key in ("hf", "full", "spec:2", "spec:4", "hf-ee:2", "hf-ee:4"):
+        assert rows[key]["agreement"] == 1.0, key
+    for key in ("spec:2", "spec:4"):
+        assert rows[key]["acceptance"] is not None and 0.0 <= rows[key]["acceptance"] <= 1.0
+    assert rows["depth:2"]["mean_exit"] == 2.0 and rows["full"]["mean_exit"] == 6.0
+    assert rows["hf"]["ratio"] == 1.0
+
+
+def test_bench_ideal_ratio_comes_from_layer_and_head_cost(bench_run):
+    data = bench_run[0]
+    layer, head = data["costs"]["layer"], data["costs"]["head"]
+    for r in data["rows"]:
+        if r["kind"] in ("full", "depth"):
+            assert r["ideal_ratio"] == pytest.approx((6 * layer + head) / (r["exit"] * layer + head))
+        elif r["kind"] in ("hf", "hf-ee", "spec"):
+            assert r["ideal_ratio"] is None
+
+
+def test_bench_writes_a_png_and_prints_the_table(bench_run):
+    _, png, out = bench_run
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    flat = " ".join(out.split())
+    for label in ("hf generate", "hf early-exit 2", "depth 6", "depth 2", "auto", "speculative 4"):
+        assert label in flat, label
+
+
+def test_bench_refuses_a_wrong_output_name_before_loading(tiny_dir):
+    code, _, err = invoke(["bench", "--model", tiny_dir, "--json", "out.txt"])
+    assert code == 1 and err.strip() == "error: --json out.txt: expected a .json file name"
+
+
+def test_default_prompts_are_varied_chat_questions():
+    prompts = load_prompts()
+    assert len(prompts) >= 6
+    lengths = sorted(len(p[-1]["content"]) for p in prompts)
+    assert lengths[-1] > 4 * lengths[0]
+    assert all(p[-1]["role"] == "user" for p in prompts)
+    assert DEFAULT_PROMPTS.name == "prompts.txt"
+
+
+def test_prompt_files_jsonl_and_json(tmp_path):
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "Hi"}\n\n{"messages": [{"role": "system", "content": "Be brief."}, '
+                     '{"role": "user", "content": "Why?"}]}\n"plain"\n')
+    assert load_prompts(jsonl) == [
+        [{"role": "user", "content": "Hi"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}],
+        [{"role": "user", "content": "plain"}],
+    ]
+    js = tmp_path / "p.json"
+    js.write_text('["One?", {"prompt": "Two?"}]')
+    assert [p[0]["content"] for p in load_prompts(js)] == ["One?", "Two?"]
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("bad.jsonl", '{"prompt": "ok"}\n{"prompt": \n', "bad.jsonl: line 2: invalid JSON"),
+        ("bad.jsonl", '{"prompt": "ok"}\n{"text": "x"}\n', "bad.jsonl: line 2: expected a non-empty 'prompt'"),
+        ("bad.jsonl", '{"messages": [{"role": "assistant", "content": "x"}]}\n', "line 1: the conversation must end"),
+        ("bad.json", '{"prompt": "x"}', "bad.json: expected a JSON list"),
+        ("empty.txt", "# only a comment\n\n", "no prompts in the file"),
+    ],
+)
+def test_bad_prompt_files_name_file_and_line(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(SortedChatError, match=message.replace("(", r"\(")):
+        load_prompts(path)
+
+
+def test_missing_prompt_file(tmp_path):
+    with pytest.raises(SortedChatError, match="--prompts .*nope.txt: cannot read"):
+        load_prompts(tmp_path / "nope.txt")

@@ -1,0 +1,117 @@
+"""Confidence measures: values in [0, 1], exactly what they claim to compute, and auto mode's contract."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from sortedchat import SortedChatError
+from sortedchat.engine import ChatSession, Mode, SamplingConfig
+from sortedchat.engine import confidence as c
+from sortedchat.engine.session import encode_chat
+from sortedchat.loading import LoadOptions, load_sorted_model
+
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_dir, tmp_path_factory):
+    """A copy of the tiny model with a trained exit classifier (so every measure can be built)."""
+    from sortedchat.calibrate import Observations, train_classifier
+
+    path = tmp_path_factory.mktemp("calibrated") / "tiny"
+    shutil.copytree(tiny_dir, path)
+    sm = load_sorted_model(str(path), LoadOptions(device="cpu", exits=[2, 4, 6]))
+    g = torch.Generator().manual_seed(0)
+    n, hidden = 64, sm.model.config.hidden_size
+    obs = Observations(
+        exits=[2, 4],
+        agree=torch.rand(2, n, generator=g) > 0.5,
+        maxprob=torch.rand(2, n, generator=g),
+        subset=torch.randn(2, n, c.SUBSET_FEATURES, generator=g),
+        hidden=torch.randn(2, n, hidden, generator=g).half(),
+        split=torch.zeros(n, dtype=torch.long),
+    )
+    train_classifier(obs, steps=5).save(path)
+    return load_sorted_model(str(path), LoadOptions(device="cpu", exits=[2, 4, 6]))
+
+
+def tokens(sm, mode, n=12):
+    session = ChatSession(sm, mode)
+    session.stop_ids = set()
+    events = list(session.generate_ids(encode_chat(sm, MESSAGES), SamplingConfig(max_new_tokens=n)))
+    return [e.token_id for e in events], [e.exit_layer for e in events], session.last_stats
+
+
+@pytest.mark.parametrize("name", sorted(c.MEASURES))
+def test_measure_values_lie_in_unit_interval(calibrated, name):
+    sm = calibrated
+    measure = c.make_measure(name, sm)
+    ids = encode_chat(sm, MESSAGES)
+    with torch.inference_mode():
+        out = sm.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+        measure.prepare(ids)
+        for e in sm.exits[:-1]:
+            conf, logits = measure(out.hidden_states[e][:, -1], e)
+            assert 0.0 <= conf <= 1.0
+            assert logits is None or logits.shape[-1] == sm.model.config.vocab_size
+        measure.observe(5, out.logits[0, -1])
+
+
+@pytest.mark.parametrize("name", sorted(c.MEASURES))
+def test_auto_at_threshold_one_equals_full_depth_without_checks(calibrated, name):
+    full, _, _ = tokens(calibrated, Mode.fixed())
+    got, exits, stats = tokens(calibrated, Mode.auto(threshold=1.0, confidence=name))
+    assert got == full and set(exits) == {6}
+    assert stats.checks == 0  # an exit that cannot pass is not checked
+
+
+@pytest.mark.parametrize("name", sorted(c.MEASURES))
+def test_auto_at_threshold_zero_equals_first_exit(calibrated, name):
+    first, _, _ = tokens(calibrated, Mode.fixed(2))
+    got, exits, stats = tokens(calibrated, Mode.auto(threshold=0.0, confidence=name))
+    assert got == first and set(exits) == {2}
+    assert stats.checks == len(got) and stats.check_seconds > 0
+
+
+def test_subset_is_the_full_softmax_when_the_vocabulary_is_small(tiny):
+    """The tiny vocabulary (~400) is below FREQUENT, so the candidate set is all of it."""
+    assert tiny.model.config.vocab_size <= c.FREQUENT
+    ids = encode_chat(tiny, MESSAGES)
+    full, subset = c.MaxProb(tiny), c.SubsetProb(tiny)
+    subset.prepare(ids)
+    with torch.inference_mode():
+        hs = tiny.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+        for e in (2, 4):
+            assert subset(hs[e][:, -1], e)[0] == pytest.approx(full(hs[e][:, -1], e)[0], rel=1e-5)
+
+
+def test_subset_scores_frequent_recent_and_previous_top_tokens(tiny, monkeypatch):
+    monkeypatch.setattr(c, "FREQUENT", 8)
+    monkeypatch.setattr(c, "RECENT", 3)
+    monkeypatch.setattr(c, "PREVIOUS_TOP", 2)
+    measure = c.SubsetProb(tiny)
+    vocab = tiny.model.config.vocab_size
+    previous = torch.full((vocab,), -5.0)
+    previous[[300, 301]] = 4.0  # the previous head's top two
+    measure.observe(0, previous)
+    context = [3, 200, 250, 260, 5]  # the last three: 250, 260 and 5 (already frequent)
+    measure.prepare(context)
+    rows = list(range(8)) + [250, 260, 300, 301]
+    with torch.inference_mode():
+        h = torch.randn(1, tiny.model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+        logits = tiny.head(h, 2)[0]
+        expected = float(torch.softmax(logits[rows], -1).max())
+        assert measure(h, 2)[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_unknown_measure_is_one_clear_error(tiny):
+    with pytest.raises(SortedChatError, match="unknown confidence measure 'entropy'.*maxprob"):
+        c.make_measure("entropy", tiny)
+
+
+def test_classifier_without_calibration_says_how_to_get_one(tiny):
+    with pytest.raises(SortedChatError, match="sortedchat calibrate --measure classifier"):
+        c.make_measure("classifier", tiny)
