@@ -25,7 +25,7 @@ def _default(name: str) -> str:
     from sortedchat.training.recipe import TrainOptions
 
     value = TrainOptions.__dataclass_fields__[name].default
-    return "" if value in (None, "") else f" [default: {value}]"
+    return "" if value in (None, "") else f" (default: {value})"
 
 
 def _opt(flag: str, help: str, name: str | None = None, **kw):
@@ -37,7 +37,7 @@ def train(
     model: Annotated[Optional[str], _opt("--model", "Starting model: 'default' (built-in SmolLM2-135M-Instruct "
                                          "base), HF directory, sortedchat checkpoint, .gguf or hub id")] = None,
     data: Annotated[Optional[str], _opt("--data", "Training data: Alpaca JSON/JSONL, chat JSONL, QA JSONL, "
-                                        "parquet/CSV, or a datasets hub id (name[:config][@split])")] = None,
+                                        "parquet/CSV, or a datasets hub id: name, name:config, name:config@split")] = None,
     out: Annotated[Optional[str], _opt("--out", "Output directory")] = None,
     recipe: Annotated[Optional[Path], typer.Option("--recipe", help="TOML recipe; command-line flags win")] = None,
     eval_data: Annotated[Optional[str], _opt("--eval-data", "Evaluation data (same formats as --data)")] = None,
@@ -45,8 +45,8 @@ def train(
     template: Annotated[Optional[str], _opt("--template", "Prompt template: chat (the model's) or alpaca")] = None,
     skip_bad: Annotated[Optional[bool], _opt("--skip-bad/--no-skip-bad", "Skip malformed records (counted) "
                                              "instead of stopping")] = None,
-    exits: Annotated[Optional[str], _opt("--exits", "Exit layers, e.g. 9,12,15,...,30 [default: the model's, "
-                                         "else 8 spread from 30% depth]")] = None,
+    exits: Annotated[Optional[str], _opt("--exits", "Exit layers, e.g. 9,12,15,...,30 (default: the model's, "
+                                         "else 8 spread from 30% depth)")] = None,
     method: Annotated[Optional[str], _opt("--method", "soft (all exits), sft (last exit), ict (frozen model, "
                                           "new head per exit)")] = None,
     objective: Annotated[Optional[str], _opt("--objective", "ce, kd (distil the frozen start's full depth) "
@@ -82,8 +82,8 @@ def train(
     load_in_8bit: Annotated[Optional[bool], _opt("--load-in-8bit/--no-load-in-8bit", "8-bit base")] = None,
     gradient_checkpointing: Annotated[Optional[bool], _opt("--gradient-checkpointing/--no-gradient-checkpointing",
                                                            "Recompute activations in backward (less memory)")] = None,
-    mixed_precision: Annotated[Optional[str], _opt("--mixed-precision", "no, bf16 or fp16 [default: accelerate's "
-                                                   "launch config, else no]")] = None,
+    mixed_precision: Annotated[Optional[str], _opt("--mixed-precision", "no, bf16 or fp16 (default: accelerate's "
+                                                   "launch config, else no)")] = None,
     device: Annotated[Optional[str], _opt("--device", "auto, cpu or cuda (several GPUs: accelerate launch)")] = None,
     trust_remote_code: o.TrustOpt = False,
     allow_pickle: o.PickleOpt = False,
@@ -121,12 +121,12 @@ def evaluate(
     holdout: Annotated[int, typer.Option("--holdout", help="Use only the last N records (what train --holdout N "
                                          "held out)")] = 0,
     limit: Annotated[int, typer.Option("--limit", help="Use at most N records (after --holdout)")] = 0,
-    template: Annotated[Optional[str], typer.Option("--template", help="chat or alpaca [default: what each "
-                                                    "model was trained with, else chat]")] = None,
+    template: Annotated[Optional[str], typer.Option("--template", help="chat or alpaca (default: what each "
+                                                    "model was trained with, else chat)")] = None,
     max_length: Annotated[int, typer.Option("--max-length", help="Tokens per sequence")] = 512,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward pass")] = 8,
     qa: Annotated[Optional[bool], typer.Option("--qa/--no-qa", help="Closed-book exact match per exit "
-                                               "[default: on for QA data]")] = None,
+                                               "(default: on for QA data)")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="QA: answer length limit")] = 24,
     json_out: Annotated[Path, typer.Option("--json", help="Where to write the results")] = Path("sortedchat-eval.json"),
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a plot of quality against depth (PNG)")] = None,

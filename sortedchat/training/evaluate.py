@@ -125,18 +125,20 @@ def evaluate_model(sm, records: RecordSet, template: str | None, max_length: int
 
 
 def results_table(results: list[dict], title: str):
-    """A rich table: one row per exit layer, for each model CE / ppl / top-1 / agreement (/ EM)."""
+    """A rich table: one row per exit layer; per model (A, B, ... named in the caption) CE / ppl / top-1 /
+    agreement (/ EM). Short column names keep two models side by side within 80 columns."""
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
+    letters = [chr(ord("A") + i) for i in range(len(results))]
+    caption = "  ".join(f"{x}: {r['model']}" for x, r in zip(letters, results))
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     table.add_column("exit", justify="right")
-    names = [short_name(r["model"], i) for i, r in enumerate(results)]
     keys = [("ce", "CE", "{:.3f}"), ("ppl", "ppl", "{:.1f}"), ("top1", "top-1", "{:.1%}"),
             ("agree", "agree", "{:.1%}"), ("em", "EM", "{:.1%}")]
     shown = [(k, label, fmt) for k, label, fmt in keys if any(k in m for r in results for m in r["metrics"].values())]
-    for name in names:
+    for x in letters:
         for _, label, _ in shown:
-            table.add_column(f"{name}\n{label}", justify="right")
+            table.add_column(f"{x} {label}", justify="right")
     layers = sorted({e for r in results for e in r["metrics"]})
     for e in layers:
         row = [str(e)]
