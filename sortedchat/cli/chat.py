@@ -1,23 +1,27 @@
-"""`sortedchat chat` (and bare `sortedchat`): the chat front end. `--plain` gives the line-based chat."""
+"""`sortedchat chat` (and bare `sortedchat`): the full-screen chat app; `--plain` gives the line-based chat.
+
+The same function is the `chat` command and the app's callback, so bare `sortedchat` takes exactly the
+options of `sortedchat chat`. Values from the config file apply unless the command line gives them.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
-
 from sortedchat.cli import options as o
 
 
 def register(app: typer.Typer) -> None:
     app.command()(chat)
-    app.callback(invoke_without_command=True)(default)
+    app.callback(invoke_without_command=True)(chat)
 
 
 def chat(
+    ctx: typer.Context,
     model: o.ModelOpt = None,
     plain: Annotated[bool, typer.Option("--plain", help="Line-based chat instead of the full-screen app")] = False,
-    system: Annotated[str, typer.Option("--system", help="System prompt")] = "",
+    system: Annotated[Optional[str], typer.Option("--system", help="System prompt")] = None,
     depth: o.DepthOpt = None,
     auto: o.AutoOpt = False,
     threshold: o.ThresholdOpt = None,
@@ -27,7 +31,7 @@ def chat(
     top_p: o.TopPOpt = 1.0,
     top_k: o.TopKOpt = 0,
     seed: o.SeedOpt = None,
-    max_new_tokens: o.MaxTokensOpt = 256,
+    max_new_tokens: o.MaxTokensOpt = 512,
     device: o.DeviceOpt = "auto",
     dtype: o.DtypeOpt = "auto",
     load_in_4bit: o.Load4Opt = False,
@@ -36,16 +40,54 @@ def chat(
     allow_pickle: o.PickleOpt = False,
     exits: o.ExitsOpt = None,
 ) -> None:
-    """Chat with the model."""
-    from sortedchat.cli.ask import plain_chat
+    """Chat with the model in the full-screen app (Textual); F1 there lists the keys."""
+    if ctx.invoked_subcommand is not None:  # `sortedchat <command>`: the command runs on its own
+        return
+    from sortedchat.tui.settings import load_settings
 
-    sampling = o.make_sampling(temperature, top_p, top_k, seed, max_new_tokens)
-    opts = o.load_options(device, dtype, load_in_4bit, load_in_8bit, trust_remote_code, allow_pickle, exits)
-    sm = o.load_model(model, opts)
-    plain_chat(sm, o.make_mode(sm, depth, auto, threshold, speculative, draft_len), sampling, system)
+    settings = load_settings()
+
+    def given(name: str) -> bool:
+        # By name: typer vendors its own copy of click, whose enum is not click's.
+        source = ctx.get_parameter_source(name)
+        return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
+
+    # The command line wins over the config file, the config file over the defaults.
+    for name, value in [("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed),
+                        ("max_new_tokens", max_new_tokens), ("device", device), ("dtype", dtype)]:
+        if given(name):
+            setattr(settings, name, value)
+    if system is not None:
+        settings.system_prompt = system
+    spec = model if model is not None else (settings.model or None)
+    opts = o.load_options(settings.device, settings.dtype, load_in_4bit, load_in_8bit, trust_remote_code,
+                          allow_pickle, exits)
+
+    def initial_mode(sm):
+        return o.make_mode(sm, depth, auto, threshold, speculative, draft_len)
+
+    if plain:
+        from sortedchat.cli.ask import plain_chat
+
+        sampling = settings.sampling()
+        sm = o.load_model(spec, opts)
+        plain_chat(sm, initial_mode(sm), sampling, settings.system_prompt)
+        return
+    run_app(spec, opts, initial_mode, settings)
 
 
-def default(ctx: typer.Context, model: o.ModelOpt = None) -> None:
-    """With no command, open the chat."""
-    if ctx.invoked_subcommand is None:
-        ctx.invoke(chat, model=model)
+def run_app(spec, opts, initial_mode, settings) -> None:
+    from sortedchat import SortedChatError
+    from sortedchat.loading import load_sorted_model
+    from sortedchat.tui.app import SortedChatApp
+
+    settings.sampling()  # reject bad sampling values before the model loads
+    app = SortedChatApp(
+        loader=lambda progress: load_sorted_model(spec, opts, progress=progress),
+        initial_mode=initial_mode,
+        settings=settings,
+        loading_label=spec or "the default model (SmolLM2-135M-Instruct)",
+    )
+    app.run()
+    if app.error:
+        raise SortedChatError(app.error)

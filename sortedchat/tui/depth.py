@@ -1,0 +1,95 @@
+"""What the depth keys do: step through the model's exits, toggle auto and speculative, move thresholds.
+
+Kept apart from the widgets so the rules are plain code: the app turns `DepthControl.mode()` into
+`session.mode`, which the engine reads before every token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sortedchat.engine import Mode
+
+THRESHOLD_STEP = 0.05
+
+
+@dataclass
+class DepthControl:
+    """The user's choice of depth. `depth` is the fixed depth, or the draft depth in speculative mode;
+    it is remembered while auto mode is on. `threshold` is the auto threshold override (None: the
+    model's calibrated per-exit thresholds)."""
+
+    exits: list[int]
+    num_layers: int
+    default_draft: int
+    calibrated: float  # the mean calibrated threshold: where raising/lowering starts from
+    kind: str = "depth"
+    depth: int = 0
+    threshold: float | None = None
+    draft_len: int = 4
+
+    @classmethod
+    def for_model(cls, sm, mode: Mode) -> "DepthControl":
+        early = [t for e, t in sm.thresholds().items() if e != sm.num_layers]
+        return cls(
+            exits=list(sm.exits),
+            num_layers=sm.num_layers,
+            default_draft=sm.default_draft_exit,
+            calibrated=round(sum(early) / len(early), 2) if early else 0.9,
+            kind=mode.kind,
+            depth=mode.depth or (sm.default_draft_exit if mode.kind == "speculative" else sm.num_layers),
+            threshold=mode.threshold,
+            draft_len=mode.draft_len,
+        )
+
+    def mode(self) -> Mode:
+        if self.kind == "auto":
+            return Mode.auto(self.threshold)
+        if self.kind == "speculative":
+            return Mode.speculative(self.depth, draft_len=self.draft_len)
+        return Mode.fixed(self.depth)
+
+    def label(self) -> str:
+        return self.mode().label(self.num_layers)
+
+    # -- keys; each returns a note for the user when the key could not do what it says ---------------
+    def step(self, direction: int) -> str | None:
+        """One exit shallower (-1) or deeper (+1). Leaves auto mode for a fixed depth; in speculative
+        mode moves the draft depth, which stays below the last layer."""
+        top = self.num_layers - 1 if self.kind == "speculative" else self.num_layers
+        candidates = [e for e in self.exits if e <= top]
+        if direction > 0:
+            nxt = next((e for e in candidates if e > self.depth), None)
+        else:
+            nxt = next((e for e in reversed(candidates) if e < self.depth), None)
+        was_auto = self.kind == "auto"
+        if was_auto:
+            self.kind = "depth"
+        if nxt is None:
+            if was_auto:
+                return None
+            if self.kind == "speculative" and direction > 0:
+                return f"the draft depth must stay below {self.num_layers}"
+            return "already at the deepest exit" if direction > 0 else "already at the shallowest exit"
+        self.depth = nxt
+        return None
+
+    def toggle_auto(self) -> None:
+        self.kind = "depth" if self.kind == "auto" else "auto"
+
+    def toggle_speculative(self) -> str | None:
+        if self.kind == "speculative":
+            self.kind = "depth"
+            return None
+        self.kind = "speculative"
+        if self.depth >= self.num_layers:
+            self.depth = self.default_draft
+            return f"a draft needs a depth below {self.num_layers}: drafting at {self.depth}"
+        return None
+
+    def adjust_threshold(self, direction: int) -> str | None:
+        current = self.threshold if self.threshold is not None else self.calibrated
+        self.threshold = round(min(1.0, max(0.0, current + direction * THRESHOLD_STEP)), 2)
+        if self.kind != "auto":
+            return f"auto threshold {self.threshold:.2f} (used in auto mode)"
+        return None

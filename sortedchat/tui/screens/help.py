@@ -1,0 +1,41 @@
+"""Every key and what it does (as remapped in the config file), and how to read the colours."""
+
+from __future__ import annotations
+
+from rich.table import Table
+from textual.binding import Binding
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Static
+
+from sortedchat.tui.settings import KEY_ACTIONS, settings_path
+
+COLOURS = (
+    "Each token takes the colour of the exit it left the model at: warm for shallow exits, cool for "
+    "full depth (legend at the top left; the sparkline at the top right shows the latest tokens). "
+    "Click a token, or press F9 and move with ← →: the layer lens shows what every exit predicted there."
+)
+
+
+class HelpScreen(ModalScreen):
+    BINDINGS = [Binding("escape,f1,q", "dismiss", "Close", show=False)]
+
+    def __init__(self, keymap: dict[str, str]):
+        super().__init__()
+        self.keymap = keymap
+
+    def compose(self):
+        table = Table(box=None, show_header=False, padding=(0, 2, 0, 0))
+        table.add_column(style="bold", no_wrap=True)
+        table.add_column()
+        for action, (_, what) in KEY_ACTIONS.items():
+            keys = " / ".join(self.app.get_key_display(Binding(k, "")) for k in self.keymap[action].split(","))
+            table.add_row(keys, what)
+        with VerticalScroll(id="help"):
+            yield Static("Keys  (Esc, F1 or q closes this help; Ctrl+P opens the command palette)",
+                         classes="dialog-title")
+            yield Static(table)
+            yield Static(f'Remap keys in [keys] of {settings_path()} (e.g. deeper = "ctrl+up")',
+                         classes="help-note", markup=False)
+            yield Static("Colours", classes="dialog-title")
+            yield Static(COLOURS)

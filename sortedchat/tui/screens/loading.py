@@ -1,0 +1,28 @@
+"""Shown while the model loads, or while the default model is converted on first run."""
+
+from __future__ import annotations
+
+from textual.containers import Center, Middle
+from textual.screen import Screen
+from textual.widgets import Label, ProgressBar
+
+
+class LoadingScreen(Screen):
+    def __init__(self, what: str):
+        super().__init__()
+        self.what = what
+
+    def compose(self):
+        with Middle(), Center(id="loading"):
+            yield Label("sortedchat", id="loading-title")
+            yield Label(f"loading {self.what}", id="loading-what")
+            yield ProgressBar(total=None, show_eta=False, id="loading-bar")
+            yield Label("starting", id="loading-stage")
+
+    def set_progress(self, stage: str, fraction: float | None = None) -> None:
+        self.query_one("#loading-stage", Label).update(stage)
+        bar = self.query_one(ProgressBar)
+        if fraction is None:
+            bar.update(total=None)
+        else:
+            bar.update(total=100, progress=round(100 * fraction))

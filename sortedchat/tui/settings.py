@@ -1,0 +1,203 @@
+"""The chat app's settings: a TOML file under the user config dir, every value checked when read.
+
+A mistake in the file (bad TOML, a misspelt key, a value of the wrong type) is a `SortedChatError`
+that names the file, the line and the key, so the command prints one line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import tomli_w
+
+from sortedchat import SortedChatError
+from sortedchat.config import atomic_write_text
+from sortedchat.paths import config_dir
+
+SETTINGS_NAME = "config.toml"
+
+# Action id -> (default keys, what it does). Ids are the `[keys]` names in the file and Textual binding ids.
+KEY_ACTIONS: dict[str, tuple[str, str]] = {
+    "help": ("f1", "Show this help"),
+    "shallower": ("f2", "Shallower: one exit less for the next tokens"),
+    "deeper": ("f3", "Deeper: one exit more for the next tokens"),
+    "auto": ("f4", "Toggle auto mode (exit at the first confident exit)"),
+    "speculative": ("f5", "Toggle speculative mode (draft at the current depth)"),
+    "threshold_down": ("f6", "Auto: lower the thresholds (faster)"),
+    "threshold_up": ("f7", "Auto: raise the thresholds (closer to full depth)"),
+    "view": ("f8", "Switch between depth colours and rendered Markdown"),
+    "lens": ("f9", "Layer lens: every exit's predictions at the selected token"),
+    "stop": ("escape", "Stop the answer (the partial answer stays)"),
+    "new_chat": ("ctrl+n", "New chat"),
+    "chats": ("ctrl+l", "Saved chats: reopen, delete, export"),
+    "settings": ("ctrl+o", "Settings: system prompt and sampling"),
+    "export": ("ctrl+s", "Export this chat to Markdown"),
+    "quit": ("ctrl+q", "Quit"),
+    "send": ("enter", "Send the message"),
+    "newline": ("ctrl+j", "New line in the message"),
+}
+
+
+@dataclass
+class Settings:
+    """What the config file holds. `keys` has only the remapped actions; `keymap()` fills in defaults."""
+
+    model: str = ""
+    device: str = "auto"
+    dtype: str = "auto"
+    system_prompt: str = ""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 512
+    seed: int | None = None
+    keys: dict[str, str] = field(default_factory=dict)
+
+    def keymap(self) -> dict[str, str]:
+        return {action: self.keys.get(action, default) for action, (default, _) in KEY_ACTIONS.items()}
+
+    def sampling(self):
+        from sortedchat.engine import SamplingConfig
+
+        return SamplingConfig(
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+            max_new_tokens=self.max_new_tokens,
+        ).validate()
+
+
+# Where each field lives in the file: section -> {key: field name}.
+LAYOUT = {
+    "model": {"spec": "model", "device": "device", "dtype": "dtype"},
+    "chat": {
+        "system_prompt": "system_prompt",
+        "temperature": "temperature",
+        "top_p": "top_p",
+        "top_k": "top_k",
+        "max_new_tokens": "max_new_tokens",
+        "seed": "seed",
+    },
+}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def settings_path() -> Path:
+    return config_dir() / SETTINGS_NAME
+
+
+def _line_of(text: str, section: str, key: str | None) -> int | None:
+    """The line of `key` inside `[section]` (or of the section header), for error messages."""
+    current = None
+    for number, line in enumerate(text.splitlines(), 1):
+        header = re.match(r"\s*\[\s*([^\]]+?)\s*\]", line)
+        if header:
+            current = header.group(1)
+            if key is None and current == section:
+                return number
+        elif current == section and key is not None and re.match(rf"\s*\"?{re.escape(key)}\"?\s*=", line):
+            return number
+    return None
+
+
+def check_value(name: str, value):
+    """Return `value` if it fits field `name`, else raise ValueError saying what was expected."""
+    if name in ("model", "device", "dtype", "system_prompt"):
+        if not isinstance(value, str):
+            raise ValueError("must be a string")
+        if name == "dtype" and value not in DTYPES:
+            raise ValueError(f"must be one of {', '.join(DTYPES)}")
+        return value
+    if name in ("temperature", "top_p"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("must be a number")
+        if name == "temperature" and value < 0:
+            raise ValueError("must be >= 0 (0 = greedy)")
+        if name == "top_p" and not 0 < value <= 1:
+            raise ValueError("must be in (0, 1]")
+        return float(value)
+    if name in ("max_new_tokens", "top_k", "seed"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError("must be a whole number")
+        if name == "max_new_tokens" and value < 1:
+            raise ValueError("must be at least 1")
+        if name == "top_k" and value < 0:
+            raise ValueError("must be >= 0 (0 = off)")
+        return value
+    raise ValueError("is not a setting")
+
+
+def parse_settings(text: str, source: str) -> Settings:
+    """Settings from TOML `text`; `source` names the file in error messages."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SortedChatError(f"{source}: {exc}") from None
+
+    def fail(section: str, key: str | None, why: str):
+        line = _line_of(text, section, key)
+        where = f"line {line}: " if line else ""
+        what = f"[{section}] {key}" if key else f"[{section}]"
+        raise SortedChatError(f"{source}: {where}{what} {why}")
+
+    settings = Settings()
+    for section, value in data.items():
+        if section not in (*LAYOUT, "keys"):
+            fail(section, None, f"is not a section (expected {', '.join([*LAYOUT, 'keys'])})")
+        if not isinstance(value, dict):
+            raise SortedChatError(f"{source}: {section} must be a [{section}] table")
+    for section, keys in LAYOUT.items():
+        for key, value in data.get(section, {}).items():
+            if key not in keys:
+                fail(section, key, f"is not a setting (expected one of {', '.join(keys)})")
+            try:
+                setattr(settings, keys[key], check_value(keys[key], value))
+            except ValueError as exc:
+                fail(section, key, f"{exc}, got {value!r}")
+    for action, key in data.get("keys", {}).items():
+        if action not in KEY_ACTIONS:
+            fail("keys", action, f"is not an action (expected one of {', '.join(KEY_ACTIONS)})")
+        if not isinstance(key, str) or not key.strip():
+            fail("keys", action, f"must be a key name such as \"f5\" or \"ctrl+t\", got {key!r}")
+        settings.keys[action] = ",".join(part.strip() for part in key.split(","))
+    return settings
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """The settings in `path` (default: the user config file); defaults when there is no file."""
+    path = path or settings_path()
+    if not path.is_file():
+        return Settings()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SortedChatError(f"{path}: cannot read the settings ({exc})") from None
+    return parse_settings(text, str(path))
+
+
+def dump_settings(settings: Settings) -> str:
+    data: dict[str, dict] = {}
+    defaults = Settings()
+    for section, keys in LAYOUT.items():
+        for key, name in keys.items():
+            value = getattr(settings, name)
+            if value is None or (section == "model" and value == getattr(defaults, name)):
+                continue
+            data.setdefault(section, {})[key] = value
+    if settings.keys:
+        data["keys"] = dict(settings.keys)
+    return tomli_w.dumps(data)
+
+
+def save_settings(settings: Settings, path: Path | None = None) -> Path:
+    """Write the settings atomically (a crash never leaves half a file)."""
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        if f.name == "keys" or value is None:
+            continue
+        try:
+            check_value(f.name, value)
+        except ValueError as exc:
+            raise SortedChatError(f"setting {f.name} {exc}, got {value!r}") from None
+    return atomic_write_text(path or settings_path(), dump_settings(settings))

@@ -1,0 +1,195 @@
+"""Saved chats: one SQLite file under the user data dir, written while the answer is generated.
+
+Every token is its own committed row, so killing the app loses at most the token being generated;
+the text of an answer that never finished is rebuilt from its tokens. The file runs in WAL mode with
+`synchronous=NORMAL`: a commit survives a crash or kill of the process without an fsync per token.
+The generation thread writes tokens while the UI thread reads the chat list, so one lock serialises
+access to the single connection.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sortedchat import SortedChatError
+from sortedchat.paths import data_dir
+
+DB_NAME = "chats.sqlite3"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS chats (
+    id INTEGER PRIMARY KEY,
+    title TEXT NOT NULL,
+    model TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    chat_id INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+    role TEXT NOT NULL,
+    content TEXT,            -- NULL while an answer is being generated
+    mode TEXT NOT NULL DEFAULT '',
+    stats TEXT               -- JSON of the engine's GenerationStats
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    token_id INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    exit_layer INTEGER NOT NULL,
+    confidence REAL NOT NULL,
+    PRIMARY KEY (message_id, idx)
+);
+"""
+
+
+@dataclass
+class StoredToken:
+    token_id: int
+    text: str
+    exit_layer: int
+    confidence: float
+
+
+@dataclass
+class StoredMessage:
+    id: int
+    role: str
+    content: str
+    mode: str = ""
+    stats: dict | None = None
+    tokens: list[StoredToken] = field(default_factory=list)
+
+
+@dataclass
+class ChatSummary:
+    id: int
+    title: str
+    model: str
+    updated: float
+    messages: int
+
+
+@dataclass
+class StoredChat:
+    id: int
+    title: str
+    model: str
+    created: float
+    messages: list[StoredMessage]
+
+    def conversation(self) -> list[dict]:
+        """The chat-template messages, as the engine takes them."""
+        return [{"role": m.role, "content": m.content} for m in self.messages]
+
+
+class ChatStore:
+    def __init__(self, path: Path | None = None):
+        self.path = path or data_dir() / DB_NAME
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self.db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise SortedChatError(f"{self.path}: cannot open the chat history ({exc})") from None
+        self.lock = threading.Lock()
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+    # -- writing ------------------------------------------------------------------------------------
+    def new_chat(self, title: str, model: str) -> int:
+        now = time.time()
+        with self.lock:
+            cur = self.db.execute(
+                "INSERT INTO chats (title, model, created, updated) VALUES (?, ?, ?, ?)", (title, model, now, now)
+            )
+            return int(cur.lastrowid)
+
+    def add_message(self, chat_id: int, role: str, content: str | None, mode: str = "") -> int:
+        """A message; an assistant answer starts with `content=None` and fills in as tokens arrive."""
+        with self.lock:
+            self.db.execute("BEGIN")
+            cur = self.db.execute(
+                "INSERT INTO messages (chat_id, role, content, mode) VALUES (?, ?, ?, ?)", (chat_id, role, content, mode)
+            )
+            self.db.execute("UPDATE chats SET updated = ? WHERE id = ?", (time.time(), chat_id))
+            self.db.execute("COMMIT")
+            return int(cur.lastrowid)
+
+    def add_token(self, message_id: int, index: int, token_id: int, text: str, exit_layer: int, confidence: float):
+        with self.lock:
+            self.db.execute(
+                "INSERT OR REPLACE INTO tokens VALUES (?, ?, ?, ?, ?, ?)",
+                (message_id, index, token_id, text, exit_layer, confidence),
+            )
+
+    def finish_message(self, message_id: int, content: str, stats: dict | None = None) -> None:
+        with self.lock:
+            self.db.execute(
+                "UPDATE messages SET content = ?, stats = ? WHERE id = ?",
+                (content, json.dumps(stats) if stats is not None else None, message_id),
+            )
+
+    def delete_chat(self, chat_id: int) -> None:
+        with self.lock:
+            self.db.execute("DELETE FROM chats WHERE id = ?", (chat_id,))
+
+    # -- reading ------------------------------------------------------------------------------------
+    def chats(self) -> list[ChatSummary]:
+        """Saved chats, most recently updated first."""
+        with self.lock:
+            rows = self.db.execute(
+                "SELECT c.id, c.title, c.model, c.updated, COUNT(m.id) FROM chats c "
+                "LEFT JOIN messages m ON m.chat_id = c.id GROUP BY c.id ORDER BY c.updated DESC, c.id DESC"
+            ).fetchall()
+        return [ChatSummary(*row) for row in rows]
+
+    def load(self, chat_id: int) -> StoredChat:
+        with self.lock:
+            head = self.db.execute("SELECT id, title, model, created FROM chats WHERE id = ?", (chat_id,)).fetchone()
+            if head is None:
+                raise SortedChatError(f"{self.path}: there is no chat {chat_id}")
+            rows = self.db.execute(
+                "SELECT id, role, content, mode, stats FROM messages WHERE chat_id = ? ORDER BY id", (chat_id,)
+            ).fetchall()
+            tokens: dict[int, list[StoredToken]] = {}
+            for mid, token_id, text, exit_layer, conf in self.db.execute(
+                "SELECT t.message_id, t.token_id, t.text, t.exit_layer, t.confidence FROM tokens t "
+                "JOIN messages m ON m.id = t.message_id WHERE m.chat_id = ? ORDER BY t.message_id, t.idx",
+                (chat_id,),
+            ):
+                tokens.setdefault(mid, []).append(StoredToken(token_id, text, exit_layer, conf))
+        messages = []
+        for mid, role, content, mode, stats in rows:
+            toks = tokens.get(mid, [])
+            if content is None:  # the app stopped while this answer was generated
+                content = "".join(t.text for t in toks)
+            messages.append(StoredMessage(mid, role, content, mode, json.loads(stats) if stats else None, toks))
+        return StoredChat(head[0], head[1], head[2], head[3], messages)
+
+    def export_markdown(self, chat_id: int) -> str:
+        """The chat as Markdown: a heading per turn, the mode and summary of each answer under it."""
+        chat = self.load(chat_id)
+        out = [f"# {chat.title}", "", f"*{chat.model} · {time.strftime('%Y-%m-%d %H:%M', time.localtime(chat.created))}*"]
+        for m in chat.messages:
+            if m.role == "system":
+                out += ["", "## System", "", m.content]
+            elif m.role == "user":
+                out += ["", "## You", "", m.content]
+            else:
+                note = [m.mode] if m.mode else []
+                if m.stats:
+                    note += [f"{m.stats['tokens']} tokens", f"mean exit {m.stats['mean_exit']:.1f}/{m.stats['num_layers']}"]
+                out += ["", "## Assistant" + (f" ({' · '.join(note)})" if note else ""), "", m.content]
+        return "\n".join(out) + "\n"

@@ -1,0 +1,360 @@
+"""The chat app driven with Textual's Pilot on the tiny model: what the user does and what the screen shows."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from sortedchat.config import SortedConfig
+from sortedchat.engine import ChatSession, Mode, SamplingConfig
+from sortedchat.sorted_model import SortedModel
+from sortedchat.tui.app import SortedChatApp
+from sortedchat.tui.screens.chat import ChatScreen
+from sortedchat.tui.screens.chats import ChatListScreen
+from sortedchat.tui.screens.loading import LoadingScreen
+from sortedchat.tui.settings import Settings, load_settings
+from sortedchat.tui.storage import ChatStore
+from sortedchat.tui.widgets.answer import AnswerView, TokenText
+from sortedchat.tui.widgets.conversation import UserMessage
+
+SIZE = (110, 34)
+PROMPT = "Hello there"
+
+
+def named(sm: SortedModel) -> SortedModel:
+    """The shared tiny model under a fixed name (its directory name varies between runs)."""
+    return SortedModel(sm.model, sm.tokenizer, SortedConfig(exits=list(sm.exits)), source="tiny")
+
+
+def make_app(tiny, tmp_path, max_new_tokens=12, **kwargs) -> SortedChatApp:
+    kwargs.setdefault("settings", Settings(max_new_tokens=max_new_tokens))
+    kwargs.setdefault("store", ChatStore(tmp_path / "chats.sqlite3"))
+    return SortedChatApp(model=named(tiny), show_speed=False, export_dir=tmp_path, **kwargs)
+
+
+def expected_answer(tiny, messages, max_new_tokens=12, mode=None):
+    events = list(ChatSession(tiny, mode).generate(messages, SamplingConfig(max_new_tokens=max_new_tokens)))
+    return "".join(e.text for e in events), events
+
+
+async def wait_for(pilot, condition, timeout=20.0):
+    for _ in range(int(timeout / 0.02)):
+        if condition():
+            return
+        await pilot.pause(0.02)
+    raise AssertionError("timed out waiting for the app")
+
+
+async def ask(pilot, app, text=PROMPT):
+    """Send `text` and wait for the whole answer."""
+    before = app.answer
+    app.chat.prompt.focus()
+    app.chat.prompt.text = text
+    await pilot.press("enter")
+    await wait_for(pilot, lambda: app.answer is not before and not app.generating)
+
+
+def status(app) -> str:
+    return str(app.chat.status.render())
+
+
+class Gate:
+    """Holds the engine right after token `after` until released, so a test can act mid-answer."""
+
+    def __init__(self, app, after):
+        self.reached, self.release = threading.Event(), threading.Event()
+        inner = app.session.generate
+
+        def generate(*args, **kwargs):
+            for ev in inner(*args, **kwargs):
+                yield ev
+                if ev.index == after:
+                    self.reached.set()
+                    self.release.wait(20)
+
+        app.session.generate = generate
+
+    async def start(self, pilot, app, text=PROMPT):
+        app.chat.prompt.text = text
+        await pilot.press("enter")
+        await wait_for(pilot, self.reached.is_set)
+
+
+def test_a_message_is_sent_and_answered(tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+
+    async def run():
+        async with app.run_test(size=SIZE) as pilot:
+            await ask(pilot, app)
+            assert [str(w.render()) for w in app.screen.query(UserMessage)] == [PROMPT]
+            text, events = expected_answer(tiny, [{"role": "user", "content": PROMPT}])
+            assert app.answer.text == text and text
+            assert [e.token_id for e in app.events] == [e.token_id for e in events]
+            assert app.chat.prompt.text == ""
+            assert status(app) == f"tiny · Depth 6/6 · {len(events)} tokens · mean exit 6.0/6 · saved 0%"
+            assert app.history[-1] == {"role": "assistant", "content": text}
+
+    asyncio.run(run())
+
+
+def test_depth_keys_change_the_depth_of_the_following_tokens(tiny, tmp_path):
+    app = make_app(tiny, tmp_path, max_new_tokens=10)
+
+    async def run():
+        async with app.run_test(size=SIZE) as pilot:
+            gate = Gate(app, after=3)
+            await gate.start(pilot, app)
+            await pilot.press("f2")  # shallower: 6 -> 4, mid-answer
+            assert "Depth 4/6" in status(app)
+            gate.release.set()
+            await wait_for(pilot, lambda: not app.generating)
+            assert [e.exit_layer for e in app.events] == [6] * 4 + [4] * 6
+            assert status(app).startswith("tiny · Depth 4/6 · 10 tokens · mean exit 4.8/6")
+
+            await pilot.press("f2", "f2")  # 4 -> 2, then already at the shallowest exit
+            assert "Depth 2/6" in status(app)
+            await ask(pilot, app, "Again")
+            assert {e.exit_layer for e in app.events} == {2}
+            await pilot.press("f3")
+            assert "Depth 4/6" in status(app) and app.session.mode == Mode.fixed(4)
+
+    asyncio.run(run())
+
+
+def test_auto_mode_toggle_and_thresholds(tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+
+    async def run():
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("f4")
+            assert app.session.mode.kind == "auto" and " · Auto · " in status(app)
+            for _ in range(20):  # lower every threshold to 0: every token leaves at the first exit
+                await pilot.press("f6")
+            assert "Auto ≥0.00" in status(app)
+            await ask(pilot, app)
+            assert app.events and {e.exit_layer for e in app.events} == {2}
+            assert "mean exit 2.0/6" in status(app)
+            for _ in range(20):  # threshold 1: no early exit is ever confident enough
+                await pilot.press("f7")
+            await ask(pilot, app, "Again")
+            assert {e.exit_layer for e in app.events} == {6}
+            await pilot.press("f4")
+            assert app.session.mode == Mode.fixed(6) and "Depth 6/6" in status(app)
+
+    asyncio.run(run())
+
+
+def test_speculative_toggle_drafts_at_the_current_depth_and_matches_full_depth(tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+
+    async def run():
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("f2")  # depth 4
+            await pilot.press("f5")  # speculative, drafting at depth 4
+            assert app.session.mode == Mode.speculative(4) and "Speculative 4" in status(app)
+            await ask(pilot, app)
+            full, _ = expected_answer(tiny, [{"role": "user", "content": PROMPT}])
+            assert app.answer.text == full  # greedy speculative output is the full model's
+            assert {e.exit_layer for e in app.events} <= {4, 6} and any(e.drafted for e in app.events)
+            assert "accepted " in status(app)
+            await pilot.press("f3")  # the draft depth stays below the last layer
+            assert app.session.mode == Mode.speculative(4)
+            await pilot.press("f5")
+            assert app.session.mode == Mode.fixed(4)
+            await pilot.press("f3", "f5")  # at full depth, speculative falls back to the default draft exit
+            assert app.session.mode == Mode.speculative(tiny.default_draft_exit)
+
+    asyncio.run(run())
+
+
+def test_escape_stops_and_keeps_the_partial_answer(tiny, tmp_path):
+    store = ChatStore(tmp_path / "chats.sqlite3")
+    app = make_app(tiny, tmp_path, max_new_tokens=30, store=store)
+
+    async def run():
+        async with app.run_test(size=SIZE) as pilot:
+            gate = Gate(app, after=4)
+            await gate.start(pilot, app)
+            await pilot.press("escape")
+            gate.release.set()
+            await wait_for(pilot, lambda: not app.generating)
+            assert len(app.events) == 5
+            partial = "".join(e.text for e in app.events)
+            assert app.answer.text == partial
+            assert app.history[-1] == {"role": "assistant", "content": partial}
+            assert store.load(app.chat_id).messages[-1].content == partial
+            assert status(app).endswith("· stopped")
+
+    asyncio.run(run())
+
+
+def test_keys_are_handled_while_the_model_generates(tiny, tmp_path):
+    app = make_app(tiny, tmp_path, max_new_tokens=20)
+
+    async def run():
+        async with app.run_test(size=SIZE) as pilot:
+            gate = Gate(app, after=2)
+            await gate.start(pilot, app)
+            await pilot.press("f8")  # rendered Markdown view
+            await pilot.press("f4")  # auto mode
+            await pilot.press(*"next")  # typing the next message
+            assert app.generating and app.markdown and app.answer.markdown_view.display
+            assert app.session.mode.kind == "auto" and app.chat.prompt.text == "next"
+            await pilot.press("enter")  # refused while answering: the text stays
+            assert app.chat.prompt.text == "next"
+            gate.release.set()
+            await wait_for(pilot, lambda: not app.generating)
+            assert len(app.screen.query(AnswerView)) == 1
+
+    asyncio.run(run())
+
+
+def test_a_saved_chat_reopens_with_the_same_content(tiny, tmp_path):
+    first = make_app(tiny, tmp_path)
+    shown = {}
+
+    def snapshot(app):
+        return ([str(w.render()) for w in app.screen.query(UserMessage)],
+                [(a.text, [(t.token_id, t.exit_layer) for t in a.tokens]) for a in app.screen.query(AnswerView)])
+
+    async def chat_twice():
+        async with first.run_test(size=SIZE) as pilot:
+            await ask(pilot, first)
+            await pilot.press("f2")
+            await ask(pilot, first, "Tell me more")
+            shown["before"] = snapshot(first)
+            shown["history"] = list(first.history)
+
+    async def reopen():
+        second = make_app(tiny, tmp_path)
+        async with second.run_test(size=SIZE) as pilot:
+            await pilot.press("ctrl+l")
+            assert isinstance(second.screen, ChatListScreen)
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: isinstance(second.screen, ChatScreen) and second.chat_id)
+            await pilot.pause()
+            assert snapshot(second) == shown["before"]
+            assert second.history == shown["history"]
+            await ask(pilot, second, "And then?")  # the reopened chat goes on
+            assert len(second.store.load(second.chat_id).messages) == 6
+
+            await pilot.press("ctrl+s")
+            exported = (tmp_path / f"sortedchat-{second.chat_id}.md").read_text()
+            assert "## You\n\nHello there\n" in exported and "## You\n\nAnd then?\n" in exported
+
+            await pilot.press("ctrl+l", "d")
+            assert second.store.chats() == []
+
+    asyncio.run(chat_twice())
+    asyncio.run(reopen())
+
+
+def test_layer_lens_shows_one_row_per_exit_for_the_selected_token(tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+
+    async def run():
+        async with app.run_test(size=SIZE) as pilot:
+            await ask(pilot, app)
+            await pilot.press("f9")  # focuses the answer and selects its last token
+            await wait_for(pilot, lambda: len(app.chat.lens.query(".lens-row")) == 3)
+            await pilot.press("home")
+            await wait_for(pilot, lambda: "token 0 " in str(app.chat.lens.header.render()))
+            await wait_for(pilot, lambda: len(app.chat.lens.query(".lens-row")) == 3 and not app.chat.lens.loading)
+            rows = [str(w.render()) for w in app.chat.lens.query(".lens-row")]
+            assert [int(r.split()[0]) for r in rows] == [2, 4, 6]
+            assert "◀" in rows[2] and "◀" not in rows[0] + rows[1]  # token 0 left at exit 6
+            from sortedchat.engine.session import encode_chat
+            from sortedchat.tui.widgets.lens import show_piece
+
+            preds = tiny.exit_top_predictions(encode_chat(tiny, [{"role": "user", "content": PROMPT}]), k=4)
+            for row, e in zip(rows, (2, 4, 6)):
+                tid, p = preds[e][0]
+                assert f"{show_piece(tiny.tokenizer.decode([tid]))} {p:.0%}" in row
+            # the chosen token (greedy at full depth) is the full exit's top prediction
+            assert app.answer.tokens[0].token_id == preds[6][0][0]
+
+            view = app.answer.depth_view
+            await pilot.click(TokenText, offset=(0, 0))
+            await pilot.pause()
+            assert view.cursor == 0
+
+    asyncio.run(run())
+
+
+def test_remapped_keys_from_the_settings(tiny, tmp_path):
+    app = make_app(tiny, tmp_path, settings=Settings(keys={"deeper": "ctrl+up", "shallower": "ctrl+down"}))
+
+    async def run():
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("f2")  # no longer bound
+            assert app.session.mode.label(6) == "Depth 6/6"
+            await pilot.press("ctrl+down")
+            assert app.session.mode == Mode.fixed(4)
+            await pilot.press("ctrl+up")
+            assert app.session.mode == Mode.fixed(6)
+
+    asyncio.run(run())
+
+
+def test_settings_screen_checks_and_saves(tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+
+    async def run():
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("ctrl+o")
+            screen = app.screen
+            screen.query_one("#temperature").value = "hot"
+            await pilot.press("ctrl+s")
+            assert app.screen is screen
+            assert "Temperature must be a number, got 'hot'" in str(screen.query_one("#settings-error").render())
+            screen.query_one("#temperature").value = "0"
+            screen.query_one("#max_new_tokens").value = "3"
+            screen.query_one("#system_prompt").text = "Be brief."
+            await pilot.press("ctrl+s")
+            assert isinstance(app.screen, ChatScreen)
+            saved = load_settings()
+            assert saved.max_new_tokens == 3 and saved.system_prompt == "Be brief." and saved.seed is None
+            await ask(pilot, app)
+            assert len(app.events) == 3
+            assert app.history[0] == {"role": "system", "content": "Be brief."}
+
+    asyncio.run(run())
+
+
+def test_loading_screen_shows_progress_then_the_chat(tiny, tmp_path):
+    release = threading.Event()
+
+    def loader(progress):
+        progress("converting the default model", 0.5)
+        release.wait(20)
+        return named(tiny)
+
+    app = SortedChatApp(loader=loader, store=ChatStore(tmp_path / "c.sqlite3"), show_speed=False)
+
+    async def run():
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: isinstance(app.screen, LoadingScreen)
+                           and "converting" in str(app.screen.query_one("#loading-stage").render()))
+            assert app.screen.query_one("#loading-bar").percentage == pytest.approx(0.5)
+            release.set()
+            await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen))
+
+    asyncio.run(run())
+
+
+def test_a_failed_load_ends_the_app_with_the_reason(tmp_path):
+    from sortedchat import SortedChatError
+
+    def loader(progress):
+        raise SortedChatError("--model nowhere: no such file or directory")
+
+    app = SortedChatApp(loader=loader, store=ChatStore(tmp_path / "c.sqlite3"))
+
+    async def run():
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: app.error is not None)
+
+    asyncio.run(run())
+    assert app.error == "--model nowhere: no such file or directory" and app.return_code == 1

@@ -1,0 +1,66 @@
+"""Screenshots of the chat app (pytest-textual-snapshot): a finished answer in depth colours, help, settings.
+
+Deterministic by construction: fixed terminal size, greedy decoding, no tokens/s in the status line,
+a fixed model name and config path. Update after an intended change with `pytest --snapshot-update`.
+"""
+
+from __future__ import annotations
+
+import pytest
+from test_tui_app import ask, make_app, wait_for
+
+from sortedchat.engine import Mode
+from sortedchat.tui.screens.help import HelpScreen
+from sortedchat.tui.screens.settings import SettingsScreen
+
+SIZE = (100, 30)
+
+
+async def steady_cursor(pilot):
+    """A blinking cursor would make the picture depend on the moment it is taken."""
+    for widget in pilot.app.screen.query("*"):
+        if hasattr(widget, "cursor_blink"):
+            widget.cursor_blink = False
+    await pilot.pause()
+
+
+@pytest.fixture(autouse=True)
+def fixed_config_dir(monkeypatch):
+    monkeypatch.setenv("SORTEDCHAT_CONFIG_DIR", "/home/user/.config/sortedchat")
+
+
+def test_main_screen_with_answers_at_two_depths(snap_compare, tiny, tmp_path):
+    app = make_app(tiny, tmp_path, max_new_tokens=24, initial_mode=lambda sm: Mode.fixed(2))
+
+    async def chat(pilot):
+        await steady_cursor(pilot)
+        await ask(pilot, app, "Hello there")
+        await pilot.press("f3", "f3")  # full depth for the second answer
+        await ask(pilot, app, "What is the capital of France?")
+        await steady_cursor(pilot)
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=chat)
+
+
+def test_help_screen(snap_compare, tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+
+    async def open_help(pilot):
+        await steady_cursor(pilot)
+        await pilot.press("f1")
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen))
+        await steady_cursor(pilot)
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=open_help)
+
+
+def test_settings_screen(snap_compare, tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+
+    async def open_settings(pilot):
+        await steady_cursor(pilot)
+        await pilot.press("ctrl+o")
+        await wait_for(pilot, lambda: isinstance(app.screen, SettingsScreen))
+        await steady_cursor(pilot)
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=open_settings)
