@@ -209,6 +209,24 @@ def test_malformed_data_stops_the_command_before_training(tiny_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_tables_read_through_datasets_name_the_bad_row(tmp_path, suffix):
+    import datasets
+
+    from sortedchat.training.data import load_records
+
+    rows = alpaca_records(4)
+    rows[2]["output"] = ""
+    path = tmp_path / f"data{suffix}"
+    table = datasets.Dataset.from_list(rows)
+    table.to_csv(str(path), index=False) if suffix == ".csv" else table.to_parquet(str(path))
+    with pytest.raises(SortedChatError, match=f"^{path}: row 3: 'output' is (empty|missing)$"):
+        load_records(str(path))
+    good = load_records(str(path), skip_bad=True)
+    assert good.kind == "alpaca" and len(good.examples) == 3 and good.skipped == 1
+    assert good.examples[0].messages[1]["content"] == rows[0]["output"]
+
+
 def test_skip_bad_skips_and_counts(tiny_dir, tmp_path):
     data = tmp_path / "some-bad.jsonl"
     lines = [json.dumps(r) for r in alpaca_records(8)]
@@ -356,6 +374,18 @@ def test_lora_adapter_output_loads_on_its_base_and_merge_writes_full_weights(tin
     texts = ["".join(ev.text for ev in ChatSession(sm, Mode.fixed(4)).generate(prompt, SamplingConfig(max_new_tokens=8)))
              for sm in (a, m)]
     assert texts[0] == texts[1] and texts[0]
+
+
+def test_qlora_trains_an_adapter_on_a_4bit_base(tiny_dir, alpaca_file, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from sortedchat.loading import LoadOptions, load_sorted_model
+
+    out = tmp_path / "qlora"
+    result = run(options(tiny_dir, alpaca_file, out, lora=True, lora_rank=4, load_in_4bit=True, max_steps=2))
+    assert result.step == 2 and (out / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "sortedchat.json").read_text())["training"]["lora"]["quantized"] == "4bit"
+    sm = load_sorted_model(str(out), LoadOptions(device="cpu"))
+    assert sm.exits == [2, 4, 6]
 
 
 def test_ict_trains_exit_heads_that_the_engine_uses(tiny_dir, alpaca_file, tmp_path):

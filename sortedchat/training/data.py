@@ -36,12 +36,6 @@ class Example:
         first["content"] = f"{first['content']}\n\n{self.input}"
         return [first, *self.messages[1:]]
 
-    @property
-    def prompt_messages(self) -> list[dict]:
-        """The conversation up to (not including) the last assistant turn."""
-        last = max(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
-        return self.messages[:last]
-
 
 @dataclass
 class RecordSet:
@@ -82,10 +76,12 @@ def _kind_of(record) -> str | None:
 
 def _text(record: dict, key: str, required: bool = True) -> str:
     value = record.get(key)
-    if value is None and not required:
+    if value is None:  # absent, JSON null, or an empty CSV cell
+        if required:
+            raise ValueError(f"'{key}' is missing")
         return ""
     if not isinstance(value, str):
-        raise ValueError(f"'{key}' must be a string" + ("" if key in record else " (missing)"))
+        raise ValueError(f"'{key}' must be a string")
     if required and not value.strip():
         raise ValueError(f"'{key}' is empty")
     return value

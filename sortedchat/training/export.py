@@ -28,6 +28,7 @@ def export_model(out: Path, model, tokenizer, config: SortedConfig, full_state: 
                  exit_heads=None, merge: bool = False) -> None:
     """Write the trained model into `out`. `full_state` is the wrapper's gathered state dict (FSDP/ZeRO-3)."""
     from safetensors.torch import save_file
+    from transformers.utils import logging as hf_logging
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -39,7 +40,13 @@ def export_model(out: Path, model, tokenizer, config: SortedConfig, full_state: 
             model = model.merge_and_unload()
             state = None
             is_adapter = False
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # our own status line is showing
+        try:
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         tokenizer.save_pretrained(tmp)
         if exit_heads is not None:
             heads_state = _strip(full_state, "exit_heads.") if full_state is not None else exit_heads.state_dict()

@@ -479,6 +479,7 @@ class Trainer:
             "merged": o.merge, "mixed_precision": self.acc.mixed_precision, "processes": self.acc.num_processes,
             "gradient_checkpointing": o.gradient_checkpointing, "tokens": self.tokens_seen,
             "seconds": round(self.elapsed, 1), "metrics": metrics,
+            "options": {k: v for k, v in o.to_dict().items() if k not in ("out", "resume")},
         }
 
 
