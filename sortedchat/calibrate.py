@@ -8,15 +8,15 @@ training, threshold selection, and a held-out part on which the expected agreeme
 reported. Agreement here is per token given the same prefix; in free-running generation one different
 token changes the rest of the answer, so `sortedchat bench` (position-wise agreement) reports less.
 
-Thresholds are cost-aware: with a price λ (seconds) on every disagreeing token, each exit in turn takes the
-confidence cut that maximises the time it saves, (L − e) layers and the later checks per exiting token,
-minus λ per disagreement and minus the cost of checking every token that reaches it; an exit where no cut
-pays is not checked (threshold 1). λ is the smallest price whose plan meets the target on the selection part.
+Thresholds: every exit lets through the tokens it is most confident about as long as they agree with the
+last exit at least a given share p of the time; p is the lowest value whose plan still meets the target
+agreement overall (the last exit always agrees, so p is usually below the target). An exit whose early
+tokens would save less time than checking costs is not checked at all (threshold 1). The expected
+speed-up comes from the measured costs of a layer, the head and a check (`bench.costs`).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,52 +247,53 @@ def simulate(conf: torch.Tensor, agree: torch.Tensor, exits: list[int], threshol
     }
 
 
-def thresholds_for_price(conf: torch.Tensor, agree: torch.Tensor, exits: list[int], price: float,
-                         costs: Costs, measure: str, L: int) -> list[float]:
-    """The cost-aware cut at every exit for a price (seconds) per disagreeing token (module docstring)."""
+def thresholds_for_precision(conf: torch.Tensor, agree: torch.Tensor, exits: list[int], precision: float,
+                             costs: Costs, measure: str, L: int) -> list[float]:
+    """Exit by exit, the lowest threshold whose exiting tokens agree at least `precision` of the time.
+
+    Only tokens still running reach an exit. An exit whose tokens save less time, (L − e) layers each,
+    than checking every token that reaches it costs is not checked (threshold 1)."""
     check = costs.check.get(measure, 0.0)
     alive = torch.ones(conf.shape[1], dtype=torch.bool)
     out = []
     for j, e in enumerate(exits):
         c, a = conf[j, alive], agree[j, alive]
-        saving = (L - e) * costs.layer + (len(exits) - 1 - j) * check
         tau = 1.0
         if len(c):
             order = torch.argsort(c, descending=True)
-            cs, gain = c[order], torch.cumsum(saving - price * (~a[order]).double(), 0)
-            boundary = torch.ones_like(cs, dtype=torch.bool)
-            boundary[:-1] = cs[:-1] > cs[1:]  # cut only between different confidences
-            gain[~boundary] = -math.inf
-            k = int(gain.argmax())
-            if float(gain[k]) - len(c) * check > 0:
-                tau = min(float(cs[k]), 1.0 - 1e-7)
+            cs = c[order]
+            hits = torch.cumsum(a[order].double(), 0) / torch.arange(1, len(cs) + 1, dtype=torch.double)
+            ok = hits >= precision
+            ok[:-1] &= cs[:-1] > cs[1:]  # cut only between different confidences
+            if ok.any():
+                k = int(torch.nonzero(ok)[-1])
+                if (k + 1) * (L - e) * costs.layer > len(c) * check:
+                    tau = min(float(cs[k]), 1.0 - 1e-7)
         out.append(tau)
         if tau < 1.0:
             alive &= ~(conf[j] >= tau)
     return out
 
 
-def plan(obs: Observations, conf: torch.Tensor, measure: str, target: float, costs: Costs, L: int) -> Plan:
-    """Thresholds chosen on the `select` part for the target agreement, judged on the `report` part."""
-    sel, rep = obs.part("select"), obs.part("report")
-    full = costs.token(L)
-    lo, hi = math.log(full * 1e-4), math.log(full * 1e6)
+def plan(obs: Observations, conf: torch.Tensor, measure: str, target: float, costs: Costs, L: int,
+         choose_on: torch.Tensor) -> Plan:
+    """Thresholds chosen on the positions `choose_on` for the target agreement, judged on the `report` part:
+    the lowest per-exit precision (bisection) whose plan still meets the target overall."""
+    c, a, rep = conf[:, choose_on], obs.agree[:, choose_on], obs.part("report")
 
-    def at(log_price):
-        return thresholds_for_price(conf[:, sel], obs.agree[:, sel], obs.exits, math.exp(log_price), costs, measure, L)
+    def at(precision):
+        return thresholds_for_precision(c, a, obs.exits, precision, costs, measure, L)
 
     def meets(th):
-        return simulate(conf[:, sel], obs.agree[:, sel], obs.exits, th, costs, measure, L)["agreement"] >= target
+        return simulate(c, a, obs.exits, th, costs, measure, L)["agreement"] >= target
 
-    if meets(at(lo)):
-        best = at(lo)
-    else:
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if meets(at(mid)) else (mid, hi)
-        best = at(hi)
-        if not meets(best):  # nothing exits early: full depth always meets the target
-            best = [1.0] * len(obs.exits)
+    lo, hi = 0.0, 1.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if meets(at(mid)) else (mid, hi)
+    best = at(hi)
+    if not meets(best):  # full depth always meets the target
+        best = [1.0] * len(obs.exits)
     result = simulate(conf[:, rep], obs.agree[:, rep], obs.exits, best, costs, measure, L)
     per_exit = {}
     for e, tau in zip(obs.exits, best):
@@ -341,7 +342,10 @@ def calibrate(sm: SortedModel, data: str, target: float = 0.95, measure: str | N
     instances = {n: Classifier(sm, classifier) if n == Classifier.name else MEASURES[n](sm) for n in names}
     context = sum(len(ids) for ids, _ in sequences) // len(sequences)
     costs = measure_costs(sm, context=context, measures=instances)
-    plans = {n: plan(obs, confidences(obs, n, classifier), n, target, costs, sm.num_layers) for n in names}
+    # The classifier chooses its thresholds on data it was not trained on; the other measures use both parts.
+    choose_on = {n: obs.part("select") | (obs.part("fit") if n != Classifier.name else False) for n in names}
+    plans = {n: plan(obs, confidences(obs, n, classifier), n, target, costs, sm.num_layers, choose_on[n])
+             for n in names}
     chosen = max(plans.values(), key=lambda p: p.speedup) if measure is None else plans[measure]
     positions = {name: int(obs.part(name).sum()) for name in SPLITS}
     return Calibration(plans, chosen, costs, described, positions,

@@ -36,7 +36,7 @@ def bench_run(tiny_dir, tmp_path_factory):
     prompts.write_text("# two prompts\nWhat is the capital of France?\n\nHello! How are you today?\n")
     out_json, out_png = tmp / "bench.json", tmp / "bench.png"
     code, out, err = invoke(["bench", "--model", tiny_dir, "--device", "cpu", "--exits", "2,4,6", "--prompts", prompts,
-                             "-n", "6", "--repeat", "1", "--json", out_json, "--plot", out_png])
+                             "-n", "6", "--repeat", "1", "--clock", "cpu", "--json", out_json, "--plot", out_png])
     assert code == 0, err
     return json.loads(out_json.read_text()), out_png, out
 
@@ -45,9 +45,11 @@ def test_bench_json_has_every_mode(bench_run):
     data, _, _ = bench_run
     keys = [r["key"] for r in data["rows"]]
     assert keys == ["hf", "hf-ee:2", "hf-ee:4", "full", "depth:2", "depth:4", "auto", "spec:2", "spec:4"]
-    assert data["max_new_tokens"] == 6 and data["repeat"] == 1 and data["prompts"] == 2
+    assert data["max_new_tokens"] == 6 and data["repeat"] == 1 and data["prompts"] == 2 and data["clock"] == "cpu"
     for r in data["rows"]:
         assert r["tokens_per_second"] > 0 and r["ratio"] > 0 and 0.0 <= r["agreement"] <= 1.0
+        assert r["clock"] == "cpu" and r["ratio"] == r["by_clock"]["cpu"]["ratio"]
+        assert r["by_clock"]["wall"]["tokens_per_second"] > 0
         assert r["peak_memory_mib"] is None or r["peak_memory_mib"] > 0
     assert data["machine"]["cpu_count"] >= 1 and data["costs"]["layer"] >= 0 and data["costs"]["head"] > 0
 

@@ -130,7 +130,7 @@ def test_thresholds_follow_a_separating_confidence():
     agree2 = torch.tensor([True] * 6 + [False] * 4)
     conf = torch.stack([torch.where(agree2, 0.9, 0.2), torch.full((10,), 0.3)])
     agree = torch.stack([agree2, torch.zeros(10, dtype=torch.bool)])
-    th = cal.thresholds_for_price(conf, agree, [2, 4], price=100.0, costs=costs, measure="m", L=6)
+    th = cal.thresholds_for_precision(conf, agree, [2, 4], precision=0.9, costs=costs, measure="m", L=6)
     assert th == [pytest.approx(0.9), 1.0]  # exit 4 never agrees: not checked
     sim = cal.simulate(conf, agree, [2, 4], th, costs, "m", L=6)
     assert sim["agreement"] == 1.0 and sim["mean_exit"] == pytest.approx(0.6 * 2 + 0.4 * 6)

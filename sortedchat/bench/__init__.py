@@ -48,6 +48,7 @@ def run_bench(
     conversations: list[list[dict]],
     max_new_tokens: int,
     repeat: int,
+    clock: str = "wall",
     progress: Callable[[str], None] = lambda msg: None,
 ) -> tuple[dict, list[Row]]:
     """Measure the costs, warm up, run the repeats; return (metadata, one row per mode)."""
@@ -69,6 +70,7 @@ def run_bench(
         "dtype": str(sm.dtype).replace("torch.", ""),
         "max_new_tokens": max_new_tokens,
         "repeat": repeat,
+        "clock": clock,
         "prompts": len(conversations),
         "prompt_tokens": [len(p) for p in bench.prompts],
         "machine": machine(),
@@ -76,4 +78,4 @@ def run_bench(
         "costs": costs.to_dict(),
         "protocol": PROTOCOL,
     }
-    return meta, bench.rows(costs)
+    return meta, bench.rows(costs, clock)

@@ -38,6 +38,8 @@ def bench(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON to this file")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a speed-vs-agreement plot (PNG)")] = None,
     threads: ThreadsOpt = None,
+    clock: Annotated[str, typer.Option("--clock", help="wall, or cpu: this process's CPU time (with --threads 1, "
+                                       "leaves out waiting for a core on a busy machine)")] = "wall",
     device: o.DeviceOpt = "auto",
     dtype: o.DtypeOpt = "auto",
     load_in_4bit: o.Load4Opt = False,
@@ -51,6 +53,8 @@ def bench(
     from sortedchat.bench.prompts import load_prompts
     from sortedchat.bench.report import print_table, write_json, write_plot
 
+    if clock not in ("wall", "cpu"):
+        raise SortedChatError(f"--clock {clock}: choose wall or cpu")
     if repeat < 1:
         raise SortedChatError(f"--repeat {repeat}: must be at least 1")
     if max_new_tokens < 1:
@@ -64,10 +68,10 @@ def bench(
     sm = o.load_model(model, opts)
     err = Console(stderr=True)
     with err.status("benchmarking", spinner="dots") as status:
-        meta, rows = run_bench(sm, conversations, max_new_tokens, repeat, progress=status.update)
+        meta, rows = run_bench(sm, conversations, max_new_tokens, repeat, clock, progress=status.update)
     meta["command"] = " ".join(["sortedchat", *sys.argv[1:]])
     title = (f"{meta['model']} · {meta['dtype']} on {meta['device']} ({meta['machine']['torch_threads']} threads) · "
-             f"{len(conversations)} prompts × {max_new_tokens} tokens × {repeat} repeats · load "
+             f"{len(conversations)} prompts × {max_new_tokens} tokens × {repeat} repeats · {clock} clock · load "
              f"{meta['load_average']['before']} → {meta['load_average']['after']}")
     print_table(rows, title)
     if json_out is not None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sortedchat import SortedChatError
@@ -89,16 +90,18 @@ class CandidateSet:
     def log_probs(self, hidden: torch.Tensor, exit_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(normed hidden [H], log-softmax over the candidates [C]) for one position's raw hidden [1, H]."""
         norm, weight = head_parts(self.sm, exit_layer)
-        h = norm(hidden)[0]
-        logits = torch.cat([weight[: self.frequent] @ h, weight[self.extra] @ h])
-        return h, torch.log_softmax(logits.float(), dim=-1)
+        h = norm(hidden)
+        # F.linear, not `weight @ h`: the matrix-vector product has no fast bf16 kernel on CPUs.
+        logits = torch.cat([F.linear(h, weight[: self.frequent]), F.linear(h, weight[self.extra])], dim=-1)[0]
+        return h[0], torch.log_softmax(logits.float(), dim=-1)
 
 
 def subset_features(log_probs: torch.Tensor) -> torch.Tensor:
     """[..., C] candidate log-probs -> [..., 3]: log max-prob, log margin to the runner-up, entropy."""
     top2 = log_probs.topk(2, dim=-1).values
     margin = torch.log1p(-torch.exp(top2[..., 1] - top2[..., 0]).clamp(max=1 - 1e-6))
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    probs = log_probs.exp()
+    entropy = -(probs * torch.where(probs > 0, log_probs, 0.0)).sum(-1)  # 0·log 0 = 0 (masked-out entries)
     return torch.stack([top2[..., 0], margin, entropy], dim=-1)
 
 
