@@ -358,3 +358,36 @@ def test_a_failed_load_ends_the_app_with_the_reason(tmp_path):
 
     asyncio.run(run())
     assert app.error == "--model nowhere: no such file or directory" and app.return_code == 1
+
+
+def test_answer_paragraphs_read_as_one_text_and_the_cursor_crosses_them():
+    from textual.app import App
+
+    from sortedchat.tui.storage import StoredToken
+
+    pieces = [("Hello", 2), (" world.\n", 4), ("\n", 6), ("Next", 6), ("\x07 line", 2)]
+
+    class Host(App):
+        def compose(self):
+            yield TokenText(6, 2)
+
+    async def run():
+        app = Host()
+        async with app.run_test(size=(40, 10)) as pilot:
+            view = app.query_one(TokenText)
+            view.add(StoredToken(i, text, layer, 0.5) for i, (text, layer) in enumerate(pieces))
+            await pilot.pause()
+            lines = [line for block in view.blocks for line in block.render().plain.split("\n")]
+            assert lines == ["Hello world.", "", "Next line"]  # as one text; the bell character is dropped
+            assert view.size.height == 3 and view.plain == "Hello world.\n\nNext\x07 line"
+            assert app.focused is view
+            await pilot.press("end")
+            assert view.cursor == 4
+            await pilot.press("left", "left")
+            assert view.cursor == 2
+            await pilot.press("home")
+            assert view.cursor == 0 and str(view.blocks[0].render().spans[-1].style) == "reverse"
+            await pilot.click(TokenText, offset=(1, 2))  # "Next" on the third line
+            assert view.cursor == 3
+
+    asyncio.run(run())

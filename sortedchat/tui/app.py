@@ -236,9 +236,8 @@ class SortedChatApp(App):
 
     def _show_status(self) -> None:
         if self.chat is not None:
-            self.chat.status.update(
-                status_text(self.model_name, self.control.label(), self.stats, self.show_speed, self.generating)
-            )
+            text = status_text(self.model_name, self.control.label(), self.stats, self.show_speed, self.generating)
+            self.chat.status.update(text, layout=False)  # one line, always: no layout needed
 
     # -- depth and mode keys ------------------------------------------------------------------------
     def _set_mode(self, note: str | None) -> None:

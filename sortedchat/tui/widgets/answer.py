@@ -1,30 +1,85 @@
 """One assistant answer: its tokens coloured by the layer they exited at, or the same text as Markdown.
 
-The depth view keeps one Rich `Text` that grows as tokens arrive (appending is cheap, re-rendering the
-whole answer per batch is not needed). Every token's span carries its index as style meta, so a click
-names the token under the mouse; Left/Right move a cursor over the tokens. Either way the answer posts
-`TokenText.Selected`, and the app fills the layer lens.
+The depth view is a column of `TokenBlock`s, one per paragraph (a block ends after a token that ends a
+line). Only the last block changes while the model streams, so a batch of tokens repaints one short
+block instead of the whole answer, and a new layout is asked for only when that block grows taller.
+Blocks build Textual `Content` directly, one span per token carrying the token's index as style meta:
+a click reads the index under the mouse; Left/Right move a cursor over the tokens. Either way the
+answer posts `TokenText.Selected`, and the app fills the layer lens.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from rich.style import Style
-from rich.text import Text
 from textual.binding import Binding
 from textual.containers import Vertical
+from textual.content import Content, Span
 from textual.message import Message
 from textual.reactive import reactive
+from textual.style import Style
 from textual.widget import Widget
 from textual.widgets import Markdown
 
 from sortedchat.palette import exit_colour
 from sortedchat.tui.storage import StoredToken
 
+# Control characters would shift span offsets when Content strips them, so they go first (tab and newline stay).
+CONTROL = dict.fromkeys([*range(0, 9), *range(11, 32), 127])
 
-class TokenText(Widget, can_focus=True):
+
+class TokenBlock(Widget):
+    """The tokens of one paragraph. Its final line break is left out: the next block starts below anyway."""
+
+    DEFAULT_CSS = "TokenBlock { height: auto; min-height: 1; }"
+
+    def __init__(self):
+        super().__init__()
+        self.pieces: list[str] = []
+        self.spans: list[Span] = []
+        self.length = 0
+        self.cursor: tuple[int, int] | None = None
+        self.content = Content("")
+        self._height: int | None = None
+
+    def add(self, text: str, style: Style) -> tuple[int, int]:
+        start = self.length
+        if text:
+            self.pieces.append(text)
+            self.length += len(text)
+            self.spans.append(Span(start, self.length, style))
+        return start, self.length
+
+    def ends_line(self) -> bool:
+        return bool(self.pieces) and self.pieces[-1].endswith("\n")
+
+    def update(self) -> None:
+        text = "".join(self.pieces)
+        if text.endswith("\n"):
+            text = text[:-1]
+        self.content = Content(text, list(self.spans), strip_control_codes=False)
+        width = self.size.width
+        height = self.content.get_height(self.styles, width) if width else None
+        if height is None or height != self._height:
+            self._height = height
+            self.refresh(layout=True)
+        else:
+            self.refresh()
+
+    def show_cursor(self, span: tuple[int, int] | None) -> None:
+        self.cursor = span
+        self.refresh()
+
+    def render(self) -> Content:
+        if self.cursor is None:
+            return self.content
+        return self.content.stylize("reverse", *self.cursor)
+
+
+class TokenText(Vertical, can_focus=True):
     """The depth view of an answer."""
+
+    DEFAULT_CSS = "TokenText { height: auto; }"
 
     BINDINGS = [
         Binding("left", "move(-1)", "Previous token", show=False),
@@ -47,34 +102,56 @@ class TokenText(Widget, can_focus=True):
         super().__init__()
         self.num_layers, self.first_exit = num_layers, first_exit
         self.tokens: list[StoredToken] = []
-        self.spans: list[tuple[int, int]] = []  # character range of each token in `self.text`
-        self.text = Text(end="")
+        self.places: list[tuple[TokenBlock, int, int]] = []  # each token's block and character range in it
+        self.blocks = [TokenBlock()]
+        self._colours: dict[int, Style] = {}
+
+    def compose(self):
+        yield from self.blocks
+
+    def on_mount(self) -> None:
+        # Blocks started between compose and mount (a reopened chat adds its tokens at once).
+        late = [b for b in self.blocks if b.parent is None]
+        if late:
+            self.mount_all(late)
+
+    def _colour(self, layer: int) -> Style:
+        if layer not in self._colours:
+            self._colours[layer] = Style.parse(exit_colour(layer, self.num_layers, self.first_exit))
+        return self._colours[layer]
 
     def add(self, tokens: Iterable[StoredToken]) -> None:
+        changed, new = {self.blocks[-1]}, []
         for tok in tokens:
-            start = len(self.text)
-            if tok.text:
-                colour = exit_colour(tok.exit_layer, self.num_layers, self.first_exit)
-                self.text.append(tok.text, Style(color=colour, meta={"token": len(self.tokens)}))
+            if self.blocks[-1].ends_line():
+                self.blocks.append(TokenBlock())
+                new.append(self.blocks[-1])
+                changed.add(self.blocks[-1])
+            block = self.blocks[-1]
+            style = self._colour(tok.exit_layer) + Style.from_meta({"token": len(self.tokens)})
+            start, end = block.add(tok.text.translate(CONTROL), style)
             self.tokens.append(tok)
-            self.spans.append((start, len(self.text)))
-        self.refresh(layout=True)
+            self.places.append((block, start, end))
+        for block in changed:
+            block.update()
+        if new and self.is_mounted:
+            self.mount_all(new)
 
     @property
     def plain(self) -> str:
-        return self.text.plain
+        """The answer's text as generated (control characters included)."""
+        return "".join(t.text for t in self.tokens)
 
-    def render(self) -> Text:
-        if self.cursor is None or not self.text:
-            return self.text
-        shown = self.text.copy()
-        start, end = self.spans[self.cursor]
-        shown.stylize("reverse", start, end)
-        return shown
+    def watch_cursor(self, old: int | None, new: int | None) -> None:
+        if old is not None:
+            self.places[old][0].show_cursor(None)
+        if new is not None:
+            block, start, end = self.places[new]
+            block.show_cursor((start, end))
 
     def shown_indices(self) -> list[int]:
         """Indices of the tokens that show text (not the end-of-turn token, not half a character)."""
-        return [i for i, (start, end) in enumerate(self.spans) if end > start]
+        return [i for i, (_, start, end) in enumerate(self.places) if end > start]
 
     def select(self, index: int) -> None:
         self.cursor = index

@@ -15,17 +15,17 @@ from sortedchat.palette import exit_colour
 
 def status_text(model: str, mode: str, stats: GenerationStats | None, show_speed: bool = True,
                 generating: bool = False) -> str:
-    """Model · mode · tokens/s · mean exit · compute saved · acceptance (speculative only)."""
+    """Model · mode · tokens/s · tokens · mean exit · acceptance (speculative only) · compute saved."""
     parts = [model, mode]
     if stats is None or not stats.tokens:
         parts.append("generating…" if generating else "ready")
         return " · ".join(parts)
     if show_speed:
         parts.append(f"{stats.tokens_per_second:.1f} tok/s")
-    parts += [f"{stats.tokens} tokens", f"mean exit {stats.mean_exit:.1f}/{stats.num_layers}",
-              f"saved {stats.compute_saved:.0%}"]
+    parts += [f"{stats.tokens} tokens", f"mean exit {stats.mean_exit:.1f}/{stats.num_layers}"]
     if stats.acceptance_rate is not None:
         parts.append(f"accepted {stats.acceptance_rate:.0%}")
+    parts.append(f"saved {stats.compute_saved:.0%}")
     if not generating and stats.stopped == "interrupted":
         parts.append("stopped")
     return " · ".join(parts)
