@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from sortedchat.bench.costs import measure_costs
-from sortedchat.bench.runner import PROTOCOL, Bench, Row
+from sortedchat.bench.runner import CLOCKS, PROTOCOL, Bench, Row
 from sortedchat.sorted_model import SortedModel
 
 
@@ -56,7 +56,7 @@ def run_bench(
     bench = Bench(sm, conversations, max_new_tokens)
     progress("measuring layer and head costs")
     context = sum(map(len, bench.prompts)) // len(bench.prompts) + max_new_tokens // 2
-    costs = measure_costs(sm, context=context)
+    costs = measure_costs(sm, context=context, clock=CLOCKS[clock])
     bench.warm_up(progress)
     bench.run(repeat, progress)
     meta = {

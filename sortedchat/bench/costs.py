@@ -43,24 +43,29 @@ class Costs:
         return asdict(self)
 
 
-def _median_seconds(fn, inner: int, rounds: int) -> float:
+def _median_seconds(fn, inner: int, rounds: int, clock=time.perf_counter) -> float:
     samples = []
     for _ in range(rounds):
-        t = time.perf_counter()
+        t = clock()
         for _ in range(inner):
             fn()
-        samples.append((time.perf_counter() - t) / inner)
+        samples.append((clock() - t) / inner)
     return statistics.median(samples)
 
 
 @torch.inference_mode()
 def measure_costs(
-    sm: SortedModel, context: int = 192, measures: dict | None = None, inner: int = 10, rounds: int = 5
+    sm: SortedModel, context: int = 192, measures: dict | None = None, inner: int = 10, rounds: int = 7,
+    clock=time.perf_counter,
 ) -> Costs:
     """Time the pieces on this machine, on a state holding `context` positions (random token ids).
 
     `measures` (name -> measure) are the confidence measures to time; by default every registered one
-    this model can build (a classifier needs its calibrated file)."""
+    this model can build (a classifier needs its calibrated file). `clock` is the benchmark's clock."""
+
+    def median_seconds(fn):
+        return _median_seconds(fn, inner, rounds, clock)
+
     L = sm.num_layers
     context = max(2, min(context, (sm.max_positions or context + 2) - 2))
     g = torch.Generator().manual_seed(0)
@@ -78,12 +83,12 @@ def measure_costs(
     low, high = 1, L
     for d in (low, high):
         step(d)()  # warm-up
-    t_low = _median_seconds(step(low), inner, rounds)
-    t_high = _median_seconds(step(high), inner, rounds)
+    t_low = median_seconds(step(low))
+    t_high = median_seconds(step(high))
     layer = max(t_high - t_low, 0.0) / max(high - low, 1)
     hidden = state.run(L, [ids[context]])[:, -1]
     state.crop(context)
-    head = _median_seconds(lambda: sm.head(hidden, L), inner, rounds)
+    head = median_seconds(lambda: sm.head(hidden, L))
     costs = Costs(layer=layer, head=head, step=max(t_low - layer, 0.0), context=context)
 
     if measures is None:
@@ -97,8 +102,6 @@ def measure_costs(
     logits = sm.head(hidden, L)[0]
     for name, measure in measures.items():
         measure.observe(ids[context], logits)
-        costs.per_token[name] = _median_seconds(
-            lambda m=measure: (m.prepare(ids), m.observe(ids[context], logits)), inner, rounds
-        )
-        costs.check[name] = _median_seconds(lambda m=measure: m(hidden, exit_layer), inner, rounds)
+        costs.per_token[name] = median_seconds(lambda m=measure: (m.prepare(ids), m.observe(ids[context], logits)))
+        costs.check[name] = median_seconds(lambda m=measure: m(hidden, exit_layer))
     return costs
