@@ -359,12 +359,15 @@ def test_lora_adapter_output_loads_on_its_base_and_merge_writes_full_weights(tin
     from sortedchat.loading import LoadOptions, load_sorted_model
 
     adapter = tmp_path / "adapter"
-    run(options(tiny_dir, alpaca_file, adapter, lora=True, lora_rank=4, max_steps=3))
+    run(options(tiny_dir, alpaca_file, adapter, lora=True, lora_rank=4, max_steps=3, lora_modules_to_save="model.norm"))
     cfg = json.loads((adapter / "sortedchat.json").read_text())
-    assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "model.safetensors").exists()
+    assert not (adapter / "model.safetensors").exists()
+    stored = load_file(str(adapter / "adapter_model.safetensors"))
+    assert [k for k in stored if "lora_" not in k] == ["base_model.model.model.norm.weight"]  # the shared norm
     assert cfg["base_model"] == str(tiny_dir.resolve()) and cfg["training"]["lora"]["rank"] == 4
     merged = tmp_path / "merged"
-    run(options(tiny_dir, alpaca_file, merged, lora=True, lora_rank=4, max_steps=3, merge=True))
+    run(options(tiny_dir, alpaca_file, merged, lora=True, lora_rank=4, max_steps=3, merge=True,
+                lora_modules_to_save="model.norm"))
     assert (merged / "model.safetensors").is_file() and not (merged / "adapter_config.json").exists()
     assert json.loads((merged / "sortedchat.json").read_text())["base_model"] is None
     # The adapter applied to its base and the merged weights are the same model.

@@ -76,6 +76,8 @@ def train(
     lora_dropout: Annotated[Optional[float], _opt("--lora-dropout", "LoRA dropout")] = None,
     lora_targets: Annotated[Optional[str], _opt("--lora-targets", "Modules to adapt: all-linear or names, "
                                                 "e.g. q_proj,v_proj")] = None,
+    lora_modules_to_save: Annotated[Optional[str], _opt("--lora-modules-to-save", "Modules trained in full "
+                                                        "beside the adapter, e.g. model.norm (the shared final norm)")] = None,
     merge: Annotated[Optional[bool], _opt("--merge/--no-merge", "Write merged weights instead of the adapter")] = None,
     load_in_4bit: Annotated[Optional[bool], _opt("--load-in-4bit/--no-load-in-4bit", "QLoRA: 4-bit base "
                                                  "(bitsandbytes, GPU)")] = None,

@@ -61,6 +61,7 @@ class TrainOptions:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_targets: str = "all-linear"
+    lora_modules_to_save: str = ""  # e.g. "model.norm": trained in full and stored with the adapter
     merge: bool = False
     load_in_4bit: bool = False
     load_in_8bit: bool = False

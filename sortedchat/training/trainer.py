@@ -192,8 +192,9 @@ class Trainer:
                 from peft import LoraConfig, get_peft_model
 
                 targets = o.lora_targets if o.lora_targets == "all-linear" else [t.strip() for t in o.lora_targets.split(",")]
+                keep = [m.strip() for m in o.lora_modules_to_save.split(",") if m.strip()] or None
                 config = LoraConfig(r=o.lora_rank, lora_alpha=o.lora_alpha, lora_dropout=o.lora_dropout,
-                                    target_modules=targets, task_type="CAUSAL_LM")
+                                    target_modules=targets, modules_to_save=keep, task_type="CAUSAL_LM")
                 try:
                     with warnings.catch_warnings():  # peft calls a transformers API deprecated in 5.x
                         warnings.simplefilter("ignore", FutureWarning)
@@ -349,6 +350,7 @@ class Trainer:
         if not o.lora:
             return None
         return {"rank": o.lora_rank, "alpha": o.lora_alpha, "dropout": o.lora_dropout, "targets": o.lora_targets,
+                "modules_to_save": o.lora_modules_to_save or None,
                 "quantized": "4bit" if o.load_in_4bit else "8bit" if o.load_in_8bit else None}
 
     def _record(self, line: dict) -> None:
