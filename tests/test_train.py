@@ -313,6 +313,27 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_dir, alpaca_file, tmp
     assert steps == list(range(1, 7))
 
 
+def test_ctrl_c_on_the_command_line_saves_a_checkpoint_and_says_how_to_resume(tiny_dir, alpaca_file, tmp_path):
+    import time
+
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "sortedchat", "train", "--model", str(tiny_dir), "--data", str(alpaca_file), "--out",
+           str(out), "--exits", "2,4,6", "--max-steps", "100000", "--batch-size", "2", "--log-interval", "1",
+           "--device", "cpu", "--max-length", "64"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 120
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    step = int(err.split("interrupted at step ")[1].split("/")[0])
+    assert f"checkpoint saved in {out / 'checkpoints' / f'step-{step:08d}'}" in err and "--resume" in err
+    assert (out / "checkpoints" / f"step-{step:08d}" / "trainer_state.json").is_file()
+
+
 def test_resume_refuses_a_different_run(tiny_dir, alpaca_file, tmp_path):
     run(options(tiny_dir, alpaca_file, tmp_path / "r", max_steps=4), _interrupt_at(2))
     with pytest.raises(SortedChatError, match=r"--resume: .*step-00000002 was trained with lr=0.01, this run has lr=0.02"):
