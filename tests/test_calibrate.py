@@ -143,3 +143,18 @@ def test_too_little_data_is_refused(tiny, tmp_path):
     small.write_text(json.dumps(RECORDS[:2]))
     with pytest.raises(SortedChatError, match="2 usable examples; calibration needs at least 4"):
         cal.reference_sequences(tiny, str(small), max_examples=10)
+
+
+def test_plan_meets_the_target_on_held_out_positions():
+    """A calibrated measure (P(agree) = confidence): the plan lands on the target, not far above it."""
+    g = torch.Generator().manual_seed(0)
+    n = 8000
+    conf = torch.rand(2, n, generator=g)
+    agree = torch.rand(2, n, generator=g) < conf
+    split = torch.tensor([cal.SPLIT_OF[i % len(cal.SPLIT_OF)] for i in range(n)])
+    obs = cal.Observations([2, 4], agree, conf, torch.zeros(2, n, 3), torch.zeros(2, n, 4), split)
+    costs = Costs(layer=1.0, head=2.0, step=0.0, context=0, check={"m": 0.01}, per_token={"m": 0.0})
+    plan = cal.plan(obs, conf, "m", 0.9, costs, 6, choose_on=obs.part("fit") | obs.part("select"))
+    assert plan.agreement == pytest.approx(0.9, abs=0.02)
+    assert 0.0 < plan.thresholds[2] < 1.0 and plan.speedup > 1.2
+    assert plan.per_exit[2]["share"] > 0.2
