@@ -12,6 +12,7 @@ token even in the middle of an answer.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +38,8 @@ from sortedchat.tui.storage import ChatStore, StoredChat, StoredToken
 from sortedchat.tui.widgets.answer import AnswerView, TokenText
 from sortedchat.tui.widgets.status import status_text
 
-FLUSH_HZ = 30
+FLUSH_HZ = 30  # tokens reach the screen at most this often
+GAUGE_HZ = 4  # the status line and sparkline, which need not follow every batch
 LENS_TOP_K = 4
 Loader = Callable[[Callable[[str, float | None], None]], SortedModel]
 
@@ -114,6 +116,7 @@ class SortedChatApp(App):
         self._pending: deque[TokenEvent] = deque()
         self._stop = threading.Event()
         self._lens_request = 0
+        self._gauges_at = 0.0
         self._flush_timer = None
 
     # -- start-up -----------------------------------------------------------------------------------
@@ -217,9 +220,12 @@ class SortedChatApp(App):
         self.stats = self.session.last_stats
         at_bottom = self.chat.conversation.at_bottom
         self.answer.add_tokens(StoredToken(e.token_id, e.text, e.exit_layer, e.confidence) for e in batch)
-        self.chat.sparkline.extend(e.exit_layer for e in batch)
-        self._show_status()
         self.chat.conversation.follow(at_bottom)
+        self.chat.sparkline.extend((e.exit_layer for e in batch), redraw=False)
+        now = time.monotonic()
+        if now - self._gauges_at >= 1 / GAUGE_HZ:
+            self._gauges_at = now
+            self._show_status()
 
     def on_generation_done(self, message: GenerationDone) -> None:
         self._flush_tokens()
@@ -236,6 +242,7 @@ class SortedChatApp(App):
 
     def _show_status(self) -> None:
         if self.chat is not None:
+            self.chat.sparkline.refresh()
             text = status_text(self.model_name, self.control.label(), self.stats, self.show_speed, self.generating)
             self.chat.status.update(text, layout=False)  # one line, always: no layout needed
 

@@ -50,9 +50,10 @@ class ExitSparkline(Widget):
         self.num_layers, self.first_exit = num_layers, first_exit
         self.exit_layers: deque[int] = deque(maxlen=512)
 
-    def extend(self, layers: Iterable[int]) -> None:
+    def extend(self, layers: Iterable[int], redraw: bool = True) -> None:
         self.exit_layers.extend(layers)
-        self.refresh()
+        if redraw:
+            self.refresh()
 
     def clear(self) -> None:
         self.exit_layers.clear()
