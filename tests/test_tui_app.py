@@ -391,3 +391,18 @@ def test_answer_paragraphs_read_as_one_text_and_the_cursor_crosses_them():
             assert view.cursor == 3
 
     asyncio.run(run())
+
+
+def test_command_palette_offers_the_chat_commands(tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+
+    async def run():
+        async with app.run_test(size=SIZE) as pilot:
+            titles = {c.title: c for c in app.get_system_commands(app.screen)}
+            assert {"New chat", "Saved chats", "Export chat to Markdown", "Settings", "Keys and colours",
+                    "Toggle auto mode", "Toggle speculative mode", "Layer lens", "Quit"} <= set(titles)
+            titles["Toggle auto mode"].callback()
+            await pilot.pause()
+            assert app.session.mode.kind == "auto"
+
+    asyncio.run(run())

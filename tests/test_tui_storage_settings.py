@@ -63,7 +63,8 @@ def test_a_killed_app_loses_at_most_the_token_in_progress(tmp_path):
 
 
 def test_settings_round_trip_and_keymap(tmp_path):
-    settings = Settings(system_prompt="Be brief.", temperature=0.7, top_p=0.9, seed=3, keys={"deeper": "ctrl+up"})
+    settings = Settings(system_prompt="Be brief.", temperature=0.7, top_p=0.9, seed=3,
+                        keys={"deeper": "ctrl+up", "view": "alt+m,plus", "stop": "escape"})
     path = save_settings(settings)
     assert path == settings_path() and path.is_file()
     assert load_settings() == settings
@@ -80,6 +81,7 @@ def test_settings_round_trip_and_keymap(tmp_path):
         ("[chat]\ntempreature = 0.5\n", "config.toml: line 2: [chat] tempreature is not a setting"),
         ("[keys]\nfaster = \"f5\"\n", "config.toml: line 2: [keys] faster is not an action"),
         ("[keys]\ndeeper = 5\n", "config.toml: line 2: [keys] deeper must be a key name"),
+        ("[keys]\nshallower = \"f2\"\ndeeper = \"ctlr+up\"\n", "line 3: [keys] deeper must be a key name such as"),
         ("[look]\ncolour = 1\n", "config.toml: line 1: [look] is not a section"),
         ("[chat]\ntop_p = 1.5\n", "config.toml: line 2: [chat] top_p must be in (0, 1], got 1.5"),
     ],

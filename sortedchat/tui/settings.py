@@ -18,6 +18,7 @@ from sortedchat.config import atomic_write_text
 from sortedchat.paths import config_dir
 
 SETTINGS_NAME = "config.toml"
+MODIFIERS = {"ctrl", "shift", "alt", "super", "meta", "hyper"}
 
 # Action id -> (default keys, what it does). Ids are the `[keys]` names in the file and Textual binding ids.
 KEY_ACTIONS: dict[str, tuple[str, str]] = {
@@ -128,6 +129,17 @@ def check_value(name: str, value):
     raise ValueError("is not a setting")
 
 
+def is_key_name(key: str) -> bool:
+    """Whether Textual knows `key` (e.g. "f5", "ctrl+up", "alt+x", "plus"): a typo would never fire."""
+    from textual.keys import KEY_NAME_REPLACEMENTS, Keys, key_to_character
+
+    *modifiers, base = key.strip().split("+")
+    if not base or not set(modifiers) <= MODIFIERS:
+        return False
+    named = {k.value.rpartition("+")[2] for k in Keys} | set(KEY_NAME_REPLACEMENTS.values())
+    return len(base) == 1 or base in named or key_to_character(base) is not None
+
+
 def parse_settings(text: str, source: str) -> Settings:
     """Settings from TOML `text`; `source` names the file in error messages."""
     try:
@@ -158,7 +170,7 @@ def parse_settings(text: str, source: str) -> Settings:
     for action, key in data.get("keys", {}).items():
         if action not in KEY_ACTIONS:
             fail("keys", action, f"is not an action (expected one of {', '.join(KEY_ACTIONS)})")
-        if not isinstance(key, str) or not key.strip():
+        if not isinstance(key, str) or not all(is_key_name(part) for part in key.split(",")):
             fail("keys", action, f"must be a key name such as \"f5\" or \"ctrl+t\", got {key!r}")
         settings.keys[action] = ",".join(part.strip() for part in key.split(","))
     return settings
