@@ -36,6 +36,7 @@ from sortedchat.tui.screens.settings import SettingsScreen
 from sortedchat.tui.settings import Settings, save_settings
 from sortedchat.tui.storage import ChatStore, StoredChat, StoredToken
 from sortedchat.tui.widgets.answer import AnswerView, TokenText
+from sortedchat.tui.widgets.prompt import PromptInput
 from sortedchat.tui.widgets.status import status_text
 
 FLUSH_HZ = 30  # tokens reach the screen at most this often
@@ -115,7 +116,9 @@ class SortedChatApp(App):
         self.stats: GenerationStats | None = None
         self._pending: deque[TokenEvent] = deque()
         self._stop = threading.Event()
+        self.model_name = ""
         self._lens_request = 0
+        self._lens_token: tuple[int, StoredToken] | None = None
         self._gauges_at = 0.0
         self._flush_timer = None
 
@@ -131,15 +134,16 @@ class SortedChatApp(App):
 
     @work(thread=True, exclusive=True, group="load")
     def _load(self, screen: LoadingScreen) -> None:
-        def progress(stage: str, fraction: float | None = None) -> None:
-            self.call_from_thread(screen.set_progress, stage, fraction)
+        def report(callback, *args) -> None:
+            if self.is_running:  # the user may have quit while the model loads
+                self.call_from_thread(callback, *args)
 
         try:
-            sm = self.loader(progress)
+            sm = self.loader(lambda stage, fraction=None: report(screen.set_progress, stage, fraction))
         except SortedChatError as exc:
-            self.call_from_thread(self._fail, str(exc))
+            report(self._fail, str(exc))
             return
-        self.call_from_thread(self._model_ready, sm)
+        report(self._model_ready, sm)
 
     def _fail(self, reason: str) -> None:
         self.error = reason
@@ -165,7 +169,7 @@ class SortedChatApp(App):
         self.call_after_refresh(self._show_status)
 
     # -- sending and streaming ----------------------------------------------------------------------
-    def on_prompt_input_submitted(self, message) -> None:
+    def on_prompt_input_submitted(self, message: PromptInput.Submitted) -> None:
         if self.generating:
             self.notify("Still answering: Esc stops the answer.", severity="warning")
             return
