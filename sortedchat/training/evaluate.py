@@ -133,7 +133,7 @@ def results_table(results: list[dict], title: str):
     caption = "  ".join(f"{x}: {r['model']}" for x, r in zip(letters, results))
     table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     table.add_column("exit", justify="right")
-    keys = [("ce", "CE", "{:.3f}"), ("ppl", "ppl", "{:.1f}"), ("top1", "top-1", "{:.1%}"),
+    keys = [("ce", "CE", "{:.3f}"), ("ppl", "ppl", "{:.4g}"), ("top1", "top-1", "{:.1%}"),
             ("agree", "agree", "{:.1%}"), ("em", "EM", "{:.1%}")]
     shown = [(k, label, fmt) for k, label, fmt in keys if any(k in m for r in results for m in r["metrics"].values())]
     for x in letters:
