@@ -109,9 +109,11 @@ def test_mixed_depths_then_drain_matches_fresh_prefill(tiny):
     next_full = int(tiny.head(out[:, -1], 6).argmax())
     state.check_invariants()
     ref = fresh_prefill_kv(tiny, tokens)
+    # Same arithmetic, other matmul shapes: float32 round-off grows with depth (measured up to 1.6e-5 at
+    # layer 6 on values of magnitude ~6), so the tolerance is relative to that scale.
     for i in range(tiny.num_layers):
-        assert torch.allclose(state.cache.layers[i].keys, ref.layers[i].keys, atol=1e-5)
-        assert torch.allclose(state.cache.layers[i].values, ref.layers[i].values, atol=1e-5)
+        torch.testing.assert_close(state.cache.layers[i].keys, ref.layers[i].keys, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(state.cache.layers[i].values, ref.layers[i].values, atol=1e-4, rtol=1e-5)
     logits = tiny.model(input_ids=torch.tensor([tokens])).logits[0, -1]
     assert next_full == int(logits.argmax())
 

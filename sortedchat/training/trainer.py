@@ -80,6 +80,11 @@ def make_accelerator(o: TrainOptions):
     )
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively; elsewhere autocast emulates them, very slowly."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 class Trainer:
     """Set up with `setup()`, then `run()`; `train_step(step)` is public for the cost benchmark."""
 
@@ -96,6 +101,9 @@ class Trainer:
         o = self.opts
         self.acc = make_accelerator(o)
         self.main = self.acc.is_main_process
+        if self.acc.device.type == "cpu" and o.mixed_precision == "bf16" and not cpu_has_native_bf16():
+            self._say("[yellow]warning: --mixed-precision bf16 on a CPU without AVX512-BF16 or AMX is emulated and "
+                      "was measured ~50x slower than float32 here; use --mixed-precision no[/yellow]")
         if not o.resume and self.out.is_dir() and any(self.out.iterdir()):
             raise SortedChatError(f"--out {self.out}: already holds files; choose another directory, "
                                   "or pass --resume to continue the run saved there")
