@@ -17,6 +17,7 @@ from sortedchat import SortedChatError
 
 CONFIG_NAME = "sortedchat.json"
 EXIT_HEADS_NAME = "exit_heads.safetensors"
+CLASSIFIER_NAME = "exit_classifier.safetensors"  # the `classifier` confidence measure's weights
 FORMAT_VERSION = 1
 
 

@@ -8,6 +8,7 @@ ships a SoFT adapter (`sortedchat/assets/`), the default is base + adapter, merg
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import shutil
 import subprocess
@@ -97,10 +98,19 @@ def default_model_dir(progress: Progress = _quiet) -> Path:
     from sortedchat.convert import merge_adapter
 
     target = cache_dir() / "models" / f"{BASE_DIRNAME}-soft"
-    stamp = (SHIPPED_ADAPTER / "adapter_model.safetensors").stat().st_mtime_ns
+    stamp = shipped_fingerprint()
     marker = target / ".built-from"
-    if marker.is_file() and marker.read_text() == str(stamp):
+    if marker.is_file() and marker.read_text() == stamp:
         return target
     merge_adapter(base, SHIPPED_ADAPTER, target, progress)
-    marker.write_text(str(stamp))
+    marker.write_text(stamp)
     return target
+
+
+def shipped_fingerprint() -> str:
+    """A hash of every shipped file: new weights *or* new thresholds rebuild the cached merge (file times
+    are useless here: a fresh clone or install gives every file a new one)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in SHIPPED_ADAPTER.iterdir() if p.is_file()):
+        digest.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()

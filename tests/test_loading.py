@@ -42,13 +42,10 @@ def test_bad_sortedchat_json_names_file_and_line(tiny_dir, tmp_path):
 
 
 def test_peft_adapter_directory_loads_with_its_base(tiny_dir, tmp_path):
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     adapter = tmp_path / "adapter"
-    peft_model.save_pretrained(adapter)
+    peft_model = _tiny_adapter(tiny_dir, adapter)
     config = json.loads((adapter / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = str(tiny_dir)
     (adapter / "adapter_config.json").write_text(json.dumps(config))
@@ -99,6 +96,50 @@ def test_exit_heads_are_used_when_present(tiny_dir, tmp_path):
     with torch.no_grad():
         assert torch.allclose(sm.head(h, 2), heads(h, 2), atol=1e-6)
         assert torch.allclose(sm.head(h, 6), base.head(h, 6), atol=1e-6)
+
+
+def _tiny_adapter(tiny_dir, path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(path)
+    return peft_model
+
+
+def test_shipped_adapter_is_merged_once_and_rebuilt_when_any_shipped_file_changes(tiny_dir, tmp_path, monkeypatch):
+    """The default model is base + the adapter in sortedchat/assets: merged into the cache on first use,
+    loaded from there afterwards, merged again when the weights, thresholds or classifier change."""
+    from sortedchat import convert, default_model
+
+    shipped = tmp_path / "assets" / "soft"
+    peft_model = _tiny_adapter(tiny_dir, shipped)
+    SortedConfig(exits=[2, 4, 6], thresholds={2: 0.8}, base_model="default").write(shipped)
+    (shipped / "exit_classifier.safetensors").write_bytes(b"classifier v1")
+    monkeypatch.setattr(default_model, "SHIPPED_ADAPTER", shipped)
+    monkeypatch.setattr(default_model, "base_model_dir", lambda progress=None: tiny_dir)
+
+    merges = []
+    real_merge = convert.merge_adapter
+    monkeypatch.setattr(convert, "merge_adapter", lambda *a: merges.append(a) or real_merge(*a))
+    sm = load_sorted_model(None, CPU)
+    assert len(merges) == 1
+    assert sm.exits == [2, 4, 6] and sm.thresholds()[2] == 0.8
+    assert (default_model.default_model_dir() / "exit_classifier.safetensors").read_bytes() == b"classifier v1"
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(sm.model(input_ids=ids).logits, peft_model(input_ids=ids).logits,
+                                   atol=1e-5, rtol=1e-5)
+
+    load_sorted_model(None, CPU)
+    assert len(merges) == 1  # cached
+    SortedConfig(exits=[2, 4, 6], thresholds={2: 0.5}, base_model="default").write(shipped)
+    assert load_sorted_model(None, CPU).thresholds()[2] == 0.5
+    assert len(merges) == 2
+    (shipped / "exit_classifier.safetensors").write_bytes(b"classifier v2")
+    assert (default_model.default_model_dir() / "exit_classifier.safetensors").read_bytes() == b"classifier v2"
+    assert len(merges) == 3
 
 
 @pytest.mark.slow

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from sortedchat import SortedChatError
+from sortedchat.config import CLASSIFIER_NAME
 from sortedchat.sorted_model import SortedModel
 
-CLASSIFIER_NAME = "exit_classifier.safetensors"
 FREQUENT = 1024  # ids [0, FREQUENT): bytes and the earliest BPE merges
 RECENT = 64  # context tokens added to the candidate set
 PREVIOUS_TOP = 64  # top tokens of the previous full head added to the candidate set
