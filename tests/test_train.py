@@ -483,3 +483,18 @@ def test_shipped_recipes_parse():
                                          "smollm2-135m-alpaca.toml"}
     for p in recipes:
         assert load_recipe(p)["method"] in ("soft", "sft", "ict")
+
+
+def test_sft_baseline_on_a_soft_recipe_drops_its_per_exit_settings(tmp_path):
+    """`--recipe R --method sft` is the paper's baseline on the same recipe: the recipe's exit weights and
+    exit sampling are SoFT settings and are dropped; given explicitly with sft they are still an error."""
+    from sortedchat.training.recipe import resolve_options
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('data = "d.json"\nexit_weights = [1, 1, 3]\nexits_per_step = 2\nlr = 5e-4\n')
+    soft = resolve_options({"out": "o"}, str(recipe))
+    assert soft.exit_weights == [1.0, 1.0, 3.0] and soft.exits_per_step == 2
+    sft = resolve_options({"out": "o", "method": "sft"}, str(recipe))
+    assert sft.exit_weights is None and sft.exits_per_step == 0 and sft.lr == 5e-4
+    with pytest.raises(SortedChatError, match="--method sft trains the last exit only"):
+        resolve_options({"out": "o", "method": "sft", "exit_weights": [1.0, 2.0]}, str(recipe))

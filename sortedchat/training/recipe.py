@@ -146,8 +146,14 @@ def load_recipe(path: str | Path) -> dict:
 
 def resolve_options(cli: dict, recipe: str | None = None) -> TrainOptions:
     """Built-in defaults, then the recipe, then every command-line value that is not None."""
-    values = load_recipe(recipe) if recipe else {}
-    values.update({k: v for k, v in cli.items() if v is not None})
+    given = {k: v for k, v in cli.items() if v is not None}
+    values = (load_recipe(recipe) if recipe else {}) | given
+    if values.get("method") == "sft":
+        # A recipe's per-exit loss settings belong to its SoFT runs: `--recipe R --method sft` (the paper's
+        # baseline on the same recipe) drops them, while the same flags given explicitly are still refused.
+        for name in ("exit_weights", "exits_per_step"):
+            if name not in given:
+                values.pop(name, None)
     values["recipe"] = str(recipe) if recipe else None
     opts = TrainOptions(**values)
     validate(opts)
