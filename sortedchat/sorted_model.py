@@ -108,14 +108,16 @@ class SortedModel:
         return self.model.lm_head(normed_hidden)
 
     # -- thresholds --------------------------------------------------------------------------------
-    def thresholds(self, override: float | None = None) -> dict[int, float]:
+    def thresholds(self, override: float | None = None, shift: float = 0.0) -> dict[int, float]:
         """Per-exit confidence thresholds for auto mode: the command line wins over `sortedchat.json`.
 
-        An exit without a calibrated threshold gets 0.9; the last exit always accepts.
+        An exit without a calibrated threshold gets 0.9; the last exit always accepts. `shift` moves every
+        checked exit's threshold within [0, 1]; an exit at 1 or more (not checked) stays unchecked.
         """
         out = {}
         for e in self.exits[:-1]:
-            out[e] = override if override is not None else self.config.thresholds.get(e, 0.9)
+            t = override if override is not None else self.config.thresholds.get(e, 0.9)
+            out[e] = t if t >= 1.0 or override is not None else min(1.0, max(0.0, t + shift))
         out[self.num_layers] = 0.0
         return out
 

@@ -28,6 +28,12 @@ def test_sortedchat_json_sets_exits_and_thresholds(tiny_dir, tmp_path):
     assert sm.exits == [3, 5, 6]
     assert sm.thresholds() == {3: 0.7, 5: 0.9, 6: 0.0}
     assert sm.thresholds(0.5) == {3: 0.5, 5: 0.5, 6: 0.0}
+    # The app's faster/closer keys shift every checked exit; an exit calibration switched off stays off.
+    SortedConfig(exits=[3, 5], thresholds={3: 0.7, 5: 1.0}).write(ckpt)
+    sm = load_sorted_model(str(ckpt), CPU)
+    assert sm.thresholds(shift=-0.2) == pytest.approx({3: 0.5, 5: 1.0, 6: 0.0})
+    assert sm.thresholds(shift=0.5) == {3: 1.0, 5: 1.0, 6: 0.0}
+    assert sm.thresholds(0.4, shift=0.5) == {3: 0.4, 5: 0.4, 6: 0.0}
 
 
 def test_bad_sortedchat_json_names_file_and_line(tiny_dir, tmp_path):

@@ -132,7 +132,7 @@ def test_auto_mode_toggle_and_thresholds(tiny, tmp_path):
             assert app.session.mode.kind == "auto" and " · Auto · " in status(app)
             for _ in range(20):  # lower every threshold to 0: every token leaves at the first exit
                 await pilot.press("f6")
-            assert "Auto ≥0.00" in status(app)
+            assert "Auto -1.00" in status(app)  # every per-exit threshold shifted down to 0
             await ask(pilot, app)
             assert app.events and {e.exit_layer for e in app.events} == {2}
             assert "mean exit 2.0/6" in status(app)

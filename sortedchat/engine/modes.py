@@ -10,13 +10,16 @@ from sortedchat import SortedChatError
 @dataclass(frozen=True)
 class Mode:
     """`kind` is "depth", "auto" or "speculative". `depth` is the fixed depth or the draft depth
-    (None: full depth / the model's default draft exit). `threshold` overrides every auto threshold.
+    (None: full depth / the model's default draft exit). `threshold` overrides every auto threshold;
+    `shift` instead moves each calibrated per-exit threshold up or down (exits calibration switched off
+    stay off), which is what the app's faster/closer keys do.
     `draft_len` is the initial number of drafted tokens per verification; `draft_stop` ends a draft early
     when the draft's confidence falls below it."""
 
     kind: str = "depth"
     depth: int | None = None
     threshold: float | None = None
+    shift: float = 0.0
     draft_len: int = 4
     draft_stop: float = 0.0
     confidence: str | None = None
@@ -26,8 +29,8 @@ class Mode:
         return cls("depth", depth)
 
     @classmethod
-    def auto(cls, threshold: float | None = None, confidence: str | None = None) -> "Mode":
-        return cls("auto", None, threshold, confidence=confidence)
+    def auto(cls, threshold: float | None = None, confidence: str | None = None, shift: float = 0.0) -> "Mode":
+        return cls("auto", None, threshold, shift=shift, confidence=confidence)
 
     @classmethod
     def speculative(cls, depth: int, draft_len: int = 4, draft_stop: float = 0.0) -> "Mode":
@@ -48,7 +51,9 @@ class Mode:
 
     def label(self, num_layers: int) -> str:
         if self.kind == "auto":
-            return "Auto" if self.threshold is None else f"Auto ≥{self.threshold:.2f}"
+            if self.threshold is not None:
+                return f"Auto ≥{self.threshold:.2f}"
+            return "Auto" if abs(self.shift) < 1e-9 else f"Auto {self.shift:+.2f}"
         if self.kind == "speculative":
             return f"Speculative {self.depth}"
         return f"Depth {self.depth or num_layers}/{num_layers}"

@@ -172,7 +172,7 @@ class ChatSession:
 
         An exit whose threshold is 1 or more is not checked (calibration marks exits that never pay off
         that way). The measure's per-token work (`prepare`, `observe`) counts as check time."""
-        thresholds = self.sm.thresholds(mode.threshold)
+        thresholds = self.sm.thresholds(mode.threshold, mode.shift)
         measure = self._measure(mode)
         out = self.state.run(self.sm.exits[0], [token])
         t = time.perf_counter()

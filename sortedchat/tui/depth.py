@@ -16,35 +16,34 @@ THRESHOLD_STEP = 0.05
 @dataclass
 class DepthControl:
     """The user's choice of depth. `depth` is the fixed depth, or the draft depth in speculative mode;
-    it is remembered while auto mode is on. `threshold` is the auto threshold override (None: the
-    model's calibrated per-exit thresholds)."""
+    it is remembered while auto mode is on. `threshold` is a single auto threshold given on the command
+    line (None: the model's calibrated per-exit thresholds, moved together by `shift`)."""
 
     exits: list[int]
     num_layers: int
     default_draft: int
-    calibrated: float  # the mean calibrated threshold: where raising/lowering starts from
     kind: str = "depth"
     depth: int = 0
     threshold: float | None = None
+    shift: float = 0.0
     draft_len: int = 4
 
     @classmethod
     def for_model(cls, sm, mode: Mode) -> "DepthControl":
-        early = [t for e, t in sm.thresholds().items() if e != sm.num_layers]
         return cls(
             exits=list(sm.exits),
             num_layers=sm.num_layers,
             default_draft=sm.default_draft_exit,
-            calibrated=round(sum(early) / len(early), 2) if early else 0.9,
             kind=mode.kind,
             depth=mode.depth or (sm.default_draft_exit if mode.kind == "speculative" else sm.num_layers),
             threshold=mode.threshold,
+            shift=mode.shift,
             draft_len=mode.draft_len,
         )
 
     def mode(self) -> Mode:
         if self.kind == "auto":
-            return Mode.auto(self.threshold)
+            return Mode.auto(self.threshold, shift=self.shift)
         if self.kind == "speculative":
             return Mode.speculative(self.depth, draft_len=self.draft_len)
         return Mode.fixed(self.depth)
@@ -88,8 +87,12 @@ class DepthControl:
         return None
 
     def adjust_threshold(self, direction: int) -> str | None:
-        current = self.threshold if self.threshold is not None else self.calibrated
-        self.threshold = round(min(1.0, max(0.0, current + direction * THRESHOLD_STEP)), 2)
-        if self.kind != "auto":
-            return f"auto threshold {self.threshold:.2f} (used in auto mode)"
-        return None
+        """Raise (+1) or lower (-1) the auto thresholds by one step: the single command-line threshold if
+        one was given, else every calibrated per-exit threshold together (a shift of at most ±1)."""
+        if self.threshold is not None:
+            self.threshold = round(min(1.0, max(0.0, self.threshold + direction * THRESHOLD_STEP)), 2)
+            what = f"auto threshold {self.threshold:.2f}"
+        else:
+            self.shift = round(min(1.0, max(-1.0, self.shift + direction * THRESHOLD_STEP)), 2)
+            what = f"auto thresholds {self.shift:+.2f}"
+        return None if self.kind == "auto" else f"{what} (used in auto mode)"
