@@ -38,6 +38,12 @@ def test_ask_prints_answer_and_summary(tiny_dir):
     assert "tok/s" in res.stdout and "mean exit" in res.stdout and "of drafts" in res.stdout
 
 
+def test_draft_stop_must_be_a_probability(tiny_dir):
+    res = cli("ask", "Hi", "--model", tiny_dir, "--device", "cpu", "--speculative", "2", "--draft-stop", "1.5")
+    assert res.returncode != 0
+    assert res.stderr.strip().splitlines()[-1] == "error: --draft-stop 1.5: must be a probability in 0..1"
+
+
 def test_info_lists_layers_exits_and_weights(tiny_dir):
     res = runner.invoke(app, ["info", "--model", str(tiny_dir), "--device", "cpu", "--exits", "2,4"])
     assert res.exit_code == 0, res.output

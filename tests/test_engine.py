@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from sortedchat import SortedChatError
 from sortedchat.engine import ChatSession, Mode, SamplingConfig
 from sortedchat.engine.state import LayeredState
 
@@ -54,6 +55,18 @@ def test_speculative_greedy_equals_full_greedy(tiny, messages, draft, draft_len)
     spec = no_stop(ChatSession(tiny, Mode.speculative(draft, draft_len=draft_len)))
     assert run(spec, ids) == full
     assert spec.last_stats.verifications > 0
+
+
+def test_draft_stop_ends_each_draft_at_an_unsure_token_and_keeps_full_greedy(tiny):
+    """--draft-stop 1: no draft is ever sure enough to go on, so every round drafts exactly one token."""
+    ids = prompt_ids(tiny, PROMPTS[0])
+    full = run(no_stop(ChatSession(tiny)), ids)
+    spec = no_stop(ChatSession(tiny, Mode.speculative(2, draft_len=6, draft_stop=1.0)))
+    assert run(spec, ids) == full
+    stats = spec.last_stats
+    assert stats.verifications > 0 and stats.drafted == stats.verifications
+    with pytest.raises(SortedChatError, match="draft stop 1.5 is outside 0..1"):
+        Mode.speculative(2, draft_stop=1.5).validate(tiny.num_layers)
 
 
 def test_fixed_depth_equals_truncated_model(tiny):

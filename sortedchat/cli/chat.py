@@ -27,6 +27,7 @@ def chat(
     threshold: o.ThresholdOpt = None,
     speculative: o.SpecOpt = None,
     draft_len: o.DraftLenOpt = 4,
+    draft_stop: o.DraftStopOpt = 0.0,
     temperature: o.TemperatureOpt = 0.0,
     top_p: o.TopPOpt = 1.0,
     top_k: o.TopKOpt = 0,
@@ -64,7 +65,7 @@ def chat(
                           allow_pickle, exits)
 
     def initial_mode(sm):
-        return o.make_mode(sm, depth, auto, threshold, speculative, draft_len)
+        return o.make_mode(sm, depth, auto, threshold, speculative, draft_len, draft_stop)
 
     if plain:
         from sortedchat.cli.ask import plain_chat

@@ -26,6 +26,8 @@ AutoOpt = Annotated[bool, typer.Option("--auto", help="Per token, exit at the fi
 ThresholdOpt = Annotated[Optional[float], typer.Option("--threshold", help="Auto mode: one threshold for all exits")]
 SpecOpt = Annotated[Optional[int], typer.Option("--speculative", help="Draft with the first K layers, verify with the rest")]
 DraftLenOpt = Annotated[int, typer.Option("--draft-len", help="Speculative: initial tokens per draft")]
+DraftStopOpt = Annotated[float, typer.Option("--draft-stop", help="Speculative: end a draft early when the drafted "
+                                             "token's probability falls below this (0 = never)")]
 
 TemperatureOpt = Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy")]
 TopPOpt = Annotated[float, typer.Option("--top-p")]
@@ -59,7 +61,7 @@ def load_model(spec, opts, console=None):
         return load_sorted_model(spec, opts, progress=lambda stage, frac=None: status.update(stage))
 
 
-def make_mode(sm, depth=None, auto=False, threshold=None, speculative=None, draft_len=4):
+def make_mode(sm, depth=None, auto=False, threshold=None, speculative=None, draft_len=4, draft_stop=0.0):
     from sortedchat.engine import Mode
 
     chosen = sum(x is not None and x is not False for x in (depth, speculative)) + bool(auto)
@@ -67,12 +69,14 @@ def make_mode(sm, depth=None, auto=False, threshold=None, speculative=None, draf
         raise SortedChatError("--depth, --auto and --speculative exclude each other")
     if threshold is not None and not auto:
         raise SortedChatError("--threshold needs --auto")
+    if not 0.0 <= draft_stop <= 1.0:
+        raise SortedChatError(f"--draft-stop {draft_stop}: must be a probability in 0..1")
     if auto:
         mode = Mode.auto(threshold)
     elif speculative is not None:
         if not 1 <= speculative < sm.num_layers:
             raise SortedChatError(f"--speculative {speculative}: draft depth must be in 1..{sm.num_layers - 1}")
-        mode = Mode.speculative(speculative, draft_len=draft_len)
+        mode = Mode.speculative(speculative, draft_len=draft_len, draft_stop=draft_stop)
     else:
         if depth is not None and not 1 <= depth <= sm.num_layers:
             raise SortedChatError(f"--depth {depth}: the model has {sm.num_layers} layers")

@@ -47,6 +47,8 @@ class Mode:
             raise SortedChatError(f"threshold {self.threshold} is outside 0..1")
         if self.draft_len < 1:
             raise SortedChatError("draft length must be at least 1")
+        if not 0.0 <= self.draft_stop <= 1.0:
+            raise SortedChatError(f"draft stop {self.draft_stop} is outside 0..1")
         return self
 
     def label(self, num_layers: int) -> str:

@@ -27,6 +27,7 @@ class DepthControl:
     threshold: float | None = None
     shift: float = 0.0
     draft_len: int = 4
+    draft_stop: float = 0.0
 
     @classmethod
     def for_model(cls, sm, mode: Mode) -> "DepthControl":
@@ -39,13 +40,14 @@ class DepthControl:
             threshold=mode.threshold,
             shift=mode.shift,
             draft_len=mode.draft_len,
+            draft_stop=mode.draft_stop,
         )
 
     def mode(self) -> Mode:
         if self.kind == "auto":
             return Mode.auto(self.threshold, shift=self.shift)
         if self.kind == "speculative":
-            return Mode.speculative(self.depth, draft_len=self.draft_len)
+            return Mode.speculative(self.depth, draft_len=self.draft_len, draft_stop=self.draft_stop)
         return Mode.fixed(self.depth)
 
     def label(self) -> str:
