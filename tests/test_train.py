@@ -153,6 +153,30 @@ def test_kd_distils_toward_the_frozen_start(tiny_dir):
     assert (kl[:2] > 1.0).all()
 
 
+def test_kd_with_lora_distils_toward_the_base_with_the_adapter_switched_off(tiny_dir):
+    """With --lora the teacher is no copy: it is the same model with the adapter disabled, i.e. the start."""
+    from peft import LoraConfig, get_peft_model
+
+    from sortedchat.training.objectives import SortedObjective
+    from sortedchat.training.templates import IGNORE
+
+    sm, _ = objective_for(tiny_dir)
+    start = copy.deepcopy(sm.model)
+    peft_model = get_peft_model(sm.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    objective = SortedObjective(peft_model, sm.num_layers, "kd")
+    encoded, batch = encoded_batch(sm)
+    select = batch["labels"][:, 1:] != IGNORE
+    hidden, weight = objective._teacher_hidden(batch["input_ids"], batch["attention_mask"], select)
+    with torch.no_grad():
+        expected = start.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        adapted = peft_model(**{k: batch[k] for k in ("input_ids", "attention_mask")}, output_hidden_states=True)
+    torch.testing.assert_close(hidden, expected.last_hidden_state[:, :-1][select], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(hidden, adapted.hidden_states[-1][:, :-1][select], atol=1e-3)
+    assert torch.equal(weight, start.lm_head.weight)
+    _, _, kl = objective(**batch, exits=[2, 4, 6], coefs=torch.ones(3))
+    assert (kl > 0).all()  # the adapted model is no longer the start, at any exit
+
+
 # -- data and labels -------------------------------------------------------------------------------------
 def test_labels_cover_the_response_and_its_end_of_turn_token(tiny_dir):
     from sortedchat.loading import LoadOptions, load_sorted_model

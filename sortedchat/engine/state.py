@@ -1,7 +1,7 @@
 """The layered KV state: each decoder layer has its own KV length, and positions a token left behind
 wait, as hidden states, at the input of the first layer that has not seen them.
 
-Invariants (see DESIGN.md): kv_len[0] >= kv_len[1] >= ... >= kv_len[L-1]; `waiting[i]` holds the
+Invariants (README, "How the engine works"): kv_len[0] >= kv_len[1] >= ... >= kv_len[L-1]; `waiting[i]` holds the
 input of layer i for positions kv_len[i] .. kv_len[i-1]-1; every stored K/V equals what the full
 model computes for those tokens. Running layer i always consumes its whole backlog plus whatever comes
 from below in one batched call, so nothing is approximated and nothing is copied upward.
