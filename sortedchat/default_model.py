@@ -108,9 +108,9 @@ def default_model_dir(progress: Progress = _quiet) -> Path:
 
 
 def shipped_fingerprint() -> str:
-    """A hash of every shipped file: new weights *or* new thresholds rebuild the cached merge (file times
-    are useless here: a fresh clone or install gives every file a new one)."""
+    """A hash of the shipped weights and configs: new weights *or* new thresholds rebuild the cached merge
+    (file times are useless here: a fresh clone or install gives every file a new one)."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in SHIPPED_ADAPTER.iterdir() if p.is_file()):
+    for path in sorted(p for p in SHIPPED_ADAPTER.iterdir() if p.suffix in (".json", ".safetensors")):
         digest.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()
