@@ -23,7 +23,10 @@ run, asset = Path(sys.argv[1]), Path(sys.argv[2])
 asset.mkdir(parents=True, exist_ok=True)
 state = load_file(str(run / "adapter_model.safetensors"))
 save_file({k: v.half().contiguous() for k, v in state.items()}, str(asset / "adapter_model.safetensors"))
-shutil.copy2(run / "adapter_config.json", asset / "adapter_config.json")
+adapter_config = json.loads((run / "adapter_config.json").read_text())
+# sortedchat resolves the base through sortedchat.json ("default"); PEFT users get the hub id, not our cache path.
+adapter_config["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+(asset / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
 config = json.loads((run / "sortedchat.json").read_text())
 config.update(thresholds={}, confidence="maxprob", calibration={})  # calibrated below
 (asset / "sortedchat.json").write_text(json.dumps(config, indent=2) + "\n")
