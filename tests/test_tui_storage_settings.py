@@ -156,13 +156,16 @@ def test_plain_flag_still_runs_the_line_chat(tiny_dir, monkeypatch):
 
 
 def test_depth_control_steps_over_the_exits():
-    control = DepthControl(exits=[2, 4, 6], num_layers=6, default_draft=2, calibrated=0.9, depth=6)
+    control = DepthControl(exits=[2, 4, 6], num_layers=6, default_draft=2, depth=6)
     assert control.step(+1) == "already at the deepest exit" and control.depth == 6
     control.step(-1)
     control.step(-1)
     assert control.label() == "Depth 2/6" and control.step(-1) == "already at the shallowest exit"
     control.toggle_auto()
-    assert control.adjust_threshold(+1) is None and control.label() == "Auto ≥0.95"
+    assert control.adjust_threshold(+1) is None and control.label() == "Auto +0.05"  # calibrated ones, shifted
+    assert control.mode().shift == 0.05 and control.mode().threshold is None
+    control.threshold = 0.9  # a single --threshold moves itself instead
+    assert control.adjust_threshold(-1) is None and control.label() == "Auto ≥0.85"
     control.step(+1)  # a depth key leaves auto mode for the next exit
     assert control.label() == "Depth 4/6"
     control.depth = 5  # a --depth that is not an exit steps to its neighbours
