@@ -15,6 +15,7 @@ from torch import nn
 
 from sortedchat import SortedChatError
 from sortedchat.config import SortedConfig, default_exits, validate_exits
+from sortedchat.head_product import HeadProduct
 
 # The attribute paths every supported decoder exposes (Llama, Mistral, Qwen2/3, SmolLM, ...).
 REQUIRED_PARTS = ("model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "lm_head")
@@ -73,6 +74,7 @@ class SortedModel:
         exits = self.config.exits or default_exits(self.num_layers)
         self.exits = validate_exits(list(exits), self.num_layers, f"exits of {self.source or 'the model'}")
         self.config.exits = self.exits
+        self.head_product = HeadProduct(self.model)
 
     # -- the parts the engine calls ---------------------------------------------------------------
     @property
@@ -97,15 +99,24 @@ class SortedModel:
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model.model.rotary_emb(hidden, position_ids=position_ids)
 
-    def head(self, hidden: torch.Tensor, exit_layer: int) -> torch.Tensor:
-        """Logits of the sub-model that stops after `exit_layer` layers, from that layer's raw output."""
+    def head(self, hidden: torch.Tensor, exit_layer: int, greedy: bool = False) -> torch.Tensor:
+        """Logits of the sub-model that stops after `exit_layer` layers, from that layer's raw output.
+
+        `greedy=True` promises that only the argmax (and a rough softmax) will be used: the head may then
+        screen the vocabulary in half precision and compute only the leading candidates exactly
+        (`HeadProduct.screened`); the argmax is still the float32 one."""
         if self.exit_heads is not None and exit_layer != self.num_layers and self.exit_heads.has(exit_layer):
             return self.exit_heads(hidden, exit_layer)
-        return self.model.lm_head(self.model.model.norm(hidden))
+        normed = self.model.model.norm(hidden)
+        if greedy:
+            screened = self.head_product.screened(normed)
+            if screened is not None:
+                return screened
+        return self.head_product(normed)
 
     def normed_head(self, normed_hidden: torch.Tensor) -> torch.Tensor:
         """LM head on an already-normed state (HF's `hidden_states[-1]` is normed)."""
-        return self.model.lm_head(normed_hidden)
+        return self.head_product(normed_hidden)
 
     # -- thresholds --------------------------------------------------------------------------------
     def thresholds(self, override: float | None = None, shift: float = 0.0) -> dict[int, float]:

@@ -50,10 +50,11 @@ def run_bench(
     repeat: int,
     clock: str = "wall",
     progress: Callable[[str], None] = lambda msg: None,
+    modes: list[str] | None = None,
 ) -> tuple[dict, list[Row]]:
     """Measure the costs, warm up, run the repeats; return (metadata, one row per mode)."""
     load_before = load_average()
-    bench = Bench(sm, conversations, max_new_tokens)
+    bench = Bench(sm, conversations, max_new_tokens, modes)
     progress("measuring layer and head costs")
     context = sum(map(len, bench.prompts)) // len(bench.prompts) + max_new_tokens // 2
     costs = measure_costs(sm, context=context, clock=CLOCKS[clock])

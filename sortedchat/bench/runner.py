@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from sortedchat import SortedChatError
 from sortedchat.bench.costs import Costs
 from sortedchat.engine import ChatSession, Mode, SamplingConfig
 from sortedchat.engine.session import encode_chat
@@ -92,16 +93,28 @@ class Row:
         return asdict(self)
 
 
-def bench_modes(sm: SortedModel) -> list[ModeSpec]:
+ALWAYS = ("hf", "full")  # the baseline, and our full depth (the check cost is a share of its token)
+
+
+def bench_modes(sm: SortedModel, only: list[str] | None = None) -> list[ModeSpec]:
+    """The rows of the benchmark: "hf ..." rows are transformers' `generate`, the others our engine.
+
+    `only` keeps the named keys (e.g. ["spec:24", "auto"]) besides the baseline and full depth, in the
+    usual order; an unknown key is an error that lists the valid ones."""
     L, drafts = sm.num_layers, sm.exits[:-1]
-    """The rows of the benchmark: "hf ..." rows are transformers' `generate`, the others our engine."""
     specs = [ModeSpec("hf", "hf generate", "hf", L)]
     specs += [ModeSpec(f"hf-ee:{k}", f"hf early-exit {k}", "hf-ee", k) for k in drafts]
     specs.append(ModeSpec("full", f"depth {L}", "full", L, Mode.fixed(L)))
     specs += [ModeSpec(f"depth:{k}", f"depth {k}", "depth", k, Mode.fixed(k)) for k in drafts]
     specs.append(ModeSpec("auto", f"auto ({sm.config.confidence})", "auto", None, Mode.auto()))
     specs += [ModeSpec(f"spec:{k}", f"speculative {k}", "spec", k, Mode.speculative(k)) for k in drafts]
-    return specs
+    if only is None:
+        return specs
+    known = [s.key for s in specs]
+    unknown = [k for k in only if k not in known]
+    if unknown:
+        raise SortedChatError(f"--modes: unknown mode {unknown[0]!r} (this model has {', '.join(known)})")
+    return [s for s in specs if s.key in ALWAYS or s.key in only]
 
 
 class PeakMemory:
@@ -182,11 +195,13 @@ def quiet_transformers():
 class Bench:
     """Holds the model, the prompts, one engine session per mode, and the tallies."""
 
-    def __init__(self, sm: SortedModel, conversations: list[list[dict]], max_new_tokens: int):
+    def __init__(
+        self, sm: SortedModel, conversations: list[list[dict]], max_new_tokens: int, modes: list[str] | None = None
+    ):
         self.sm = sm
         self.prompts = [encode_chat(sm, c) for c in conversations]
         self.n = max_new_tokens
-        self.specs = bench_modes(sm)
+        self.specs = bench_modes(sm, modes)
         self.sessions: dict[str, ChatSession] = {}
         for spec in self.specs:
             if spec.mode is not None:

@@ -37,6 +37,8 @@ def bench(
     repeat: Annotated[int, typer.Option("--repeat", "-r", help="Timed repeats of every mode on every prompt")] = 3,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON to this file")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a speed-vs-agreement plot (PNG)")] = None,
+    modes: Annotated[Optional[str], typer.Option("--modes", help="Only these modes besides hf and full, comma-separated "
+                                                 "(e.g. hf-ee:24,depth:24,auto,spec:24) [default: all]")] = None,
     threads: ThreadsOpt = None,
     clock: Annotated[str, typer.Option("--clock", help="wall, or cpu: this process's CPU time (with --threads 1, "
                                        "leaves out waiting for a core on a busy machine)")] = "wall",
@@ -62,13 +64,14 @@ def bench(
     for flag, path, suffix in (("--json", json_out, ".json"), ("--plot", plot, ".png")):
         if path is not None and path.suffix.lower() != suffix:
             raise SortedChatError(f"{flag} {path}: expected a {suffix} file name")
+    only = [m.strip() for m in modes.split(",") if m.strip()] if modes is not None else None
     _threads(threads)
     conversations = load_prompts(prompts)
     opts = o.load_options(device, dtype, load_in_4bit, load_in_8bit, trust_remote_code, allow_pickle, exits)
     sm = o.load_model(model, opts)
     err = Console(stderr=True)
     with err.status("benchmarking", spinner="dots") as status:
-        meta, rows = run_bench(sm, conversations, max_new_tokens, repeat, clock, progress=status.update)
+        meta, rows = run_bench(sm, conversations, max_new_tokens, repeat, clock, progress=status.update, modes=only)
     meta["command"] = " ".join(["sortedchat", *sys.argv[1:]])
     title = (f"{meta['model']} · {meta['dtype']} on {meta['device']} ({meta['machine']['torch_threads']} threads) · "
              f"{len(conversations)} prompts × {max_new_tokens} tokens × {repeat} repeats · {clock} clock · load "

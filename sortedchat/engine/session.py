@@ -127,7 +127,7 @@ class ChatSession:
                 produced = [self._auto_step(pending, mode, sampler, stats)]
             else:
                 depth = L if mode.kind == "speculative" else (mode.depth or L)  # one token left: verify-free
-                logits = self.sm.head(state.run(depth, [pending])[:, -1], depth)[0]
+                logits = self.sm.head(state.run(depth, [pending])[:, -1], depth, sampler.cfg.greedy)[0]
                 produced = [(*sampler.pick(logits), depth, False, None)]
             done = False
             for token, conf, exit_layer, drafted, accepted in produced:
@@ -183,7 +183,7 @@ class ChatSession:
                 out = self.state.run(e)
             h = out[:, -1]
             if e == self.L:
-                logits = self.sm.head(h, e)
+                logits = self.sm.head(h, e, sampler.cfg.greedy)
                 break
             if thresholds[e] >= 1.0:
                 out = None
@@ -194,7 +194,7 @@ class ChatSession:
             stats.checks += 1
             if conf >= thresholds[e]:
                 if logits is None:
-                    logits = self.sm.head(h, e)
+                    logits = self.sm.head(h, e, sampler.cfg.greedy)
                 break
             out = None
         token_out, p = sampler.pick(logits[0])
@@ -211,7 +211,7 @@ class ChatSession:
         drafts, draft_conf, draft_probs = [], [], []
         feed = pending
         for _ in range(n):
-            logits = self.sm.head(state.run(k, [feed])[:, -1], k)[0]
+            logits = self.sm.head(state.run(k, [feed])[:, -1], k, sampler.cfg.greedy)[0]
             if sampler.cfg.greedy:
                 token, conf = sampler.pick(logits)
             else:

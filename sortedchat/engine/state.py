@@ -11,8 +11,46 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from sortedchat.sorted_model import SortedModel
+
+
+class GrowingLayer(DynamicLayer):
+    """A `DynamicLayer` that writes each token's K/V into a buffer instead of concatenating.
+
+    `DynamicLayer.update` copies the layer's whole cache on every call (`torch.cat`): at a few hundred
+    positions that is a few percent of a CPU decoding step (BENCHMARKS.md). Here `keys`/`values` are views of
+    the first positions of a buffer whose capacity doubles when full, so a step writes only its own
+    positions. `crop` is still `DynamicLayer`'s slice, a view of the same buffer, and the next update
+    overwrites what was cropped."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self._buffers = None
+        n, q = self.get_seq_length(), key_states.shape[-2]
+        buffers = self._buffers
+        # Rebuild when full, when something replaced keys/values with tensors of their own, or when buffers made
+        # under inference mode are written outside it (torch forbids that in place).
+        if (
+            buffers is None
+            or n + q > buffers[0].shape[-2]
+            or (n and self.keys.data_ptr() != buffers[0].data_ptr())
+            or (buffers[0].is_inference() and not torch.is_inference_mode_enabled())
+        ):
+            capacity = max(64, 2 * (n + q))
+            buffers = tuple(
+                new.new_empty((*new.shape[:-2], capacity, new.shape[-1])) for new in (key_states, value_states)
+            )
+            if n:
+                buffers[0][..., :n, :] = self.keys
+                buffers[1][..., :n, :] = self.values
+            self._buffers = buffers
+        buffers[0][..., n : n + q, :] = key_states
+        buffers[1][..., n : n + q, :] = value_states
+        self.keys, self.values = buffers[0][..., : n + q, :], buffers[1][..., : n + q, :]
+        return self.keys, self.values
 
 
 class LayeredState:
@@ -23,6 +61,8 @@ class LayeredState:
 
     def reset(self) -> None:
         self.cache = DynamicCache(config=self.sm.model.config)
+        # Plain full-attention layers grow in place; sliding-window and other kinds keep their own class.
+        self.cache.layers = [GrowingLayer() if type(x) is DynamicLayer else x for x in self.cache.layers]
         self.kv_len = [0] * self.num_layers
         self.waiting: list[torch.Tensor | None] = [None] * (self.num_layers + 1)  # [L] stays empty
         self.tokens: list[int] = []  # the token at each position every layer-1 K/V covers
