@@ -234,7 +234,7 @@ def simulate(conf: torch.Tensor, agree: torch.Tensor, exits: list[int], threshol
         agrees[leave] = agree[j, leave]
         alive &= ~leave
     check_time = costs.per_token.get(measure, 0.0) + checks * costs.check.get(measure, 0.0)
-    seconds = costs.step + costs.head + exit_at.float() * costs.layer + check_time
+    seconds = costs.step + costs.head + L * costs.layer - costs.early_exit_saving(exit_at.float(), L) + check_time
     full = costs.step + costs.head + L * costs.layer
     return {
         "agreement": float(agrees.float().mean()) if N else 1.0,
@@ -251,8 +251,9 @@ def thresholds_for_precision(conf: torch.Tensor, agree: torch.Tensor, exits: lis
                              costs: Costs, measure: str, L: int) -> list[float]:
     """Exit by exit, the lowest threshold whose exiting tokens agree at least `precision` of the time.
 
-    Only tokens still running reach an exit. An exit whose tokens save less time, (L − e) layers each,
-    than checking every token that reaches it costs is not checked (threshold 1)."""
+    Only tokens still running reach an exit. An exit whose tokens save less time (`Costs.early_exit_saving`:
+    (L − e) layers each, less draining their backlog later) than checking every token that reaches it costs
+    is not checked (threshold 1)."""
     check = costs.check.get(measure, 0.0)
     alive = torch.ones(conf.shape[1], dtype=torch.bool)
     out = []
@@ -267,7 +268,7 @@ def thresholds_for_precision(conf: torch.Tensor, agree: torch.Tensor, exits: lis
             ok[:-1] &= cs[:-1] > cs[1:]  # cut only between different confidences
             if ok.any():
                 k = int(torch.nonzero(ok)[-1])
-                if (k + 1) * (L - e) * costs.layer > len(c) * check:
+                if (k + 1) * costs.early_exit_saving(e, L) > len(c) * check:
                     tau = min(float(cs[k]), 1.0 - 1e-7)
         out.append(tau)
         if tau < 1.0:
@@ -384,6 +385,7 @@ def write(sm: SortedModel, result: Calibration, target: float) -> list[Path]:
                      for n, p in result.plans.items()},
         "per_exit": {str(e): v for e, v in chosen.per_exit.items()},
         "costs_ms": {"layer": round(result.costs.layer * 1e3, 4), "head": round(result.costs.head * 1e3, 4),
+                     "drain_share": round(result.costs.drain, 3),
                      "check": {k: round(v * 1e3, 4) for k, v in result.costs.check.items()}},
         "device": str(sm.device),
         "dtype": str(sm.dtype).replace("torch.", ""),

@@ -44,7 +44,8 @@ def bench_run(tiny_dir, tmp_path_factory):
 def test_bench_json_has_every_mode(bench_run):
     data, _, _ = bench_run
     keys = [r["key"] for r in data["rows"]]
-    assert keys == ["hf", "hf-ee:2", "hf-ee:4", "full", "depth:2", "depth:4", "auto", "spec:2", "spec:4"]
+    assert keys == ["hf", "hf-ee:2", "hf-ee:4", "full", "depth:2", "depth:4", "auto", "spec:2", "spec:4", "draft:2",
+                    "draft:4"]
     assert data["max_new_tokens"] == 6 and data["repeat"] == 1 and data["prompts"] == 2 and data["clock"] == "cpu"
     for r in data["rows"]:
         assert r["tokens_per_second"] > 0 and r["ratio"] > 0 and 0.0 <= r["agreement"] <= 1.0
@@ -56,12 +57,65 @@ def test_bench_json_has_every_mode(bench_run):
 
 def test_bench_exact_modes_agree_with_the_baseline(bench_run):
     rows = {r["key"]: r for r in bench_run[0]["rows"]}
-    for key in ("hf", "full", "spec:2", "spec:4", "hf-ee:2", "hf-ee:4"):
+    for key in ("hf", "full", "spec:2", "spec:4", "draft:2", "draft:4", "hf-ee:2", "hf-ee:4"):
         assert rows[key]["agreement"] == 1.0, key
-    for key in ("spec:2", "spec:4"):
+    for key in ("spec:2", "spec:4", "draft:2", "draft:4"):
         assert rows[key]["acceptance"] is not None and 0.0 <= rows[key]["acceptance"] <= 1.0
+    for key in ("spec:2", "spec:4"):
+        assert 0.0 <= rows[key]["paced_share"] < 1.0
+    assert rows["draft:2"]["paced_share"] is None
     assert rows["depth:2"]["mean_exit"] == 2.0 and rows["full"]["mean_exit"] == 6.0
     assert rows["hf"]["ratio"] == 1.0
+
+
+def test_bench_teacher_forced_agreement_and_auto_against_the_fixed_depth_line(bench_run):
+    data = bench_run[0]
+    rows = {r["key"]: r for r in data["rows"]}
+    assert rows["full"]["forced_agreement"] == 1.0
+    for key in ("depth:2", "depth:4", "auto"):
+        assert 0.0 <= rows[key]["forced_agreement"] <= 1.0
+        assert rows[key]["forced_agreement"] >= rows[key]["agreement"] or rows[key]["agreement"] == 1.0
+    for key in ("hf", "hf-ee:2", "spec:2", "draft:2"):
+        assert rows[key]["forced_agreement"] is None
+    verdicts = data["auto_vs_fixed"]
+    assert set(verdicts) == {"free-running", "teacher-forced"}
+    for v in verdicts.values():
+        assert v["dominates"] == (v["auto"] > v["fixed_depth_line"])
+    assert "auto at" in " ".join(bench_run[2].split())
+
+
+def test_fixed_depth_line_interpolates_between_fixed_depths():
+    from sortedchat.bench.report import auto_vs_fixed, fixed_depth_line
+    from sortedchat.bench.runner import Row
+
+    def row(kind, ratio, agree, forced):
+        return Row(key=kind, label=kind, kind=kind, exit=None, clock="wall", tokens_per_second=1.0, ratio=ratio,
+                   agreement=agree, forced_agreement=forced, mean_exit=None, acceptance=None, paced_share=None,
+                   peak_memory_mib=None,
+                   ideal_ratio=None, check_share=None, checks_per_token=None, by_clock={})
+
+    rows = [row("full", 1.0, 1.0, 1.0), row("depth", 1.2, 0.0, 0.5), row("depth", 2.0, 0.0, 0.1),
+            row("auto", 1.1, 0.2, 0.9)]
+    assert fixed_depth_line(rows, 1.1, "agreement") == pytest.approx(0.5)
+    assert fixed_depth_line(rows, 1.1, "forced_agreement") == pytest.approx(0.75)
+    assert fixed_depth_line(rows, 0.9, "agreement") == 1.0 and fixed_depth_line(rows, 3.0, "agreement") == 0.0
+    verdicts = auto_vs_fixed(rows)
+    assert verdicts["free-running"]["dominates"] is False and verdicts["teacher-forced"]["dominates"] is True
+
+
+def test_bench_modes_keeps_the_baseline_and_full_depth_and_names_unknown_modes(tiny_dir, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hello!\n")
+    out_json = tmp_path / "b.json"
+    base = ["bench", "--model", tiny_dir, "--device", "cpu", "--exits", "2,4,6", "--prompts", prompts, "-n", "3",
+            "--repeat", "1"]
+    code, _, err = invoke([*base, "--modes", "spec:4,auto", "--json", out_json])
+    assert code == 0, err
+    assert [r["key"] for r in json.loads(out_json.read_text())["rows"]] == ["hf", "full", "auto", "spec:4"]
+    code, _, err = invoke([*base, "--modes", "spec:5"])
+    assert code == 1
+    assert err.strip().splitlines()[-1] == ("error: --modes: unknown mode 'spec:5' (this model has hf, hf-ee:2, hf-ee:4, "
+                                            "full, depth:2, depth:4, auto, spec:2, spec:4, draft:2, draft:4)")
 
 
 def test_bench_ideal_ratio_comes_from_layer_and_head_cost(bench_run):
@@ -70,7 +124,7 @@ def test_bench_ideal_ratio_comes_from_layer_and_head_cost(bench_run):
     for r in data["rows"]:
         if r["kind"] in ("full", "depth"):
             assert r["ideal_ratio"] == pytest.approx((6 * layer + head) / (r["exit"] * layer + head))
-        elif r["kind"] in ("hf", "hf-ee", "spec"):
+        elif r["kind"] in ("hf", "hf-ee", "spec", "draft"):
             assert r["ideal_ratio"] is None
 
 

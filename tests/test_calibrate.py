@@ -138,6 +138,21 @@ def test_thresholds_follow_a_separating_confidence():
     assert sim["speedup"] == pytest.approx(8 / seconds)
 
 
+def test_draining_the_backlog_shrinks_what_an_early_exit_saves():
+    """An early token's layers run later, batched with the next deeper token: at drain d they cost d of a
+    layer each. Half-price draining halves the saving; full-price draining makes checking pointless."""
+    agree2 = torch.tensor([True] * 6 + [False] * 4)
+    conf = torch.stack([torch.where(agree2, 0.9, 0.2), torch.full((10,), 0.3)])
+    agree = torch.stack([agree2, torch.zeros(10, dtype=torch.bool)])
+    half = Costs(layer=1.0, head=2.0, step=0.0, context=0, drain=0.5, check={"m": 0.01}, per_token={"m": 0.0})
+    th = cal.thresholds_for_precision(conf, agree, [2, 4], precision=0.9, costs=half, measure="m", L=6)
+    sim = cal.simulate(conf, agree, [2, 4], th, half, "m", L=6)
+    seconds = 0.6 * (8 - 4 * 0.5) + 0.4 * 8 + 0.01
+    assert th[0] == pytest.approx(0.9) and sim["speedup"] == pytest.approx(8 / seconds)
+    full = Costs(layer=1.0, head=2.0, step=0.0, context=0, drain=1.0, check={"m": 0.01}, per_token={"m": 0.0})
+    assert cal.thresholds_for_precision(conf, agree, [2, 4], precision=0.9, costs=full, measure="m", L=6) == [1.0, 1.0]
+
+
 def test_too_little_data_is_refused(tiny, tmp_path):
     small = tmp_path / "small.json"
     small.write_text(json.dumps(RECORDS[:2]))

@@ -44,6 +44,19 @@ def test_draft_stop_must_be_a_probability(tiny_dir):
     assert res.stderr.strip().splitlines()[-1] == "error: --draft-stop 1.5: must be a probability in 0..1"
 
 
+def test_always_draft_needs_speculative(tiny_dir):
+    res = runner.invoke(app, ["ask", "Hi", "--model", str(tiny_dir), "--device", "cpu", "--always-draft"])
+    assert res.exit_code == 1 and str(res.exception) == "--always-draft needs --speculative"
+
+
+def test_summary_says_how_many_tokens_pacing_decoded_at_full_depth():
+    from sortedchat.cli.render import summary_line
+    from sortedchat.engine.events import GenerationStats
+
+    stats = GenerationStats(num_layers=6, tokens=10, drafted=4, accepted=2, verifications=2, paced=5, decode_seconds=1.0)
+    assert "accepted 50% of drafts (1.00/verify) · 5 at full depth (drafting was slower)" in summary_line(stats)
+
+
 def test_info_lists_layers_exits_and_weights(tiny_dir):
     res = runner.invoke(app, ["info", "--model", str(tiny_dir), "--device", "cpu", "--exits", "2,4"])
     assert res.exit_code == 0, res.output

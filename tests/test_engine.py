@@ -52,7 +52,7 @@ def test_full_depth_equals_hf_generate(tiny, messages):
 def test_speculative_greedy_equals_full_greedy(tiny, messages, draft, draft_len):
     ids = prompt_ids(tiny, messages)
     full = run(no_stop(ChatSession(tiny)), ids)
-    spec = no_stop(ChatSession(tiny, Mode.speculative(draft, draft_len=draft_len)))
+    spec = no_stop(ChatSession(tiny, Mode.speculative(draft, draft_len=draft_len, pace=False)))
     assert run(spec, ids) == full
     assert spec.last_stats.verifications > 0
 
@@ -61,7 +61,7 @@ def test_draft_stop_ends_each_draft_at_an_unsure_token_and_keeps_full_greedy(tin
     """--draft-stop 1: no draft is ever sure enough to go on, so every round drafts exactly one token."""
     ids = prompt_ids(tiny, PROMPTS[0])
     full = run(no_stop(ChatSession(tiny)), ids)
-    spec = no_stop(ChatSession(tiny, Mode.speculative(2, draft_len=6, draft_stop=1.0)))
+    spec = no_stop(ChatSession(tiny, Mode.speculative(2, draft_len=6, draft_stop=1.0, pace=False)))
     assert run(spec, ids) == full
     stats = spec.last_stats
     assert stats.verifications > 0 and stats.drafted == stats.verifications
@@ -78,6 +78,73 @@ def test_fixed_depth_equals_truncated_model(tiny):
         out = tiny.model(input_ids=torch.tensor([seq]), output_hidden_states=True)
         seq.append(int(tiny.head(out.hidden_states[4][:, -1], 4).argmax()))
     assert got == seq[len(ids) :]
+
+
+def test_teacher_forcing_reports_each_steps_choice_on_the_given_answer(tiny):
+    """Forced decoding picks at depth k given the reference prefix: the model's own answer is reproduced,
+    and on another answer each choice is the sub-model's argmax after that answer's prefix."""
+    ids = prompt_ids(tiny, PROMPTS[0])
+    full = run(no_stop(ChatSession(tiny)), ids, n=10)
+    forced_full = [e.token_id for e in no_stop(ChatSession(tiny)).generate_ids(ids, SamplingConfig(), forced=full)]
+    assert forced_full == full
+    shallow = no_stop(ChatSession(tiny, Mode.fixed(2)))
+    chosen = [e.token_id for e in shallow.generate_ids(ids, SamplingConfig(max_new_tokens=99), forced=full)]
+    expected = []
+    for i in range(len(full)):
+        out = tiny.model(input_ids=torch.tensor([ids + full[:i]]), output_hidden_states=True)
+        expected.append(int(tiny.head(out.hidden_states[2][:, -1], 2).argmax()))
+    assert chosen == expected and len(chosen) == len(full)
+    with pytest.raises(SortedChatError, match="teacher forcing measures fixed-depth or auto mode"):
+        ChatSession(tiny, Mode.speculative(2)).generate_ids(ids, forced=full)
+
+
+def test_pacer_pauses_drafting_while_it_is_slower_and_probes_again_with_growing_pauses():
+    from sortedchat.engine.pacing import Pacer
+
+    pacer = Pacer(first_pause=2, max_pause=8)
+    assert pacer.draft_now()
+    pacer.record_draft(1.0, 2)  # nothing to compare with: measure full depth first
+    assert pacer.pause == 2 and not pacer.draft_now()
+    pacer.record_full(0.1)
+    pacer.record_full(0.1)
+    assert pacer.draft_now() and pacer.full_rate == pytest.approx(0.1)
+    pauses = []
+    for _ in range(4):  # drafting keeps losing: 2, 4, 8, 8 full-depth tokens between probes
+        pacer.record_draft(1.0, 2)
+        pauses.append(pacer.pause)
+        while not pacer.draft_now():
+            pacer.record_full(0.1)
+    assert pauses == [2, 4, 8, 8]
+    for _ in range(20):  # drafting got faster: the average follows and drafting goes on
+        pacer.record_draft(0.02, 2)
+        while not pacer.draft_now():
+            pacer.record_full(0.1)
+    assert pacer.draft_rate < pacer.full_rate and pacer.next_pause == 2
+    pacer.record_draft(0.02, 2)
+    assert pacer.draft_now()
+
+
+def test_paced_speculation_decodes_at_full_depth_while_drafting_loses_and_stays_exact(tiny):
+    from sortedchat.engine.pacing import Pacer
+
+    class DraftingLoses(Pacer):  # the clock rigged: drafting 1 s per token, full depth 1 ms
+        def record_draft(self, seconds, tokens):
+            super().record_draft(1.0, tokens)
+
+        def record_full(self, seconds, tokens=1):
+            super().record_full(0.001, tokens)
+
+    ids = prompt_ids(tiny, PROMPTS[0])
+    full = run(no_stop(ChatSession(tiny)), ids, n=30)
+    session = no_stop(ChatSession(tiny, Mode.speculative(2, draft_len=2)))
+    session.pacer = DraftingLoses(first_pause=4, max_pause=16)
+    events = list(session.generate_ids(ids, SamplingConfig(max_new_tokens=30)))
+    assert [e.token_id for e in events] == full
+    stats = session.last_stats
+    assert stats.paced >= 4 + 4 + 8 and 1 <= stats.verifications <= 4
+    always = no_stop(ChatSession(tiny, Mode.speculative(2, draft_len=2, pace=False)))
+    always.pacer = DraftingLoses()
+    assert run(always, ids, n=30) == full and always.last_stats.paced == 0
 
 
 def test_auto_unreachable_thresholds_equal_full_depth(tiny):

@@ -157,7 +157,7 @@ def test_speculative_toggle_drafts_at_the_current_depth_and_matches_full_depth(t
             await ask(pilot, app)
             full, _ = expected_answer(tiny, [{"role": "user", "content": PROMPT}])
             assert app.answer.text == full  # greedy speculative output is the full model's
-            assert {e.exit_layer for e in app.events} <= {4, 6} and any(e.drafted for e in app.events)
+            assert {e.exit_layer for e in app.events} <= {4, 6} and app.session.last_stats.drafted > 0
             assert "accepted " in status(app)
             await pilot.press("f3")  # the draft depth stays below the last layer
             assert app.session.mode == Mode.speculative(4)
@@ -406,3 +406,14 @@ def test_command_palette_offers_the_chat_commands(tiny, tmp_path):
             assert app.session.mode.kind == "auto"
 
     asyncio.run(run())
+
+
+def test_status_line_counts_tokens_the_pacer_decoded_at_full_depth():
+    from sortedchat.engine import GenerationStats
+    from sortedchat.tui.widgets.status import status_text
+
+    stats = GenerationStats(num_layers=6, tokens=10, drafted=4, accepted=2, verifications=2, paced=5, exit_sum=50,
+                            decode_seconds=1.0, layer_evals=60)
+    assert status_text("m", "Speculative 2", stats) == (
+        "m · Speculative 2 · 10.0 tok/s · 10 tokens · mean exit 5.0/6 · accepted 50% · 5 undrafted · saved 0%"
+    )

@@ -60,6 +60,7 @@ def run_bench(
     costs = measure_costs(sm, context=context, clock=CLOCKS[clock])
     bench.warm_up(progress)
     bench.run(repeat, progress)
+    bench.teacher_forced(progress)
     meta = {
         "model": sm.source,
         "weights": sm.weights_path,

@@ -5,6 +5,11 @@ The ideal speed-up of depth k is what these costs allow with no overhead at all,
 uses the same costs to predict what auto mode will gain. Layer cost is measured through the engine's own
 `LayeredState.run` at two depths, so it includes what the engine adds per layer; the rest of a step (embedding,
 rotary tables) is `step`.
+
+`drain` is what one more position adds to a layer call, as a share of `layer`: the cost of the backlog an
+early exit leaves, which the next deeper token's pass pays (exact KV). Near 0 where batching is free (a
+GPU), about 0.6 on a 2-core CPU, where it decides whether auto mode saves anything at all: a token leaving
+at exit e saves (L - e) * layer * (1 - drain).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class Costs:
     head: float
     step: float
     context: int
+    drain: float = 0.0  # one more position in a layer call, as a share of `layer`
     check: dict[str, float] = field(default_factory=dict)  # per checked exit
     per_token: dict[str, float] = field(default_factory=dict)  # a measure's prepare + observe, once per token
 
@@ -38,6 +44,10 @@ class Costs:
 
     def ideal_ratio(self, depth: int, num_layers: int) -> float:
         return self.token(num_layers) / self.token(depth)
+
+    def early_exit_saving(self, exit_layer, num_layers: int):
+        """Seconds a token saves by leaving at `exit_layer` (a number or a tensor), its backlog drained later."""
+        return (num_layers - exit_layer) * self.layer * (1.0 - self.drain)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,27 +79,29 @@ def measure_costs(
     L = sm.num_layers
     context = max(2, min(context, (sm.max_positions or context + 2) - 2))
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, sm.model.config.vocab_size, (context + 1,), generator=g).tolist()
+    ids = torch.randint(0, sm.model.config.vocab_size, (context + 2,), generator=g).tolist()
     state = LayeredState(sm)
     state.run(L, ids[:context])
 
-    def step(depth: int):
+    def step(depth: int, positions: int = 1):
         def run():
-            state.run(depth, [ids[context]])
+            state.run(depth, ids[context : context + positions])
             state.crop(context)
 
         return run
 
     low, high = 1, L
-    for d in (low, high):
-        step(d)()  # warm-up
+    for d, n in ((low, 1), (high, 1), (high, 2)):
+        step(d, n)()  # warm-up
     t_low = median_seconds(step(low))
     t_high = median_seconds(step(high))
+    t_two = median_seconds(step(high, 2))
     layer = max(t_high - t_low, 0.0) / max(high - low, 1)
+    drain = min(max((t_two - t_high) / (L * layer), 0.0), 1.0) if layer > 0 else 0.0
     hidden = state.run(L, [ids[context]])[:, -1]
     state.crop(context)
     head = median_seconds(lambda: sm.head(hidden, L))
-    costs = Costs(layer=layer, head=head, step=max(t_low - layer, 0.0), context=context)
+    costs = Costs(layer=layer, head=head, step=max(t_low - layer, 0.0), context=context, drain=drain)
 
     if measures is None:
         measures = {}

@@ -18,7 +18,8 @@ KIND_STYLE = {  # kind -> (matplotlib colour, marker, legend)
     "full": ("tab:blue", "D", "sortedchat full depth"),
     "depth": ("tab:blue", "o", "sortedchat fixed depth k"),
     "auto": ("tab:red", "*", "sortedchat auto"),
-    "spec": ("tab:green", "v", "sortedchat speculative, draft k"),
+    "spec": ("tab:green", "v", "sortedchat speculative, draft k (paced)"),
+    "draft": ("tab:olive", "<", "sortedchat speculative, draft k, always drafting"),
 }
 
 
@@ -30,7 +31,8 @@ def table(rows: list[Row], title: str) -> Table:
     t = Table(title=title, title_justify="left")
     for name, justify in [
         ("mode", "left"), ("tok/s", "right"), ("× base", "right"), ("ideal ×", "right"), ("% of ideal", "right"),
-        ("mean exit", "right"), ("accept", "right"), ("agree", "right"), ("checks", "right"), ("peak MiB", "right"),
+        ("mean exit", "right"), ("accept", "right"), ("paced", "right"), ("agree", "right"), ("forced", "right"), ("checks", "right"),
+        ("peak MiB", "right"),
     ]:
         t.add_column(name, justify=justify)
     for r in rows:
@@ -46,23 +48,62 @@ def table(rows: list[Row], title: str) -> Table:
             _num(of_ideal, ".0%"),
             _num(r.mean_exit, ".1f"),
             _num(r.acceptance, ".0%"),
+            _num(r.paced_share, ".0%"),
             f"{r.agreement:.0%}",
+            _num(r.forced_agreement, ".0%"),
             checks or "–",
             _num(r.peak_memory_mib, ".0f"),
         )
     return t
 
 
+AGREEMENTS = {"agreement": "free-running", "forced_agreement": "teacher-forced"}
+
+
+def fixed_depth_line(rows: list[Row], ratio: float, attr: str) -> float | None:
+    """The agreement the fixed-depth modes reach at speed `ratio`: fixed depths and full depth joined by
+    straight lines in order of speed (beyond either end, the end point's agreement)."""
+    pts = sorted((r.ratio, getattr(r, attr)) for r in rows if r.kind in ("full", "depth") and getattr(r, attr) is not None)
+    if not pts:
+        return None
+    if ratio <= pts[0][0]:
+        return pts[0][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if ratio <= x1:
+            return y0 + (y1 - y0) * (ratio - x0) / (x1 - x0) if x1 > x0 else max(y0, y1)
+    return pts[-1][1]
+
+
+def auto_vs_fixed(rows: list[Row]) -> dict[str, dict]:
+    """Does auto mode dominate fixed depth? Per agreement measure: auto's agreement against the fixed-depth
+    line's at auto's speed (auto dominates when it is higher: better agreement at equal speed)."""
+    auto = next((r for r in rows if r.kind == "auto"), None)
+    out = {}
+    if auto is None:
+        return out
+    for attr, name in AGREEMENTS.items():
+        line = fixed_depth_line(rows, auto.ratio, attr)
+        mine = getattr(auto, attr)
+        if line is not None and mine is not None:
+            out[name] = {"ratio": auto.ratio, "auto": mine, "fixed_depth_line": line, "dominates": mine > line}
+    return out
+
+
 def print_table(rows: list[Row], title: str, console: Console | None = None) -> None:
-    """On a terminal at its width; piped into a file, wide enough that no column is cut."""
+    """On a terminal at its width; piped into a file, wide enough that no column is cut. Below the
+    table, auto mode against the fixed-depth line."""
     console = console or Console()
     if not console.is_terminal:
-        console.width = max(console.width, 130)
+        console.width = max(console.width, 140)
     console.print(table(rows, title))
+    for name, v in auto_vs_fixed(rows).items():
+        verdict = "dominates fixed depth" if v["dominates"] else "does not dominate fixed depth"
+        console.print(f"auto at {v['ratio']:.2f}x: {name} agreement {v['auto']:.0%}; the fixed-depth line at that "
+                      f"speed: {v['fixed_depth_line']:.0%} → auto {verdict}")
 
 
 def write_json(path: str | Path, meta: dict, rows: list[Row]) -> Path:
-    data = dict(meta, rows=[r.to_dict() for r in rows])
+    data = dict(meta, rows=[r.to_dict() for r in rows], auto_vs_fixed=auto_vs_fixed(rows))
     return atomic_write_text(Path(path), json.dumps(data, indent=2) + "\n")
 
 
@@ -73,27 +114,28 @@ def write_plot(path: str | Path, rows: list[Row], title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for kind, (colour, marker, legend) in KIND_STYLE.items():
-        pts = [r for r in rows if r.kind == kind]
-        if not pts:
-            continue
-        if kind in ("depth", "spec", "hf-ee"):
-            ordered = sorted(pts, key=lambda r: r.exit)
-            ax.plot([r.agreement for r in ordered], [r.ratio for r in ordered], color=colour, alpha=0.35, lw=1)
-        ax.scatter([r.agreement for r in pts], [r.ratio for r in pts], c=colour, marker=marker,
-                   s=140 if kind == "auto" else 45, label=legend, zorder=3)
-        if kind in ("depth", "spec", "hf-ee"):
-            for r in pts:
-                ax.annotate(str(r.exit), (r.agreement, r.ratio), textcoords="offset points", xytext=(4, 4),
-                            fontsize=7, color=colour)
-    ax.axhline(1.0, color="black", lw=0.6, ls="--")
-    ax.set_xlabel("agreement with full-depth greedy (share of identical tokens)")
-    ax.set_ylabel("speed ratio to transformers generate")
-    ax.set_xlim(-0.03, 1.05)
-    ax.set_title(textwrap.fill(title, 110), fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    for ax, (attr, name) in zip(axes, AGREEMENTS.items()):
+        for kind, (colour, marker, legend) in KIND_STYLE.items():
+            pts = [r for r in rows if r.kind == kind and getattr(r, attr) is not None]
+            if not pts:
+                continue
+            if kind in ("depth", "spec", "draft", "hf-ee"):
+                ordered = sorted(pts, key=lambda r: r.exit)
+                ax.plot([getattr(r, attr) for r in ordered], [r.ratio for r in ordered], color=colour, alpha=0.35, lw=1)
+            ax.scatter([getattr(r, attr) for r in pts], [r.ratio for r in pts], c=colour, marker=marker,
+                       s=140 if kind == "auto" else 45, label=legend, zorder=3)
+            if kind in ("depth", "spec", "draft", "hf-ee"):
+                for r in pts:
+                    ax.annotate(str(r.exit), (getattr(r, attr), r.ratio), textcoords="offset points", xytext=(4, 4),
+                                fontsize=7, color=colour)
+        ax.axhline(1.0, color="black", lw=0.6, ls="--")
+        ax.set_xlabel(f"{name} agreement with full-depth greedy (share of identical tokens)")
+        ax.set_xlim(-0.03, 1.05)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("speed ratio to transformers generate")
+    axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle(textwrap.fill(title, 160), fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

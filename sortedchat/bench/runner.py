@@ -41,15 +41,16 @@ PROTOCOL = (
     "greedy; exactly max_new_tokens tokens per prompt with end-of-turn ignored by every mode; time = the whole "
     "call, prefill included; one warm-up run per mode; modes alternate prompt by prompt, their order rotating "
     "each repeat; tok/s = median over repeats; ratio = median of per-repeat ratios to the baseline; agreement = "
-    "share of positions whose token equals the baseline's"
+    "share of positions whose token equals the baseline's; forced agreement (fixed depth, full, auto) = share of steps whose "
+    "token equals the baseline's when every step is fed the baseline's previous tokens (teacher forcing, untimed)"
 )
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 @dataclass
 class ModeSpec:
-    key: str  # "hf", "hf-ee:15", "full", "depth:15", "auto", "spec:15"
+    key: str  # "hf", "hf-ee:15", "full", "depth:15", "auto", "spec:15", "draft:15"
     label: str
-    kind: str  # hf | hf-ee | full | depth | auto | spec
+    kind: str  # hf | hf-ee | full | depth | auto | spec | draft
     exit: int | None = None
     mode: Mode | None = None
 
@@ -62,10 +63,13 @@ class Tally:
     tokens: list[int] = field(default_factory=list)  # per repeat
     agree: int = 0
     compared: int = 0
+    forced_agree: int = 0
+    forced_compared: int = 0
     exit_sum: int = 0
     exit_tokens: int = 0
     drafted: int = 0
     accepted: int = 0
+    paced: int = 0
     check_seconds: float = 0.0
     checks: int = 0
     peak_bytes: int | None = None
@@ -81,8 +85,10 @@ class Row:
     tokens_per_second: float  # by `clock`
     ratio: float  # by `clock`
     agreement: float
+    forced_agreement: float | None  # teacher-forced, for the modes that choose one token per step
     mean_exit: float | None
     acceptance: float | None
+    paced_share: float | None  # speculative: share of tokens decoded at full depth because drafting was slower
     peak_memory_mib: float | None
     ideal_ratio: float | None
     check_share: float | None  # confidence-check time / the time of a full-depth token of our engine
@@ -98,6 +104,8 @@ ALWAYS = ("hf", "full")  # the baseline, and our full depth (the check cost is a
 
 def bench_modes(sm: SortedModel, only: list[str] | None = None) -> list[ModeSpec]:
     """The rows of the benchmark: "hf ..." rows are transformers' `generate`, the others our engine.
+    "spec:k" is speculative mode as users get it (paced: full depth while drafting is measured slower),
+    "draft:k" the same with drafting always on, which shows what drafting itself costs.
 
     `only` keeps the named keys (e.g. ["spec:24", "auto"]) besides the baseline and full depth, in the
     usual order; an unknown key is an error that lists the valid ones."""
@@ -108,6 +116,8 @@ def bench_modes(sm: SortedModel, only: list[str] | None = None) -> list[ModeSpec
     specs += [ModeSpec(f"depth:{k}", f"depth {k}", "depth", k, Mode.fixed(k)) for k in drafts]
     specs.append(ModeSpec("auto", f"auto ({sm.config.confidence})", "auto", None, Mode.auto()))
     specs += [ModeSpec(f"spec:{k}", f"speculative {k}", "spec", k, Mode.speculative(k)) for k in drafts]
+    specs += [ModeSpec(f"draft:{k}", f"speculative {k}, always drafting", "draft", k, Mode.speculative(k, pace=False))
+              for k in drafts]
     if only is None:
         return specs
     known = [s.key for s in specs]
@@ -241,6 +251,7 @@ class Bench:
         tally.exit_tokens += st.tokens
         tally.drafted += st.drafted
         tally.accepted += st.accepted
+        tally.paced += st.paced
         tally.check_seconds += st.check_seconds
         tally.checks += st.checks
         return tokens, seconds
@@ -285,6 +296,22 @@ class Bench:
                     tally.seconds[c].append(seconds[spec.key][c])
                 tally.tokens.append(tokens[spec.key])
 
+    def teacher_forced(self, progress: Callable[[str], None]) -> None:
+        """Per-token quality of the modes that choose one token per step: fed the baseline's answer, how
+        often does the mode pick the baseline's next token? (Free-running agreement says less about
+        that: after one different token the rest of the answer differs.)"""
+        for spec in self.specs:
+            if spec.kind not in ("full", "depth", "auto"):
+                continue
+            progress(f"teacher-forced: {spec.label}")
+            session, tally = self.sessions[spec.key], self.tallies[spec.key]
+            for i, ids in enumerate(self.prompts):
+                ref = self.reference[i]
+                session.reset()
+                chosen = [ev.token_id for ev in session.generate_ids(ids, SamplingConfig(), forced=ref)]
+                tally.forced_agree += sum(a == b for a, b in zip(chosen, ref))
+                tally.forced_compared += len(ref)
+
     # -- the summary ---------------------------------------------------------------------------------
     def rows(self, costs: Costs, clock: str = "wall") -> list[Row]:
         """One row per mode; `costs` give the ideal ratios, `clock` the column the table shows."""
@@ -318,7 +345,7 @@ class Bench:
             if spec.kind in ("full", "depth"):
                 ideal = costs.ideal_ratio(spec.exit, L)
             elif spec.kind == "auto" and mean_exit is not None:
-                ideal = costs.token(L) / costs.token(mean_exit)
+                ideal = costs.token(L) / (costs.token(L) - costs.early_exit_saving(mean_exit, L))
             auto = spec.kind == "auto"
             rows.append(
                 Row(
@@ -330,8 +357,10 @@ class Bench:
                     tokens_per_second=by_clock[clock]["tokens_per_second"],
                     ratio=by_clock[clock]["ratio"],
                     agreement=tally.agree / tally.compared if tally.compared else 0.0,
+                    forced_agreement=tally.forced_agree / tally.forced_compared if tally.forced_compared else None,
                     mean_exit=mean_exit,
                     acceptance=tally.accepted / tally.drafted if tally.drafted else None,
+                    paced_share=tally.paced / tally.exit_tokens if spec.kind == "spec" and tally.exit_tokens else None,
                     peak_memory_mib=tally.peak_bytes / 2**20 if tally.peak_bytes else None,
                     ideal_ratio=ideal,
                     check_share=tally.check_seconds / total_tokens / full_token_seconds if auto else None,

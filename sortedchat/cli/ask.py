@@ -25,6 +25,7 @@ def ask(
     speculative: o.SpecOpt = None,
     draft_len: o.DraftLenOpt = 4,
     draft_stop: o.DraftStopOpt = 0.0,
+    always_draft: o.AlwaysDraftOpt = False,
     temperature: o.TemperatureOpt = 0.0,
     top_p: o.TopPOpt = 1.0,
     top_k: o.TopKOpt = 0,
@@ -45,7 +46,7 @@ def ask(
     sampling = o.make_sampling(temperature, top_p, top_k, seed, max_new_tokens)
     opts = o.load_options(device, dtype, load_in_4bit, load_in_8bit, trust_remote_code, allow_pickle, exits)
     sm = o.load_model(model, opts)
-    session = ChatSession(sm, o.make_mode(sm, depth, auto, threshold, speculative, draft_len, draft_stop))
+    session = ChatSession(sm, o.make_mode(sm, depth, auto, threshold, speculative, draft_len, draft_stop, always_draft))
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     printer = AnswerPrinter(sm.num_layers, sm.exits[0], as_json)
     for ev in session.generate(messages, sampling):

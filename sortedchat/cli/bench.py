@@ -115,7 +115,8 @@ def calibrate(
     console = Console()
     full_ms = result.costs.token(sm.num_layers) * 1e3
     console.print(f"[dim]{sm.source} · {result.positions['report']} held-out answer tokens · one layer "
-                  f"{result.costs.layer * 1e3:.2f} ms, head {result.costs.head * 1e3:.2f} ms, full token "
+                  f"{result.costs.layer * 1e3:.2f} ms (one more position {result.costs.drain:.0%} of it), head "
+                  f"{result.costs.head * 1e3:.2f} ms, full token "
                   f"{full_ms:.1f} ms (without overhead)[/dim]")
     summary = Table(title=f"auto mode at target agreement {target_agreement:.0%} (held-out, teacher-forced)",
                     title_justify="left")

@@ -28,6 +28,7 @@ def chat(
     speculative: o.SpecOpt = None,
     draft_len: o.DraftLenOpt = 4,
     draft_stop: o.DraftStopOpt = 0.0,
+    always_draft: o.AlwaysDraftOpt = False,
     temperature: o.TemperatureOpt = 0.0,
     top_p: o.TopPOpt = 1.0,
     top_k: o.TopKOpt = 0,
@@ -65,7 +66,7 @@ def chat(
                           allow_pickle, exits)
 
     def initial_mode(sm):
-        return o.make_mode(sm, depth, auto, threshold, speculative, draft_len, draft_stop)
+        return o.make_mode(sm, depth, auto, threshold, speculative, draft_len, draft_stop, always_draft)
 
     if plain:
         from sortedchat.cli.ask import plain_chat

@@ -28,6 +28,8 @@ SpecOpt = Annotated[Optional[int], typer.Option("--speculative", help="Draft wit
 DraftLenOpt = Annotated[int, typer.Option("--draft-len", help="Speculative: initial tokens per draft")]
 DraftStopOpt = Annotated[float, typer.Option("--draft-stop", help="Speculative: end a draft early when the drafted "
                                              "token's probability falls below this (0 = never)")]
+AlwaysDraftOpt = Annotated[bool, typer.Option("--always-draft", help="Speculative: draft even where drafting is "
+                                              "measured slower than full depth (by default it pauses there)")]
 
 TemperatureOpt = Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy")]
 TopPOpt = Annotated[float, typer.Option("--top-p")]
@@ -61,7 +63,8 @@ def load_model(spec, opts, console=None):
         return load_sorted_model(spec, opts, progress=lambda stage, frac=None: status.update(stage))
 
 
-def make_mode(sm, depth=None, auto=False, threshold=None, speculative=None, draft_len=4, draft_stop=0.0):
+def make_mode(sm, depth=None, auto=False, threshold=None, speculative=None, draft_len=4, draft_stop=0.0,
+              always_draft=False):
     from sortedchat.engine import Mode
 
     chosen = sum(x is not None and x is not False for x in (depth, speculative)) + bool(auto)
@@ -71,12 +74,14 @@ def make_mode(sm, depth=None, auto=False, threshold=None, speculative=None, draf
         raise SortedChatError("--threshold needs --auto")
     if not 0.0 <= draft_stop <= 1.0:
         raise SortedChatError(f"--draft-stop {draft_stop}: must be a probability in 0..1")
+    if always_draft and speculative is None:
+        raise SortedChatError("--always-draft needs --speculative")
     if auto:
         mode = Mode.auto(threshold)
     elif speculative is not None:
         if not 1 <= speculative < sm.num_layers:
             raise SortedChatError(f"--speculative {speculative}: draft depth must be in 1..{sm.num_layers - 1}")
-        mode = Mode.speculative(speculative, draft_len=draft_len, draft_stop=draft_stop)
+        mode = Mode.speculative(speculative, draft_len=draft_len, draft_stop=draft_stop, pace=not always_draft)
     else:
         if depth is not None and not 1 <= depth <= sm.num_layers:
             raise SortedChatError(f"--depth {depth}: the model has {sm.num_layers} layers")

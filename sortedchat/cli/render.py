@@ -45,6 +45,8 @@ def summary_line(stats: GenerationStats) -> str:
     ]
     if stats.acceptance_rate is not None:
         parts.append(f"accepted {stats.acceptance_rate:.0%} of drafts ({stats.accepted_per_verification:.2f}/verify)")
+    if stats.paced:
+        parts.append(f"{stats.paced} at full depth (drafting was slower)")
     if stats.stopped and stats.stopped != "eos":
         parts.append(f"stopped: {stats.stopped}")
     return " · ".join(parts)

@@ -45,6 +45,7 @@ class GenerationStats:
     drafted: int = 0
     accepted: int = 0
     verifications: int = 0
+    paced: int = 0  # speculative mode: tokens decoded at full depth because drafting was measured slower
     check_seconds: float = 0.0
     checks: int = 0
     exit_counts: dict[int, int] = field(default_factory=dict)

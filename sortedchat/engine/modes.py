@@ -14,7 +14,8 @@ class Mode:
     `shift` instead moves each calibrated per-exit threshold up or down (exits calibration switched off
     stay off), which is what the app's faster/closer keys do.
     `draft_len` is the initial number of drafted tokens per verification; `draft_stop` ends a draft early
-    when the draft's confidence falls below it."""
+    when the draft's confidence falls below it; `pace` lets the session decode at full depth while
+    drafting is measured to be slower (`engine.pacing`), `pace=False` drafts always."""
 
     kind: str = "depth"
     depth: int | None = None
@@ -23,6 +24,7 @@ class Mode:
     draft_len: int = 4
     draft_stop: float = 0.0
     confidence: str | None = None
+    pace: bool = True
 
     @classmethod
     def fixed(cls, depth: int | None = None) -> "Mode":
@@ -33,8 +35,8 @@ class Mode:
         return cls("auto", None, threshold, shift=shift, confidence=confidence)
 
     @classmethod
-    def speculative(cls, depth: int, draft_len: int = 4, draft_stop: float = 0.0) -> "Mode":
-        return cls("speculative", depth, draft_len=draft_len, draft_stop=draft_stop)
+    def speculative(cls, depth: int, draft_len: int = 4, draft_stop: float = 0.0, pace: bool = True) -> "Mode":
+        return cls("speculative", depth, draft_len=draft_len, draft_stop=draft_stop, pace=pace)
 
     def validate(self, num_layers: int) -> "Mode":
         if self.kind not in ("depth", "auto", "speculative"):

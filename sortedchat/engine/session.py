@@ -9,6 +9,7 @@ every token, so a front end can change it mid-answer.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 
@@ -18,6 +19,7 @@ from sortedchat import SortedChatError
 from sortedchat.engine.confidence import make_measure
 from sortedchat.engine.events import GenerationStats, TokenEvent
 from sortedchat.engine.modes import Mode
+from sortedchat.engine.pacing import Pacer
 from sortedchat.engine.sampling import Sampler, SamplingConfig
 from sortedchat.engine.state import LayeredState
 from sortedchat.engine.text import IncrementalText
@@ -62,6 +64,7 @@ class ChatSession:
         self.draft_len = self.mode.draft_len
         self.last_stats: GenerationStats | None = None
         self._measures: dict[str, object] = {}
+        self.pacer = Pacer()  # kept across answers: what it learnt about this device still holds
 
     # -- public API --------------------------------------------------------------------------------
     def generate(
@@ -71,15 +74,27 @@ class ChatSession:
         return self.generate_ids(encode_chat(self.sm, messages), sampling, should_stop)
 
     def generate_ids(
-        self, prompt: list[int], sampling: SamplingConfig | None = None, should_stop: Callable[[], bool] | None = None
+        self,
+        prompt: list[int],
+        sampling: SamplingConfig | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        forced: list[int] | None = None,
     ) -> Iterator[TokenEvent]:
+        """Answer `prompt` (token ids). With `forced` (teacher forcing, for measuring a mode's per-token
+        quality), each step still reports the token the mode chose, but the next step is fed `forced[i]`
+        instead; the answer is then `len(forced)` tokens long. Speculative mode has no per-token choice
+        to measure this way."""
         sampling = (sampling or SamplingConfig()).validate()
         limit = self.sm.max_positions
         if not prompt:
             raise SortedChatError("the prompt is empty")
         if limit and len(prompt) >= limit:
             raise SortedChatError(f"the prompt is {len(prompt)} tokens; the model's context holds {limit}")
-        return self._generate(prompt, sampling, should_stop or (lambda: False))
+        if forced is not None:
+            if self.mode.kind == "speculative":
+                raise SortedChatError("teacher forcing measures fixed-depth or auto mode, not speculative")
+            sampling = dataclasses.replace(sampling, max_new_tokens=len(forced))
+        return self._generate(prompt, sampling, should_stop or (lambda: False), forced)
 
     def reset(self) -> None:
         """Forget the conversation (a new chat)."""
@@ -87,7 +102,7 @@ class ChatSession:
 
     # -- the loop ----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _generate(self, prompt: list[int], sampling: SamplingConfig, should_stop) -> Iterator[TokenEvent]:
+    def _generate(self, prompt: list[int], sampling: SamplingConfig, should_stop, forced=None) -> Iterator[TokenEvent]:
         state, L = self.state, self.L
         sampler = Sampler(sampling, self.sm.device)
         text = IncrementalText(self.sm.tokenizer, self.stop_ids)
@@ -121,14 +136,20 @@ class ChatSession:
                 break
             mode = self.mode.validate(L)
             budget = sampling.max_new_tokens - emitted
-            if mode.kind == "speculative" and budget > 1:
+            drafting = mode.kind == "speculative" and budget > 1 and (self.pacer.draft_now() or not mode.pace)
+            step_start = time.perf_counter()
+            if drafting:
                 produced = self._speculative_round(pending, mode, sampler, min(budget, limit - state.length - 1), stats)
+                self.pacer.record_draft(time.perf_counter() - step_start, len(produced))
             elif mode.kind == "auto":
                 produced = [self._auto_step(pending, mode, sampler, stats)]
             else:
-                depth = L if mode.kind == "speculative" else (mode.depth or L)  # one token left: verify-free
+                depth = L if mode.kind == "speculative" else (mode.depth or L)  # paced or one token left: full depth
                 logits = self.sm.head(state.run(depth, [pending])[:, -1], depth, sampler.cfg.greedy)[0]
                 produced = [(*sampler.pick(logits), depth, False, None)]
+                if mode.kind == "speculative" and budget > 1:
+                    self.pacer.record_full(time.perf_counter() - step_start)
+                    stats.paced += 1
             done = False
             for token, conf, exit_layer, drafted, accepted in produced:
                 is_stop = token in self.stop_ids
@@ -148,9 +169,9 @@ class ChatSession:
                     accepted=accepted,
                     is_stop=is_stop,
                 )
+                pending = token if forced is None else forced[emitted]
                 emitted += 1
-                pending = token
-                if is_stop:
+                if is_stop and forced is None:
                     stats.stopped = "eos"
                     done = True
                     break

@@ -28,6 +28,7 @@ class DepthControl:
     shift: float = 0.0
     draft_len: int = 4
     draft_stop: float = 0.0
+    pace: bool = True
 
     @classmethod
     def for_model(cls, sm, mode: Mode) -> "DepthControl":
@@ -41,13 +42,14 @@ class DepthControl:
             shift=mode.shift,
             draft_len=mode.draft_len,
             draft_stop=mode.draft_stop,
+            pace=mode.pace,
         )
 
     def mode(self) -> Mode:
         if self.kind == "auto":
             return Mode.auto(self.threshold, shift=self.shift)
         if self.kind == "speculative":
-            return Mode.speculative(self.depth, draft_len=self.draft_len, draft_stop=self.draft_stop)
+            return Mode.speculative(self.depth, draft_len=self.draft_len, draft_stop=self.draft_stop, pace=self.pace)
         return Mode.fixed(self.depth)
 
     def label(self) -> str:

@@ -15,7 +15,8 @@ from sortedchat.palette import exit_colour
 
 def status_text(model: str, mode: str, stats: GenerationStats | None, show_speed: bool = True,
                 generating: bool = False) -> str:
-    """Model · mode · tokens/s · tokens · mean exit · acceptance (speculative only) · compute saved."""
+    """Model · mode · tokens/s · tokens · mean exit · acceptance and tokens the pacer decoded at full depth
+    (speculative only) · compute saved."""
     parts = [model, mode]
     if stats is None or not stats.tokens:
         parts.append("generating…" if generating else "ready")
@@ -25,6 +26,8 @@ def status_text(model: str, mode: str, stats: GenerationStats | None, show_speed
     parts += [f"{stats.tokens} tokens", f"mean exit {stats.mean_exit:.1f}/{stats.num_layers}"]
     if stats.acceptance_rate is not None:
         parts.append(f"accepted {stats.acceptance_rate:.0%}")
+    if stats.paced:
+        parts.append(f"{stats.paced} undrafted")
     parts.append(f"saved {stats.compute_saved:.0%}")
     if not generating and stats.stopped == "interrupted":
         parts.append("stopped")

@@ -1,0 +1,113 @@
+"""The engine's kernels against the plain routes they replace, in one process, as ratios.
+
+- LM head on one position: `F.linear` (what `lm_head` does) against the column-major float32 copy and the
+  float16 screen of `HeadProduct` (greedy steps);
+- LM head on a few positions (speculative verification): `F.linear` against `weight @ hidden.T`;
+- the decoder stack on n positions against one position: what draining a backlog of n-1 positions costs
+  (the reason auto mode and drafting gain little on a CPU);
+- one decode step's K/V update: transformers' `DynamicLayer` (a copy of the whole cache) against
+  `GrowingLayer` (written in place), at a context of `--context` positions.
+
+Every figure is the median of `--rounds` rounds; the rounds of the two sides of each ratio alternate.
+
+    python benchmarks/engine_kernels.py                   # the default model, float32, CPU
+    python benchmarks/engine_kernels.py --model path/to/checkpoint --rounds 15
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Annotated, Optional
+
+import torch
+import torch.nn.functional as F
+import typer
+from rich.console import Console
+from rich.table import Table
+from transformers.cache_utils import DynamicLayer
+
+from sortedchat.engine.state import GrowingLayer, LayeredState
+from sortedchat.loading import LoadOptions, load_sorted_model
+
+
+def timed(fn, inner: int) -> float:
+    t = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t) / inner
+
+
+def compare(base, other, rounds: int, inner: int) -> tuple[float, float]:
+    """Median seconds of `base` and `other`, their rounds alternating."""
+    base(), other()  # warm-up (and the head copies are made here)
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(timed(base, inner))
+        b.append(timed(other, inner))
+    return statistics.median(a), statistics.median(b)
+
+
+def main(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model [default: the shipped default]")] = None,
+    context: Annotated[int, typer.Option("--context", help="Positions already in the cache")] = 250,
+    rounds: Annotated[int, typer.Option("--rounds", help="Timed rounds per figure")] = 9,
+) -> None:
+    sm = load_sorted_model(model, LoadOptions(device="cpu", dtype="float32"))
+    L, H = sm.num_layers, sm.model.config.hidden_size
+    w = sm.model.lm_head.weight
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    with torch.inference_mode():
+        state = LayeredState(sm)
+        ids = torch.randint(0, w.shape[0], (context + 8,), generator=g).tolist()
+        state.run(L, ids[:context])
+        h = sm.model.model.norm(state.run(L, ids[context : context + 1]))
+        state.crop(context)
+        base, new = compare(lambda: F.linear(h, w), lambda: sm.head_product(h), rounds, 10)
+        rows.append(("head, 1 position", "F.linear", base, "column-major copy", new))
+        base, new = compare(lambda: F.linear(h, w), lambda: sm.head_product.screened(h), rounds, 10)
+        rows.append(("head, 1 position, greedy", "F.linear", base, "float16 screen + float32 top 8", new))
+        for n in (2, 4, 8):
+            hn = torch.randn(1, n, H, generator=g) * float(h.norm() / H**0.5)
+            base, new = compare(lambda: F.linear(hn, w), lambda: sm.head_product(hn), rounds, 5)
+            rows.append((f"head, {n} positions", "F.linear", base, "weight @ hidden.T", new))
+
+        def stack(n):
+            def run():
+                state.run(L, ids[context : context + n])
+                state.crop(context)
+
+            return run
+
+        for n in (2, 4, 8):
+            base, new = compare(stack(1), stack(n), rounds, 2)
+            rows.append((f"{L} layers, {n} positions", "1 position", base, f"{n} positions", new))
+
+        kv = [(torch.randn(1, 3, context, 64), torch.randn(1, 3, context, 64))]
+        step = (torch.randn(1, 3, 1, 64), torch.randn(1, 3, 1, 64))
+
+        def cache_step(kind):
+            layer = kind()
+            layer.update(*kv[0])
+
+            def run():
+                layer.update(*step)
+                layer.crop(-1)
+
+            return run
+
+        base, new = compare(cache_step(DynamicLayer), cache_step(GrowingLayer), rounds, 200)
+        rows.append((f"K/V update, context {context}", "DynamicLayer (cat)", base, "GrowingLayer (in place)", new))
+
+    table = Table(title=f"{sm.source} · float32 · CPU, {torch.get_num_threads()} threads · median of {rounds} rounds",
+                  title_justify="left")
+    for col in ("what", "baseline", "ms", "ours", "ms", "ours / baseline"):
+        table.add_column(col, justify="left" if col in ("what", "baseline", "ours") else "right")
+    for what, a_name, a, b_name, b in rows:
+        table.add_row(what, a_name, f"{a * 1e3:.3f}", b_name, f"{b * 1e3:.3f}", f"{b / a:.2f}")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    typer.run(main)
