@@ -106,7 +106,9 @@ def main(
         table.add_column(col, justify="left" if col in ("what", "baseline", "ours") else "right")
     for what, a_name, a, b_name, b in rows:
         table.add_row(what, a_name, f"{a * 1e3:.3f}", b_name, f"{b * 1e3:.3f}", f"{b / a:.2f}")
-    Console().print(table)
+    console = Console()
+    console.width = max(console.width, 110)
+    console.print(table)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ from sortedchat.engine.confidence import (
     Classifier,
     ExitClassifier,
     MaxProb,
+    Saturation,
     SubsetProb,
+    saturation,
     subset_features,
 )
 from sortedchat.sorted_model import SortedModel
@@ -42,7 +44,7 @@ from sortedchat.sorted_model import SortedModel
 MAX_ANSWER_TOKENS = 256
 SPLITS = ("fit", "select", "report")  # example i goes to SPLITS[SPLIT_OF[i % 4]]
 SPLIT_OF = (0, 0, 1, 2)
-MEASURE_NAMES = (MaxProb.name, SubsetProb.name, Classifier.name)
+MEASURE_NAMES = (MaxProb.name, SubsetProb.name, Classifier.name, Saturation.name)
 
 Progress = Callable[[str, float | None], None]
 
@@ -112,6 +114,7 @@ class Observations:
     subset: torch.Tensor  # [E, N, 3] subset features (see confidence.subset_features)
     hidden: torch.Tensor  # [E, N, H] float16, normed as the exit's head sees it
     split: torch.Tensor  # [N] index into SPLITS
+    saturation: torch.Tensor  # [E, N] cosine of the raw state with the previous exit's (the embedding's first)
 
     def part(self, name: str) -> torch.Tensor:
         return self.split == SPLITS.index(name)
@@ -138,7 +141,7 @@ def observe(sm: SortedModel, sequences: list[tuple[list[int], int]], progress: P
     exits, L = sm.exits[:-1], sm.num_layers
     if not exits:
         raise SortedChatError(f"{sm.source}: only one exit ({L}); nothing to calibrate")
-    agree, maxprob, subset, hidden, split = [], [], [], [], []
+    agree, maxprob, subset, hidden, split, sat = [], [], [], [], [], []
     for n, (ids, start) in enumerate(sequences):
         progress(f"scoring example {n + 1}/{len(sequences)}", n / len(sequences))
         out = sm.model(input_ids=torch.tensor([ids], device=sm.device), output_hidden_states=True, use_cache=False)
@@ -148,8 +151,9 @@ def observe(sm: SortedModel, sequences: list[tuple[list[int], int]], progress: P
         previous, final = final[:-1], final[1:]
         target = final.argmax(-1)
         mask = _candidate_mask(ids, start, previous, final.shape[-1]).to(sm.device)
-        a, m, s, h = [], [], [], []
-        for e in exits:
+        a, m, s, h, c = [], [], [], [], []
+        for i, e in enumerate(exits):
+            before = out.hidden_states[exits[i - 1] if i else 0][0, start : len(ids) - 1]
             norm, _ = head_parts(sm, e)
             raw = out.hidden_states[e][0, start : len(ids) - 1]
             logits = sm.head(raw, e).float()
@@ -158,13 +162,15 @@ def observe(sm: SortedModel, sequences: list[tuple[list[int], int]], progress: P
             m.append(probs.max(-1).values)
             s.append(subset_features(torch.log_softmax(logits.masked_fill(~mask, float("-inf")), -1)))
             h.append(norm(raw).to(torch.float16))
+            c.append(saturation(raw, before))
         agree.append(torch.stack(a))
+        sat.append(torch.stack(c))
         maxprob.append(torch.stack(m))
         subset.append(torch.stack(s))
         hidden.append(torch.stack(h))
         split.append(torch.full((len(ids) - 1 - start,), SPLIT_OF[n % len(SPLIT_OF)]))
     return Observations(exits, torch.cat(agree, 1).cpu(), torch.cat(maxprob, 1).cpu(), torch.cat(subset, 1).cpu(),
-                        torch.cat(hidden, 1).cpu(), torch.cat(split))
+                        torch.cat(hidden, 1).cpu(), torch.cat(split), torch.cat(sat, 1).cpu())
 
 
 def train_classifier(obs: Observations, steps: int = 300, width: int = 64, seed: int = 0) -> ExitClassifier:
@@ -195,6 +201,8 @@ def confidences(obs: Observations, name: str, classifier: ExitClassifier | None 
         return obs.maxprob
     if name == SubsetProb.name:
         return obs.subset[..., 0].exp()
+    if name == Saturation.name:
+        return obs.saturation
     rows = []
     for j, e in enumerate(obs.exits):
         x = torch.cat([obs.hidden[j].float(), obs.subset[j]], -1)

@@ -103,6 +103,20 @@ def test_fixed_depth_line_interpolates_between_fixed_depths():
     assert verdicts["free-running"]["dominates"] is False and verdicts["teacher-forced"]["dominates"] is True
 
 
+def test_percent_of_ideal_is_the_speed_up_over_our_full_depth_against_the_ideal_one():
+    from sortedchat.bench.report import of_ideal_ratio
+    from sortedchat.bench.runner import Row
+
+    def row(kind, ratio, ideal):
+        return Row(key=kind, label=kind, kind=kind, exit=3, clock="wall", tokens_per_second=1.0, ratio=ratio,
+                   agreement=0.0, forced_agreement=None, mean_exit=None, acceptance=None, paced_share=None,
+                   peak_memory_mib=None, ideal_ratio=ideal, check_share=None, checks_per_token=None, by_clock={})
+
+    full, depth = row("full", 1.2, 1.0), row("depth", 1.8, 2.0)
+    assert of_ideal_ratio(depth, [full, depth]) == pytest.approx(1.8 / 1.2 / 2.0)
+    assert of_ideal_ratio(full, [full, depth]) is None
+
+
 def test_bench_modes_keeps_the_baseline_and_full_depth_and_names_unknown_modes(tiny_dir, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("Hello!\n")

@@ -61,7 +61,7 @@ def auto_exits(sm, mode):
     return [e.exit_layer for e in session.generate_ids(ids, SamplingConfig(max_new_tokens=16))]
 
 
-@pytest.mark.parametrize("measure", ["maxprob", "subset", "classifier"])
+@pytest.mark.parametrize("measure", ["maxprob", "subset", "classifier", "saturation"])
 def test_calibrate_writes_thresholds_that_the_reloaded_model_uses(monkeypatch, capsys, model_dir, data, measure):
     code, out, err = run_cli(monkeypatch, capsys, "calibrate", "--model", model_dir, "--data", data, "--device", "cpu",
                              "--exits", "2,4,6", "--target-agreement", "0.05", "--measure", measure)
@@ -96,7 +96,7 @@ def test_calibrate_without_model_writes_into_the_default_model_dir(monkeypatch, 
     "args, message",
     [
         (["--target-agreement", "1.5"], "--target-agreement 1.5: must be in (0, 1]"),
-        (["--measure", "entropy"], "--measure 'entropy': choose maxprob, subset, classifier"),
+        (["--measure", "entropy"], "--measure 'entropy': choose maxprob, subset, classifier, saturation"),
         (["--holdout", "99"], "--holdout 99:"),
     ],
 )
@@ -167,7 +167,7 @@ def test_plan_meets_the_target_on_held_out_positions():
     conf = torch.rand(2, n, generator=g)
     agree = torch.rand(2, n, generator=g) < conf
     split = torch.tensor([cal.SPLIT_OF[i % len(cal.SPLIT_OF)] for i in range(n)])
-    obs = cal.Observations([2, 4], agree, conf, torch.zeros(2, n, 3), torch.zeros(2, n, 4), split)
+    obs = cal.Observations([2, 4], agree, conf, torch.zeros(2, n, 3), torch.zeros(2, n, 4), split, torch.zeros(2, n))
     costs = Costs(layer=1.0, head=2.0, step=0.0, context=0, check={"m": 0.01}, per_token={"m": 0.0})
     plan = cal.plan(obs, conf, "m", 0.9, costs, 6, choose_on=obs.part("fit") | obs.part("select"))
     assert plan.agreement == pytest.approx(0.9, abs=0.02)

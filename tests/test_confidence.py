@@ -33,6 +33,7 @@ def calibrated(tiny_dir, tmp_path_factory):
         subset=torch.randn(2, n, c.SUBSET_FEATURES, generator=g),
         hidden=torch.randn(2, n, hidden, generator=g).half(),
         split=torch.zeros(n, dtype=torch.long),
+        saturation=torch.rand(2, n, generator=g),
     )
     train_classifier(obs, steps=5).save(path)
     return load_sorted_model(str(path), LoadOptions(device="cpu", exits=[2, 4, 6]))
@@ -74,6 +75,23 @@ def test_auto_at_threshold_zero_equals_first_exit(calibrated, name):
     got, exits, stats = tokens(calibrated, Mode.auto(threshold=0.0, confidence=name))
     assert got == first and set(exits) == {2}
     assert stats.checks == len(got) and stats.check_seconds > 0
+
+
+def test_saturation_compares_each_exit_with_the_previous_exit_and_the_first_with_the_embedding(tiny):
+    measure = c.make_measure("saturation", tiny)
+    ids = encode_chat(tiny, MESSAGES)
+    cos = torch.nn.functional.cosine_similarity
+    with torch.inference_mode():
+        states = tiny.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+        h2, h4 = states[2][:, -1], states[4][:, -1]
+        measure.prepare(ids)
+        measure.reached(h2, 2)
+        conf2, logits = measure(h2, 2)
+        measure.reached(h4, 4)
+        conf4, _ = measure(h4, 4)
+    assert logits is None
+    assert conf2 == pytest.approx(max(float(cos(h2, states[0][:, -1])), 0.0), abs=1e-6)
+    assert conf4 == pytest.approx(max(float(cos(h4, h2)), 0.0), abs=1e-6)
 
 
 def test_subset_is_the_full_softmax_when_the_vocabulary_is_small(tiny):

@@ -27,16 +27,26 @@ def _num(value, fmt: str, empty: str = "–") -> str:
     return empty if value is None else format(value, fmt)
 
 
+def of_ideal_ratio(row: Row, rows: list[Row]) -> float | None:
+    """A fixed depth's achieved speed-up over our full depth, as a share of the ideal one (`ideal_ratio`,
+    from the measured layer and head costs: also relative to full depth, so overhead shared with full depth
+    cancels)."""
+    full = next((r for r in rows if r.kind == "full"), None)
+    if row.kind != "depth" or not row.ideal_ratio or full is None or not full.ratio:
+        return None
+    return row.ratio / full.ratio / row.ideal_ratio
+
+
 def table(rows: list[Row], title: str) -> Table:
     t = Table(title=title, title_justify="left")
     for name, justify in [
-        ("mode", "left"), ("tok/s", "right"), ("× base", "right"), ("ideal ×", "right"), ("% of ideal", "right"),
+        ("mode", "left"), ("tok/s", "right"), ("× base", "right"), ("ideal × full", "right"), ("% of ideal", "right"),
         ("mean exit", "right"), ("accept", "right"), ("paced", "right"), ("agree", "right"), ("forced", "right"), ("checks", "right"),
         ("peak MiB", "right"),
     ]:
         t.add_column(name, justify=justify)
     for r in rows:
-        of_ideal = r.ratio / r.ideal_ratio if r.ideal_ratio and r.kind in ("full", "depth") else None
+        of_ideal = of_ideal_ratio(r, rows)
         checks = None
         if r.check_share is not None:
             checks = f"{r.check_share:.1%} ({r.checks_per_token:.1f}/tok)"
@@ -103,7 +113,8 @@ def print_table(rows: list[Row], title: str, console: Console | None = None) -> 
 
 
 def write_json(path: str | Path, meta: dict, rows: list[Row]) -> Path:
-    data = dict(meta, rows=[r.to_dict() for r in rows], auto_vs_fixed=auto_vs_fixed(rows))
+    data = dict(meta, rows=[dict(r.to_dict(), of_ideal=of_ideal_ratio(r, rows)) for r in rows],
+                auto_vs_fixed=auto_vs_fixed(rows))
     return atomic_write_text(Path(path), json.dumps(data, indent=2) + "\n")
 
 

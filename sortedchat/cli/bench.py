@@ -89,7 +89,7 @@ def calibrate(
     data: Annotated[str, typer.Option("--data", help="Held-out reference answers: Alpaca/chat/QA JSON or JSONL, or plain text (.txt)")],
     model: o.ModelOpt = None,
     target_agreement: Annotated[float, typer.Option("--target-agreement", help="Share of tokens auto mode must pick as the full model does (teacher-forced)")] = 0.95,
-    measure: Annotated[Optional[str], typer.Option("--measure", help="maxprob, subset or classifier [default: the fastest at the target]")] = None,
+    measure: Annotated[Optional[str], typer.Option("--measure", help="maxprob, subset, classifier or saturation [default: the fastest at the target]")] = None,
     holdout: Annotated[int, typer.Option("--holdout", help="Use only the last N records (what `train --holdout N` left out)")] = 0,
     max_examples: Annotated[int, typer.Option("--max-examples", help="Use at most this many records (after --holdout)")] = 300,
     threads: ThreadsOpt = None,

@@ -13,11 +13,16 @@ few hundred hidden-sized vectors instead of 49152 (see BENCHMARKS.md for the mea
   frequent merges), the recent context and the top tokens of the previous full head.
 - `classifier`: a tiny per-exit MLP trained by `sortedchat calibrate` on the normed hidden state and the
   `subset` statistics, predicting whether the exit's token equals the last exit's.
+- `saturation`: how little the residual stream still moves: the cosine similarity (floored at 0) between
+  the hidden state leaving this exit and the one leaving the previous exit (the token's embedding before
+  the first exit). No head at all, so it is the cheapest check; whether it ranks tokens well enough is
+  what `sortedchat calibrate` measures.
 
 Protocol, per token: `prepare(context)` once (the ids so far, the pending token included), then
-`measure(hidden, exit_layer) -> (confidence, logits or None)` at each checked exit (logits when the
-measure computed the full head anyway, so the chosen exit does not pay twice), then
-`observe(token_id, logits)` with the full logits of the exit that chose the token.
+`reached(hidden, exit_layer)` at every exit the token passes (checked or not), `measure(hidden, exit_layer)
+-> (confidence, logits or None)` at each checked exit (logits when the measure computed the full head
+anyway, so the chosen exit does not pay twice), then `observe(token_id, logits)` with the full logits of the
+exit that chose the token.
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ class MaxProb:
         self.sm = sm
 
     def prepare(self, context: list[int]) -> None:
+        pass
+
+    def reached(self, hidden: torch.Tensor, exit_layer: int) -> None:
         pass
 
     def __call__(self, hidden: torch.Tensor, exit_layer: int) -> tuple[float, torch.Tensor | None]:
@@ -115,6 +123,9 @@ class SubsetProb:
 
     def prepare(self, context: list[int]) -> None:
         self.candidates.prepare(context)
+
+    def reached(self, hidden: torch.Tensor, exit_layer: int) -> None:
+        pass
 
     def __call__(self, hidden: torch.Tensor, exit_layer: int) -> tuple[float, None]:
         _, log_probs = self.candidates.log_probs(hidden, exit_layer)
@@ -213,6 +224,9 @@ class Classifier:
     def prepare(self, context: list[int]) -> None:
         self.candidates.prepare(context)
 
+    def reached(self, hidden: torch.Tensor, exit_layer: int) -> None:
+        pass
+
     def __call__(self, hidden: torch.Tensor, exit_layer: int) -> tuple[float, None]:
         if exit_layer not in self.trained:
             return 0.0, None
@@ -224,7 +238,38 @@ class Classifier:
         self.candidates.observe(logits)
 
 
-MEASURES = {m.name: m for m in (MaxProb, SubsetProb, Classifier)}
+def saturation(hidden: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of two residual-stream states [..., H], floored at 0 (a confidence in [0, 1])."""
+    return F.cosine_similarity(hidden.float(), before.float(), dim=-1).clamp(min=0.0)
+
+
+class Saturation:
+    """Cosine similarity between the hidden state leaving this exit and the one leaving the previous exit."""
+
+    name = "saturation"
+
+    def __init__(self, sm: SortedModel):
+        self.sm = sm
+        self.before: torch.Tensor | None = None  # the state this exit is compared with
+        self.current: torch.Tensor | None = None  # the state leaving the exit reached last
+
+    def prepare(self, context: list[int]) -> None:
+        self.before = self.sm.embed(torch.tensor([context[-1:]], device=self.sm.device))[:, -1]
+        self.current = None
+
+    def reached(self, hidden: torch.Tensor, exit_layer: int) -> None:
+        if self.current is not None:
+            self.before = self.current
+        self.current = hidden
+
+    def __call__(self, hidden: torch.Tensor, exit_layer: int) -> tuple[float, None]:
+        return float(saturation(hidden, self.before)), None
+
+    def observe(self, token_id: int, logits: torch.Tensor) -> None:
+        pass
+
+
+MEASURES = {m.name: m for m in (MaxProb, SubsetProb, Classifier, Saturation)}
 
 
 def make_measure(name: str, sm: SortedModel):

@@ -203,6 +203,7 @@ class ChatSession:
             if out is None:
                 out = self.state.run(e)
             h = out[:, -1]
+            measure.reached(h, e)
             if e == self.L:
                 logits = self.sm.head(h, e, sampler.cfg.greedy)
                 break
