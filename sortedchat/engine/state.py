@@ -89,6 +89,7 @@ class LayeredState:
         first, end = min(starts), self.length if x is None else self.kv_len[0] + x.shape[1]
         positions = torch.arange(first, end, device=sm.device)[None]
         cos, sin = sm.rotary(self._any_hidden(x), positions)
+        layers, spans = sm.layers, ((None, None),)
         for i in range(depth):
             backlog = self.waiting[i]
             if backlog is None and x is None:
@@ -101,13 +102,15 @@ class LayeredState:
             if q > 1:
                 keys = torch.arange(start + q, device=sm.device)
                 mask = (keys[None, :] <= (start + torch.arange(q, device=sm.device))[:, None])[None, None]
-            x = sm.layers[i](
+            if (lo, q) != spans[0]:  # the slices of the last layer still fit in the common case: no backlog
+                spans = ((lo, q), positions[:, lo : lo + q], (cos[:, lo : lo + q], sin[:, lo : lo + q]))
+            x = layers[i](
                 inp,
                 attention_mask=mask,
-                position_ids=positions[:, lo : lo + q],
+                position_ids=spans[1],
                 past_key_values=self.cache,
                 use_cache=True,
-                position_embeddings=(cos[:, lo : lo + q], sin[:, lo : lo + q]),
+                position_embeddings=spans[2],
             )
             self.kv_len[i] = start + q
             self.waiting[i] = None
