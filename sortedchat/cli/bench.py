@@ -38,7 +38,7 @@ def bench(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON to this file")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a speed-vs-agreement plot (PNG)")] = None,
     modes: Annotated[Optional[str], typer.Option("--modes", help="Only these modes besides hf and full, comma-separated "
-                                                 "(e.g. hf-ee:24,depth:24,auto,spec:24) [default: all]")] = None,
+                                                 "(e.g. hf-ee:24,depth:24,auto,spec:24,draft:24) [default: all]")] = None,
     threads: ThreadsOpt = None,
     clock: Annotated[str, typer.Option("--clock", help="wall, or cpu: this process's CPU time (with --threads 1, "
                                        "leaves out waiting for a core on a busy machine)")] = "wall",
