@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# A float16 copy of w and h carries relative errors of at most 2^-11 each, and the CPU kernel accumulates
-# in float32 (measured error: at most 1.9e-4 * |w| |h| on SmolLM2), so each screened logit lies within
-# HALF_ERROR * |w_j| * |h| of the float32 one; the absolute term covers float16 underflow of tiny entries.
-HALF_ERROR = 1.01e-3
+# A float16 copy of w and h carries relative errors of at most 2^-11 each, the CPU kernel accumulates in
+# float32 and rounds its result to float16 once more (another 2^-11 of |logit| <= |w| |h|): each screened
+# logit lies within HALF_ERROR * |w_j| * |h| of the float32 one (3 * 2^-11 = 1.47e-3, plus accumulation;
+# measured on SmolLM2: at most 1.9e-4). The absolute term covers float16 underflow of tiny entries.
+HALF_ERROR = 1.5e-3
 HALF_SLACK = 1e-3
 HALF_MAX = 6.0e4  # beyond this a float16 copy of the hidden state would overflow: no screening
 SCREEN = 8  # candidates recomputed in float32
@@ -84,10 +85,11 @@ class HeadProduct:
 
         The float16 product ranks the vocabulary; the top `SCREEN` candidates are recomputed in float32;
         if the best of them beats every other token's float16 logit by more than the error bound, it is the
-        float32 argmax. The returned logits are float32 at the candidates and float16 estimates
-        elsewhere (good for a displayed confidence, not for sampling). None (use `__call__`) when the
-        bound is not met (rare: a near-tie), or off the CPU/float32 path."""
-        if not self._routed() or hidden.numel() != hidden.shape[-1]:
+        float32 argmax (among the candidates, up to the order of the float32 sums: two logits within a few
+        ulps may rank otherwise than in `__call__`). The returned logits are float32 at the candidates and
+        float16 estimates elsewhere (good for a displayed confidence, not for sampling). None (use
+        `__call__`) when the bound is not met (rare: a near-tie), or off the CPU/float32 path."""
+        if not self._routed() or hidden.numel() != hidden.shape[-1] or self.lm_head.weight.shape[0] <= SCREEN:
             return None
         h = hidden.reshape(-1)
         scale = float(h.abs().max())

@@ -96,6 +96,12 @@ def test_teacher_forcing_reports_each_steps_choice_on_the_given_answer(tiny):
     assert chosen == expected and len(chosen) == len(full)
     with pytest.raises(SortedChatError, match="teacher forcing measures fixed-depth or auto mode"):
         ChatSession(tiny, Mode.speculative(2)).generate_ids(ids, forced=full)
+    switched = no_stop(ChatSession(tiny))  # a front end switches to speculative mid-answer: no drafting then
+    stream = switched.generate_ids(ids, SamplingConfig(), forced=full)
+    chosen = [next(stream).token_id]
+    switched.mode = Mode.speculative(2)
+    chosen += [e.token_id for e in stream]
+    assert chosen == full and switched.last_stats.drafted == 0
 
 
 def test_pacer_pauses_drafting_while_it_is_slower_and_probes_again_with_growing_pauses():
@@ -137,14 +143,16 @@ def test_paced_speculation_decodes_at_full_depth_while_drafting_loses_and_stays_
     ids = prompt_ids(tiny, PROMPTS[0])
     full = run(no_stop(ChatSession(tiny)), ids, n=30)
     session = no_stop(ChatSession(tiny, Mode.speculative(2, draft_len=2)))
-    session.pacer = DraftingLoses(first_pause=4, max_pause=16)
+    session.pacer = DraftingLoses(first_pause=4, max_pause=16, drafting=(2, 2))
     events = list(session.generate_ids(ids, SamplingConfig(max_new_tokens=30)))
     assert [e.token_id for e in events] == full
     stats = session.last_stats
     assert stats.paced >= 4 + 4 + 8 and 1 <= stats.verifications <= 4
     always = no_stop(ChatSession(tiny, Mode.speculative(2, draft_len=2, pace=False)))
-    always.pacer = DraftingLoses()
+    always.pacer = DraftingLoses(drafting=(2, 2))
     assert run(always, ids, n=30) == full and always.last_stats.paced == 0
+    session.mode = Mode.speculative(4, draft_len=2)  # another draft depth: its speed is measured afresh
+    assert run(session, ids, n=4) == full[:4] and type(session.pacer) is Pacer and session.pacer.drafting == (4, 2)
 
 
 def test_auto_unreachable_thresholds_equal_full_depth(tiny):

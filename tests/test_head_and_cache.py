@@ -79,6 +79,7 @@ def test_screened_head_refuses_a_near_tie_and_rows_it_cannot_screen():
         assert product.screened(h[None]) is None
         assert product.screened(torch.randn(2, 48)) is None  # several rows: not a greedy step
         assert product.screened(torch.full((1, 48), 1e5)) is None  # float16 would overflow
+        assert HeadProduct(Holder(vocab=SCREEN)).screened(torch.randn(1, 48)) is None  # nothing left to screen
     with torch.no_grad():
         assert product.screened(torch.randn(1, 48)) is not None  # no autograd needed: screening applies
 

@@ -6,7 +6,9 @@ at about 0.6x of full depth (BENCHMARKS.md). The pacer measures both ways as the
 produced token of speculative rounds and of full-depth steps (moving averages), and while drafting is
 slower it has the session run full-depth steps, probing drafting again after a pause that doubles each time
 drafting loses (up to `max_pause` tokens). Output does not depend on it: verified drafts and full-depth
-steps both yield the full model's tokens (or, sampling, its distribution).
+steps both yield the full model's tokens (or, sampling, its distribution), up to float32 rounding between
+the batched verification and a single step. The session starts a new pacer when the draft depth or length
+changes; while drafting keeps winning, `full_rate` is not measured again (it is probed only after a loss).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class Pacer:
     full_rate: float | None = None  # seconds per token, full-depth steps
     pause: int = 0  # full-depth tokens still to run before the next speculative round
     next_pause: int = 0
+    drafting: tuple | None = None  # the (draft depth, draft length) these measurements are of
 
     def __post_init__(self) -> None:
         self.next_pause = self.next_pause or self.first_pause

@@ -136,7 +136,11 @@ class ChatSession:
                 break
             mode = self.mode.validate(L)
             budget = sampling.max_new_tokens - emitted
-            drafting = mode.kind == "speculative" and budget > 1 and (self.pacer.draft_now() or not mode.pace)
+            if mode.kind == "speculative" and (mode.depth, mode.draft_len) != self.pacer.drafting:
+                self.pacer = Pacer(drafting=(mode.depth, mode.draft_len))  # another draft: measure it afresh
+            drafting = (
+                mode.kind == "speculative" and budget > 1 and forced is None and (self.pacer.draft_now() or not mode.pace)
+            )
             step_start = time.perf_counter()
             if drafting:
                 produced = self._speculative_round(pending, mode, sampler, min(budget, limit - state.length - 1), stats)
@@ -144,7 +148,7 @@ class ChatSession:
             elif mode.kind == "auto":
                 produced = [self._auto_step(pending, mode, sampler, stats)]
             else:
-                depth = L if mode.kind == "speculative" else (mode.depth or L)  # paced or one token left: full depth
+                depth = L if mode.kind == "speculative" else (mode.depth or L)  # paced, forced or last token: full
                 logits = self.sm.head(state.run(depth, [pending])[:, -1], depth, sampler.cfg.greedy)[0]
                 produced = [(*sampler.pick(logits), depth, False, None)]
                 if mode.kind == "speculative" and budget > 1:
