@@ -84,18 +84,20 @@ def test_bench_teacher_forced_agreement_and_auto_against_the_fixed_depth_line(be
     assert "auto at" in " ".join(bench_run[2].split())
 
 
-def test_fixed_depth_line_interpolates_between_fixed_depths():
-    from sortedchat.bench.report import auto_vs_fixed, fixed_depth_line
+def make_row(kind, ratio, agree=0.0, forced=None, ideal=None):
+    """A bench row with only what the report's arithmetic reads."""
     from sortedchat.bench.runner import Row
 
-    def row(kind, ratio, agree, forced):
-        return Row(key=kind, label=kind, kind=kind, exit=None, clock="wall", tokens_per_second=1.0, ratio=ratio,
-                   agreement=agree, forced_agreement=forced, mean_exit=None, acceptance=None, paced_share=None,
-                   peak_memory_mib=None,
-                   ideal_ratio=None, check_share=None, checks_per_token=None, by_clock={})
+    return Row(key=kind, label=kind, kind=kind, exit=3, clock="wall", tokens_per_second=1.0, ratio=ratio,
+               agreement=agree, forced_agreement=forced, mean_exit=None, acceptance=None, paced_share=None,
+               peak_memory_mib=None, ideal_ratio=ideal, check_share=None, checks_per_token=None, by_clock={})
 
-    rows = [row("full", 1.0, 1.0, 1.0), row("depth", 1.2, 0.0, 0.5), row("depth", 2.0, 0.0, 0.1),
-            row("auto", 1.1, 0.2, 0.9)]
+
+def test_fixed_depth_line_interpolates_between_fixed_depths():
+    from sortedchat.bench.report import auto_vs_fixed, fixed_depth_line
+
+    rows = [make_row("full", 1.0, 1.0, 1.0), make_row("depth", 1.2, 0.0, 0.5), make_row("depth", 2.0, 0.0, 0.1),
+            make_row("auto", 1.1, 0.2, 0.9)]
     assert fixed_depth_line(rows, 1.1, "agreement") == pytest.approx(0.5)
     assert fixed_depth_line(rows, 1.1, "forced_agreement") == pytest.approx(0.75)
     assert fixed_depth_line(rows, 0.9, "agreement") == 1.0 and fixed_depth_line(rows, 3.0, "agreement") == 0.0
@@ -105,14 +107,8 @@ def test_fixed_depth_line_interpolates_between_fixed_depths():
 
 def test_percent_of_ideal_is_the_speed_up_over_our_full_depth_against_the_ideal_one():
     from sortedchat.bench.report import of_ideal_ratio
-    from sortedchat.bench.runner import Row
 
-    def row(kind, ratio, ideal):
-        return Row(key=kind, label=kind, kind=kind, exit=3, clock="wall", tokens_per_second=1.0, ratio=ratio,
-                   agreement=0.0, forced_agreement=None, mean_exit=None, acceptance=None, paced_share=None,
-                   peak_memory_mib=None, ideal_ratio=ideal, check_share=None, checks_per_token=None, by_clock={})
-
-    full, depth = row("full", 1.2, 1.0), row("depth", 1.8, 2.0)
+    full, depth = make_row("full", 1.2, ideal=1.0), make_row("depth", 1.8, ideal=2.0)
     assert of_ideal_ratio(depth, [full, depth]) == pytest.approx(1.8 / 1.2 / 2.0)
     assert of_ideal_ratio(full, [full, depth]) is None
 

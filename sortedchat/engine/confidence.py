@@ -43,13 +43,10 @@ PREVIOUS_TOP = 64  # top tokens of the previous full head added to the candidate
 SUBSET_FEATURES = 3  # log max-prob, log margin to the runner-up, entropy (over the candidate set)
 
 
-class MaxProb:
-    """Maximum softmax probability of the exit's full-vocabulary head (the paper's measure)."""
+class Measure:
+    """The protocol of the module docstring; a measure overrides the hooks it needs (the rest do nothing)."""
 
-    name = "maxprob"
-
-    def __init__(self, sm: SortedModel):
-        self.sm = sm
+    name = ""
 
     def prepare(self, context: list[int]) -> None:
         pass
@@ -58,11 +55,23 @@ class MaxProb:
         pass
 
     def __call__(self, hidden: torch.Tensor, exit_layer: int) -> tuple[float, torch.Tensor | None]:
-        logits = self.sm.head(hidden, exit_layer)
-        return float(torch.softmax(logits.float(), dim=-1).max()), logits
+        raise NotImplementedError
 
     def observe(self, token_id: int, logits: torch.Tensor) -> None:
         pass
+
+
+class MaxProb(Measure):
+    """Maximum softmax probability of the exit's full-vocabulary head (the paper's measure)."""
+
+    name = "maxprob"
+
+    def __init__(self, sm: SortedModel):
+        self.sm = sm
+
+    def __call__(self, hidden: torch.Tensor, exit_layer: int) -> tuple[float, torch.Tensor | None]:
+        logits = self.sm.head(hidden, exit_layer)
+        return float(torch.softmax(logits.float(), dim=-1).max()), logits
 
 
 def head_parts(sm: SortedModel, exit_layer: int) -> tuple[nn.Module, torch.Tensor]:
@@ -113,10 +122,8 @@ def subset_features(log_probs: torch.Tensor) -> torch.Tensor:
     return torch.stack([top2[..., 0], margin, entropy], dim=-1)
 
 
-class SubsetProb:
-    """Maximum softmax probability over the candidate set (see `CandidateSet`)."""
-
-    name = "subset"
+class CandidateMeasure(Measure):
+    """A measure that scores the candidate set: it follows the context and the previous full head."""
 
     def __init__(self, sm: SortedModel):
         self.candidates = CandidateSet(sm)
@@ -124,15 +131,18 @@ class SubsetProb:
     def prepare(self, context: list[int]) -> None:
         self.candidates.prepare(context)
 
-    def reached(self, hidden: torch.Tensor, exit_layer: int) -> None:
-        pass
+    def observe(self, token_id: int, logits: torch.Tensor) -> None:
+        self.candidates.observe(logits)
+
+
+class SubsetProb(CandidateMeasure):
+    """Maximum softmax probability over the candidate set (see `CandidateSet`)."""
+
+    name = "subset"
 
     def __call__(self, hidden: torch.Tensor, exit_layer: int) -> tuple[float, None]:
         _, log_probs = self.candidates.log_probs(hidden, exit_layer)
         return float(log_probs.max().exp()), None
-
-    def observe(self, token_id: int, logits: torch.Tensor) -> None:
-        self.candidates.observe(logits)
 
 
 class Standardize(nn.Module):
@@ -202,7 +212,7 @@ class ExitClassifier(nn.Module):
         return clf.eval()
 
 
-class Classifier:
+class Classifier(CandidateMeasure):
     """P(exit's token == last exit's token) from the calibrated `ExitClassifier`; an exit the
     classifier was not trained for never passes (confidence 0)."""
 
@@ -217,15 +227,9 @@ class Classifier:
                     "run `sortedchat calibrate --measure classifier` first"
                 )
             net = ExitClassifier.load(path, sm.model.config.hidden_size)
+        super().__init__(sm)
         self.net = net.to(sm.device)
         self.trained = set(self.net.exits)
-        self.candidates = CandidateSet(sm)
-
-    def prepare(self, context: list[int]) -> None:
-        self.candidates.prepare(context)
-
-    def reached(self, hidden: torch.Tensor, exit_layer: int) -> None:
-        pass
 
     def __call__(self, hidden: torch.Tensor, exit_layer: int) -> tuple[float, None]:
         if exit_layer not in self.trained:
@@ -234,16 +238,13 @@ class Classifier:
         features = torch.cat([h.float(), subset_features(log_probs)])
         return float(torch.sigmoid(self.net(features, exit_layer))), None
 
-    def observe(self, token_id: int, logits: torch.Tensor) -> None:
-        self.candidates.observe(logits)
-
 
 def saturation(hidden: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of two residual-stream states [..., H], floored at 0 (a confidence in [0, 1])."""
     return F.cosine_similarity(hidden.float(), before.float(), dim=-1).clamp(min=0.0)
 
 
-class Saturation:
+class Saturation(Measure):
     """Cosine similarity between the hidden state leaving this exit and the one leaving the previous exit."""
 
     name = "saturation"
@@ -264,9 +265,6 @@ class Saturation:
 
     def __call__(self, hidden: torch.Tensor, exit_layer: int) -> tuple[float, None]:
         return float(saturation(hidden, self.before)), None
-
-    def observe(self, token_id: int, logits: torch.Tensor) -> None:
-        pass
 
 
 MEASURES = {m.name: m for m in (MaxProb, SubsetProb, Classifier, Saturation)}

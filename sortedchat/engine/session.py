@@ -64,7 +64,7 @@ class ChatSession:
         self.draft_len = self.mode.draft_len
         self.last_stats: GenerationStats | None = None
         self._measures: dict[str, object] = {}
-        self.pacer = Pacer()  # kept across answers: what it learnt about this device still holds
+        self.pacer = Pacer()  # kept across answers for one draft depth and length (see `_generate`)
 
     # -- public API --------------------------------------------------------------------------------
     def generate(
