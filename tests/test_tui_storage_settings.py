@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from sortedchat import SortedChatError
 from sortedchat.cli import app as cli_app
+from sortedchat.engine import Mode
 from sortedchat.tui.depth import DepthControl
 from sortedchat.tui.settings import Settings, load_settings, save_settings, settings_path
 from sortedchat.tui.storage import ChatStore
@@ -171,3 +172,12 @@ def test_depth_control_steps_over_the_exits():
     control.depth = 5  # a --depth that is not an exit steps to its neighbours
     control.step(-1)
     assert control.depth == 4
+
+
+def test_depth_control_keeps_the_command_lines_drafting_options_across_mode_switches(tiny):
+    control = DepthControl.for_model(tiny, Mode.speculative(4, draft_len=3, draft_stop=0.3, pace=False))
+    control.toggle_speculative()  # off to depth 4, then auto, then speculative again at the next depth
+    control.toggle_auto()
+    control.step(-1)
+    control.toggle_speculative()
+    assert control.mode() == Mode.speculative(2, draft_len=3, draft_stop=0.3, pace=False)

@@ -6,7 +6,7 @@ Kept apart from the widgets so the rules are plain code: the app turns `DepthCon
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from sortedchat.engine import Mode
 
@@ -26,9 +26,7 @@ class DepthControl:
     depth: int = 0
     threshold: float | None = None
     shift: float = 0.0
-    draft_len: int = 4
-    draft_stop: float = 0.0
-    pace: bool = True
+    options: Mode = field(default_factory=Mode)  # the starting mode: its drafting options carry over
 
     @classmethod
     def for_model(cls, sm, mode: Mode) -> "DepthControl":
@@ -40,16 +38,14 @@ class DepthControl:
             depth=mode.depth or (sm.default_draft_exit if mode.kind == "speculative" else sm.num_layers),
             threshold=mode.threshold,
             shift=mode.shift,
-            draft_len=mode.draft_len,
-            draft_stop=mode.draft_stop,
-            pace=mode.pace,
+            options=mode,
         )
 
     def mode(self) -> Mode:
         if self.kind == "auto":
             return Mode.auto(self.threshold, shift=self.shift)
         if self.kind == "speculative":
-            return Mode.speculative(self.depth, draft_len=self.draft_len, draft_stop=self.draft_stop, pace=self.pace)
+            return replace(self.options, kind="speculative", depth=self.depth, threshold=None, shift=0.0)
         return Mode.fixed(self.depth)
 
     def label(self) -> str:
