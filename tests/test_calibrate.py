@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -63,6 +64,15 @@ def auto_exits(sm, mode):
 
 @pytest.mark.parametrize("measure", ["maxprob", "subset", "classifier", "saturation"])
 def test_calibrate_writes_thresholds_that_the_reloaded_model_uses(monkeypatch, capsys, model_dir, data, measure):
+    real = cal.measure_costs
+
+    def free_checks(*args, **kwargs):
+        """The measured costs, but checks and backlogs free: whether an exit pays off on the tiny model would
+        otherwise hang on timing noise (that rule has its own tests below)."""
+        costs = real(*args, **kwargs)
+        return dataclasses.replace(costs, drain=0.0, check=dict.fromkeys(costs.check, 0.0))
+
+    monkeypatch.setattr(cal, "measure_costs", free_checks)
     code, out, err = run_cli(monkeypatch, capsys, "calibrate", "--model", model_dir, "--data", data, "--device", "cpu",
                              "--exits", "2,4,6", "--target-agreement", "0.05", "--measure", measure)
     assert code == 0, err
