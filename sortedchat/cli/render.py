@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.text import Text
 
-from sortedchat.engine import GenerationStats, TokenEvent
 from sortedchat.palette import exit_colour
+
+if TYPE_CHECKING:  # the engine imports torch: `sortedchat --help` must not wait for it
+    from sortedchat.engine import GenerationStats, TokenEvent
 
 
 class AnswerPrinter:
