@@ -241,10 +241,10 @@ def test_a_saved_chat_reopens_with_the_same_content(tiny, tmp_path):
             assert len(second.store.load(second.chat_id).messages) == 6
 
             await pilot.press("ctrl+s")
-            exported = (tmp_path / f"sortedchat-{second.chat_id}.md").read_text()
+            exported = (tmp_path / second.store.export_name(second.chat_id)).read_text()
             assert "## You\n\nHello there\n" in exported and "## You\n\nAnd then?\n" in exported
 
-            await pilot.press("ctrl+l", "d")
+            await pilot.press("ctrl+l", "d", "d")  # asked twice
             assert second.store.chats() == []
 
     asyncio.run(chat_twice())

@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from textual import work
 from textual.app import App, SystemCommand
@@ -24,9 +25,6 @@ from textual.message import Message
 
 from sortedchat import SortedChatError
 from sortedchat.config import atomic_write_text
-from sortedchat.engine import ChatSession, GenerationStats, Mode, TokenEvent
-from sortedchat.engine.session import encode_chat
-from sortedchat.sorted_model import SortedModel
 from sortedchat.tui.depth import DepthControl
 from sortedchat.tui.screens.chat import ChatScreen
 from sortedchat.tui.screens.chats import ChatListScreen
@@ -39,10 +37,14 @@ from sortedchat.tui.widgets.answer import AnswerView, TokenText
 from sortedchat.tui.widgets.prompt import PromptInput
 from sortedchat.tui.widgets.status import status_text
 
+if TYPE_CHECKING:  # the engine imports torch: the app imports it only once the loading screen shows
+    from sortedchat.engine import ChatSession, GenerationStats, Mode, TokenEvent
+    from sortedchat.sorted_model import SortedModel
+
 FLUSH_HZ = 30  # tokens reach the screen at most this often
 GAUGE_HZ = 4  # the status line and sparkline, which need not follow every batch
 LENS_TOP_K = 4
-Loader = Callable[[Callable[[str, float | None], None]], SortedModel]
+Loader = Callable[[Callable[[str, float | None], None]], "SortedModel"]
 
 
 class GenerationDone(Message):
@@ -150,6 +152,8 @@ class SortedChatApp(App):
         self.exit(return_code=1)
 
     def _model_ready(self, sm: SortedModel) -> None:
+        from sortedchat.engine import ChatSession, Mode
+
         try:
             mode = (self.initial_mode(sm) if self.initial_mode else Mode.fixed()).validate(sm.num_layers)
             self.store = self.store or ChatStore()
@@ -167,6 +171,8 @@ class SortedChatApp(App):
             self.push_screen(self.chat)
         self._flush_timer = self.set_interval(1 / FLUSH_HZ, self._flush_tokens, pause=True)
         self.call_after_refresh(self._show_status)
+        if self.store.notice:
+            self.notify(self.store.notice, severity="warning", timeout=15)
 
     # -- sending and streaming ----------------------------------------------------------------------
     def on_prompt_input_submitted(self, message: PromptInput.Submitted) -> None:
@@ -178,18 +184,19 @@ class SortedChatApp(App):
 
     def send(self, text: str) -> None:
         """Start answering `text` as the next user message of this chat."""
-        if self.chat_id is None:
-            self.chat_id = self.store.new_chat(text.splitlines()[0][:60], self.model_name)
-            if self.settings.system_prompt:
-                self.history.append({"role": "system", "content": self.settings.system_prompt})
-                self.store.add_message(self.chat_id, "system", self.settings.system_prompt)
+        if self.chat_id is None and self.settings.system_prompt:
+            self.history.append({"role": "system", "content": self.settings.system_prompt})
         self.history.append({"role": "user", "content": text})
-        self.store.add_message(self.chat_id, "user", text)
-        self.chat.conversation.add_user(text)
         label = self.control.label()
+        try:
+            message_id = self._save_turn(label)
+        except SortedChatError as exc:  # the chat was deleted, or the file was damaged and set aside
+            self.notify(f"{exc}; saving this conversation as a new chat", severity="warning", timeout=10)
+            self.chat_id = None
+            message_id = self._save_turn(label)
+        self.chat.conversation.add_user(text)
         self.answer = self._answer_view(list(self.history), label)
         self.chat.conversation.add_answer(self.answer)
-        message_id = self.store.add_message(self.chat_id, "assistant", None, label)
         self.events, self.stats = [], None
         self._stop.clear()
         self.generating = True
@@ -197,6 +204,17 @@ class SortedChatApp(App):
         self._show_status()
         self.refresh_bindings()
         self._generate(list(self.history), message_id)
+
+    def _save_turn(self, label: str) -> int:
+        """Save the new user message and an empty answer; a chat not yet stored gets the whole history."""
+        if self.chat_id is None:
+            first_user = next(m["content"] for m in self.history if m["role"] == "user")
+            self.chat_id = self.store.new_chat(first_user.splitlines()[0][:60] if first_user else "", self.model_name)
+            for m in self.history:
+                self.store.add_message(self.chat_id, m["role"], m["content"])
+        else:
+            self.store.add_message(self.chat_id, "user", self.history[-1]["content"])
+        return self.store.add_message(self.chat_id, "assistant", None, label)
 
     def _answer_view(self, context: list[dict], label: str) -> AnswerView:
         return AnswerView(context, self.sm.num_layers, self.sm.exits[0], label, markdown=self.markdown)
@@ -237,7 +255,10 @@ class SortedChatApp(App):
         self.generating = False
         self.stats = self.session.last_stats if self.events else None
         content = self.answer.text
-        self.store.finish_message(message.message_id, content, self.stats.to_dict() if self.stats else None)
+        try:
+            self.store.finish_message(message.message_id, content, self.stats.to_dict() if self.stats else None)
+        except SortedChatError as exc:  # the tokens are saved; a damaged file was set aside
+            self.notify(str(exc), severity="error", timeout=10)
         self.history.append({"role": "assistant", "content": content})
         if message.error:
             self.notify(message.error, severity="error", timeout=10)
@@ -313,6 +334,8 @@ class SortedChatApp(App):
 
     @work(thread=True, exclusive=True, group="lens")
     def _lens(self, request: int, context: list[dict], before: list[int]) -> None:
+        from sortedchat.engine.session import encode_chat
+
         ids = encode_chat(self.sm, context) + before
         preds = self.sm.exit_top_predictions(ids, k=LENS_TOP_K)
         decode = self.sm.tokenizer.decode
@@ -370,8 +393,12 @@ class SortedChatApp(App):
             self.history.append({"role": m.role, "content": m.content})
         self.chat.prompt.focus()
 
+    async def on_chat_list_screen_deleted(self, message: ChatListScreen.Deleted) -> None:
+        if message.chat_id == self.chat_id:  # the open chat is gone: the next message starts a new one
+            await self._reset_chat()
+
     def export_chat(self, chat_id: int) -> Path:
-        path = self.export_dir / f"sortedchat-{chat_id}.md"
+        path = self.export_dir / self.store.export_name(chat_id)
         return atomic_write_text(path, self.store.export_markdown(chat_id))
 
     def action_export(self) -> None:
@@ -380,7 +407,7 @@ class SortedChatApp(App):
             return
         try:
             self.notify(f"exported to {self.export_chat(self.chat_id)}")
-        except OSError as exc:
+        except (OSError, SortedChatError) as exc:
             self.notify(f"export failed: {exc}", severity="error")
 
     # -- dialogs ------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ Every token is its own committed row, so killing the app loses at most the token
 the text of an answer that never finished is rebuilt from its tokens. The file runs in WAL mode with
 `synchronous=NORMAL`: a commit survives a crash or kill of the process without an fsync per token.
 The generation thread writes tokens while the UI thread reads the chat list, so one lock serialises
-access to the single connection.
+access to the single connection. A write of several rows is one transaction, rolled back if any part
+fails. A damaged file is never written to again: it is renamed aside (`chats.sqlite3.damaged-...`),
+an empty history takes its place, and the error says so, so the user can go on.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,19 +93,76 @@ class StoredChat:
         return [{"role": m.role, "content": m.content} for m in self.messages]
 
 
+class ChatGone(SortedChatError):
+    """The chat was deleted (or its file set aside) while it was open."""
+
+
+def _is_damage(exc: sqlite3.Error) -> bool:
+    """SQLite says the file is corrupt or not a database at all (extended codes keep the low byte)."""
+    return (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
 class ChatStore:
+    """`notice` says what opening the file took (a damaged file set aside), for the app to show once."""
+
     def __init__(self, path: Path | None = None):
         self.path = path or data_dir() / DB_NAME
+        self.lock = threading.Lock()
+        self.notice: str | None = None
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._connect()
+        except sqlite3.DatabaseError as exc:
+            if not _is_damage(exc):
+                raise SortedChatError(f"{self.path}: cannot open the chat history ({exc})") from None
+            self.notice = self._set_aside(exc)
+        except OSError as exc:
+            raise SortedChatError(f"{self.path}: cannot open the chat history ({exc})") from None
+
+    def _connect(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=ON")
             self.db.executescript(SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
-            raise SortedChatError(f"{self.path}: cannot open the chat history ({exc})") from None
-        self.lock = threading.Lock()
+        except sqlite3.Error:
+            self.db.close()
+            raise
+
+    def _set_aside(self, exc: sqlite3.Error) -> str:
+        """Rename the damaged file (and its WAL) aside, start an empty history; say what happened."""
+        self.db.close()
+        aside = self.path.with_name(f"{self.path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        for suffix in ("", "-wal", "-shm"):
+            part = self.path.with_name(self.path.name + suffix)
+            if part.exists():
+                part.rename(aside.with_name(aside.name + suffix))
+        try:
+            self._connect()
+        except (OSError, sqlite3.Error) as again:
+            raise SortedChatError(f"{self.path}: cannot start a new chat history ({again})") from None
+        return f"{self.path}: the chat history is damaged ({exc}); kept it as {aside.name}, starting a fresh one"
+
+    @contextmanager
+    def _use(self, write: bool = False) -> Iterator[sqlite3.Connection]:
+        """The connection, locked; with `write`, one transaction that a failure rolls back."""
+        with self.lock:
+            try:
+                if write:
+                    self.db.execute("BEGIN")
+                try:
+                    yield self.db
+                except BaseException:
+                    if write and self.db.in_transaction:
+                        self.db.execute("ROLLBACK")
+                    raise
+                if write:
+                    self.db.execute("COMMIT")
+            except sqlite3.DatabaseError as exc:
+                if _is_damage(exc):
+                    raise SortedChatError(self._set_aside(exc)) from None
+                raise SortedChatError(f"{self.path}: {exc}") from None
 
     def close(self) -> None:
         with self.lock:
@@ -110,61 +171,61 @@ class ChatStore:
     # -- writing ------------------------------------------------------------------------------------
     def new_chat(self, title: str, model: str) -> int:
         now = time.time()
-        with self.lock:
-            cur = self.db.execute(
+        with self._use(write=True) as db:
+            cur = db.execute(
                 "INSERT INTO chats (title, model, created, updated) VALUES (?, ?, ?, ?)", (title, model, now, now)
             )
             return int(cur.lastrowid)
 
     def add_message(self, chat_id: int, role: str, content: str | None, mode: str = "") -> int:
         """A message; an assistant answer starts with `content=None` and fills in as tokens arrive."""
-        with self.lock:
-            self.db.execute("BEGIN")
-            cur = self.db.execute(
+        with self._use(write=True) as db:
+            if db.execute("SELECT 1 FROM chats WHERE id = ?", (chat_id,)).fetchone() is None:
+                raise ChatGone(f"chat {chat_id} is no longer in {self.path.name}")
+            cur = db.execute(
                 "INSERT INTO messages (chat_id, role, content, mode) VALUES (?, ?, ?, ?)", (chat_id, role, content, mode)
             )
-            self.db.execute("UPDATE chats SET updated = ? WHERE id = ?", (time.time(), chat_id))
-            self.db.execute("COMMIT")
+            db.execute("UPDATE chats SET updated = ? WHERE id = ?", (time.time(), chat_id))
             return int(cur.lastrowid)
 
     def add_token(self, message_id: int, index: int, token_id: int, text: str, exit_layer: int, confidence: float):
-        with self.lock:
-            self.db.execute(
+        with self._use() as db:
+            db.execute(
                 "INSERT OR REPLACE INTO tokens VALUES (?, ?, ?, ?, ?, ?)",
                 (message_id, index, token_id, text, exit_layer, confidence),
             )
 
     def finish_message(self, message_id: int, content: str, stats: dict | None = None) -> None:
-        with self.lock:
-            self.db.execute(
+        with self._use() as db:
+            db.execute(
                 "UPDATE messages SET content = ?, stats = ? WHERE id = ?",
                 (content, json.dumps(stats) if stats is not None else None, message_id),
             )
 
     def delete_chat(self, chat_id: int) -> None:
-        with self.lock:
-            self.db.execute("DELETE FROM chats WHERE id = ?", (chat_id,))
+        with self._use() as db:
+            db.execute("DELETE FROM chats WHERE id = ?", (chat_id,))
 
     # -- reading ------------------------------------------------------------------------------------
     def chats(self) -> list[ChatSummary]:
         """Saved chats, most recently updated first."""
-        with self.lock:
-            rows = self.db.execute(
+        with self._use() as db:
+            rows = db.execute(
                 "SELECT c.id, c.title, c.model, c.updated, COUNT(m.id) FROM chats c "
                 "LEFT JOIN messages m ON m.chat_id = c.id GROUP BY c.id ORDER BY c.updated DESC, c.id DESC"
             ).fetchall()
         return [ChatSummary(*row) for row in rows]
 
     def load(self, chat_id: int) -> StoredChat:
-        with self.lock:
-            head = self.db.execute("SELECT id, title, model, created FROM chats WHERE id = ?", (chat_id,)).fetchone()
+        with self._use() as db:
+            head = db.execute("SELECT id, title, model, created FROM chats WHERE id = ?", (chat_id,)).fetchone()
             if head is None:
-                raise SortedChatError(f"{self.path}: there is no chat {chat_id}")
-            rows = self.db.execute(
+                raise ChatGone(f"{self.path}: there is no chat {chat_id}")
+            rows = db.execute(
                 "SELECT id, role, content, mode, stats FROM messages WHERE chat_id = ? ORDER BY id", (chat_id,)
             ).fetchall()
             tokens: dict[int, list[StoredToken]] = {}
-            for mid, token_id, text, exit_layer, conf in self.db.execute(
+            for mid, token_id, text, exit_layer, conf in db.execute(
                 "SELECT t.message_id, t.token_id, t.text, t.exit_layer, t.confidence FROM tokens t "
                 "JOIN messages m ON m.id = t.message_id WHERE m.chat_id = ? ORDER BY t.message_id, t.idx",
                 (chat_id,),
@@ -177,6 +238,14 @@ class ChatStore:
                 content = "".join(t.text for t in toks)
             messages.append(StoredMessage(mid, role, content, mode, json.loads(stats) if stats else None, toks))
         return StoredChat(head[0], head[1], head[2], head[3], messages)
+
+    def export_name(self, chat_id: int) -> str:
+        """A file name for the chat's export: ids come back after a delete, creation times do not."""
+        with self._use() as db:
+            row = db.execute("SELECT created FROM chats WHERE id = ?", (chat_id,)).fetchone()
+        if row is None:
+            raise ChatGone(f"chat {chat_id} is no longer in {self.path.name}")
+        return f"sortedchat-{time.strftime('%Y%m%d-%H%M%S', time.localtime(row[0]))}-{chat_id}.md"
 
     def export_markdown(self, chat_id: int) -> str:
         """The chat as Markdown: a heading per turn, the mode and summary of each answer under it."""
