@@ -32,7 +32,8 @@ class TokenEvent:
 @dataclass
 class GenerationStats:
     """Summary of one answer. `compute_saved` compares the decoder-layer evaluations actually run
-    (backlog catch-up and rejected drafts included) with running every token through every layer."""
+    (backlog catch-up and rejected drafts included, and propagated K/V at `kv_fill_share` of a layer each)
+    with running every token through every layer."""
 
     num_layers: int
     tokens: int = 0
@@ -48,6 +49,8 @@ class GenerationStats:
     paced: int = 0  # speculative mode: tokens decoded at full depth because drafting was measured slower
     check_seconds: float = 0.0
     checks: int = 0
+    kv_fills: int = 0  # (layer, position) K/V projections stored by propagation
+    kv_fill_share: float = 0.0  # what one costs, as a share of a layer's weights
     exit_counts: dict[int, int] = field(default_factory=dict)
     stopped: str = ""
 
@@ -62,7 +65,7 @@ class GenerationStats:
     @property
     def compute_saved(self) -> float:
         full = self.num_layers * self.tokens
-        return 1.0 - self.layer_evals / full if full else 0.0
+        return 1.0 - (self.layer_evals + self.kv_fills * self.kv_fill_share) / full if full else 0.0
 
     @property
     def acceptance_rate(self) -> float | None:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from sortedchat import SortedChatError
 
+KV_WAYS = ("exact", "propagate")  # see `Mode.kv`
+
 
 @dataclass(frozen=True)
 class Mode:
@@ -15,7 +17,11 @@ class Mode:
     stay off), which is what the app's faster/closer keys do.
     `draft_len` is the initial number of drafted tokens per verification; `draft_stop` ends a draft early
     when the draft's confidence falls below it; `pace` lets the session decode at full depth while
-    drafting is measured to be slower (`engine.pacing`), `pace=False` drafts always."""
+    drafting is measured to be slower (`engine.pacing`), `pace=False` drafts always.
+    `kv` is how the layers a token skips get its K/V (`engine.state`): "exact" leaves them to be computed
+    when a deeper token drains the backlog, "propagate" stores the projections of the exit's hidden state
+    at once (approximate, nothing waits). Speculative decoding is exact only: its output must be the full
+    model's."""
 
     kind: str = "depth"
     depth: int | None = None
@@ -25,14 +31,16 @@ class Mode:
     draft_stop: float = 0.0
     confidence: str | None = None
     pace: bool = True
+    kv: str = "exact"
 
     @classmethod
-    def fixed(cls, depth: int | None = None) -> "Mode":
-        return cls("depth", depth)
+    def fixed(cls, depth: int | None = None, kv: str = "exact") -> "Mode":
+        return cls("depth", depth, kv=kv)
 
     @classmethod
-    def auto(cls, threshold: float | None = None, confidence: str | None = None, shift: float = 0.0) -> "Mode":
-        return cls("auto", None, threshold, shift=shift, confidence=confidence)
+    def auto(cls, threshold: float | None = None, confidence: str | None = None, shift: float = 0.0,
+             kv: str = "exact") -> "Mode":
+        return cls("auto", None, threshold, shift=shift, confidence=confidence, kv=kv)
 
     @classmethod
     def speculative(cls, depth: int, draft_len: int = 4, draft_stop: float = 0.0, pace: bool = True) -> "Mode":
@@ -47,6 +55,10 @@ class Mode:
             raise SortedChatError(f"speculative draft depth must be below the last layer ({num_layers})")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise SortedChatError(f"threshold {self.threshold} is outside 0..1")
+        if self.kv not in KV_WAYS:
+            raise SortedChatError(f"unknown K/V way {self.kv!r} ({', '.join(KV_WAYS)})")
+        if self.kind == "speculative" and self.kv != "exact":
+            raise SortedChatError("speculative decoding needs exact K/V (its output is the full model's)")
         if self.draft_len < 1:
             raise SortedChatError("draft length must be at least 1")
         if not 0.0 <= self.draft_stop <= 1.0:
@@ -54,6 +66,10 @@ class Mode:
         return self
 
     def label(self, num_layers: int) -> str:
+        """What the status line shows: the mode, and " · propagated KV" when the K/V are not exact."""
+        return self._kind_label(num_layers) + (" · propagated KV" if self.kv == "propagate" else "")
+
+    def _kind_label(self, num_layers: int) -> str:
         if self.kind == "auto":
             if self.threshold is not None:
                 return f"Auto ≥{self.threshold:.2f}"

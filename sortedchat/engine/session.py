@@ -1,7 +1,8 @@
 """A conversation with a sorted model: prompt reuse across turns, and the generation loop of all modes.
 
 Every mode works on one `LayeredState`. Fixed depth runs each token through layers 1..k. Auto mode
-runs on exit by exit and stops at the first confident one, never recomputing a layer. Speculative
+runs on exit by exit and stops at the first confident one, never recomputing a layer. With `Mode.kv`
+"propagate", the layers a token skipped get its K/V right after it (`LayeredState.propagate`). Speculative
 mode drafts at depth k; verifying is running the last draft to full depth, which drains the drafted
 positions waiting at layer k+1 in one batched pass; a rejection is a crop. The mode is read before
 every token, so a front end can change it mid-answer.
@@ -121,9 +122,12 @@ class ChatSession:
         mode = self.mode.validate(L)
         if len(prompt) - 1 > common:
             state.run((mode.depth or L) if mode.kind == "depth" else L, prompt[common:-1])
+        if mode.kv == "propagate":
+            state.propagate()  # the prompt at a fixed depth, or a backlog left by earlier exact tokens
         t1 = time.perf_counter()
         stats.prefill_seconds = t1 - t0
-        evals0 = state.layer_evals
+        evals0, fills0 = state.layer_evals, state.kv_fills
+        stats.kv_fill_share = state.kv_fill_share
         pending, emitted = prompt[-1], 0
         limit = self.sm.max_positions or 1 << 62
 
@@ -154,6 +158,8 @@ class ChatSession:
                 if mode.kind == "speculative" and budget > 1:
                     self.pacer.record_full(time.perf_counter() - step_start)
                     stats.paced += 1
+            if mode.kv == "propagate":
+                state.propagate()  # the layers this token skipped get its K/V now: nothing waits
             done = False
             for token, conf, exit_layer, drafted, accepted in produced:
                 is_stop = token in self.stop_ids
@@ -161,6 +167,7 @@ class ChatSession:
                 stats.exit_sum += exit_layer
                 stats.exit_counts[exit_layer] = stats.exit_counts.get(exit_layer, 0) + 1
                 stats.layer_evals = state.layer_evals - evals0
+                stats.kv_fills = state.kv_fills - fills0
                 stats.decode_seconds = time.perf_counter() - t1
                 yield TokenEvent(
                     index=emitted,
@@ -184,6 +191,7 @@ class ChatSession:
         else:
             stats.stopped = "max_tokens"
         stats.layer_evals = state.layer_evals - evals0
+        stats.kv_fills = state.kv_fills - fills0
         stats.decode_seconds = time.perf_counter() - t1
 
     def _measure(self, mode: Mode):

@@ -2,18 +2,51 @@
 wait, as hidden states, at the input of the first layer that has not seen them.
 
 Invariants (README, "How the engine works"): kv_len[0] >= kv_len[1] >= ... >= kv_len[L-1]; `waiting[i]` holds the
-input of layer i for positions kv_len[i] .. kv_len[i-1]-1; every stored K/V equals what the full
-model computes for those tokens. Running layer i always consumes its whole backlog plus whatever comes
-from below in one batched call, so nothing is approximated and nothing is copied upward.
+input of layer i for positions kv_len[i] .. kv_len[i-1]-1. Running layer i always consumes its whole backlog plus
+whatever comes from below in one batched call, so with exact K/V (`run` alone) nothing is approximated and nothing
+is copied upward: every stored K/V equals what the full model computes for those tokens.
+
+Propagated K/V (`propagate`, CALM's copy: Schuster et al., 2022) is the one approximation. It takes every waiting
+position up through the layers above it without running them: each of those layers stores only the K/V
+projections (its input norm, k/v projections, k-norm if any, rotary at the position) of the hidden state the
+position waits with, i.e. the output of the layer it exited at. Afterwards nothing waits. `filled_by[p]` records
+how many layers computed position p: layers 1..filled_by[p] hold what the layers computed, layers above it hold the
+projections of the hidden state leaving layer filled_by[p] (num_layers: no propagated K/V at p). A position is
+propagated at most once, so these approximate K/V stay as they are: a later exact token attends to them
+(switching back to exact never re-prefills), and every K/V computed by a layer is what that layer computes given
+the K/V stored before it, which is a full prefill's only where no earlier position was propagated.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from sortedchat import SortedChatError
 from sortedchat.sorted_model import SortedModel
+
+
+def kv_projection(layer, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]):
+    """The K/V a decoder layer stores for `hidden` [1, q, H] at the positions of `position_embeddings`, computed
+    as the layer's attention does before attending (transformers' Llama/Qwen attention): input norm, k/v
+    projections, the k-norm of models that have one, rotary on K. Nothing else of the layer runs."""
+    attn = layer.self_attn
+    rotary = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+    if rotary is None:
+        raise SortedChatError(f"{type(attn).__name__} has no rotary function sortedchat knows: propagated K/V "
+                              "needs a LLaMA-style attention (use --kv exact)")
+    x = layer.input_layernorm(hidden)
+    shape = (*x.shape[:-1], -1, attn.head_dim)
+    keys = attn.k_proj(x).view(shape)
+    k_norm = getattr(attn, "k_norm", None)
+    if k_norm is not None:
+        keys = k_norm(keys)
+    keys, values = keys.transpose(1, 2), attn.v_proj(x).view(shape).transpose(1, 2)
+    cos, sin = position_embeddings
+    return rotary(keys, keys, cos, sin)[1], values
 
 
 class GrowingLayer(DynamicLayer):
@@ -66,7 +99,20 @@ class LayeredState:
         self.kv_len = [0] * self.num_layers
         self.waiting: list[torch.Tensor | None] = [None] * (self.num_layers + 1)  # [L] stays empty
         self.tokens: list[int] = []  # the token at each position every layer-1 K/V covers
+        self.filled_by: list[int] = []  # per position: layers that computed its K/V (the rest were propagated)
         self.layer_evals = 0  # (layer, position) evaluations run, for compute accounting
+        self.kv_fills = 0  # (layer, position) K/V projections stored by `propagate`
+
+    @property
+    def kv_fill_share(self) -> float:
+        """What storing one position's propagated K/V in a layer costs, as a share of running the layer over it
+        (by weights: the k/v projections against the whole layer; about 6% for SmolLM2)."""
+        if not self.num_layers:
+            return 0.0
+        layer = self.sm.layers[0]
+        attn = layer.self_attn
+        kv = sum(p.numel() for m in (attn.k_proj, attn.v_proj) for p in m.parameters())
+        return kv / sum(p.numel() for p in layer.parameters())
 
     @property
     def length(self) -> int:
@@ -82,6 +128,7 @@ class LayeredState:
             ids = torch.tensor([new_ids], device=sm.device)
             x = sm.embed(ids)
             self.tokens.extend(new_ids)
+            self.filled_by.extend([self.num_layers] * len(new_ids))
         # Rotary tables once per call, for every position any layer will process.
         starts = [self.kv_len[i] for i in range(depth) if x is not None or self.waiting[i] is not None]
         if not starts:
@@ -120,6 +167,35 @@ class LayeredState:
             self.waiting[depth] = x if w is None else torch.cat([w, x], dim=1)
         return x
 
+    def propagate(self) -> int:
+        """Store, in every layer above it, the K/V projections of each waiting position's hidden state, so that
+        nothing waits (module docstring). Returns the number of (layer, position) K/V stored."""
+        L = self.num_layers
+        starts = [self.kv_len[i] for i in range(1, L) if self.waiting[i] is not None]
+        if not starts:
+            return 0
+        first = min(starts)
+        positions = torch.arange(first, self.length, device=self.sm.device)[None]
+        cos, sin = self.sm.rotary(self._any_hidden(None), positions)
+        carry, fills = None, 0
+        for i in range(1, L):
+            w = self.waiting[i]
+            if w is not None:  # positions kv_len[i] .. kv_len[i-1]-1 left layer i: they go up from here
+                start = self.kv_len[i]
+                self.filled_by[start : start + w.shape[1]] = [i] * w.shape[1]
+                carry = w if carry is None else torch.cat([w, carry], dim=1)
+                self.waiting[i] = None
+            if carry is None:
+                continue
+            start, q = self.kv_len[i], carry.shape[1]
+            lo = start - first
+            keys, values = kv_projection(self.sm.layers[i], carry, (cos[:, lo : lo + q], sin[:, lo : lo + q]))
+            self.cache.layers[i].update(keys, values)
+            self.kv_len[i] = start + q
+            fills += q
+        self.kv_fills += fills
+        return fills
+
     def _any_hidden(self, x: torch.Tensor | None) -> torch.Tensor:
         """A tensor with the model's dtype and device, for the rotary embedding's dtype."""
         if x is not None:
@@ -139,6 +215,7 @@ class LayeredState:
                 keep = n - old[i]  # waiting[i] starts at position old kv_len[i]
                 self.waiting[i] = None if keep <= 0 else w[:, :keep]
         del self.tokens[n:]
+        del self.filled_by[n:]
 
     def check_invariants(self) -> None:
         """Assert the invariants of the module docstring (used by tests)."""
@@ -147,4 +224,7 @@ class LayeredState:
             w = self.waiting[i]
             assert (0 if w is None else w.shape[1]) == self.kv_len[i - 1] - self.kv_len[i], (i, self.kv_len)
             assert self.cache.layers[i].get_seq_length() == self.kv_len[i]
-        assert len(self.tokens) == self.length
+        assert len(self.tokens) == len(self.filled_by) == self.length
+        for p, filled in enumerate(self.filled_by):  # propagated positions are in every layer, and only there
+            assert 1 <= filled <= self.num_layers, (p, filled)
+            assert filled == self.num_layers or p < self.kv_len[-1], (p, filled, self.kv_len)

@@ -1,0 +1,137 @@
+"""Propagated K/V (`--kv propagate`, CALM's copy): which positions hold approximate K/V, and that all the others
+hold what the layers compute for the K/V stored before them, in every mode and across switches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from sortedchat import SortedChatError
+from sortedchat.engine import ChatSession, Mode, SamplingConfig
+from sortedchat.engine.state import LayeredState
+
+from test_engine import PROMPTS, hf_greedy, no_stop, prompt_ids, run
+
+
+@torch.inference_mode()
+def reference(sm, tokens: list[int], filled_by: list[int]):
+    """A direct computation, one position at a time with transformers' own layers: position p runs through
+    layers 1..filled_by[p]; every layer above stores the K/V that the layer's real forward stores for the
+    hidden state leaving layer filled_by[p] (read from a scratch cache, so nothing of the engine is reused).
+    Returns the cache and each position's prediction from the exit it stopped at."""
+    L = sm.num_layers
+    cache = DynamicCache(config=sm.model.config)
+    predictions = []
+    for p, (token, filled) in enumerate(zip(tokens, filled_by)):
+        h = sm.embed(torch.tensor([[token]]))
+        positions = torch.tensor([[p]])
+        rope = sm.rotary(h, positions)
+        for i in range(L):
+            if i < filled:
+                h = sm.layers[i](h, position_ids=positions, cache=cache, use_cache=True, position_embeddings=rope)
+            else:
+                scratch = DynamicCache(config=sm.model.config)
+                sm.layers[i](h, position_ids=positions, cache=scratch, use_cache=True, position_embeddings=rope)
+                cache.update(scratch.layers[i].keys, scratch.layers[i].values, i)
+        predictions.append(int(sm.head(h[:, -1], filled).argmax()))
+    return cache, predictions
+
+
+def assert_kv_equal(state: LayeredState, cache: DynamicCache, upto: int | None = None) -> None:
+    for i in range(state.num_layers):
+        n = state.kv_len[i] if upto is None else upto
+        mine, ref = state.cache.layers[i], cache.layers[i]
+        torch.testing.assert_close(mine.keys[..., :n, :], ref.keys[..., :n, :], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(mine.values[..., :n, :], ref.values[..., :n, :], rtol=1e-4, atol=1e-4)
+
+
+def test_without_early_exits_propagate_equals_exact(tiny):
+    """Nothing skips a layer: propagation has nothing to do, and the answer is the full model's."""
+    ids = prompt_ids(tiny, PROMPTS[0])
+    expected = hf_greedy(tiny, ids, 24)
+    for mode in (Mode.auto(threshold=1.0, kv="propagate"), Mode.fixed(kv="propagate")):
+        session = no_stop(ChatSession(tiny, mode))
+        assert run(session, ids) == expected
+        assert session.state.kv_fills == 0 and session.last_stats.kv_fills == 0
+        assert set(session.state.filled_by) == {tiny.num_layers}
+
+
+def test_propagated_positions_hold_the_projections_of_the_exit_state_and_the_rest_what_layers_compute(tiny):
+    L = tiny.num_layers
+    ids = prompt_ids(tiny, PROMPTS[1])
+    state = LayeredState(tiny)
+    with torch.inference_mode():
+        state.run(L, ids[:-1])
+        n_prompt = state.length
+        prefill = tiny.model(input_ids=torch.tensor([ids[:-1]]), use_cache=True).past_key_values
+        steps = [(2, True), (4, True), (3, False), (2, False), (L, False), (1, True), (5, False), (2, True), (L, True)]
+        for (depth, propagate), token in zip(steps, ids[-1:] + [11, 12, 13, 14, 15, 16, 17, 18]):
+            state.run(depth, [token])
+            if propagate:
+                state.propagate()
+                assert len(set(state.kv_len)) == 1 and not any(w is not None for w in state.waiting)
+            state.check_invariants()
+    # The prompt, before anything was propagated, is a full prefill's; positions left at 3 and 2 without
+    # propagation were drained by the exact full-depth token after them, then the backlog at 5 by the last one.
+    assert state.filled_by[:n_prompt] == [L] * n_prompt
+    assert state.filled_by[n_prompt:] == [2, 4, L, L, L, 1, 5, 2, L]
+    assert state.kv_fills == (L - 2) + (L - 4) + (L - 1) + (L - 5) + (L - 2)
+    for i in range(L):
+        torch.testing.assert_close(state.cache.layers[i].keys[..., :n_prompt, :], prefill.layers[i].keys)
+    cache, _ = reference(tiny, state.tokens, state.filled_by)
+    assert_kv_equal(state, cache)
+
+
+def test_switching_between_exact_and_propagate_mid_answer(tiny):
+    """Every token, the mode changes (auto/fixed depth, exact/propagate, shallow/full): the invariants hold after
+    each one, every token is the prediction of its exit for the K/V it saw, and switching to exact re-runs
+    nothing: a full-depth token after propagated ones runs each layer over that token only."""
+    L = tiny.num_layers
+    schedule = [
+        Mode.auto(threshold=0.0, kv="propagate"),  # every token leaves at the first exit (2)
+        Mode.fixed(4),
+        Mode.fixed(L),  # drains the backlog at 5..6 left by depth 4
+        Mode.auto(threshold=0.0, kv="propagate"),
+        Mode.fixed(L),  # exact right after a propagated token: nothing to drain
+        Mode.fixed(2),
+        Mode.fixed(4, kv="propagate"),  # propagates the backlog left at 3..6 by depth 2, and its own token
+        Mode.auto(threshold=0.0),
+        Mode.fixed(L, kv="propagate"),  # runs the backlog auto left at 3..6 (exact), then its own token
+    ]
+    session = no_stop(ChatSession(tiny, schedule[0]))
+    ids = prompt_ids(tiny, PROMPTS[0])
+    exits, evals, answer = [], [], []
+    events = session.generate_ids(ids, SamplingConfig(max_new_tokens=len(schedule)))
+    for k, ev in enumerate(events):
+        session.state.check_invariants()
+        exits.append(ev.exit_layer)
+        answer.append(ev.token_id)
+        evals.append(session.state.layer_evals)
+        if k + 1 < len(schedule):
+            session.mode = schedule[k + 1]
+    assert exits == [2, 4, L, 2, L, 2, 4, 2, L]
+    assert evals[4] - evals[3] == L  # the exact full-depth token after a propagated one: its own position only
+    state = session.state
+    n = len(ids)
+    assert state.filled_by[n - 1 :] == [2, L, L, 2, L, 4, 4, L, L]  # the position fed at each step
+    cache, predictions = reference(tiny, state.tokens, state.filled_by)
+    assert_kv_equal(state, cache)
+    # Each answer token is what its exit predicts from the K/V the position saw. (Positions whose backlog was
+    # drained later have filled_by L but were predicted at their exit: check those against the exit's head.)
+    for k, (token, exit_layer) in enumerate(zip(answer, exits)):
+        p = n - 1 + k
+        if state.filled_by[p] == exit_layer:
+            assert predictions[p] == token, (k, exit_layer)
+
+
+def test_speculative_needs_exact_kv(tiny):
+    with pytest.raises(SortedChatError, match="speculative decoding needs exact K/V"):
+        Mode(kind="speculative", depth=2, kv="propagate").validate(tiny.num_layers)
+    with pytest.raises(SortedChatError, match="unknown K/V way 'copy'"):
+        Mode.fixed(kv="copy").validate(tiny.num_layers)
+
+
+def test_label_shows_propagated_kv(tiny):
+    assert Mode.auto(kv="propagate").label(6) == "Auto · propagated KV"
+    assert Mode.fixed(4).label(6) == "Depth 4/6"
