@@ -90,6 +90,9 @@ class SortedConfig:
             thresholds = {int(k): float(v) for k, v in (raw.get("thresholds") or {}).items()}
         except (TypeError, ValueError):
             raise SortedChatError(f"{path}: 'thresholds' must map exit layers to numbers") from None
+        for exit_layer, value in thresholds.items():  # as `--threshold` is checked: 1 means "never exit here"
+            if not 0.0 <= value <= 1.0:
+                raise SortedChatError(f"{path}: 'thresholds' {exit_layer}: {value} is outside 0..1")
         raw["thresholds"] = thresholds
         exits = raw.get("exits")
         if exits is not None and (not isinstance(exits, list) or not all(isinstance(e, int) for e in exits)):

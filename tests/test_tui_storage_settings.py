@@ -65,7 +65,7 @@ def test_a_killed_app_loses_at_most_the_token_in_progress(tmp_path):
 
 def test_settings_round_trip_and_keymap(tmp_path):
     settings = Settings(system_prompt="Be brief.", temperature=0.7, top_p=0.9, seed=3,
-                        keys={"deeper": "ctrl+up", "view": "alt+m,plus", "stop": "escape"})
+                        keys={"deeper": "ctrl+up", "view": "alt+m,f10", "stop": "escape"})
     path = save_settings(settings)
     assert path == settings_path() and path.is_file()
     assert load_settings() == settings

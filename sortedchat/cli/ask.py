@@ -43,8 +43,12 @@ def ask(
     """Answer one prompt, streaming tokens coloured by the layer they exited at."""
     from sortedchat.engine import ChatSession
 
+    o.unicode_text(prompt, "the prompt")
+    o.unicode_text(system, "--system")
     sampling = o.make_sampling(temperature, top_p, top_k, seed, max_new_tokens)
     opts = o.load_options(device, dtype, load_in_4bit, load_in_8bit, trust_remote_code, allow_pickle, exits)
+    o.check_before_loading(model, exits, depth=depth, auto=auto, threshold=threshold, speculative=speculative,
+                           draft_stop=draft_stop, always_draft=always_draft)
     sm = o.load_model(model, opts)
     session = ChatSession(sm, o.make_mode(sm, depth, auto, threshold, speculative, draft_len, draft_stop, always_draft))
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -54,16 +58,29 @@ def ask(
     printer.summary(session.last_stats)
 
 
-def plain_chat(sm, mode, sampling, system: str = "", console: Console | None = None, read=input) -> None:
-    """A line-based multi-turn chat. Empty line or /quit ends it; /reset starts over."""
+def plain_chat(sm, mode, sampling, system: str = "", console: Console | None = None, read=input,
+               store=None) -> None:
+    """A line-based multi-turn chat. Empty line or /quit ends it; /reset starts over.
+
+    Like the app, it saves every turn (token by token) to the chat history in `store` (default: the
+    user's), so the app's saved-chats list reopens it.
+    """
+    from sortedchat import SortedChatError
     from sortedchat.engine import ChatSession
+    from sortedchat.tui.app import model_label
+    from sortedchat.tui.storage import ChatStore
 
     console = console or Console(highlight=False)
+    store = store or ChatStore()
     session = ChatSession(sm, mode)
     base = [{"role": "system", "content": system}] if system else []
-    messages = list(base)
+    messages, chat_id = list(base), None
+    label, name = mode.label(sm.num_layers), model_label(sm)
     printer = AnswerPrinter(sm.num_layers, sm.exits[0], console=console)
-    console.print(f"[dim]{sm.source} · {mode.label(sm.num_layers)} · /reset new chat · /quit or Ctrl+D ends[/dim]")
+    console.print(f"[dim]{sm.source} · {label} · saved to the chat history · /reset new chat · "
+                  f"/quit or Ctrl+D ends[/dim]")
+    if store.notice:
+        console.print(f"[yellow]{store.notice}[/yellow]")
     while True:
         try:
             line = read("you> ")
@@ -72,16 +89,29 @@ def plain_chat(sm, mode, sampling, system: str = "", console: Console | None = N
         if line.strip() in ("", "/quit", "/exit"):
             break
         if line.strip() == "/reset":
-            messages = list(base)
+            messages, chat_id = list(base), None
             session.reset()
             continue
+        try:
+            o.unicode_text(line, "that line")
+        except SortedChatError as exc:
+            console.print(f"[red]{exc}; nothing was sent[/red]")
+            continue
         messages.append({"role": "user", "content": line})
+        try:
+            chat_id, message_id = store.start_answer(chat_id, messages, label, name)
+        except SortedChatError as exc:  # a damaged history file was set aside: go on in a fresh one
+            console.print(f"[yellow]{exc}[/yellow]")
+            chat_id, message_id = store.start_answer(None, messages, label, name)
         answer = []
         try:
             for ev in session.generate(messages, sampling):
                 answer.append(ev.text)
+                store.add_token(message_id, ev.index, ev.token_id, ev.text, ev.exit_layer, ev.confidence)
                 printer.token(ev)
         except KeyboardInterrupt:
             console.print("\n[dim](stopped)[/dim]")
         messages.append({"role": "assistant", "content": "".join(answer)})
-        printer.summary(session.last_stats)
+        stats = session.last_stats
+        store.finish_message(message_id, messages[-1]["content"], stats.to_dict() if stats else None)
+        printer.summary(stats)

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from sortedchat import SortedChatError
 from sortedchat.cli import options as o
+from sortedchat.outputs import check_output_file, write_or_rescue
 
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch [default: torch's]")]
 
@@ -64,6 +65,8 @@ def bench(
     for flag, path, suffix in (("--json", json_out, ".json"), ("--plot", plot, ".png")):
         if path is not None and path.suffix.lower() != suffix:
             raise SortedChatError(f"{flag} {path}: expected a {suffix} file name")
+        if path is not None:
+            check_output_file(path, flag)
     only = [m.strip() for m in modes.split(",") if m.strip()] if modes is not None else None
     _threads(threads)
     conversations = load_prompts(prompts)
@@ -78,7 +81,7 @@ def bench(
              f"{meta['load_average']['before']} → {meta['load_average']['after']}")
     print_table(rows, title)
     if json_out is not None:
-        write_json(json_out, meta, rows)
+        write_or_rescue(json_out, "--json", lambda path: write_json(path, meta, rows))
         err.print(f"wrote {json_out}")
     if plot is not None:
         write_plot(plot, rows, title)

@@ -42,14 +42,18 @@ def load_options(device="auto", dtype="auto", load_in_4bit=False, load_in_8bit=F
                  allow_pickle=False, exits=None):
     from sortedchat.loading import LoadOptions
 
-    parsed = None
-    if exits:
-        try:
-            parsed = [int(x) for x in exits.split(",") if x.strip()]
-        except ValueError:
-            raise SortedChatError(f"--exits: expected comma-separated layer numbers, got {exits!r}") from None
     return LoadOptions(device=device, dtype=dtype, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
-                       trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, exits=parsed)
+                       trust_remote_code=trust_remote_code, allow_pickle=allow_pickle, exits=exit_list(exits))
+
+
+def exit_list(exits: str | None) -> list[int] | None:
+    """`--exits 9,12,30` as numbers (checked against the model's layers once they are known)."""
+    if not exits:
+        return None
+    try:
+        return [int(x) for x in exits.split(",") if x.strip()]
+    except ValueError:
+        raise SortedChatError(f"--exits: expected comma-separated layer numbers, got {exits!r}") from None
 
 
 def load_model(spec, opts, console=None):
@@ -63,28 +67,98 @@ def load_model(spec, opts, console=None):
         return load_sorted_model(spec, opts, progress=lambda stage, frac=None: status.update(stage))
 
 
-def make_mode(sm, depth=None, auto=False, threshold=None, speculative=None, draft_len=4, draft_stop=0.0,
-              always_draft=False):
-    from sortedchat.engine import Mode
+def unicode_text(text: str, where: str) -> str:
+    """`text` unchanged if it is valid Unicode, else an error naming the first bad byte.
 
+    Python keeps bytes that are not UTF-8 (in argv, or on stdin read with `surrogateescape`) as lone
+    surrogates, which no tokenizer accepts: refusing with the byte's position beats guessing a meaning.
+    """
+    for i, ch in enumerate(text, 1):
+        if "\ud800" <= ch <= "\udfff":
+            code = ord(ch)
+            what = f"byte 0x{code - 0xDC00:02x}" if code >= 0xDC80 else f"lone surrogate U+{code:04X}"
+            raise SortedChatError(f"{where}: not valid UTF-8 ({what} at character {i})")
+    return text
+
+
+def known_layers(spec: str | None) -> int | None:
+    """The model's layer count, read from small files without loading it (a local directory's config.json,
+    an adapter's base, the shipped default's sortedchat.json); None where only loading would tell."""
+    import json
+    from pathlib import Path
+
+    from sortedchat.config import CONFIG_NAME
+
+    def shipped_default() -> int | None:
+        from sortedchat.default_model import SHIPPED_ADAPTER
+
+        exits = json.loads((SHIPPED_ADAPTER / CONFIG_NAME).read_text(encoding="utf-8")).get("exits")
+        return exits[-1] if exits else None
+
+    def in_directory(directory: Path) -> int | None:
+        if (directory / "config.json").is_file():
+            cfg = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+            return cfg.get("num_hidden_layers") or (cfg.get("text_config") or {}).get("num_hidden_layers")
+        if (directory / "adapter_config.json").is_file():
+            base = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
+            ours = directory / CONFIG_NAME
+            base = (json.loads(ours.read_text(encoding="utf-8")) if ours.is_file() else {}).get("base_model") \
+                or base.get("base_model_name_or_path")
+            if base == "default":
+                return shipped_default()
+            return in_directory(Path(base)) if base and Path(base).is_dir() else None
+        return None
+
+    try:
+        return shipped_default() if spec is None else in_directory(Path(spec).expanduser())
+    except (OSError, ValueError, AttributeError, TypeError, IndexError):
+        return None  # a damaged file: loading names the problem
+
+
+def check_mode(num_layers: int | None, depth=None, auto=False, threshold=None, speculative=None, draft_stop=0.0,
+               always_draft=False) -> None:
+    """The mode options' rules; with `num_layers` also their range. Runs before loading too (with the count
+    from `known_layers`), so a mistyped option never waits for the model."""
     chosen = sum(x is not None and x is not False for x in (depth, speculative)) + bool(auto)
     if chosen > 1:
         raise SortedChatError("--depth, --auto and --speculative exclude each other")
     if threshold is not None and not auto:
         raise SortedChatError("--threshold needs --auto")
+    if threshold is not None and not 0.0 <= threshold <= 1.0:
+        raise SortedChatError(f"--threshold {threshold}: must be in 0..1")
     if not 0.0 <= draft_stop <= 1.0:
         raise SortedChatError(f"--draft-stop {draft_stop}: must be a probability in 0..1")
     if always_draft and speculative is None:
         raise SortedChatError("--always-draft needs --speculative")
+    if num_layers is None:
+        return
+    if speculative is not None and not 1 <= speculative < num_layers:
+        raise SortedChatError(f"--speculative {speculative}: draft depth must be in 1..{num_layers - 1}")
+    if depth is not None and not 1 <= depth <= num_layers:
+        raise SortedChatError(f"--depth {depth}: the model has {num_layers} layers")
+
+
+def check_before_loading(spec: str | None, exits: str | None, **mode) -> None:
+    """Everything about the model options that the layer count decides, before the model loads."""
+    from sortedchat.config import validate_exits
+
+    layers = known_layers(spec)
+    parsed = exit_list(exits)
+    if layers is not None and parsed is not None:
+        validate_exits(parsed, layers, "--exits")
+    check_mode(layers, **mode)
+
+
+def make_mode(sm, depth=None, auto=False, threshold=None, speculative=None, draft_len=4, draft_stop=0.0,
+              always_draft=False):
+    from sortedchat.engine import Mode
+
+    check_mode(sm.num_layers, depth, auto, threshold, speculative, draft_stop, always_draft)
     if auto:
         mode = Mode.auto(threshold)
     elif speculative is not None:
-        if not 1 <= speculative < sm.num_layers:
-            raise SortedChatError(f"--speculative {speculative}: draft depth must be in 1..{sm.num_layers - 1}")
         mode = Mode.speculative(speculative, draft_len=draft_len, draft_stop=draft_stop, pace=not always_draft)
     else:
-        if depth is not None and not 1 <= depth <= sm.num_layers:
-            raise SortedChatError(f"--depth {depth}: the model has {sm.num_layers} layers")
         mode = Mode.fixed(depth)
     return mode.validate(sm.num_layers)
 

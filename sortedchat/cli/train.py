@@ -14,6 +14,7 @@ import typer
 
 from sortedchat import SortedChatError
 from sortedchat.cli import options as o
+from sortedchat.outputs import check_output_dir, check_output_file, write_or_rescue
 
 
 def register(app: typer.Typer) -> None:
@@ -106,6 +107,7 @@ def train(
     if exit_weights is not None:
         cli["exit_weights"] = coerce_option("exit_weights", exit_weights, "--exit-weights")
     opts = resolve_options(cli, str(recipe) if recipe else None)
+    check_output_dir(opts.out, "--out")
     result = run_training(opts)
     if result.interrupted:
         import sys
@@ -153,6 +155,9 @@ def evaluate(
         raise SortedChatError(f"--template: {template!r} is not one of chat, alpaca")
     if holdout < 0 or limit < 0:
         raise SortedChatError("--holdout/--limit: must not be negative")
+    check_output_file(json_out, "--json")
+    if plot is not None:
+        check_output_file(plot, "--plot")
     records = load_records(data, skip_bad, "--data")
     examples = records.examples
     if holdout:
@@ -183,7 +188,8 @@ def evaluate(
     title = f"{records.source}: {len(examples)} records" + (f" (last {holdout})" if holdout else "")
     Console(highlight=False).print(ev.results_table(results, title))
     payload = ev.to_json(results, described)
-    atomic_write_text(json_out, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    text = json.dumps(payload, indent=2, ensure_ascii=False) + "\n"
+    write_or_rescue(json_out, "--json", lambda path: atomic_write_text(path, text))
     console.print(f"results written to {json_out}")
     if plot is not None:
         console.print(f"plot written to {ev.plot_results(results, plot, title)}")

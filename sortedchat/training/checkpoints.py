@@ -2,7 +2,9 @@
 
 accelerate writes the state (trainable weights, optimizer, RNG states, the scheduler and, under FSDP or
 DeepSpeed, their sharded layouts) into a hidden temporary directory; only when every process is done is it
-renamed into place. A directory named `step-*` is therefore always complete. Only trainable weights are
+renamed into place. A directory named `step-*` is therefore always complete, and pruning renames an old one
+to a hidden name before deleting it, so a kill during the delete leaves nothing that looks like a checkpoint.
+`trainer_state.json` lists every file with its size; resuming checks them first. Only trainable weights are
 stored: a LoRA checkpoint holds the adapter, not the frozen base.
 """
 
@@ -54,10 +56,14 @@ def save_checkpoint(accelerator, out: Path, step: int, trainer_state: dict, keep
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        atomic_write_text(tmp / STATE_NAME, json.dumps(trainer_state, indent=2) + "\n")
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        atomic_write_text(tmp / STATE_NAME, json.dumps(dict(trainer_state, files=files), indent=2) + "\n")
         tmp.rename(final)
+        for left in root.glob(".pruned-step-*"):  # a kill interrupted an earlier prune
+            shutil.rmtree(left, ignore_errors=True)
         for _, old in checkpoint_dirs(out)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            pruned = old.rename(root / f".pruned-{old.name}")
+            shutil.rmtree(pruned, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
@@ -68,8 +74,25 @@ def load_checkpoint(accelerator, path: Path) -> dict:
         state = json.loads((path / STATE_NAME).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise SortedChatError(f"--resume: {path} is not a usable checkpoint ({exc})") from None
+    verify_checkpoint(path, state)
     accelerator.load_state(str(path), strict=False)
     return state
+
+
+def verify_checkpoint(path: Path, state: dict) -> None:
+    """Every file the checkpoint was saved with is there at its size; else say which is not, and what to do."""
+    files = state.get("files")
+    if files is None:  # saved before checkpoints listed their files: at least the weights
+        files = {} if any(path.glob("model*.safetensors")) or any(path.glob("pytorch_model*")) \
+            else {"model.safetensors": None}
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file() or (size is not None and f.stat().st_size != size):
+            why = "is missing" if not f.is_file() else f"has {f.stat().st_size} bytes, not {size}"
+            older = [p for _, p in checkpoint_dirs(path.parent.parent) if p != path and p.name < path.name]
+            then = (f"delete that folder to resume from {older[-1].name}" if older
+                    else "delete that folder and start again without --resume")
+            raise SortedChatError(f"--resume: {path} is incomplete ({name} {why}); {then}")
 
 
 def check_same_run(saved: dict, current: dict, path: Path) -> None:

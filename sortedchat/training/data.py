@@ -144,7 +144,9 @@ def _json_records(path: Path, text: str):
             except json.JSONDecodeError as exc:
                 raise SortedChatError(f"{path}: line {exc.lineno}: invalid JSON ({exc.msg})") from None
             yield line, record
-    for number, raw in enumerate(text.splitlines(), 1):
+    # JSON Lines end at "\n" only: str.splitlines() would also break inside strings at U+0085, U+2028,
+    # U+2029, \x0b, \x0c and \x1c-\x1e, which JSON allows unescaped. A "\r" before "\n" is JSON whitespace.
+    for number, raw in enumerate(text.split("\n"), 1):
         if not raw.strip():
             continue
         try:

@@ -189,11 +189,10 @@ class SortedChatApp(App):
         self.history.append({"role": "user", "content": text})
         label = self.control.label()
         try:
-            message_id = self._save_turn(label)
+            self.chat_id, message_id = self.store.start_answer(self.chat_id, self.history, label, self.model_name)
         except SortedChatError as exc:  # the chat was deleted, or the file was damaged and set aside
             self.notify(f"{exc}; saving this conversation as a new chat", severity="warning", timeout=10)
-            self.chat_id = None
-            message_id = self._save_turn(label)
+            self.chat_id, message_id = self.store.start_answer(None, self.history, label, self.model_name)
         self.chat.conversation.add_user(text)
         self.answer = self._answer_view(list(self.history), label)
         self.chat.conversation.add_answer(self.answer)
@@ -204,17 +203,6 @@ class SortedChatApp(App):
         self._show_status()
         self.refresh_bindings()
         self._generate(list(self.history), message_id)
-
-    def _save_turn(self, label: str) -> int:
-        """Save the new user message and an empty answer; a chat not yet stored gets the whole history."""
-        if self.chat_id is None:
-            first_user = next(m["content"] for m in self.history if m["role"] == "user")
-            self.chat_id = self.store.new_chat(first_user.splitlines()[0][:60] if first_user else "", self.model_name)
-            for m in self.history:
-                self.store.add_message(self.chat_id, m["role"], m["content"])
-        else:
-            self.store.add_message(self.chat_id, "user", self.history[-1]["content"])
-        return self.store.add_message(self.chat_id, "assistant", None, label)
 
     def _answer_view(self, context: list[dict], label: str) -> AnswerView:
         return AnswerView(context, self.sm.num_layers, self.sm.exits[0], label, markdown=self.markdown)

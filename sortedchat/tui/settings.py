@@ -140,6 +140,18 @@ def is_key_name(key: str) -> bool:
     return len(base) == 1 or base in named or key_to_character(base) is not None
 
 
+def is_printable(key: str) -> bool:
+    """Whether `key` types a character ("a", "shift+a", "space", "question_mark"): the app's keys are global,
+    so such a key would never reach the message box."""
+    from textual.keys import KEY_NAME_REPLACEMENTS, key_to_character
+
+    *modifiers, base = key.strip().split("+")
+    if not set(modifiers) <= {"shift"}:
+        return False
+    char = key_to_character(base)
+    return len(base) == 1 or base in KEY_NAME_REPLACEMENTS.values() or (char is not None and char.isprintable())
+
+
 def parse_settings(text: str, source: str) -> Settings:
     """Settings from TOML `text`; `source` names the file in error messages."""
     try:
@@ -172,7 +184,19 @@ def parse_settings(text: str, source: str) -> Settings:
             fail("keys", action, f"is not an action (expected one of {', '.join(KEY_ACTIONS)})")
         if not isinstance(key, str) or not all(is_key_name(part) for part in key.split(",")):
             fail("keys", action, f"must be a key name such as \"f5\" or \"ctrl+t\", got {key!r}")
-        settings.keys[action] = ",".join(part.strip() for part in key.split(","))
+        parts = [part.strip() for part in key.split(",")]
+        printable = next((part for part in parts if is_printable(part)), None)
+        if printable is not None:
+            fail("keys", action, f'= "{printable}" types a character, so the message box could not have it; '
+                 "use a function key or a ctrl+ or alt+ combination")
+        settings.keys[action] = ",".join(parts)
+    owner: dict[str, str] = {}
+    keymap = settings.keymap()
+    for action in sorted(keymap, key=lambda a: a in settings.keys):  # report clashes at a remapped key
+        for part in keymap[action].split(","):
+            if part in owner:
+                fail("keys", action, f'= "{part}" is already the key of {owner[part]}; give one of them another key')
+            owner[part] = action
     return settings
 
 

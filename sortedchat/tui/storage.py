@@ -180,13 +180,32 @@ class ChatStore:
     def add_message(self, chat_id: int, role: str, content: str | None, mode: str = "") -> int:
         """A message; an assistant answer starts with `content=None` and fills in as tokens arrive."""
         with self._use(write=True) as db:
-            if db.execute("SELECT 1 FROM chats WHERE id = ?", (chat_id,)).fetchone() is None:
-                raise ChatGone(f"chat {chat_id} is no longer in {self.path.name}")
-            cur = db.execute(
-                "INSERT INTO messages (chat_id, role, content, mode) VALUES (?, ?, ?, ?)", (chat_id, role, content, mode)
-            )
-            db.execute("UPDATE chats SET updated = ? WHERE id = ?", (time.time(), chat_id))
-            return int(cur.lastrowid)
+            return self._insert(db, chat_id, role, content, mode)
+
+    def start_answer(self, chat_id: int | None, history: list[dict], mode: str, model: str) -> tuple[int, int]:
+        """Save the last message of `history` (the user's) and an empty answer after it, in one transaction:
+        (chat id, the answer's message id). With `chat_id` None a new chat holds the whole history."""
+        with self._use(write=True) as db:
+            if chat_id is None:
+                first = next((m["content"] for m in history if m["role"] == "user"), "")
+                now = time.time()
+                chat_id = int(db.execute("INSERT INTO chats (title, model, created, updated) VALUES (?, ?, ?, ?)",
+                                         ((first.splitlines() or [""])[0][:60], model, now, now)).lastrowid)
+                saved = history
+            else:
+                saved = history[-1:]
+            for m in saved:
+                self._insert(db, chat_id, m["role"], m["content"])
+            return chat_id, self._insert(db, chat_id, "assistant", None, mode)
+
+    def _insert(self, db: sqlite3.Connection, chat_id: int, role: str, content: str | None, mode: str = "") -> int:
+        if db.execute("SELECT 1 FROM chats WHERE id = ?", (chat_id,)).fetchone() is None:
+            raise ChatGone(f"chat {chat_id} is no longer in {self.path.name}")
+        cur = db.execute(
+            "INSERT INTO messages (chat_id, role, content, mode) VALUES (?, ?, ?, ?)", (chat_id, role, content, mode)
+        )
+        db.execute("UPDATE chats SET updated = ? WHERE id = ?", (time.time(), chat_id))
+        return int(cur.lastrowid)
 
     def add_token(self, message_id: int, index: int, token_id: int, text: str, exit_layer: int, confidence: float):
         with self._use() as db:
