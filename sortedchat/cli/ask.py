@@ -26,6 +26,7 @@ def ask(
     draft_len: o.DraftLenOpt = 4,
     draft_stop: o.DraftStopOpt = 0.0,
     always_draft: o.AlwaysDraftOpt = False,
+    kv: o.KvOpt = "exact",
     temperature: o.TemperatureOpt = 0.0,
     top_p: o.TopPOpt = 1.0,
     top_k: o.TopKOpt = 0,
@@ -48,9 +49,10 @@ def ask(
     sampling = o.make_sampling(temperature, top_p, top_k, seed, max_new_tokens)
     opts = o.load_options(device, dtype, load_in_4bit, load_in_8bit, trust_remote_code, allow_pickle, exits)
     o.check_before_loading(model, exits, depth=depth, auto=auto, threshold=threshold, speculative=speculative,
-                           draft_stop=draft_stop, always_draft=always_draft)
+                           draft_stop=draft_stop, always_draft=always_draft, kv=kv)
     sm = o.load_model(model, opts)
-    session = ChatSession(sm, o.make_mode(sm, depth, auto, threshold, speculative, draft_len, draft_stop, always_draft))
+    mode = o.make_mode(sm, depth, auto, threshold, speculative, draft_len, draft_stop, always_draft, kv)
+    session = ChatSession(sm, mode)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     printer = AnswerPrinter(sm.num_layers, sm.exits[0], as_json)
     for ev in session.generate(messages, sampling):

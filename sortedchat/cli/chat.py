@@ -29,6 +29,7 @@ def chat(
     draft_len: o.DraftLenOpt = 4,
     draft_stop: o.DraftStopOpt = 0.0,
     always_draft: o.AlwaysDraftOpt = False,
+    kv: o.KvOpt = "exact",
     temperature: o.TemperatureOpt = 0.0,
     top_p: o.TopPOpt = 1.0,
     top_k: o.TopKOpt = 0,
@@ -66,7 +67,7 @@ def chat(
                           allow_pickle, exits)
 
     def initial_mode(sm):
-        return o.make_mode(sm, depth, auto, threshold, speculative, draft_len, draft_stop, always_draft)
+        return o.make_mode(sm, depth, auto, threshold, speculative, draft_len, draft_stop, always_draft, kv)
 
     if plain:
         from sortedchat.cli.ask import plain_chat

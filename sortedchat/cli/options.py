@@ -30,6 +30,9 @@ DraftStopOpt = Annotated[float, typer.Option("--draft-stop", help="Speculative: 
                                              "token's probability falls below this (0 = never)")]
 AlwaysDraftOpt = Annotated[bool, typer.Option("--always-draft", help="Speculative: draft even where drafting is "
                                               "measured slower than full depth (by default it pauses there)")]
+KvOpt = Annotated[str, typer.Option("--kv", help="How the layers a token skips get its K/V: exact (computed when a "
+                                     "deeper token needs them) or propagate (at once, from the exit's hidden state: "
+                                     "approximate, nothing waits; not with --speculative)")]
 
 TemperatureOpt = Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy")]
 TopPOpt = Annotated[float, typer.Option("--top-p")]
@@ -116,7 +119,7 @@ def known_layers(spec: str | None) -> int | None:
 
 
 def check_mode(num_layers: int | None, depth=None, auto=False, threshold=None, speculative=None, draft_stop=0.0,
-               always_draft=False) -> None:
+               always_draft=False, kv="exact") -> None:
     """The mode options' rules; with `num_layers` also their range. Runs before loading too (with the count
     from `known_layers`), so a mistyped option never waits for the model."""
     chosen = sum(x is not None and x is not False for x in (depth, speculative)) + bool(auto)
@@ -130,6 +133,10 @@ def check_mode(num_layers: int | None, depth=None, auto=False, threshold=None, s
         raise SortedChatError(f"--draft-stop {draft_stop}: must be a probability in 0..1")
     if always_draft and speculative is None:
         raise SortedChatError("--always-draft needs --speculative")
+    if kv not in ("exact", "propagate"):
+        raise SortedChatError(f"--kv {kv}: choose exact or propagate")
+    if kv != "exact" and speculative is not None:
+        raise SortedChatError(f"--kv {kv}: speculative decoding needs exact K/V (its output is the full model's)")
     if num_layers is None:
         return
     if speculative is not None and not 1 <= speculative < num_layers:
@@ -150,16 +157,16 @@ def check_before_loading(spec: str | None, exits: str | None, **mode) -> None:
 
 
 def make_mode(sm, depth=None, auto=False, threshold=None, speculative=None, draft_len=4, draft_stop=0.0,
-              always_draft=False):
+              always_draft=False, kv="exact"):
     from sortedchat.engine import Mode
 
-    check_mode(sm.num_layers, depth, auto, threshold, speculative, draft_stop, always_draft)
+    check_mode(sm.num_layers, depth, auto, threshold, speculative, draft_stop, always_draft, kv)
     if auto:
-        mode = Mode.auto(threshold)
+        mode = Mode.auto(threshold, kv=kv)
     elif speculative is not None:
         mode = Mode.speculative(speculative, draft_len=draft_len, draft_stop=draft_stop, pace=not always_draft)
     else:
-        mode = Mode.fixed(depth)
+        mode = Mode.fixed(depth, kv=kv)
     return mode.validate(sm.num_layers)
 
 
