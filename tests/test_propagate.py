@@ -135,3 +135,34 @@ def test_speculative_needs_exact_kv(tiny):
 def test_label_shows_propagated_kv(tiny):
     assert Mode.auto(kv="propagate").label(6) == "Auto · propagated KV"
     assert Mode.fixed(4).label(6) == "Depth 4/6"
+
+
+def test_ask_kv_propagate_fills_the_skipped_layers_of_every_token(tiny_dir):
+    import json
+
+    from typer.testing import CliRunner
+
+    from sortedchat.cli import app
+
+    res = CliRunner().invoke(app, ["ask", "Hello!", "--model", str(tiny_dir), "--device", "cpu", "--depth", "2",
+                                   "--kv", "propagate", "-n", "5", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout.splitlines()[-1])
+    tokens = summary["tokens"]
+    assert summary["mean_exit"] == 2.0 and summary["kv_fills"] == 4 * tokens  # layers 3..6 of every token
+    share = summary["kv_fill_share"]
+    assert 0 < share < 0.5 and summary["compute_saved"] == pytest.approx(1 - (2 + 4 * share) / 6)
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--kv", "copy"], "--kv copy: choose exact or propagate"),
+    (["--speculative", "2", "--kv", "propagate"],
+     "--kv propagate: speculative decoding needs exact K/V (its output is the full model's)"),
+])
+def test_ask_kv_errors(tiny_dir, args, error):
+    from typer.testing import CliRunner
+
+    from sortedchat.cli import app
+
+    res = CliRunner().invoke(app, ["ask", "Hi", "--model", str(tiny_dir), "--device", "cpu", *args])
+    assert res.exit_code == 1 and str(res.exception) == error
