@@ -44,8 +44,8 @@ def bench_run(tiny_dir, tmp_path_factory):
 def test_bench_json_has_every_mode(bench_run):
     data, _, _ = bench_run
     keys = [r["key"] for r in data["rows"]]
-    assert keys == ["hf", "hf-ee:2", "hf-ee:4", "full", "depth:2", "depth:4", "auto", "spec:2", "spec:4", "draft:2",
-                    "draft:4"]
+    assert keys == ["hf", "hf-ee:2", "hf-ee:4", "full", "depth:2", "depth:4", "auto", "auto:propagate", "spec:2",
+                    "spec:4", "draft:2", "draft:4"]
     assert data["max_new_tokens"] == 6 and data["repeat"] == 1 and data["prompts"] == 2 and data["clock"] == "cpu"
     for r in data["rows"]:
         assert r["tokens_per_second"] > 0 and r["ratio"] > 0 and 0.0 <= r["agreement"] <= 1.0
@@ -72,16 +72,21 @@ def test_bench_teacher_forced_agreement_and_auto_against_the_fixed_depth_line(be
     data = bench_run[0]
     rows = {r["key"]: r for r in data["rows"]}
     assert rows["full"]["forced_agreement"] == 1.0
-    for key in ("depth:2", "depth:4", "auto"):
+    for key in ("depth:2", "depth:4", "auto", "auto:propagate"):
         assert 0.0 <= rows[key]["forced_agreement"] <= 1.0
         assert rows[key]["forced_agreement"] >= rows[key]["agreement"] or rows[key]["agreement"] == 1.0
     for key in ("hf", "hf-ee:2", "spec:2", "draft:2"):
         assert rows[key]["forced_agreement"] is None
     verdicts = data["auto_vs_fixed"]
-    assert set(verdicts) == {"free-running", "teacher-forced"}
-    for v in verdicts.values():
-        assert v["dominates"] == (v["auto"] > v["fixed_depth_line"])
-    assert "auto at" in " ".join(bench_run[2].split())
+    assert set(verdicts) == {"exact", "propagate"}
+    for kv, by_name in verdicts.items():
+        assert set(by_name) == {"free-running", "teacher-forced"}
+        for name, v in by_name.items():
+            assert v["dominates"] == (v["auto"] > v["fixed_depth_line"])
+            assert (kv in data["auto_dominating"][name]) == v["dominates"]
+    flat = " ".join(bench_run[2].split())
+    assert "auto (exact K/V) at" in flat and "auto (propagate K/V) at" in flat
+    assert "verdict, teacher-forced agreement:" in flat and "verdict, free-running agreement:" in flat
 
 
 def make_row(kind, ratio, agree=0.0, forced=None, ideal=None):
@@ -101,8 +106,26 @@ def test_fixed_depth_line_interpolates_between_fixed_depths():
     assert fixed_depth_line(rows, 1.1, "agreement") == pytest.approx(0.5)
     assert fixed_depth_line(rows, 1.1, "forced_agreement") == pytest.approx(0.75)
     assert fixed_depth_line(rows, 0.9, "agreement") == 1.0 and fixed_depth_line(rows, 3.0, "agreement") == 0.0
-    verdicts = auto_vs_fixed(rows)
+    verdicts = auto_vs_fixed(rows)["exact"]
     assert verdicts["free-running"]["dominates"] is False and verdicts["teacher-forced"]["dominates"] is True
+
+
+def test_verdict_names_which_kv_way_of_auto_dominates_the_fixed_depth_line():
+    from dataclasses import replace
+
+    from sortedchat.bench.report import auto_vs_fixed, dominating, verdict_line
+
+    line = [make_row("full", 1.0, 1.0, 1.0), make_row("depth", 2.0, 0.0, 0.0)]  # forced: 1 - (ratio - 1)
+    exact = replace(make_row("auto", 1.1, 0.2, 0.95), kv="exact")  # the line: 0.9 at 1.1x
+    propagate = replace(make_row("auto", 1.5, 0.1, 0.4), kv="propagate")  # the line: 0.5 at 1.5x
+    ways = dominating(auto_vs_fixed([*line, exact, propagate]))
+    assert ways == {"free-running": [], "teacher-forced": ["exact"]}
+    assert verdict_line("teacher-forced", ways["teacher-forced"], ["exact", "propagate"]) == (
+        "verdict, teacher-forced agreement: exact auto dominates the fixed-depth line, propagate auto does not")
+    assert verdict_line("free-running", [], ["exact", "propagate"]) == (
+        "verdict, free-running agreement: exact and propagate auto do not dominate the fixed-depth line")
+    assert verdict_line("x", ["exact", "propagate"], ["exact", "propagate"]) == (
+        "verdict, x agreement: exact and propagate auto dominate the fixed-depth line")
 
 
 def test_percent_of_ideal_is_the_speed_up_over_our_full_depth_against_the_ideal_one():
@@ -125,7 +148,7 @@ def test_bench_modes_keeps_the_baseline_and_full_depth_and_names_unknown_modes(t
     code, _, err = invoke([*base, "--modes", "spec:5"])
     assert code == 1
     assert err.strip().splitlines()[-1] == ("error: --modes: unknown mode 'spec:5' (this model has hf, hf-ee:2, hf-ee:4, "
-                                            "full, depth:2, depth:4, auto, spec:2, spec:4, draft:2, draft:4)")
+                                            "full, depth:2, depth:4, auto, auto:propagate, spec:2, spec:4, draft:2, draft:4)")
 
 
 def test_bench_ideal_ratio_comes_from_layer_and_head_cost(bench_run):

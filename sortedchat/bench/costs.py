@@ -9,7 +9,9 @@ rotary tables) is `step`.
 `drain` is what one more position adds to a layer call, as a share of `layer`: the cost of the backlog an
 early exit leaves, which the next deeper token's pass pays (exact KV). Near 0 where batching is free (a
 GPU), about 0.6 on a 2-core CPU, where it decides whether auto mode saves anything at all: a token leaving
-at exit e saves (L - e) * layer * (1 - drain).
+at exit e saves (L - e) * layer * (1 - drain). With propagated K/V (`kv` "propagate") nothing is drained:
+the token saves (L - e) * (layer - kv_fill), `kv_fill` being what storing one position's K/V projections in
+one layer costs.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class Costs:
     step: float
     context: int
     drain: float = 0.0  # one more position in a layer call, as a share of `layer`
+    kv_fill: float = 0.0  # seconds to store one position's propagated K/V in one layer
+    kv: str = "exact"  # how skipped layers are filled (engine.modes.Mode.kv): decides `early_exit_saving`
     check: dict[str, float] = field(default_factory=dict)  # per checked exit
     per_token: dict[str, float] = field(default_factory=dict)  # a measure's prepare + observe, once per token
 
@@ -46,7 +50,10 @@ class Costs:
         return self.token(num_layers) / self.token(depth)
 
     def early_exit_saving(self, exit_layer, num_layers: int):
-        """Seconds a token saves by leaving at `exit_layer` (a number or a tensor), its backlog drained later."""
+        """Seconds a token saves by leaving at `exit_layer` (a number or a tensor): with exact K/V its backlog is
+        drained later; with propagated K/V each skipped layer still stores its K/V projections."""
+        if self.kv == "propagate":
+            return (num_layers - exit_layer) * (self.layer - self.kv_fill)
         return (num_layers - exit_layer) * self.layer * (1.0 - self.drain)
 
     def to_dict(self) -> dict:
@@ -83,7 +90,7 @@ def measure_costs(
     state = LayeredState(sm)
     state.run(L, ids[:context])
 
-    def step(depth: int, positions: int = 1):
+    def step(depth: int, positions: int = 1, propagate: bool = False):
         def run():
             state.run(depth, ids[context : context + positions])
             state.crop(context)
@@ -101,7 +108,10 @@ def measure_costs(
     hidden = state.run(L, [ids[context]])[:, -1]
     state.crop(context)
     head = median_seconds(lambda: sm.head(hidden, L))
-    costs = Costs(layer=layer, head=head, step=max(t_low - layer, 0.0), context=context, drain=drain)
+            if propagate:
+                state.propagate()
+    costs = Costs(layer=layer, head=head, step=max(t_low - layer, 0.0), context=context, drain=drain,
+                  kv_fill=kv_fill)
 
     if measures is None:
         measures = {}
@@ -113,6 +123,7 @@ def measure_costs(
     exit_layer = sm.exits[0] if len(sm.exits) > 1 else L
     logits = sm.head(hidden, L)[0]
     for name, measure in measures.items():
+    kv_fill = max(median_seconds(step(low, propagate=True)) - t_low, 0.0) / max(L - low, 1)
         measure.observe(ids[context], logits)
         costs.per_token[name] = median_seconds(lambda m=measure: (m.prepare(ids), m.observe(ids[context], logits)))
         costs.check[name] = median_seconds(lambda m=measure: m(hidden, exit_layer))

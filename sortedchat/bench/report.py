@@ -17,7 +17,8 @@ KIND_STYLE = {  # kind -> (matplotlib colour, marker, legend)
     "hf-ee": ("tab:gray", "^", "transformers assistant_early_exit=k"),
     "full": ("tab:blue", "D", "sortedchat full depth"),
     "depth": ("tab:blue", "o", "sortedchat fixed depth k"),
-    "auto": ("tab:red", "*", "sortedchat auto"),
+    "auto": ("tab:red", "*", "sortedchat auto (exact K/V)"),
+    "auto:propagate": ("tab:purple", "P", "sortedchat auto (propagated K/V)"),
     "spec": ("tab:green", "v", "sortedchat speculative, draft k (paced)"),
     "draft": ("tab:olive", "<", "sortedchat speculative, draft k, always drafting"),
 }
@@ -84,19 +85,39 @@ def fixed_depth_line(rows: list[Row], ratio: float, attr: str) -> float | None:
     return pts[-1][1]
 
 
-def auto_vs_fixed(rows: list[Row]) -> dict[str, dict]:
-    """Does auto mode dominate fixed depth? Per agreement measure: auto's agreement against the fixed-depth
-    line's at auto's speed (auto dominates when it is higher: better agreement at equal speed)."""
-    auto = next((r for r in rows if r.kind == "auto"), None)
+def auto_vs_fixed(rows: list[Row]) -> dict[str, dict[str, dict]]:
+    """Does auto mode dominate fixed depth? Per auto row (by K/V way: "exact", "propagate") and agreement
+    measure: auto's agreement against the fixed-depth line's at auto's speed (auto dominates when it is
+    higher: better agreement at equal speed)."""
     out = {}
-    if auto is None:
-        return out
-    for attr, name in AGREEMENTS.items():
-        line = fixed_depth_line(rows, auto.ratio, attr)
-        mine = getattr(auto, attr)
-        if line is not None and mine is not None:
-            out[name] = {"ratio": auto.ratio, "auto": mine, "fixed_depth_line": line, "dominates": mine > line}
+    for auto in (r for r in rows if r.kind == "auto"):
+        verdicts = {}
+        for attr, name in AGREEMENTS.items():
+            line = fixed_depth_line(rows, auto.ratio, attr)
+            mine = getattr(auto, attr)
+            if line is not None and mine is not None:
+                verdicts[name] = {"ratio": auto.ratio, "auto": mine, "fixed_depth_line": line, "dominates": mine > line}
+        out[auto.kv or "exact"] = verdicts
     return out
+
+
+def dominating(verdicts: dict[str, dict[str, dict]]) -> dict[str, list[str]]:
+    """Per agreement measure, the K/V ways whose auto mode dominates the fixed-depth line."""
+    names = {name for by_name in verdicts.values() for name in by_name}
+    return {name: [kv for kv, by_name in verdicts.items() if by_name.get(name, {}).get("dominates")]
+            for name in AGREEMENTS.values() if name in names}
+
+
+def verdict_line(name: str, ways: list[str], compared: list[str]) -> str:
+    """"teacher-forced agreement: propagate auto dominates the fixed-depth line, exact auto does not"."""
+    losers = [kv for kv in compared if kv not in ways]
+    parts = []
+    if ways:
+        parts.append(f"{' and '.join(ways)} auto {'dominates' if len(ways) == 1 else 'dominate'} the fixed-depth line")
+    if losers:
+        parts.append(f"{' and '.join(losers)} auto {'does' if len(losers) == 1 else 'do'} not"
+                     + ("" if ways else " dominate the fixed-depth line"))
+    return f"verdict, {name} agreement: " + ", ".join(parts)
 
 
 def print_table(rows: list[Row], title: str, console: Console | None = None) -> None:
@@ -106,15 +127,19 @@ def print_table(rows: list[Row], title: str, console: Console | None = None) -> 
     if not console.is_terminal:
         console.width = max(console.width, 140)
     console.print(table(rows, title))
-    for name, v in auto_vs_fixed(rows).items():
-        verdict = "dominates fixed depth" if v["dominates"] else "does not dominate fixed depth"
-        console.print(f"auto at {v['ratio']:.2f}x: {name} agreement {v['auto']:.0%}; the fixed-depth line at that "
-                      f"speed: {v['fixed_depth_line']:.0%} → auto {verdict}")
+    verdicts = auto_vs_fixed(rows)
+    for kv, by_name in verdicts.items():
+        for name, v in by_name.items():
+            verdict = "dominates fixed depth" if v["dominates"] else "does not dominate fixed depth"
+            console.print(f"auto ({kv} K/V) at {v['ratio']:.2f}x: {name} agreement {v['auto']:.0%}; the fixed-depth "
+                          f"line at that speed: {v['fixed_depth_line']:.0%} → auto {verdict}")
+    for name, ways in dominating(verdicts).items():
+        console.print(verdict_line(name, ways, list(verdicts)))
 
 
 def write_json(path: str | Path, meta: dict, rows: list[Row]) -> Path:
     data = dict(meta, rows=[dict(r.to_dict(), of_ideal=of_ideal_ratio(r, rows)) for r in rows],
-                auto_vs_fixed=auto_vs_fixed(rows))
+                auto_vs_fixed=auto_vs_fixed(rows), auto_dominating=dominating(auto_vs_fixed(rows)))
     return atomic_write_text(Path(path), json.dumps(data, indent=2) + "\n")
 
 
@@ -126,16 +151,19 @@ def write_plot(path: str | Path, rows: list[Row], title: str) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    def style(r: Row) -> str:
+        return "auto:propagate" if r.kind == "auto" and r.kv == "propagate" else r.kind
+
     for ax, (attr, name) in zip(axes, AGREEMENTS.items()):
         for kind, (colour, marker, legend) in KIND_STYLE.items():
-            pts = [r for r in rows if r.kind == kind and getattr(r, attr) is not None]
+            pts = [r for r in rows if style(r) == kind and getattr(r, attr) is not None]
             if not pts:
                 continue
             if kind in ("depth", "spec", "draft", "hf-ee"):
                 ordered = sorted(pts, key=lambda r: r.exit)
                 ax.plot([getattr(r, attr) for r in ordered], [r.ratio for r in ordered], color=colour, alpha=0.35, lw=1)
             ax.scatter([getattr(r, attr) for r in pts], [r.ratio for r in pts], c=colour, marker=marker,
-                       s=140 if kind == "auto" else 45, label=legend, zorder=3)
+                       s=140 if kind.startswith("auto") else 45, label=legend, zorder=3)
             if kind in ("depth", "spec", "draft", "hf-ee"):
                 for r in pts:
                     ax.annotate(str(r.exit), (getattr(r, attr), r.ratio), textcoords="offset points", xytext=(4, 4),

@@ -2,8 +2,8 @@
 
 Modes: transformers' `model.generate` at full depth (the baseline), transformers' own self-speculative
 decoding (`assistant_early_exit=k`) at each draft exit, and our engine at full depth, at each exit
-(fixed depth), in auto mode at the model's thresholds and confidence measure, and speculative at each
-draft exit.
+(fixed depth), in auto mode at the model's thresholds and confidence measure (with exact K/V, "auto", and
+with propagated K/V, "auto:propagate"), and speculative at each draft exit.
 
 Protocol (the same for every mode): greedy, exactly `max_new_tokens` tokens per prompt with end-of-turn
 ignored (`eos_token_id=None` for transformers, no stop ids for the engine), so every mode does the same
@@ -27,7 +27,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -48,7 +48,7 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 @dataclass
 class ModeSpec:
-    key: str  # "hf", "hf-ee:15", "full", "depth:15", "auto", "spec:15", "draft:15"
+    key: str  # "hf", "hf-ee:15", "full", "depth:15", "auto", "auto:propagate", "spec:15", "draft:15"
     label: str
     kind: str  # hf | hf-ee | full | depth | auto | spec | draft
     exit: int | None = None
@@ -94,6 +94,7 @@ class Row:
     check_share: float | None  # confidence-check time / the time of a full-depth token of our engine
     checks_per_token: float | None
     by_clock: dict[str, dict]  # clock -> tokens_per_second, ratio, per_repeat (tokens/s)
+    kv: str | None = None  # our engine's rows: how skipped layers got their K/V (exact, propagate)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,6 +116,8 @@ def bench_modes(sm: SortedModel, only: list[str] | None = None) -> list[ModeSpec
     specs.append(ModeSpec("full", f"depth {L}", "full", L, Mode.fixed(L)))
     specs += [ModeSpec(f"depth:{k}", f"depth {k}", "depth", k, Mode.fixed(k)) for k in drafts]
     specs.append(ModeSpec("auto", f"auto ({sm.config.confidence})", "auto", None, Mode.auto()))
+    specs.append(ModeSpec("auto:propagate", f"auto ({sm.config.confidence}), propagated KV", "auto", None,
+                          Mode.auto(kv="propagate")))
     specs += [ModeSpec(f"spec:{k}", f"speculative {k}", "spec", k, Mode.speculative(k)) for k in drafts]
     specs += [ModeSpec(f"draft:{k}", f"speculative {k}, always drafting", "draft", k, Mode.speculative(k, pace=False))
               for k in drafts]
@@ -345,7 +348,8 @@ class Bench:
             if spec.kind in ("full", "depth"):
                 ideal = costs.ideal_ratio(spec.exit, L)
             elif spec.kind == "auto" and mean_exit is not None:
-                ideal = costs.token(L) / (costs.token(L) - costs.early_exit_saving(mean_exit, L))
+                saving = replace(costs, kv=spec.mode.kv).early_exit_saving(mean_exit, L)
+                ideal = costs.token(L) / (costs.token(L) - saving)
             auto = spec.kind == "auto"
             rows.append(
                 Row(
@@ -366,6 +370,7 @@ class Bench:
                     check_share=tally.check_seconds / total_tokens / full_token_seconds if auto else None,
                     checks_per_token=tally.checks / total_tokens if auto else None,
                     by_clock=by_clock,
+                    kv=spec.mode.kv if spec.mode is not None else None,
                 )
             )
         return rows
