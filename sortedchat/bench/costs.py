@@ -93,6 +93,8 @@ def measure_costs(
     def step(depth: int, positions: int = 1, propagate: bool = False):
         def run():
             state.run(depth, ids[context : context + positions])
+            if propagate:
+                state.propagate()
             state.crop(context)
 
         return run
@@ -105,11 +107,10 @@ def measure_costs(
     t_two = median_seconds(step(high, 2))
     layer = max(t_high - t_low, 0.0) / max(high - low, 1)
     drain = min(max((t_two - t_high) / (L * layer), 0.0), 1.0) if layer > 0 else 0.0
+    kv_fill = max(median_seconds(step(low, propagate=True)) - t_low, 0.0) / max(L - low, 1)
     hidden = state.run(L, [ids[context]])[:, -1]
     state.crop(context)
     head = median_seconds(lambda: sm.head(hidden, L))
-            if propagate:
-                state.propagate()
     costs = Costs(layer=layer, head=head, step=max(t_low - layer, 0.0), context=context, drain=drain,
                   kv_fill=kv_fill)
 
@@ -123,7 +124,6 @@ def measure_costs(
     exit_layer = sm.exits[0] if len(sm.exits) > 1 else L
     logits = sm.head(hidden, L)[0]
     for name, measure in measures.items():
-    kv_fill = max(median_seconds(step(low, propagate=True)) - t_low, 0.0) / max(L - low, 1)
         measure.observe(ids[context], logits)
         costs.per_token[name] = median_seconds(lambda m=measure: (m.prepare(ids), m.observe(ids[context], logits)))
         costs.check[name] = median_seconds(lambda m=measure: m(hidden, exit_layer))
