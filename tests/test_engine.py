@@ -18,7 +18,7 @@ PROMPTS = [
 
 
 def hf_greedy(sm, prompt_ids, n):
-    ids = torch.tensor([prompt_ids])
+    ids = torch.tensor([prompt_ids], device=sm.device)
     out = sm.model.generate(
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
     )
@@ -175,7 +175,7 @@ def test_auto_threshold_zero_equals_first_exit(tiny):
 
 def fresh_prefill_kv(sm, tokens):
     cache = DynamicCache(config=sm.model.config)
-    sm.model(input_ids=torch.tensor([tokens]), past_key_values=cache, use_cache=True)
+    sm.model(input_ids=torch.tensor([tokens], device=sm.device), past_key_values=cache, use_cache=True)
     return cache
 
 

@@ -60,12 +60,27 @@ class Costs:
         return asdict(self)
 
 
-def _median_seconds(fn, inner: int, rounds: int, clock=time.perf_counter) -> float:
+def no_sync() -> None:
+    """Nothing to wait for: on a CPU the work is done when the call returns."""
+
+
+def device_sync(device: torch.device):
+    """What to call before reading a clock: a GPU runs the queued kernels after the Python call returns."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    if device.type == "mps":
+        return torch.mps.synchronize
+    return no_sync
+
+
+def _median_seconds(fn, inner: int, rounds: int, clock=time.perf_counter, sync=no_sync) -> float:
     samples = []
     for _ in range(rounds):
+        sync()
         t = clock()
         for _ in range(inner):
             fn()
+        sync()
         samples.append((clock() - t) / inner)
     return statistics.median(samples)
 
@@ -81,7 +96,7 @@ def measure_costs(
     this model can build (a classifier needs its calibrated file). `clock` is the benchmark's clock."""
 
     def median_seconds(fn):
-        return _median_seconds(fn, inner, rounds, clock)
+        return _median_seconds(fn, inner, rounds, clock, device_sync(sm.device))
 
     L = sm.num_layers
     context = max(2, min(context, (sm.max_positions or context + 2) - 2))
