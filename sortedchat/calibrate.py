@@ -13,12 +13,21 @@ last exit at least a given share p of the time; p is the lowest value whose plan
 agreement overall (the last exit always agrees, so p is usually below the target). An exit whose early
 tokens would save less time than checking costs is not checked at all (threshold 1). The expected
 speed-up comes from the measured costs of a layer, the head and a check (`bench.costs`).
+
+With propagated K/V (`--kv propagate`) the one-pass figures would be wrong: a token that leaves early changes
+the K/V every later position sees. The cost model then counts no drain and the K/V projections of every skipped
+layer, and agreement is measured under propagation, teacher-forced token by token through the engine's state
+(`observe_propagated`): at each position every exit's prediction is recorded (the position runs through all
+layers, seeing the K/V earlier positions left), then the position is made to hold what leaving at the exit the
+thresholds pick would have stored (`LayeredState.refill`). Agreement there is with the exact full model's token.
+Thresholds start from the one-pass plan, are chosen again on these observations (fit and select parts), and are
+judged by a second propagated run over the report part with the final thresholds.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -115,6 +124,8 @@ class Observations:
     hidden: torch.Tensor  # [E, N, H] float16, normed as the exit's head sees it
     split: torch.Tensor  # [N] index into SPLITS
     saturation: torch.Tensor  # [E, N] cosine of the raw state with the previous exit's (the embedding's first)
+    agree_last: torch.Tensor | None = None  # [N] the last exit's token is the reference (None: always, exact K/V)
+    exit_at: torch.Tensor | None = None  # [N] propagated runs: where the thresholds of the run made each position leave
 
     def part(self, name: str) -> torch.Tensor:
         return self.split == SPLITS.index(name)
@@ -173,6 +184,58 @@ def observe(sm: SortedModel, sequences: list[tuple[list[int], int]], progress: P
                         torch.cat(hidden, 1).cpu(), torch.cat(split), torch.cat(sat, 1).cpu())
 
 
+@torch.inference_mode()
+def observe_propagated(sm: SortedModel, sequences: list[tuple[list[int], int]], measure: str, thresholds: list[float],
+                       classifier: ExitClassifier | None = None, parts: tuple[str, ...] = SPLITS,
+                       progress: Progress = _quiet) -> Observations:
+    """What every exit says at every answer position when the K/V of earlier positions were propagated from
+    where `thresholds` (on `measure`'s recorded confidence, as `simulate` applies them) made them leave; teacher
+    forced, agreement with the exact full model's greedy token. Only the examples of `parts` run."""
+    from sortedchat.engine.confidence import head_parts
+    from sortedchat.engine.state import LayeredState
+
+    exits, L = sm.exits[:-1], sm.num_layers
+    if not exits:
+        raise SortedChatError(f"{sm.source}: only one exit ({L}); nothing to calibrate")
+    state = LayeredState(sm)
+    vocab = sm.model.lm_head.weight.shape[0]
+    columns: dict[str, list] = {k: [] for k in ("agree", "maxprob", "subset", "hidden", "saturation", "last", "exit")}
+    split = []
+    chosen = [(n, x) for n, x in enumerate(sequences) if SPLITS[SPLIT_OF[n % len(SPLIT_OF)]] in parts]
+    for k, (n, (ids, start)) in enumerate(chosen):
+        progress(f"propagated K/V: example {k + 1}/{len(chosen)}", k / len(chosen))
+        reference = sm.model(input_ids=torch.tensor([ids], device=sm.device), use_cache=False).logits[0].argmax(-1)
+        state.reset()
+        previous = torch.zeros(vocab, device=sm.device)
+        if start:
+            previous = sm.head(state.run(L, ids[:start])[:, -1], L)[0].float()
+        for pos in range(start, len(ids) - 1):
+            raw = [state.run(e, [ids[pos]] if i == 0 else None)[:, -1] for i, e in enumerate(sm.exits)]  # [1, H] each
+            logits = torch.cat([sm.head(h, e).float() for h, e in zip(raw, sm.exits)])  # [E + 1, V]
+            agree = logits.argmax(-1) == reference[pos]
+            mask = _candidate_mask(ids[: pos + 2], pos, previous[None].cpu(), vocab)[0].to(sm.device)
+            before = [sm.embed(torch.tensor([ids[pos]], device=sm.device))] + raw[:-2]
+            one = Observations(
+                exits, agree[:-1, None], torch.softmax(logits[:-1], -1).max(-1).values[:, None],
+                subset_features(torch.log_softmax(logits[:-1].masked_fill(~mask, float("-inf")), -1))[:, None],
+                torch.cat([head_parts(sm, e)[0](h) for h, e in zip(raw, exits)]).to(torch.float16)[:, None],
+                torch.zeros(1, dtype=torch.long), torch.cat([saturation(h, b) for h, b in zip(raw, before)])[:, None],
+            )
+            conf = confidences(one, measure, classifier)[:, 0]
+            leave = next((j for j, tau in enumerate(thresholds) if tau < 1.0 and conf[j] >= tau), None)
+            if leave is not None:
+                state.refill(exits[leave], raw[leave][:, None])
+            previous = logits[-1]
+            for key, value in (("agree", one.agree), ("maxprob", one.maxprob), ("subset", one.subset),
+                               ("hidden", one.hidden), ("saturation", one.saturation), ("last", agree[-1:]),
+                               ("exit", torch.tensor([L if leave is None else exits[leave]]))):
+                columns[key].append(value.cpu())
+            split.append(SPLIT_OF[n % len(SPLIT_OF)])
+    cat = {k: torch.cat(v, -1 if k in ("agree", "maxprob", "saturation", "last", "exit") else 1) for k, v in columns.items()}
+    return Observations(exits, cat["agree"], cat["maxprob"], cat["subset"], cat["hidden"], torch.tensor(split),
+                        cat["saturation"], agree_last=cat["last"], exit_at=cat["exit"])
+
+
 def train_classifier(obs: Observations, steps: int = 300, width: int = 64, seed: int = 0) -> ExitClassifier:
     """Fit one small MLP per exit on the `fit` part (full batch, AdamW, binary cross-entropy)."""
     fit = obs.part("fit")
@@ -226,18 +289,21 @@ class Plan:
 
 
 def simulate(conf: torch.Tensor, agree: torch.Tensor, exits: list[int], thresholds: list[float],
-             costs: Costs, measure: str, L: int) -> dict:
-    """Auto mode on recorded confidences: where each position exits, its agreement and its cost."""
+             costs: Costs, measure: str, L: int, agree_last: torch.Tensor | None = None,
+             left_at: torch.Tensor | None = None) -> dict:
+    """Auto mode on recorded confidences: where each position exits, its agreement and its cost. `agree_last`:
+    whether the last exit agrees at each position (always, unless K/V were propagated before it); `left_at`:
+    where a real run with these thresholds made each position leave (instead of applying them here)."""
     N = conf.shape[1]
     exit_at = torch.full((N,), L, dtype=torch.long)
-    agrees = torch.ones(N, dtype=torch.bool)
+    agrees = torch.ones(N, dtype=torch.bool) if agree_last is None else agree_last.clone()
     checks = torch.zeros(N)
     alive = torch.ones(N, dtype=torch.bool)
     for j, (e, tau) in enumerate(zip(exits, thresholds)):
         if tau >= 1.0:
             continue
         checks += alive.float()
-        leave = alive & (conf[j] >= tau)
+        leave = alive & ((conf[j] >= tau) if left_at is None else (left_at == e))
         exit_at[leave] = e
         agrees[leave] = agree[j, leave]
         alive &= ~leave
@@ -289,12 +355,13 @@ def plan(obs: Observations, conf: torch.Tensor, measure: str, target: float, cos
     """Thresholds chosen on the positions `choose_on` for the target agreement, judged on the `report` part:
     the lowest per-exit precision (bisection) whose plan still meets the target overall."""
     c, a, rep = conf[:, choose_on], obs.agree[:, choose_on], obs.part("report")
+    last = None if obs.agree_last is None else obs.agree_last[choose_on]
 
     def at(precision):
         return thresholds_for_precision(c, a, obs.exits, precision, costs, measure, L)
 
     def meets(th):
-        return simulate(c, a, obs.exits, th, costs, measure, L)["agreement"] >= target
+        return simulate(c, a, obs.exits, th, costs, measure, L, last)["agreement"] >= target
 
     lo, hi = 0.0, 1.0
     for _ in range(30):
@@ -303,21 +370,29 @@ def plan(obs: Observations, conf: torch.Tensor, measure: str, target: float, cos
     best = at(hi)
     if not meets(best):  # full depth always meets the target
         best = [1.0] * len(obs.exits)
-    result = simulate(conf[:, rep], obs.agree[:, rep], obs.exits, best, costs, measure, L)
+    result = simulate(conf[:, rep], obs.agree[:, rep], obs.exits, best, costs, measure, L,
+                      None if obs.agree_last is None else obs.agree_last[rep])
+    return judged(measure, best, result, obs.exits)
+
+
+def judged(measure: str, thresholds: list[float], result: dict, exits: list[int]) -> Plan:
+    """A plan from a result of `simulate` (or of a propagated run): its figures and where tokens leave."""
     per_exit = {}
-    for e, tau in zip(obs.exits, best):
+    for e, tau in zip(exits, thresholds):
         here = result["exit_at"] == e
         per_exit[e] = {
             "threshold": round(tau, 6),
             "share": round(float(here.float().mean()), 4),
             "agreement": round(float(result["agrees"][here].float().mean()), 4) if here.any() else None,
         }
-    return Plan(measure, dict(zip(obs.exits, best)), result["agreement"], result["speedup"], result["mean_exit"],
+    return Plan(measure, dict(zip(exits, thresholds)), result["agreement"], result["speedup"], result["mean_exit"],
                 result["checks_per_token"], result["check_share"], per_exit)
 
 
 # -- the command ---------------------------------------------------------------------------------------
-def check_options(target: float, measure: str | None, max_examples: int) -> None:
+def check_options(target: float, measure: str | None, max_examples: int, kv: str = "exact") -> None:
+    if kv not in ("exact", "propagate"):
+        raise SortedChatError(f"--kv {kv}: choose exact or propagate")
     if not 0.0 < target <= 1.0:
         raise SortedChatError(f"--target-agreement {target}: must be in (0, 1]")
     if measure is not None and measure not in MEASURE_NAMES:
@@ -334,12 +409,16 @@ class Calibration:
     data: dict
     positions: dict[str, int]
     classifier: ExitClassifier | None = None
+    kv: str = "exact"
+    start: Plan | None = None  # propagated K/V: the one-pass plan the propagated runs started from
 
 
 def calibrate(sm: SortedModel, data: str, target: float = 0.95, measure: str | None = None,
-              max_examples: int = 300, holdout: int = 0, progress: Progress = _quiet) -> Calibration:
-    """Measure, train (if the classifier is among the measures), choose thresholds; write nothing."""
-    check_options(target, measure, max_examples)
+              max_examples: int = 300, holdout: int = 0, progress: Progress = _quiet, kv: str = "exact") -> Calibration:
+    """Measure, train (if the classifier is among the measures), choose thresholds; write nothing. With `kv`
+    "propagate", the measure is chosen on the one-pass plans, and its thresholds and figures come from runs
+    under propagation (module docstring)."""
+    check_options(target, measure, max_examples, kv)
     sequences, described = reference_sequences(sm, data, max_examples, holdout)
     obs = observe(sm, sequences, progress)
     names = [measure] if measure else list(MEASURE_NAMES)
@@ -350,15 +429,35 @@ def calibrate(sm: SortedModel, data: str, target: float = 0.95, measure: str | N
     progress("timing layers, head and checks", None)
     instances = {n: Classifier(sm, classifier) if n == Classifier.name else MEASURES[n](sm) for n in names}
     context = sum(len(ids) for ids, _ in sequences) // len(sequences)
-    costs = measure_costs(sm, context=context, measures=instances)
+    costs = replace(measure_costs(sm, context=context, measures=instances), kv=kv)
     # The classifier chooses its thresholds on data it was not trained on; the other measures use both parts.
     choose_on = {n: obs.part("select") | (obs.part("fit") if n != Classifier.name else False) for n in names}
     plans = {n: plan(obs, confidences(obs, n, classifier), n, target, costs, sm.num_layers, choose_on[n])
              for n in names}
     chosen = max(plans.values(), key=lambda p: p.speedup) if measure is None else plans[measure]
     positions = {name: int(obs.part(name).sum()) for name in SPLITS}
+    start = None
+    if kv == "propagate":
+        start, chosen = chosen, propagated_plan(sm, sequences, chosen, target, costs, classifier, progress)
+        plans = {chosen.measure: chosen}
     return Calibration(plans, chosen, costs, described, positions,
-                       classifier if chosen.measure == Classifier.name else None)
+                       classifier if chosen.measure == Classifier.name else None, kv, start)
+
+
+def propagated_plan(sm: SortedModel, sequences: list[tuple[list[int], int]], start: Plan, target: float, costs: Costs,
+                    classifier: ExitClassifier | None, progress: Progress = _quiet) -> Plan:
+    """Thresholds for propagated K/V: a propagated run over the fit and select parts at `start`'s thresholds,
+    thresholds chosen again on what it recorded, then judged by a propagated run over the report part."""
+    name, exits, L = start.measure, list(start.thresholds), sm.num_layers
+    first = observe_propagated(sm, sequences, name, list(start.thresholds.values()), classifier, ("fit", "select"),
+                               progress)
+    again = plan(first, confidences(first, name, classifier), name, target, costs, L,
+                 first.part("select") | (first.part("fit") if name != Classifier.name else False))
+    final = [again.thresholds[e] for e in exits]
+    check = observe_propagated(sm, sequences, name, final, classifier, ("report",), progress)
+    result = simulate(confidences(check, name, classifier), check.agree, exits, final, costs, name, L,
+                      check.agree_last, check.exit_at)
+    return judged(name, final, result, exits)
 
 
 def checkpoint_dir(sm: SortedModel) -> Path:
@@ -392,8 +491,9 @@ def write(sm: SortedModel, result: Calibration, target: float) -> list[Path]:
                          "mean_exit": round(p.mean_exit, 2), "check_share": round(p.check_share, 4)}
                      for n, p in result.plans.items()},
         "per_exit": {str(e): v for e, v in chosen.per_exit.items()},
+        "kv": result.kv,
         "costs_ms": {"layer": round(result.costs.layer * 1e3, 4), "head": round(result.costs.head * 1e3, 4),
-                     "drain_share": round(result.costs.drain, 3),
+                     "drain_share": round(result.costs.drain, 3), "kv_fill": round(result.costs.kv_fill * 1e3, 4),
                      "check": {k: round(v * 1e3, 4) for k, v in result.costs.check.items()}},
         "device": str(sm.device),
         "dtype": str(sm.dtype).replace("torch.", ""),

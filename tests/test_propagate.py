@@ -166,3 +166,109 @@ def test_ask_kv_errors(tiny_dir, args, error):
 
     res = CliRunner().invoke(app, ["ask", "Hi", "--model", str(tiny_dir), "--device", "cpu", *args])
     assert res.exit_code == 1 and str(res.exception) == error
+
+
+def test_refill_stores_what_leaving_at_the_exit_and_propagating_would(tiny):
+    """Calibration runs a position through every layer, then makes it look as if it had left at exit e."""
+    ids = prompt_ids(tiny, PROMPTS[2])
+    a, b = LayeredState(tiny), LayeredState(tiny)
+    with torch.inference_mode():
+        for state in (a, b):
+            state.run(tiny.num_layers, ids[:-2])
+        hidden = a.run(2, ids[-2:-1])[:, -1:]
+        a.propagate()
+        outputs = [b.run(e, ids[-2:-1] if e == 2 else None) for e in (2, 4, 6)]
+        torch.testing.assert_close(outputs[0][:, -1:], hidden)
+        b.refill(2, outputs[0][:, -1:])
+        for state in (a, b):
+            state.run(tiny.num_layers, ids[-1:])  # the next token sees the refilled K/V
+            state.check_invariants()
+    assert a.filled_by == b.filled_by and b.filled_by[-2] == 2
+    for i in range(tiny.num_layers):
+        torch.testing.assert_close(a.cache.layers[i].keys, b.cache.layers[i].keys)
+        torch.testing.assert_close(a.cache.layers[i].values, b.cache.layers[i].values)
+
+
+# -- calibration under propagation ------------------------------------------------------------------------
+def test_propagated_cost_model_has_no_drain_and_pays_the_projections():
+    import dataclasses
+
+    from sortedchat import calibrate as cal
+    from sortedchat.bench.costs import Costs
+
+    agree2 = torch.tensor([True] * 6 + [False] * 4)
+    conf = torch.stack([torch.where(agree2, 0.9, 0.2), torch.full((10,), 0.3)])
+    agree = torch.stack([agree2, torch.zeros(10, dtype=torch.bool)])
+    exact = Costs(layer=1.0, head=2.0, step=0.0, context=0, drain=1.0, kv_fill=0.1, check={"m": 0.01},
+                  per_token={"m": 0.0})
+    assert cal.thresholds_for_precision(conf, agree, [2, 4], 0.9, exact, "m", 6) == [1.0, 1.0]  # all drained
+    propagate = dataclasses.replace(exact, kv="propagate")
+    th = cal.thresholds_for_precision(conf, agree, [2, 4], 0.9, propagate, "m", 6)
+    assert th[0] == pytest.approx(0.9) and th[1] == 1.0
+    sim = cal.simulate(conf, agree, [2, 4], th, propagate, "m", 6)
+    assert sim["speedup"] == pytest.approx(8 / (0.6 * (8 - 4 * (1.0 - 0.1)) + 0.4 * 8 + 0.01))
+    # Where the last exit disagrees (the K/V it saw were propagated), tokens that reach it count as disagreeing.
+    last = torch.tensor([True] * 9 + [False])
+    assert cal.simulate(conf, agree, [2, 4], th, propagate, "m", 6, agree_last=last)["agreement"] == pytest.approx(0.9)
+
+
+def test_observe_propagated_records_what_a_propagated_run_chooses(tiny):
+    """With every token leaving at exit 2, exit 2's agreement at each position is exactly whether auto mode with
+    propagated K/V, fed the same answer, picks the exact model's token; without early exits it is the one-pass
+    (exact) observation, and the last exit always agrees."""
+    from sortedchat import calibrate as cal
+
+    sequences = [(prompt_ids(tiny, PROMPTS[i % 3]) + [40 + i, 50, 60 + i, 70, 80], len(prompt_ids(tiny, PROMPTS[i % 3])) - 1)
+                 for i in range(4)]
+    obs = cal.observe_propagated(tiny, sequences, "maxprob", [0.0, 1.0])
+    assert obs.exit_at.tolist() == [2] * obs.agree.shape[1] and obs.exits == [2, 4]
+    expected = []
+    for ids, start in sequences:
+        reference = tiny.model(input_ids=torch.tensor([ids])).logits[0].argmax(-1)[start:-1].tolist()
+        session = no_stop(ChatSession(tiny, Mode.auto(threshold=0.0, kv="propagate")))
+        chosen = [ev.token_id for ev in session.generate_ids(ids[: start + 1], SamplingConfig(), forced=ids[start + 1 :])]
+        expected += [a == b for a, b in zip(chosen, reference)]
+    assert obs.agree[0].tolist() == expected
+
+    exact, none_leave = cal.observe(tiny, sequences), cal.observe_propagated(tiny, sequences, "maxprob", [1.0, 1.0])
+    assert none_leave.agree_last.all() and none_leave.exit_at.tolist() == [6] * exact.agree.shape[1]
+    assert torch.equal(none_leave.agree, exact.agree)
+    torch.testing.assert_close(none_leave.maxprob, exact.maxprob, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(none_leave.saturation, exact.saturation, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(none_leave.subset, exact.subset, rtol=1e-3, atol=1e-4)
+
+
+def test_calibrate_kv_propagate_writes_figures_measured_under_propagation(monkeypatch, tiny_dir, tmp_path, capsys):
+    import json
+    import shutil
+    import sys
+
+    from sortedchat.cli import main
+    from test_calibrate import RECORDS
+
+    model_dir, data = tmp_path / "tiny", tmp_path / "held_out.json"
+    shutil.copytree(tiny_dir, model_dir)
+    data.write_text(json.dumps(RECORDS))
+    monkeypatch.setattr(sys, "argv", ["sortedchat", "calibrate", "--model", str(model_dir), "--data", str(data),
+                                      "--device", "cpu", "--exits", "2,4,6", "--measure", "subset", "--kv", "propagate"])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    out = capsys.readouterr().out
+    assert exc.value.code in (0, None), out
+    flat = " ".join(out.split())
+    assert "auto mode, propagate K/V, at target agreement 95% (held-out, teacher-forced with propagated K/V" in flat
+    assert "started from the one-pass (exact K/V) plan of subset" in flat
+    written = json.loads((model_dir / "sortedchat.json").read_text())
+    assert written["calibration"]["kv"] == "propagate" and written["confidence"] == "subset"
+    assert written["calibration"]["costs_ms"]["kv_fill"] >= 0
+    assert set(written["calibration"]["expected"]) == {"subset"}  # no exact-K/V figures beside it
+    per_exit = written["calibration"]["per_exit"]
+    assert 0.0 < written["calibration"]["expected"]["subset"]["agreement"] <= 1.0
+    assert sum(v["share"] for v in per_exit.values()) <= 1.0 and set(per_exit) == {"2", "4"}
+
+
+def test_calibrate_kv_must_be_exact_or_propagate():
+    from sortedchat import calibrate as cal
+
+    with pytest.raises(SortedChatError, match="--kv copy: choose exact or propagate"):
+        cal.check_options(0.95, None, 10, "copy")

@@ -39,7 +39,7 @@ def bench(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON to this file")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a speed-vs-agreement plot (PNG)")] = None,
     modes: Annotated[Optional[str], typer.Option("--modes", help="Only these modes besides hf and full, comma-separated "
-                                                 "(e.g. hf-ee:24,depth:24,auto,spec:24,draft:24) [default: all]")] = None,
+                                                 "(e.g. hf-ee:24,depth:24,auto,auto:propagate,spec:24,draft:24) [default: all]")] = None,
     threads: ThreadsOpt = None,
     clock: Annotated[str, typer.Option("--clock", help="wall, or cpu: this process's CPU time (with --threads 1, "
                                        "leaves out waiting for a core on a busy machine)")] = "wall",
@@ -93,6 +93,8 @@ def calibrate(
     model: o.ModelOpt = None,
     target_agreement: Annotated[float, typer.Option("--target-agreement", help="Share of tokens auto mode must pick as the full model does (teacher-forced)")] = 0.95,
     measure: Annotated[Optional[str], typer.Option("--measure", help="maxprob, subset, classifier or saturation [default: the fastest at the target]")] = None,
+    kv: Annotated[str, typer.Option("--kv", help="Calibrate auto mode with exact K/V, or with propagated K/V "
+                                    "(agreement measured under propagation, token by token: slower)")] = "exact",
     holdout: Annotated[int, typer.Option("--holdout", help="Use only the last N records (what `train --holdout N` left out)")] = 0,
     max_examples: Annotated[int, typer.Option("--max-examples", help="Use at most this many records (after --holdout)")] = 300,
     threads: ThreadsOpt = None,
@@ -106,7 +108,7 @@ def calibrate(
     into the model's sortedchat.json."""
     from sortedchat import calibrate as cal
 
-    cal.check_options(target_agreement, measure, max_examples)
+    cal.check_options(target_agreement, measure, max_examples, kv)
     _threads(threads)
     opts = o.load_options(device, dtype, False, False, trust_remote_code, allow_pickle, exits)
     sm = o.load_model(model, opts)
@@ -114,14 +116,16 @@ def calibrate(
     err = Console(stderr=True)
     with err.status("calibrating", spinner="dots") as status:
         result = cal.calibrate(sm, data, target_agreement, measure, max_examples, holdout,
-                               progress=lambda stage, frac=None: status.update(stage))
+                               progress=lambda stage, frac=None: status.update(stage), kv=kv)
     console = Console()
     full_ms = result.costs.token(sm.num_layers) * 1e3
     console.print(f"[dim]{sm.source} · {result.positions['report']} held-out answer tokens · one layer "
-                  f"{result.costs.layer * 1e3:.2f} ms (one more position {result.costs.drain:.0%} of it), head "
+                  f"{result.costs.layer * 1e3:.2f} ms (one more position {result.costs.drain:.0%} of it, its propagated "
+                  f"K/V {result.costs.kv_fill / max(result.costs.layer, 1e-12):.0%}), head "
                   f"{result.costs.head * 1e3:.2f} ms, full token "
                   f"{full_ms:.1f} ms (without overhead)[/dim]")
-    summary = Table(title=f"auto mode at target agreement {target_agreement:.0%} (held-out, teacher-forced)",
+    how = "teacher-forced" if kv == "exact" else "teacher-forced with propagated K/V, agreement with the exact model"
+    summary = Table(title=f"auto mode, {kv} K/V, at target agreement {target_agreement:.0%} (held-out, {how})",
                     title_justify="left")
     for col in ("measure", "check ms", "checks/token", "check cost", "mean exit", "agreement", "expected ×"):
         summary.add_column(col, justify="left" if col == "measure" else "right")
@@ -130,6 +134,10 @@ def calibrate(
         summary.add_row(f"{name}{mark}", f"{result.costs.check.get(name, 0) * 1e3:.3f}", f"{p.checks_per_token:.2f}",
                         f"{p.check_share:.1%}", f"{p.mean_exit:.1f}", f"{p.agreement:.1%}", f"{p.speedup:.2f}")
     console.print(summary)
+    if result.start is not None:
+        s = result.start
+        console.print(f"[dim]started from the one-pass (exact K/V) plan of {s.measure}: agreement {s.agreement:.1%}, "
+                      f"expected {s.speedup:.2f}× with propagation's costs[/dim]")
     per_exit = Table(title=f"thresholds ({result.chosen.measure})", title_justify="left")
     for col in ("exit", "threshold", "tokens leaving here", "their agreement"):
         per_exit.add_column(col, justify="right")

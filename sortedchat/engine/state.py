@@ -26,6 +26,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from sortedchat import SortedChatError
+from sortedchat.engine.layer_call import cache_keyword
 from sortedchat.sorted_model import SortedModel
 
 
@@ -155,9 +156,9 @@ class LayeredState:
                 inp,
                 attention_mask=mask,
                 position_ids=spans[1],
-                past_key_values=self.cache,
                 use_cache=True,
                 position_embeddings=spans[2],
+                **{cache_keyword(type(layers[i])): self.cache},  # the name depends on the transformers version
             )
             self.kv_len[i] = start + q
             self.waiting[i] = None
@@ -195,6 +196,21 @@ class LayeredState:
             fills += q
         self.kv_fills += fills
         return fills
+
+    def refill(self, exit_layer: int, hidden: torch.Tensor) -> None:
+        """Make the last position, which every layer holds, hold in layers exit_layer+1..L the K/V projections of
+        `hidden` [1, 1, H], its output of layer `exit_layer`: what leaving there and `propagate` would have stored.
+        Calibration uses it: it needs every exit's prediction at a position before it knows where it leaves."""
+        p = self.length - 1
+        if p < 0 or self.kv_len[-1] != self.length:
+            raise SortedChatError("refill needs the last position in every layer")
+        position_embeddings = self.sm.rotary(hidden, torch.tensor([[p]], device=self.sm.device))
+        for i in range(exit_layer, self.num_layers):
+            keys, values = kv_projection(self.sm.layers[i], hidden, position_embeddings)
+            self.cache.layers[i].crop(-1)
+            self.cache.layers[i].update(keys, values)
+            self.kv_fills += 1
+        self.filled_by[p] = min(self.filled_by[p], exit_layer)
 
     def _any_hidden(self, x: torch.Tensor | None) -> torch.Tensor:
         """A tensor with the model's dtype and device, for the rotary embedding's dtype."""
