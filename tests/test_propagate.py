@@ -272,3 +272,32 @@ def test_calibrate_kv_must_be_exact_or_propagate():
 
     with pytest.raises(SortedChatError, match="--kv copy: choose exact or propagate"):
         cal.check_options(0.95, None, 10, "copy")
+
+
+def test_app_kv_key_switches_propagation_and_the_status_shows_it(tiny, tmp_path):
+    import asyncio
+
+    from test_tui_app import SIZE, ask, make_app, status
+
+    app = make_app(tiny, tmp_path)
+
+    async def run():
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("f4", "f12")  # auto, propagated K/V
+            assert app.session.mode.kind == "auto" and app.session.mode.kv == "propagate"
+            assert "Auto · propagated KV" in status(app)
+            for _ in range(20):  # every threshold to 0: every token leaves at exit 2, layers 3..6 propagated
+                await pilot.press("f6")
+            await ask(pilot, app)
+            assert app.events and {e.exit_layer for e in app.events} == {2}
+            assert app.session.last_stats.kv_fills == 4 * len(app.events)
+            assert 2 in app.session.state.filled_by
+            await pilot.press("f5")  # speculative keeps exact K/V; the choice comes back with fixed depth
+            assert app.session.mode.kind == "speculative" and app.session.mode.kv == "exact"
+            assert "propagated KV" not in status(app)
+            await pilot.press("f5")
+            assert app.session.mode == Mode.fixed(2, kv="propagate") and "Depth 2/6 · propagated KV" in status(app)
+            await pilot.press("f12")
+            assert app.session.mode == Mode.fixed(2) and "propagated KV" not in status(app)
+
+    asyncio.run(run())

@@ -82,7 +82,7 @@ class SortedChatApp(App):
         Binding("ctrl+q", "quit", "Quit", id="quit", priority=True),
         Binding("ctrl+c", "help_quit", show=False, system=True),
     ]
-    CHAT_ACTIONS = {"shallower", "deeper", "auto", "speculative", "threshold_down", "threshold_up", "view",
+    CHAT_ACTIONS = {"shallower", "deeper", "auto", "speculative", "threshold_down", "threshold_up", "kv", "view",
                     "lens", "stop", "new_chat", "chats", "settings", "export"}
 
     def __init__(
@@ -284,6 +284,9 @@ class SortedChatApp(App):
 
     def action_threshold_up(self) -> None:
         self._set_mode(self.control.adjust_threshold(+1))
+
+    def action_kv(self) -> None:
+        self._set_mode(self.control.toggle_kv())
 
     def action_stop(self) -> None:
         self._stop.set()

@@ -45,7 +45,8 @@ class DepthControl:
         if self.kind == "auto":
             return Mode.auto(self.threshold, shift=self.shift)
         if self.kind == "speculative":
-            return replace(self.options, kind="speculative", depth=self.depth, threshold=None, shift=0.0)
+            return replace(self.options, kind="speculative", depth=self.depth, threshold=None, shift=0.0,
+                           kv="exact")
         return Mode.fixed(self.depth)
 
     def label(self) -> str:

@@ -31,6 +31,7 @@ KEY_ACTIONS: dict[str, tuple[str, str]] = {
     "threshold_up": ("f7", "Auto: raise the thresholds (closer to full depth)"),
     "view": ("f8", "Switch between depth colours and rendered Markdown"),
     "lens": ("f9", "Layer lens: every exit's predictions at the selected token"),
+    "kv": ("f12", "Exact or propagated K/V for the layers a token skips (auto and fixed depth)"),
     "stop": ("escape", "Stop the answer (the partial answer stays)"),
     "new_chat": ("ctrl+n", "New chat"),
     "chats": ("ctrl+l", "Saved chats: reopen, delete, export"),

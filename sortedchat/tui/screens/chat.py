@@ -29,13 +29,14 @@ FOOTER = {
     "threshold_up": "Thr+",
     "view": "View",
     "lens": "Lens",
+    "kv": "KV",
     "stop": "Stop",
     "new_chat": "New",
     "chats": "Chats",
     "settings": "Settings",
     "export": "Export",
 }
-HIDDEN = {"threshold_down", "threshold_up", "export"}
+HIDDEN = {"threshold_down", "threshold_up", "kv", "export"}
 
 
 class ChatScreen(Screen):
