@@ -26,6 +26,7 @@ class DepthControl:
     depth: int = 0
     threshold: float | None = None
     shift: float = 0.0
+    kv: str = "exact"  # auto and fixed depth: exact or propagated K/V for skipped layers (speculative: exact)
     options: Mode = field(default_factory=Mode)  # the starting mode: its drafting options carry over
 
     @classmethod
@@ -38,16 +39,17 @@ class DepthControl:
             depth=mode.depth or (sm.default_draft_exit if mode.kind == "speculative" else sm.num_layers),
             threshold=mode.threshold,
             shift=mode.shift,
+            kv=mode.kv,
             options=mode,
         )
 
     def mode(self) -> Mode:
         if self.kind == "auto":
-            return Mode.auto(self.threshold, shift=self.shift)
+            return Mode.auto(self.threshold, shift=self.shift, kv=self.kv)
         if self.kind == "speculative":
             return replace(self.options, kind="speculative", depth=self.depth, threshold=None, shift=0.0,
                            kv="exact")
-        return Mode.fixed(self.depth)
+        return Mode.fixed(self.depth, kv=self.kv)
 
     def label(self) -> str:
         return self.mode().label(self.num_layers)
@@ -76,6 +78,14 @@ class DepthControl:
 
     def toggle_auto(self) -> None:
         self.kind = "depth" if self.kind == "auto" else "auto"
+
+    def toggle_kv(self) -> str | None:
+        """Exact K/V (skipped layers computed when a deeper token needs them) or propagated (at once,
+        approximate). Speculative decoding stays exact; the choice applies when auto or fixed depth returns."""
+        self.kv = "propagate" if self.kv == "exact" else "exact"
+        if self.kind == "speculative":
+            return f"{self.kv} K/V from auto or fixed depth on (speculative decoding keeps exact K/V)"
+        return None
 
     def toggle_speculative(self) -> str | None:
         if self.kind == "speculative":
