@@ -63,8 +63,10 @@ def chat(
     if system is not None:
         settings.system_prompt = system
     spec = model if model is not None else (settings.model or None)
-    opts = o.load_options(settings.device, settings.dtype, load_in_4bit, load_in_8bit, trust_remote_code,
-                          allow_pickle, exits)
+
+    def options():  # imports torch: the app calls it behind its loading screen, which shows at once
+        return o.load_options(settings.device, settings.dtype, load_in_4bit, load_in_8bit, trust_remote_code,
+                              allow_pickle, exits)
 
     def initial_mode(sm):
         return o.make_mode(sm, depth, auto, threshold, speculative, draft_len, draft_stop, always_draft, kv)
@@ -73,20 +75,32 @@ def chat(
         from sortedchat.cli.ask import plain_chat
 
         sampling = settings.sampling()
-        sm = o.load_model(spec, opts)
+        sm = o.load_model(spec, options())
         plain_chat(sm, initial_mode(sm), sampling, settings.system_prompt)
         return
-    run_app(spec, opts, initial_mode, settings)
+    run_app(spec, options, initial_mode, settings)
 
 
-def run_app(spec, opts, initial_mode, settings) -> None:
+def run_app(spec, options, initial_mode, settings) -> None:
     from sortedchat import SortedChatError
-    from sortedchat.loading import load_sorted_model
     from sortedchat.tui.app import SortedChatApp
 
-    settings.sampling()  # reject bad sampling values before the model loads
+    def loader(progress):
+        from sortedchat.loading import load_sorted_model
+
+        return load_sorted_model(spec, options(), progress=progress)
+
+    from sortedchat.tui.settings import check_value
+
+    for name in ("temperature", "top_p", "top_k", "max_new_tokens", "seed"):  # before the model loads
+        value = getattr(settings, name)
+        if value is not None:
+            try:
+                check_value(name, value)
+            except ValueError as exc:
+                raise SortedChatError(f"--{name.replace('_', '-')} {exc}, got {value}") from None
     app = SortedChatApp(
-        loader=lambda progress: load_sorted_model(spec, opts, progress=progress),
+        loader=loader,
         initial_mode=initial_mode,
         settings=settings,
         loading_label=spec or "the default model (SmolLM2-135M-Instruct)",

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from textual import work
+from platformdirs import user_downloads_path
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.message import Message
@@ -30,12 +31,15 @@ from sortedchat.tui.screens.chat import ChatScreen
 from sortedchat.tui.screens.chats import ChatListScreen
 from sortedchat.tui.screens.help import HelpScreen
 from sortedchat.tui.screens.loading import LoadingScreen
+from sortedchat.tui.screens.rename import RenameScreen
 from sortedchat.tui.screens.settings import SettingsScreen
-from sortedchat.tui.settings import Settings, save_settings
+from sortedchat.tui.settings import Settings, load_settings, save_settings
 from sortedchat.tui.storage import ChatStore, StoredChat, StoredToken
-from sortedchat.tui.widgets.answer import AnswerView, TokenText
+from sortedchat.tui.widgets.answer import AnswerView, TokenText, mode_range
+from sortedchat.tui.widgets.conversation import UserMessage
 from sortedchat.tui.widgets.prompt import PromptInput
-from sortedchat.tui.widgets.status import status_text
+from sortedchat.tui.widgets.status import status_parts
+from sortedchat.tui.warmup import warm_up
 
 if TYPE_CHECKING:  # the engine imports torch: the app imports it only once the loading screen shows
     from sortedchat.engine import ChatSession, GenerationStats, Mode, TokenEvent
@@ -83,7 +87,7 @@ class SortedChatApp(App):
         Binding("ctrl+c", "help_quit", show=False, system=True),
     ]
     CHAT_ACTIONS = {"shallower", "deeper", "auto", "speculative", "threshold_down", "threshold_up", "kv", "view",
-                    "lens", "stop", "new_chat", "chats", "settings", "export"}
+                    "lens", "stop", "new_chat", "chats", "settings", "export", "regenerate", "copy", "rename"}
 
     def __init__(
         self,
@@ -123,10 +127,16 @@ class SortedChatApp(App):
         self._lens_token: tuple[int, StoredToken] | None = None
         self._gauges_at = 0.0
         self._flush_timer = None
+        self.answer_modes: list[str] = []  # the modes the answer being generated has used, in order
 
     # -- start-up -----------------------------------------------------------------------------------
     def on_mount(self) -> None:
         self.set_keymap(self.settings.keymap())
+        if self.settings.theme in self.available_themes:
+            self.theme = self.settings.theme
+        elif self.settings.theme:
+            self.notify(f"theme {self.settings.theme!r} is not installed; using {self.theme}", severity="warning")
+        self.theme_changed_signal.subscribe(self, self._theme_changed)
         if self.sm is not None:
             self._model_ready(self.sm)
         else:
@@ -145,6 +155,12 @@ class SortedChatApp(App):
         except SortedChatError as exc:
             report(self._fail, str(exc))
             return
+        report(screen.set_progress, "warming up", None)
+        try:
+            mode = self.initial_mode(sm) if self.initial_mode else None
+        except SortedChatError:
+            mode = None  # `_model_ready` reports it
+        warm_up(sm, mode, should_stop=self._stop.is_set)
         report(self._model_ready, sm)
 
     def _fail(self, reason: str) -> None:
@@ -171,6 +187,10 @@ class SortedChatApp(App):
             self.push_screen(self.chat)
         self._flush_timer = self.set_interval(1 / FLUSH_HZ, self._flush_tokens, pause=True)
         self.call_after_refresh(self._show_status)
+        try:
+            self.chat.prompt.sent = self.store.recent_prompts()
+        except SortedChatError as exc:
+            self.notify(str(exc), severity="warning")
         if self.store.notice:
             self.notify(self.store.notice, severity="warning", timeout=15)
 
@@ -194,7 +214,9 @@ class SortedChatApp(App):
             self.notify(f"{exc}; saving this conversation as a new chat", severity="warning", timeout=10)
             self.chat_id, message_id = self.store.start_answer(None, self.history, label, self.model_name)
         self.chat.conversation.add_user(text)
+        self.chat.prompt.remember(text)
         self.answer = self._answer_view(list(self.history), label)
+        self.answer_modes = [label]
         self.chat.conversation.add_answer(self.answer)
         self.events, self.stats = [], None
         self._stop.clear()
@@ -245,6 +267,8 @@ class SortedChatApp(App):
         content = self.answer.text
         try:
             self.store.finish_message(message.message_id, content, self.stats.to_dict() if self.stats else None)
+            if len(self.answer_modes) > 1:
+                self.store.set_message_mode(message.message_id, mode_range(self.answer_modes))
         except SortedChatError as exc:  # the tokens are saved; a damaged file was set aside
             self.notify(str(exc), severity="error", timeout=10)
         self.history.append({"role": "assistant", "content": content})
@@ -256,12 +280,15 @@ class SortedChatApp(App):
     def _show_status(self) -> None:
         if self.chat is not None:
             self.chat.sparkline.refresh()
-            text = status_text(self.model_name, self.control.label(), self.stats, self.show_speed, self.generating)
-            self.chat.status.update(text, layout=False)  # one line, always: no layout needed
+            self.chat.status.show(status_parts(self.model_name, self.control.label(), self.stats, self.show_speed,
+                                               self.generating, self.sm.device))
 
     # -- depth and mode keys ------------------------------------------------------------------------
     def _set_mode(self, note: str | None) -> None:
         self.session.mode = self.control.mode()  # the engine picks it up before its next token
+        if self.generating and self.control.label() != self.answer_modes[-1]:
+            self.answer_modes.append(self.control.label())
+            self.answer.show_modes(self.answer_modes)
         if note:
             self.notify(note)
         self._show_status()
@@ -289,7 +316,11 @@ class SortedChatApp(App):
         self._set_mode(self.control.toggle_kv())
 
     def action_stop(self) -> None:
-        self._stop.set()
+        """Esc: stop the answer; with no answer running, close the layer lens."""
+        if self.generating:
+            self._stop.set()
+        elif self.chat.lens.display:
+            self.action_lens()
 
     # -- views --------------------------------------------------------------------------------------
     def action_view(self) -> None:
@@ -350,6 +381,8 @@ class SortedChatApp(App):
         if self._busy():
             return
         await self._reset_chat()
+        self.chat.prompt.remember(self.chat.prompt.text.strip())  # an unsent draft: ↑ brings it back
+        self.chat.prompt.clear()
         self.chat.prompt.focus()
 
     async def _reset_chat(self) -> None:
@@ -401,6 +434,52 @@ class SortedChatApp(App):
         except (OSError, SortedChatError) as exc:
             self.notify(f"export failed: {exc}", severity="error")
 
+    async def action_regenerate(self) -> None:
+        """Answer the last message again, in the current mode; the old answer goes."""
+        if self._busy():
+            return
+        if self.chat_id is None or len(self.history) < 2 or self.history[-1]["role"] != "assistant":
+            self.notify("Nothing to regenerate yet.")
+            return
+        try:
+            self.store.drop_last_turn(self.chat_id)
+        except SortedChatError as exc:
+            self.notify(str(exc), severity="error")
+            return
+        self.history.pop()
+        question = self.history.pop()["content"]
+        conversation = self.chat.conversation
+        await conversation.query(UserMessage).last().remove()
+        await conversation.answers()[-1].remove()
+        self.send(question)
+
+    def action_copy(self) -> None:
+        if self.answer is None or not self.answer.text:
+            self.notify("No answer to copy yet.")
+            return
+        self.copy_to_clipboard(self.answer.text)
+        self.notify(f"copied the last answer ({len(self.answer.text)} characters)")
+
+    def action_rename(self) -> None:
+        if self.chat_id is None:
+            self.notify("Nothing to rename yet: the chat is saved with its first message.")
+            return
+        try:
+            title = self.store.load(self.chat_id).title
+        except SortedChatError as exc:
+            self.notify(str(exc), severity="error")
+            return
+        self.push_screen(RenameScreen(title), self._renamed)
+
+    def _renamed(self, title: str | None) -> None:
+        if title is None or self.chat_id is None:
+            return
+        try:
+            self.store.rename_chat(self.chat_id, title)
+            self.notify(f"renamed to {title!r}")
+        except SortedChatError as exc:
+            self.notify(str(exc), severity="error")
+
     # -- dialogs ------------------------------------------------------------------------------------
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
@@ -412,11 +491,44 @@ class SortedChatApp(App):
     def _settings_saved(self, settings: Settings | None) -> None:
         if settings is None:
             return
+        changed = {f: getattr(settings, f) for f in vars(settings) if getattr(settings, f) != getattr(self.settings, f)}
         self.settings = settings
+        path = self._save_settings(changed)
+        if path is not None:
+            self.notify(f"settings saved to {path}")
+
+    def _save_settings(self, changed: dict) -> Path | None:
+        """Write `changed` over what the config file holds: values given on the command line (`-n 40`)
+        apply to this run only and stay out of the file."""
+        if not changed:
+            return None
         try:
-            self.notify(f"settings saved to {save_settings(settings)}")
+            on_file = load_settings()
+            for name, value in changed.items():
+                setattr(on_file, name, value)
+            return save_settings(on_file)
         except (SortedChatError, OSError) as exc:
             self.notify(f"settings not saved: {exc}", severity="error")
+            return None
+
+    async def _theme_changed(self, theme) -> None:
+        """Exit colours follow the theme (they must stay readable on its background); the choice is kept."""
+        if self.chat is not None:
+            for answer in self.chat.conversation.answers():
+                answer.depth_view.recolour()
+            self.chat.query_one("#legend").refresh()
+            self.chat.sparkline.refresh()
+            await self.chat.lens.recolour()
+        if theme.name != self.settings.theme:
+            self.settings.theme = theme.name
+            self._save_settings({"theme": theme.name})
+
+    def action_screenshot(self, filename: str | None = None, path: str | None = None) -> None:
+        """Textual saves screenshots to ~/Downloads and fails without a word when it is missing: then they go
+        where exports go, and the notification says where."""
+        if path is None and not user_downloads_path().is_dir():
+            path = str(self.export_dir)
+        self.deliver_screenshot(filename, path)
 
     def get_system_commands(self, screen):
         yield from super().get_system_commands(screen)
@@ -426,6 +538,9 @@ class SortedChatApp(App):
             ("New chat", "Start an empty conversation", self.action_new_chat),
             ("Saved chats", "Reopen, delete or export an earlier chat", self.action_chats),
             ("Export chat to Markdown", "Write this chat to a .md file", self.action_export),
+            ("Rename chat", "Give this chat another title", self.action_rename),
+            ("Regenerate", "Answer the last message again, in the current mode", self.action_regenerate),
+            ("Copy the last answer", "To the clipboard", self.action_copy),
             ("Settings", "System prompt, temperature, top-p, max tokens, seed", self.action_settings),
             ("Keys and colours", "Show every key and how to read the colours", self.action_help),
             ("Shallower", "One exit less for the next tokens", self.action_shallower),
@@ -443,7 +558,7 @@ class SortedChatApp(App):
             if self.session is None or self.screen is not self.chat:
                 return False
             if action == "stop":
-                return self.generating
+                return self.generating or self.chat.lens.display
         return True
 
     async def action_quit(self) -> None:

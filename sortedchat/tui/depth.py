@@ -6,9 +6,11 @@ Kept apart from the widgets so the rules are plain code: the app turns `DepthCon
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from sortedchat.engine import Mode
+if TYPE_CHECKING:
+    from sortedchat.engine import Mode
 
 THRESHOLD_STEP = 0.05
 
@@ -27,7 +29,7 @@ class DepthControl:
     threshold: float | None = None
     shift: float = 0.0
     kv: str = "exact"  # auto and fixed depth: exact or propagated K/V for skipped layers (speculative: exact)
-    options: Mode = field(default_factory=Mode)  # the starting mode: its drafting options carry over
+    options: Mode | None = None  # the starting mode: its drafting options carry over
 
     @classmethod
     def for_model(cls, sm, mode: Mode) -> "DepthControl":
@@ -44,15 +46,21 @@ class DepthControl:
         )
 
     def mode(self) -> Mode:
+        from sortedchat.engine import Mode  # torch: the app imports it only once the model is loading
+
         if self.kind == "auto":
             return Mode.auto(self.threshold, shift=self.shift, kv=self.kv)
         if self.kind == "speculative":
-            return replace(self.options, kind="speculative", depth=self.depth, threshold=None, shift=0.0,
+            return replace(self.options or Mode(), kind="speculative", depth=self.depth, threshold=None, shift=0.0,
                            kv="exact")
         return Mode.fixed(self.depth, kv=self.kv)
 
     def label(self) -> str:
-        return self.mode().label(self.num_layers)
+        """The mode as the status line and an answer's header show it; a threshold shift is named as one."""
+        text = self.mode().label(self.num_layers)
+        if self.kind == "auto" and self.threshold is None and self.shift:
+            text = text.replace(f"Auto {self.shift:+.2f}", f"Auto, thresholds {self.shift:+.2f}", 1)
+        return text
 
     # -- keys; each returns a note for the user when the key could not do what it says ---------------
     def step(self, direction: int) -> str | None:

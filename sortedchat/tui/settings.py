@@ -32,11 +32,14 @@ KEY_ACTIONS: dict[str, tuple[str, str]] = {
     "view": ("f8", "Switch between depth colours and rendered Markdown"),
     "lens": ("f9", "Layer lens: every exit's predictions at the selected token"),
     "kv": ("f12", "Exact or propagated K/V for the layers a token skips (auto and fixed depth)"),
-    "stop": ("escape", "Stop the answer (the partial answer stays)"),
+    "stop": ("escape", "Stop the answer (the partial answer stays); else close the layer lens"),
     "new_chat": ("ctrl+n", "New chat"),
     "chats": ("ctrl+l", "Saved chats: reopen, delete, export"),
     "settings": ("ctrl+o", "Settings: system prompt and sampling"),
     "export": ("ctrl+s", "Export this chat to Markdown"),
+    "regenerate": ("ctrl+r", "Regenerate the last answer (in the current mode)"),
+    "copy": ("f10", "Copy the last answer to the clipboard"),
+    "rename": ("ctrl+t", "Rename this chat"),
     "quit": ("ctrl+q", "Quit"),
     "send": ("enter", "Send the message"),
     "newline": ("ctrl+j", "New line in the message"),
@@ -56,6 +59,7 @@ class Settings:
     top_k: int = 0
     max_new_tokens: int = 512
     seed: int | None = None
+    theme: str = ""  # the app's colour theme, as last chosen (empty: Textual's default)
     keys: dict[str, str] = field(default_factory=dict)
 
     def keymap(self) -> dict[str, str]:
@@ -81,6 +85,7 @@ LAYOUT = {
         "max_new_tokens": "max_new_tokens",
         "seed": "seed",
     },
+    "ui": {"theme": "theme"},
 }
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -105,7 +110,7 @@ def _line_of(text: str, section: str, key: str | None) -> int | None:
 
 def check_value(name: str, value):
     """Return `value` if it fits field `name`, else raise ValueError saying what was expected."""
-    if name in ("model", "device", "dtype", "system_prompt"):
+    if name in ("model", "device", "dtype", "system_prompt", "theme"):
         if not isinstance(value, str):
             raise ValueError("must be a string")
         if name == "dtype" and value not in DTYPES:
@@ -219,7 +224,7 @@ def dump_settings(settings: Settings) -> str:
     for section, keys in LAYOUT.items():
         for key, name in keys.items():
             value = getattr(settings, name)
-            if value is None or (section == "model" and value == getattr(defaults, name)):
+            if value is None or (section in ("model", "ui") and value == getattr(defaults, name)):
                 continue
             data.setdefault(section, {})[key] = value
     if settings.keys:

@@ -225,6 +225,29 @@ class ChatStore:
         with self._use() as db:
             db.execute("DELETE FROM chats WHERE id = ?", (chat_id,))
 
+    def rename_chat(self, chat_id: int, title: str) -> None:
+        with self._use() as db:
+            db.execute("UPDATE chats SET title = ? WHERE id = ?", (title, chat_id))
+
+    def drop_last_turn(self, chat_id: int) -> None:
+        """Drop the chat's last user message and everything after it (regenerating sends it again)."""
+        with self._use(write=True) as db:
+            db.execute("DELETE FROM messages WHERE chat_id = ? AND id >= "
+                       "(SELECT MAX(id) FROM messages WHERE chat_id = ? AND role = 'user')", (chat_id, chat_id))
+
+    def set_message_mode(self, message_id: int, mode: str) -> None:
+        """The mode label of an answer whose mode changed while it was generated."""
+        with self._use() as db:
+            db.execute("UPDATE messages SET mode = ? WHERE id = ?", (mode, message_id))
+
+    def recent_prompts(self, limit: int = 500) -> list[str]:
+        """The user's latest messages across all chats, oldest first (the message box's ↑ history)."""
+        with self._use() as db:
+            rows = db.execute(
+                "SELECT content FROM messages WHERE role = 'user' ORDER BY id DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [content for (content,) in reversed(rows)]
+
     # -- reading ------------------------------------------------------------------------------------
     def chats(self) -> list[ChatSummary]:
         """Saved chats, most recently updated first."""

@@ -11,6 +11,7 @@ class LoadingScreen(Screen):
     def __init__(self, what: str):
         super().__init__()
         self.what = what
+        self.stage: tuple[str, float | None] = ("starting", None)
 
     def compose(self):
         with Middle(), Center(id="loading"):
@@ -19,8 +20,20 @@ class LoadingScreen(Screen):
             yield ProgressBar(total=None, show_eta=False, id="loading-bar")
             yield Label("starting", id="loading-stage")
 
+    def on_mount(self) -> None:
+        self._show()
+
     def set_progress(self, stage: str, fraction: float | None = None) -> None:
-        self.query_one("#loading-stage", Label).update(stage)
+        """Callable before the screen is composed (the loader starts at once) or once it is closing."""
+        self.stage = (stage, fraction)
+        self._show()
+
+    def _show(self) -> None:
+        labels = self.query("#loading-stage")
+        if not labels:
+            return  # not composed yet (on_mount shows it), or already gone
+        stage, fraction = self.stage
+        labels.first(Label).update(stage)
         bar = self.query_one(ProgressBar)
         if fraction is None:
             bar.update(total=None)

@@ -21,7 +21,7 @@ from textual.style import Style
 from textual.widget import Widget
 from textual.widgets import Markdown
 
-from sortedchat.palette import exit_colour
+from sortedchat.tui.colours import themed_exit_colour
 from sortedchat.tui.storage import StoredToken
 
 # Control characters would shift span offsets when Content strips them, so they go first (tab and newline stay).
@@ -117,8 +117,22 @@ class TokenText(Vertical, can_focus=True):
 
     def _colour(self, layer: int) -> Style:
         if layer not in self._colours:
-            self._colours[layer] = Style.parse(exit_colour(layer, self.num_layers, self.first_exit))
+            self._colours[layer] = Style.parse(themed_exit_colour(self.app, layer, self.num_layers, self.first_exit))
         return self._colours[layer]
+
+    def _style(self, index: int) -> Style:
+        return self._colour(self.tokens[index].exit_layer) + Style.from_meta({"token": index})
+
+    def recolour(self) -> None:
+        """Draw every token again in the current theme's exit colours."""
+        self._colours.clear()
+        for block in self.blocks:
+            block.spans = []
+        for index, (block, start, end) in enumerate(self.places):
+            if end > start:
+                block.spans.append(Span(start, end, self._style(index)))
+        for block in self.blocks:
+            block.update()
 
     def add(self, tokens: Iterable[StoredToken]) -> None:
         changed, new = {self.blocks[-1]}, []
@@ -128,9 +142,8 @@ class TokenText(Vertical, can_focus=True):
                 new.append(self.blocks[-1])
                 changed.add(self.blocks[-1])
             block = self.blocks[-1]
-            style = self._colour(tok.exit_layer) + Style.from_meta({"token": len(self.tokens)})
-            start, end = block.add(tok.text.translate(CONTROL), style)
             self.tokens.append(tok)
+            start, end = block.add(tok.text.translate(CONTROL), self._style(len(self.tokens) - 1))
             self.places.append((block, start, end))
         for block in changed:
             block.update()
@@ -184,6 +197,13 @@ class TokenText(Vertical, can_focus=True):
             self.select(shown[-1] if last else shown[0])
 
 
+def mode_range(modes: list[str]) -> str:
+    """An answer's modes, in order: "Depth 30/30", "Depth 30/30 → Depth 15/30", or "mixed: A → … → Z"."""
+    if len(modes) <= 2:
+        return " → ".join(modes)
+    return f"mixed: {modes[0]} → … → {modes[-1]}"
+
+
 class AnswerView(Vertical):
     """An answer and what produced it: `context` is the conversation it answers (the lens needs it)."""
 
@@ -206,6 +226,10 @@ class AnswerView(Vertical):
     @property
     def text(self) -> str:
         return self.depth_view.plain
+
+    def show_modes(self, modes: list[str]) -> None:
+        """The header names every mode the answer was generated in (the user may change it mid-answer)."""
+        self.border_title = f"assistant · {mode_range(modes)}"
 
     @property
     def tokens(self) -> list[StoredToken]:

@@ -10,7 +10,7 @@ from rich.text import Text
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
-from sortedchat.palette import exit_colour
+from sortedchat.tui.colours import themed_exit_colour
 
 
 VISIBLE = {" ": "␣", "\n": "⏎", "\t": "⇥"}
@@ -27,7 +27,9 @@ class LayerLens(VerticalScroll):
         super().__init__(id="lens")
         self.num_layers, self.first_exit = num_layers, first_exit
         self.border_title = "layer lens"
-        self.header = Static("Select a token: click it, or focus an answer and use ← →.", id="lens-header")
+        self.header = Static("Select a token: click it, or focus an answer and use ← →. Esc closes.",
+                             id="lens-header")
+        self.shown: tuple | None = None  # the arguments of the predictions on show, to redraw them
 
     def compose(self):
         yield self.header
@@ -39,6 +41,7 @@ class LayerLens(VerticalScroll):
     async def show_predictions(self, piece: str, index: int, token_id: int, exit_layer: int, confidence: float,
                          rows: dict[int, list[tuple[int, str, float]]]) -> None:
         """`rows`: exit -> [(token id, text, probability)], best first."""
+        self.shown = (piece, index, token_id, exit_layer, confidence, rows)
         self.loading = False
         head = Text()
         head.append(f"token {index} ")
@@ -49,7 +52,7 @@ class LayerLens(VerticalScroll):
         widgets = []
         for e, preds in rows.items():
             line = Text()
-            line.append(f"{e:>3} ", style=f"bold {exit_colour(e, self.num_layers, self.first_exit)}")
+            line.append(f"{e:>3} ", style=f"bold {themed_exit_colour(self.app, e, self.num_layers, self.first_exit)}")
             line.append("◀ " if e == exit_layer else "  ")
             for j, (tid, text, p) in enumerate(preds):
                 style = "underline bold" if tid == token_id else ""
@@ -57,3 +60,8 @@ class LayerLens(VerticalScroll):
                 line.append(f" {p:.0%}" + ("  " if j < len(preds) - 1 else ""), style="dim")
             widgets.append(Static(line, classes="lens-row"))
         await self.mount_all(widgets)
+
+    async def recolour(self) -> None:
+        """Draw the predictions on show again in the current theme's exit colours."""
+        if self.shown is not None:
+            await self.show_predictions(*self.shown)

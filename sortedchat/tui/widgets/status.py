@@ -4,42 +4,103 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from rich.cells import cell_len
 from rich.text import Text
 from textual.widget import Widget
 from textual.widgets import Static
 
-from sortedchat.engine import GenerationStats
-from sortedchat.palette import exit_colour
+from sortedchat.tui.colours import themed_exit_colour
+
+if TYPE_CHECKING:
+    from sortedchat.engine import GenerationStats
+
+
+@dataclass
+class Part:
+    """One figure of the status line: its full text, a shorter form, and how long it stays when space is short
+    (`keep` 0 never goes; the highest goes first)."""
+
+    text: str
+    short: str
+    keep: int
+
+
+def status_parts(model: str, mode: str, stats: GenerationStats | None, show_speed: bool = True,
+                 generating: bool = False, device=None) -> list[Part]:
+    """Mode (and its options, such as the KV policy) · tokens/s · tokens · mean exit · drafts accepted and
+    tokens the pacer decoded at full depth (speculative only) · compute saved · model · device (unless CPU)."""
+    kind, *options = mode.split(" · ")
+    parts = [Part(kind, kind, 0), *(Part(o, o, 1) for o in options)]
+    if stats is None or not stats.tokens:
+        state = "generating…" if generating else "ready"
+        parts.append(Part(state, state, 1))
+    else:
+        if show_speed:
+            speed = f"{stats.tokens_per_second:.1f} tok/s"
+            parts.append(Part(speed, speed, 2))
+        parts.append(Part(f"{stats.tokens} tokens", f"{stats.tokens} tok", 4))
+        parts.append(Part(f"mean exit {stats.mean_exit:.1f}/{stats.num_layers}", f"exit {stats.mean_exit:.1f}", 3))
+        if stats.acceptance_rate is not None:
+            parts.append(Part(f"drafts accepted {stats.acceptance_rate:.0%}", f"acc {stats.acceptance_rate:.0%}", 3))
+        if stats.paced:
+            parts.append(Part(f"{stats.paced} undrafted", f"{stats.paced} undr", 5))
+        saved = f"{stats.compute_saved:.0%}"
+        parts.append(Part(f"compute saved {saved}", f"saved {saved}", 2))
+        if not generating and stats.stopped == "interrupted":
+            parts.append(Part("stopped", "stopped", 1))
+    short_model = model.removesuffix(" (default)")
+    parts.append(Part(model, short_model, 6))
+    if device is not None and str(device) != "cpu":
+        parts.append(Part(str(device), str(device), 5))
+    return parts
+
+
+def fit_parts(parts: list[Part], width: int | None = None) -> str:
+    """The parts joined by " · " within `width` cells: the least needed are shortened first, then left out."""
+    shown = [p.text for p in parts]
+
+    def line() -> str:
+        return " · ".join(t for t in shown if t)
+
+    if width is None:
+        return line()
+    order = sorted(range(len(parts)), key=lambda i: -parts[i].keep)
+    for i in order:
+        if cell_len(line()) <= width:
+            return line()
+        shown[i] = parts[i].short
+    for i in order:
+        if cell_len(line()) <= width or parts[i].keep == 0:
+            break
+        shown[i] = ""
+    return line()
 
 
 def status_text(model: str, mode: str, stats: GenerationStats | None, show_speed: bool = True,
-                generating: bool = False) -> str:
-    """Model · mode · tokens/s · tokens · mean exit · acceptance and tokens the pacer decoded at full depth
-    (speculative only) · compute saved."""
-    parts = [model, mode]
-    if stats is None or not stats.tokens:
-        parts.append("generating…" if generating else "ready")
-        return " · ".join(parts)
-    if show_speed:
-        parts.append(f"{stats.tokens_per_second:.1f} tok/s")
-    parts += [f"{stats.tokens} tokens", f"mean exit {stats.mean_exit:.1f}/{stats.num_layers}"]
-    if stats.acceptance_rate is not None:
-        parts.append(f"accepted {stats.acceptance_rate:.0%}")
-    if stats.paced:
-        parts.append(f"{stats.paced} undrafted")
-    parts.append(f"saved {stats.compute_saved:.0%}")
-    if not generating and stats.stopped == "interrupted":
-        parts.append("stopped")
-    return " · ".join(parts)
+                generating: bool = False, device=None, width: int | None = None) -> str:
+    return fit_parts(status_parts(model, mode, stats, show_speed, generating, device), width)
 
 
 class StatusBar(Static):
-    pass
+    """The status line, fitted to its width whenever it is drawn (a resize shortens or restores it)."""
+
+    def __init__(self, **kwargs):
+        super().__init__("", markup=False, **kwargs)
+        self.parts: list[Part] = []
+
+    def show(self, parts: list[Part]) -> None:
+        self.parts = parts
+        self.refresh()
+
+    def render(self) -> str:
+        return fit_parts(self.parts, max(1, self.content_region.width))
 
 
 class ExitSparkline(Widget):
-    """Exit layer of the most recent tokens, newest on the right, one column each.
+    """Exit layer of the most recent tokens, newest on the right, one column each, after a "recent" label.
 
     Textual's `Sparkline` scales between the smallest and largest value shown, so a run of tokens
     all at full depth would draw as the lowest bar; here the scale is fixed (0 .. number of layers)
@@ -47,6 +108,7 @@ class ExitSparkline(Widget):
     """
 
     BARS = "▁▂▃▄▅▆▇█"
+    LABEL = "recent exits "
 
     def __init__(self, num_layers: int, first_exit: int, **kwargs):
         super().__init__(**kwargs)
@@ -64,19 +126,40 @@ class ExitSparkline(Widget):
 
     def render(self) -> Text:
         width = max(1, self.size.width)
-        shown = list(self.exit_layers)[-width:]
-        line = Text(" " * (width - len(shown)), no_wrap=True, end="")
+        line = Text(no_wrap=True, end="")
+        if not self.exit_layers:
+            return line
+        label = self.LABEL if width > 2 * len(self.LABEL) else ""
+        shown = list(self.exit_layers)[-(width - len(label)):]
+        line.append(" " * (width - len(label) - len(shown)))
+        line.append(label, style="dim")
         for layer in shown:
             bar = self.BARS[min(len(self.BARS) - 1, round(layer / self.num_layers * (len(self.BARS) - 1)))]
-            line.append(bar, style=exit_colour(layer, self.num_layers, self.first_exit))
+            line.append(bar, style=themed_exit_colour(self.app, layer, self.num_layers, self.first_exit))
         return line
 
 
-class ExitLegend(Static):
+class ExitLegend(Widget):
+    """Which colour is which exit, the deepest marked as full depth; the widest form that fits is shown."""
+
     def __init__(self, exits: list[int], num_layers: int, **kwargs):
-        legend = Text("exits ", style="dim")
-        for e in exits:
-            legend.append("██", style=exit_colour(e, num_layers, exits[0]))
-            legend.append(f" {e}  ")
-        legend.append("shallow → full depth", style="dim")
-        super().__init__(legend, **kwargs)
+        super().__init__(**kwargs)
+        self.exits, self.num_layers = exits, num_layers
+
+    def forms(self) -> list[Text]:
+        colours = [themed_exit_colour(self.app, e, self.num_layers, self.exits[0]) for e in self.exits]
+        wide = Text("exits ", style="dim")
+        for e, colour in zip(self.exits, colours):
+            wide.append("██", style=colour)
+            wide.append(f" {e}  ")
+        wide.append("shallow → full depth", style="dim")
+        compact = Text("exit ", style="dim")
+        for e, colour in zip(self.exits, colours):
+            compact.append(f"{e} ", style=f"bold {colour}")
+        compact.append("(full)" if self.exits[-1] == self.num_layers else "", style="dim")
+        return [wide, compact]
+
+    def render(self) -> Text:
+        forms = self.forms()
+        width = self.size.width
+        return next((f for f in forms if f.cell_len <= width), forms[-1])
