@@ -18,10 +18,9 @@ from sortedchat import SortedChatError
 from sortedchat.paths import data_dir
 
 
-def _probe(path: Path, flag: str) -> None:
-    """Create and remove a file in the nearest existing folder of `path` (root bypasses permission bits,
-    so only trying tells); nothing is left behind."""
-    folder = path
+def _probe(path: Path, folder: Path, flag: str) -> None:
+    """Create and remove a file in `folder` or its nearest existing parent (root bypasses permission bits,
+    so only trying tells); nothing is left behind. Errors name `path`, the user's output."""
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
@@ -39,7 +38,7 @@ def check_output_file(path: Path | str, flag: str) -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
         raise SortedChatError(f"{flag} {path}: is a directory; give a file name")
-    _probe(path.parent, flag)
+    _probe(path, path.parent, flag)
     return path
 
 
@@ -48,7 +47,7 @@ def check_output_dir(path: Path | str, flag: str) -> Path:
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise SortedChatError(f"{flag} {path}: is a file, not a directory")
-    _probe(path, flag)
+    _probe(path, path, flag)
     return path
 
 

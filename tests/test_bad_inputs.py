@@ -43,15 +43,17 @@ def case(name):
 
 def cli(*args, stdin: bytes | None = None, env: dict | None = None):
     """`sortedchat ARGS` in a subprocess: bytes out, so invalid UTF-8 stays visible."""
-    return subprocess.run([sys.executable, "-m", "sortedchat", *map(os.fsencode, map(str, args))], input=stdin,
+    argv = [a if isinstance(a, bytes) else os.fsencode(str(a)) for a in args]
+    return subprocess.run([sys.executable, "-m", "sortedchat", *argv], input=stdin,
                           capture_output=True, env={**os.environ, **(env or {})})
 
 
-def one_error_line(res) -> str:
-    """The single line a failed command printed on stderr."""
+def one_error_line(res, progress: bool = False) -> str:
+    """The single error line a failed command printed on stderr (with `progress`, after its progress notes)."""
     assert res.returncode == 1, (res.returncode, res.stderr)
-    [line] = res.stderr.decode().strip().splitlines()
-    return line
+    lines = res.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 or progress and not any(line.startswith("error:") for line in lines[:-1]), lines
+    return lines[-1]
 
 
 def make_app(tiny, store, export_dir) -> SortedChatApp:
@@ -202,6 +204,307 @@ def _(tmp_path):
     second = store.new_chat("second", "tiny")
     assert second == first  # SQLite hands the id out again
     assert store.export_name(second) != name
+
+
+# -- 3. prompts that are not UTF-8 ---------------------------------------------------------------------
+@case("03a-ask-invalid-utf8")
+def _(tiny_dir):
+    res = cli("ask", b"hello \xff\xfe world", "--model", tiny_dir, "--device", "cpu")
+    assert one_error_line(res) == "error: the prompt: not valid UTF-8 (byte 0xff at character 7)"
+
+
+@case("03b-ask-json-encoded-surrogate")
+def _(tiny_dir):
+    res = cli("ask", b"\xed\xa0\x80 hi", "--json", "--model", tiny_dir, "--device", "cpu")
+    assert one_error_line(res) == "error: the prompt: not valid UTF-8 (byte 0xed at character 1)"
+    assert res.stdout == b""
+
+
+@case("03c-plain-chat-invalid-utf8-line")
+def _(tiny_dir):
+    res = cli("chat", "--plain", "--model", tiny_dir, "--device", "cpu", "-n", "3",
+              stdin=b"hello \xff world\nHi\n")
+    out = res.stdout.decode()
+    assert res.returncode == 0, res.stderr
+    assert "that line: not valid UTF-8 (byte 0xff at character 7); nothing was sent" in out
+    assert out.count("tok/s") == 1  # the session went on and answered "Hi"
+    [saved] = ChatStore().chats()
+    assert [m.content for m in ChatStore().load(saved.id).messages][:1] == ["Hi"]
+
+
+# -- 5. outputs that cannot be written -----------------------------------------------------------------
+READ_ONLY = Path("/proc/sortedchat-results.json")  # refuses new files, even to root
+
+
+@case("05a-train-out-is-a-file")
+def _(tiny_dir, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"instruction": "Hi", "output": "Hello"}) + "\n")
+    out = tmp_path / "out"
+    out.write_text("my notes")
+    res = cli("train", "--model", tiny_dir, "--data", data, "--out", out, "--device", "cpu", "--max-steps", "1")
+    assert one_error_line(res) == f"error: --out {out}: is a file, not a directory"
+    assert out.read_text() == "my notes"
+
+
+@case("05b-train-out-read-only")
+def _(tiny_dir, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"instruction": "Hi", "output": "Hello"}) + "\n")
+    res = cli("train", "--model", tiny_dir, "--data", data, "--out", "/proc/sortedchat-run", "--device", "cpu")
+    assert one_error_line(res).startswith("error: --out /proc/sortedchat-run: cannot write there (")
+
+
+def _eval_args(tiny_dir, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Say {w}", "output": w}) + "\n" for w in ("hi", "yes")))
+    return ["eval", "--model", tiny_dir, "--data", data, "--device", "cpu", "--max-length", "32"]
+
+
+@case("05c-eval-json-is-a-directory")
+def _(tiny_dir, tmp_path):
+    res = cli(*_eval_args(tiny_dir, tmp_path), "--json", tmp_path)
+    assert one_error_line(res) == f"error: --json {tmp_path}: is a directory; give a file name"
+    assert res.stdout == b""  # refused before the evaluation ran
+
+
+@case("05d-eval-json-read-only")
+def _(tiny_dir, tmp_path):
+    res = cli(*_eval_args(tiny_dir, tmp_path), "--json", READ_ONLY)
+    assert one_error_line(res).startswith(f"error: --json {READ_ONLY}: cannot write there (")
+    assert res.stdout == b""
+
+
+@case("05e-bench-json-is-a-directory")
+def _(tiny_dir, tmp_path):
+    target = tmp_path / "results.json"
+    target.mkdir()
+    res = cli("bench", "--model", tiny_dir, "--device", "cpu", "--json", target, "-n", "2", "-r", "1")
+    assert one_error_line(res) == f"error: --json {target}: is a directory; give a file name"
+    assert res.stdout == b""
+
+
+@case("05f-results-rescued-when-writing-fails-anyway")
+def _():
+    from sortedchat.config import atomic_write_text
+    from sortedchat.outputs import write_or_rescue
+
+    with pytest.raises(SortedChatError) as err:  # e.g. the disk filled up during a long run
+        write_or_rescue(READ_ONLY, "--json", lambda path: atomic_write_text(path, '{"ok": 1}\n'))
+    rescued = Path(str(err.value).rsplit("the results are in ", 1)[1])
+    assert str(err.value).startswith(f"--json {READ_ONLY}: cannot write (")
+    assert rescued.read_text() == '{"ok": 1}\n'
+
+
+# -- 6. checkpoints -----------------------------------------------------------------------------------------
+def _train(tiny_dir, tmp_path, *extra):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Say {w}", "output": w}) + "\n" for w in ("hi", "yes") * 4))
+    out = tmp_path / "run"
+    return out, cli("train", "--model", tiny_dir, "--data", data, "--out", out, "--device", "cpu", "--exits", "2,4,6",
+                    "--batch-size", "2", "--max-length", "32", "--save-interval", "1", *extra)
+
+
+@case("06a-resume-from-a-checkpoint-without-weights")
+def _(tiny_dir, tmp_path):
+    out, res = _train(tiny_dir, tmp_path, "--max-steps", "2", "--keep-checkpoints", "2")
+    assert res.returncode == 0, res.stderr
+    newest = out / "checkpoints" / "step-00000002"
+    [weights] = newest.glob("model*.safetensors")
+    weights.unlink()
+    _, res = _train(tiny_dir, tmp_path, "--max-steps", "3", "--keep-checkpoints", "2", "--resume")
+    assert one_error_line(res, progress=True) == (f"error: --resume: {newest} is incomplete ({weights.name} is missing); "
+                                   "delete that folder to resume from step-00000001")
+
+
+@case("06b-pruning-killed-half-way-leaves-no-checkpoint-lookalike")
+def _(tiny_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from sortedchat.training import checkpoints
+
+    rmtree = shutil.rmtree
+
+    def killed(path, ignore_errors=False):  # pruning deletes one file, then the process dies
+        if "step-00000001" not in str(path):
+            return rmtree(path, ignore_errors=ignore_errors)
+        next(p for p in Path(path).rglob("*.safetensors")).unlink()
+        raise KeyboardInterrupt
+
+    out, res = _train(tiny_dir, tmp_path, "--max-steps", "1")
+    assert res.returncode == 0, res.stderr
+
+    class Acc:
+        is_main_process = True
+
+        def wait_for_everyone(self):
+            pass
+
+        def save_state(self, path):
+            shutil.copytree(out / "checkpoints" / "step-00000001", path, dirs_exist_ok=True)
+
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.save_checkpoint(Acc(), out, 2, {"step": 2}, keep=1)
+    assert [p.name for _, p in checkpoints.checkpoint_dirs(out)] == ["step-00000002"]
+
+
+# -- 7. Ctrl+Q while the model loads ------------------------------------------------------------------------
+QUIT_WHILE_LOADING = """
+import asyncio, threading
+from pathlib import Path
+from sortedchat.tui.app import SortedChatApp
+from sortedchat.tui.screens.loading import LoadingScreen
+from sortedchat.tui.storage import ChatStore
+
+def loader(progress):  # a first-run conversion that takes long
+    progress("converting the default model", 0.1)
+    threading.Event().wait(600)
+
+app = SortedChatApp(loader=loader, store=ChatStore(Path({db!r})))
+
+async def run():
+    async with app.run_test(size=(80, 24)) as pilot:
+        while not isinstance(app.screen, LoadingScreen):
+            await pilot.pause(0.05)
+        await pilot.press("ctrl+q")
+        await pilot.pause(0.2)
+        print("running" if app.is_running else "quit")
+
+asyncio.run(run())
+"""
+
+
+@case("07-ctrl-q-while-loading")
+def _(tmp_path):
+    code = QUIT_WHILE_LOADING.format(db=str(tmp_path / "chats.sqlite3"))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["quit"], done.stderr
+
+
+# -- 8. key remaps ---------------------------------------------------------------------------------------------
+def _config(tmp_path, text):
+    from sortedchat.tui.settings import load_settings
+
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    with pytest.raises(SortedChatError) as err:
+        load_settings(path)
+    return path, str(err.value)
+
+
+@case("08a-remap-to-a-printable-key")
+def _(tmp_path):
+    path, message = _config(tmp_path, '[chat]\ntemperature = 0.5\n\n[keys]\nquit = "a"\n')
+    assert message == (f'{path}: line 5: [keys] quit = "a" types a character, so the message box could not have it; '
+                       "use a function key or a ctrl+ or alt+ combination")
+
+
+@case("08b-remap-onto-another-actions-key")
+def _(tmp_path):
+    path, message = _config(tmp_path, '[keys]\nquit = "f2"\n')
+    assert message == f'{path}: line 2: [keys] quit = "f2" is already the key of shallower; give one of them another key'
+
+
+# -- 9. thresholds in sortedchat.json ---------------------------------------------------------------------------
+@case("09-thresholds-out-of-range")
+def _(tiny_dir, tmp_path):
+    import shutil
+
+    for value in (1.5, -0.2):
+        model = tmp_path / f"model{value}"
+        shutil.copytree(tiny_dir, model)
+        SortedConfig(exits=[2, 4, 6], thresholds={2: value, 4: 0.9}).write(model)
+        res = cli("ask", "Hi", "--model", model, "--device", "cpu", "--auto")
+        assert one_error_line(res) == f"error: {model / 'sortedchat.json'}: 'thresholds' 2: {value} is outside 0..1"
+
+
+# -- 10. chat --plain keeps its history -----------------------------------------------------------------------------
+@case("10-plain-chat-is-saved")
+def _(tiny):
+    from rich.console import Console
+
+    from sortedchat.cli.ask import plain_chat
+    from sortedchat.engine import Mode, SamplingConfig
+
+    lines = iter(["Hello!", "What is the capital of France?", "/reset", "Again", "/quit"])
+    console = Console(record=True, width=100)
+    plain_chat(tiny, Mode.fixed(4), SamplingConfig(max_new_tokens=4), console=console, read=lambda _: next(lines))
+    store = ChatStore()  # the user's history, where the app looks
+    chats = sorted(store.chats(), key=lambda c: c.id)
+    assert [c.title for c in chats] == ["Hello!", "Again"]
+    first = store.load(chats[0].id).messages
+    assert [m.role for m in first] == ["user", "assistant", "user", "assistant"]
+    assert all(m.mode == "Depth 4/6" and m.stats["tokens"] == len(m.tokens) for m in first[1::2])
+    assert "saved to the chat history" in console.export_text()
+
+
+# -- 11. the layer-call contract ---------------------------------------------------------------------------------------
+@case("11a-engine-calls-layers-without-deprecated-names")
+def _(tiny):
+    from transformers import GenerationConfig
+
+    from sortedchat.engine import ChatSession, SamplingConfig
+    from sortedchat.engine.session import encode_chat
+
+    messages = [{"role": "user", "content": "Hello there"}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a deprecated keyword is an error here
+        events = list(ChatSession(tiny).generate(messages, SamplingConfig(max_new_tokens=8)))
+    import torch
+
+    ids = torch.tensor([encode_chat(tiny, messages)])
+    want = tiny.model.generate(ids, generation_config=GenerationConfig(max_new_tokens=8, do_sample=False,
+                                                                       eos_token_id=tiny.tokenizer.eos_token_id))
+    assert [e.token_id for e in events] == want[0, ids.shape[1]:].tolist()[: len(events)]
+
+
+@case("11b-ask-prints-no-library-warning")
+def _(tiny_dir):
+    res = cli("ask", "Hello there", "--model", tiny_dir, "--device", "cpu", "-n", "4", env={"PYTHONWARNINGS": ""})
+    assert res.returncode == 0 and res.stderr == b"", res.stderr.decode()
+
+
+# -- 12. JSONL with U+0085 / U+2028 inside strings ------------------------------------------------------------------------
+@case("12-jsonl-line-separators-inside-strings")
+def _(tmp_path):
+    from sortedchat.training.data import load_records
+
+    data = tmp_path / "data.jsonl"
+    records = [{"instruction": "Say\u0085hi", "output": "hi\u2028there"}, {"instruction": "Two\u2029", "output": "x\x0cy"}]
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    got = load_records(str(data)).examples
+    assert [(e.messages[0]["content"], e.messages[1]["content"]) for e in got] == [
+        ("Say\u0085hi", "hi\u2028there"), ("Two\u2029", "x\x0cy")]
+    assert [e.where for e in got] == [f"{data}: line 1", f"{data}: line 2"]
+
+
+# -- first use --------------------------------------------------------------------------------------------------
+@case("first-use-help-imports-no-torch")
+def _():
+    code = "import sys, sortedchat.cli; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "[]", done.stderr
+
+
+@case("first-use-depth-checked-before-loading")
+def _(tiny_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")  # loading would fail: the check comes first
+    res = cli("ask", "Hi", "--model", broken, "--device", "cpu", "--depth", "31")
+    assert one_error_line(res) == "error: --depth 31: the model has 6 layers"
+    res = cli("ask", "Hi", "--model", broken, "--device", "cpu", "--exits", "2,9")
+    assert one_error_line(res).startswith("error: --exits: exit 9 is outside 1..6")
+
+
+@case("first-use-default-model-depth-checked-before-loading")
+def _():
+    res = subprocess.run([sys.executable, "-m", "sortedchat", "ask", "Hi", "--depth", "31"], capture_output=True,
+                         timeout=60)  # the default model would be converted first (minutes) without the check
+    assert one_error_line(res) == "error: --depth 31: the model has 30 layers"
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -40,8 +40,12 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
+    import warnings
+
     from sortedchat import SortedChatError
 
+    if not sys.warnoptions:  # library warnings are for developers (PYTHONWARNINGS=default shows them)
+        warnings.simplefilter("ignore")
     try:
         app()
     except SortedChatError as exc:

@@ -6,6 +6,7 @@ options of `sortedchat chat`. Values from the config file apply unless the comma
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Optional
 
 import typer
@@ -63,6 +64,9 @@ def chat(
     if system is not None:
         settings.system_prompt = system
     spec = model if model is not None else (settings.model or None)
+    o.unicode_text(settings.system_prompt, "--system")
+    o.check_before_loading(spec, exits, depth=depth, auto=auto, threshold=threshold, speculative=speculative,
+                           draft_stop=draft_stop, always_draft=always_draft, kv=kv)
 
     def options():  # imports torch: the app calls it behind its loading screen, which shows at once
         return o.load_options(settings.device, settings.dtype, load_in_4bit, load_in_8bit, trust_remote_code,
@@ -75,6 +79,8 @@ def chat(
         from sortedchat.cli.ask import plain_chat
 
         sampling = settings.sampling()
+        if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 gets a note, not the end of the chat
+            sys.stdin.reconfigure(errors="surrogateescape")
         sm = o.load_model(spec, options())
         plain_chat(sm, initial_mode(sm), sampling, settings.system_prompt)
         return

@@ -26,6 +26,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from sortedchat import SortedChatError
+from sortedchat.engine.layer_call import cache_keyword
 from sortedchat.sorted_model import SortedModel
 
 
@@ -157,7 +158,7 @@ class LayeredState:
                 position_ids=spans[1],
                 use_cache=True,
                 position_embeddings=spans[2],
-                past_key_values=self.cache,
+                **{cache_keyword(type(layers[i])): self.cache},  # the name depends on the transformers version
             )
             self.kv_len[i] = start + q
             self.waiting[i] = None

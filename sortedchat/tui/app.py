@@ -142,9 +142,10 @@ class SortedChatApp(App):
         else:
             loading = LoadingScreen(self.loading_label)
             self.push_screen(loading)
-            self._load(loading)
+            # A daemon thread, not a worker: Python waits for executor threads at exit, so Ctrl+Q during a
+            # minute-long first conversion would wait for it. Conversions publish atomically; a killed one is redone.
+            threading.Thread(target=self._load, args=(loading,), name="sortedchat-load", daemon=True).start()
 
-    @work(thread=True, exclusive=True, group="load")
     def _load(self, screen: LoadingScreen) -> None:
         def report(callback, *args) -> None:
             if self.is_running:  # the user may have quit while the model loads
