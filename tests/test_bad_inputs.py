@@ -507,6 +507,21 @@ def _():
     assert one_error_line(res) == "error: --depth 31: the model has 30 layers"
 
 
+@case("first-use-gguf-depth-checked-before-loading")
+def _(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "model.gguf"  # a header a converter would take a while to find broken tensors behind
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_token_list(["a", "bb", "ccc"])  # an array before the layer count, as real files have
+    writer.add_block_count(7)
+    writer.add_tensor("x", np.zeros(4, dtype=np.float32))
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    res = cli("ask", "Hi", "--model", path, "--depth", "8")
+    assert one_error_line(res) == "error: --depth 8: the model has 7 layers"
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input(name, request):
     fn = CASES[name]

@@ -42,14 +42,14 @@ def ask(
     exits: o.ExitsOpt = None,
 ) -> None:
     """Answer one prompt, streaming tokens coloured by the layer they exited at."""
-    from sortedchat.engine import ChatSession
-
     o.unicode_text(prompt, "the prompt")
     o.unicode_text(system, "--system")
-    sampling = o.make_sampling(temperature, top_p, top_k, seed, max_new_tokens)
-    opts = o.load_options(device, dtype, load_in_4bit, load_in_8bit, trust_remote_code, allow_pickle, exits)
     o.check_before_loading(model, exits, depth=depth, auto=auto, threshold=threshold, speculative=speculative,
                            draft_stop=draft_stop, always_draft=always_draft, kv=kv)
+    from sortedchat.engine import ChatSession  # torch: after the checks that need none
+
+    sampling = o.make_sampling(temperature, top_p, top_k, seed, max_new_tokens)
+    opts = o.load_options(device, dtype, load_in_4bit, load_in_8bit, trust_remote_code, allow_pickle, exits)
     sm = o.load_model(model, opts)
     mode = o.make_mode(sm, depth, auto, threshold, speculative, draft_len, draft_stop, always_draft, kv)
     session = ChatSession(sm, mode)

@@ -86,7 +86,7 @@ def unicode_text(text: str, where: str) -> str:
 
 def known_layers(spec: str | None) -> int | None:
     """The model's layer count, read from small files without loading it (a local directory's config.json,
-    an adapter's base, the shipped default's sortedchat.json); None where only loading would tell."""
+    an adapter's base, a GGUF header, the shipped default's sortedchat.json); None where only loading would tell."""
     import json
     from pathlib import Path
 
@@ -113,7 +113,14 @@ def known_layers(spec: str | None) -> int | None:
         return None
 
     try:
-        return shipped_default() if spec is None else in_directory(Path(spec).expanduser())
+        if spec is None:
+            return shipped_default()
+        path = Path(spec).expanduser()
+        if path.suffix == ".gguf" and path.is_file():
+            from sortedchat.gguf_meta import gguf_block_count
+
+            return gguf_block_count(path)
+        return in_directory(path)
     except (OSError, ValueError, AttributeError, TypeError, IndexError):
         return None  # a damaged file: loading names the problem
 
