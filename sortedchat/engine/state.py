@@ -47,7 +47,7 @@ def kv_projection(layer, hidden: torch.Tensor, position_embeddings: tuple[torch.
         keys = k_norm(keys)
     keys, values = keys.transpose(1, 2), attn.v_proj(x).view(shape).transpose(1, 2)
     cos, sin = position_embeddings
-    return rotary(keys, keys, cos, sin)[1], values
+    return rotary(keys[:, :0], keys, cos, sin)[1], values  # a query with no heads: only K is rotated
 
 
 class GrowingLayer(DynamicLayer):
