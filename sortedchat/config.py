@@ -17,6 +17,7 @@ from sortedchat import SortedChatError
 
 CONFIG_NAME = "sortedchat.json"
 EXIT_HEADS_NAME = "exit_heads.safetensors"
+EXIT_LENSES_NAME = "exit_lenses.safetensors"  # per-exit affine lenses (`sortedchat train --method lens / --lenses`)
 CLASSIFIER_NAME = "exit_classifier.safetensors"  # the `classifier` confidence measure's weights
 FORMAT_VERSION = 1
 
@@ -67,6 +68,7 @@ class SortedConfig:
     confidence: str = "maxprob"
     base_model: str | None = None
     exit_heads: str | None = None
+    exit_lenses: str | None = None
     training: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
     format: int = FORMAT_VERSION

@@ -52,7 +52,7 @@ def merge_adapter(base: Path, adapter: Path, target: Path, progress: Progress) -
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sortedchat.config import CLASSIFIER_NAME, CONFIG_NAME, EXIT_HEADS_NAME
+    from sortedchat.config import CLASSIFIER_NAME, CONFIG_NAME, EXIT_HEADS_NAME, EXIT_LENSES_NAME
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
@@ -63,7 +63,7 @@ def merge_adapter(base: Path, adapter: Path, target: Path, progress: Progress) -
         progress("writing merged weights into the cache", 0.7)
         model.save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
-        for name in (CONFIG_NAME, EXIT_HEADS_NAME, CLASSIFIER_NAME):
+        for name in (CONFIG_NAME, EXIT_HEADS_NAME, EXIT_LENSES_NAME, CLASSIFIER_NAME):
             if (adapter / name).is_file():
                 shutil.copy2(adapter / name, tmp / name)
         progress("adapter merged", 1.0)

@@ -17,7 +17,7 @@ import torch
 from sortedchat import SortedChatError
 from sortedchat.config import CONFIG_NAME, EXIT_HEADS_NAME, SortedConfig, validate_exits
 from sortedchat.paths import cache_dir
-from sortedchat.sorted_model import ExitHeads, SortedModel
+from sortedchat.sorted_model import ExitHeads, ExitLenses, SortedModel
 
 Progress = Callable[[str, float | None], None]
 DEFAULT_BASE = "default"  # the value of `base_model` that names the built-in SmolLM2 base
@@ -177,6 +177,33 @@ def _load_exit_heads(directory: Path, cfg: SortedConfig, model, device, dtype) -
     return heads.to(device=device, dtype=dtype).eval()
 
 
+def _load_exit_lenses(directory: Path, cfg: SortedConfig, model, device, dtype) -> ExitLenses | None:
+    if not cfg.exit_lenses:
+        return None
+    from safetensors.torch import load_file
+
+    path = directory / cfg.exit_lenses
+    try:
+        state = load_file(str(path))
+    except Exception as exc:
+        raise SortedChatError(f"{path}: cannot load exit lenses ({_first_line(exc)})") from None
+    exits = sorted({int(k.split(".")[1]) for k in state})
+    lenses = ExitLenses(exits, model.config.hidden_size)
+    try:
+        lenses.load_state_dict(state)
+    except RuntimeError as exc:
+        raise SortedChatError(f"{path}: exit lenses do not fit this model ({_first_line(exc)})") from None
+    return lenses.to(device=device, dtype=dtype).eval()
+
+
+def _load_base_only(directory: Path, cfg: SortedConfig, opts: LoadOptions, device, dtype, progress: Progress):
+    """A checkpoint that trained only per-exit parts (lenses) on a frozen model: its base, as it is."""
+    base_dir = _resolve_base(cfg.base_model, progress)
+    if Path(base_dir).is_dir():
+        _check_weights(Path(base_dir), opts.allow_pickle)
+    return _from_pretrained(base_dir, opts, device, dtype), _tokenizer(base_dir, opts)
+
+
 def _resolve_base(base: str, progress: Progress) -> str:
     if base == DEFAULT_BASE:
         from sortedchat.default_model import base_model_dir
@@ -231,6 +258,8 @@ def load_sorted_model(spec: str | None = None, opts: LoadOptions | None = None, 
             _check_weights(directory, opts.allow_pickle)
             model = _from_pretrained(str(directory), opts, device, dtype)
             tokenizer = _tokenizer(directory, opts)
+        elif cfg.base_model and cfg.exit_lenses:
+            model, tokenizer = _load_base_only(directory, cfg, opts, device, dtype, progress)
         else:
             raise SortedChatError(f"{directory}: not a model directory (no config.json or adapter_config.json)")
         weights = str(directory)
@@ -238,8 +267,10 @@ def load_sorted_model(spec: str | None = None, opts: LoadOptions | None = None, 
     if opts.exits is not None:
         cfg.exits = validate_exits(opts.exits, model.config.num_hidden_layers, "--exits")
     heads = _load_exit_heads(Path(weights), cfg, model, device, dtype) if directory is not None else None
+    lenses = _load_exit_lenses(Path(weights), cfg, model, device, dtype) if directory is not None else None
     progress("model ready", 1.0)
-    return SortedModel(model=model, tokenizer=tokenizer, config=cfg, source=label, weights_path=weights, exit_heads=heads)
+    return SortedModel(model=model, tokenizer=tokenizer, config=cfg, source=label, weights_path=weights, exit_heads=heads,
+                       exit_lenses=lenses)
 
 
 def _load_adapter(directory: Path, cfg: SortedConfig, opts: LoadOptions, device, dtype, progress: Progress):

@@ -2,8 +2,9 @@
 
 `SortedModel` wraps a Hugging Face `*ForCausalLM` without changing it. It gives the decoding engine and
 the trainer the pieces they call themselves (embedding, rotary embedding, decoder layers, exit heads),
-knows the exits and thresholds of `sortedchat.json`, and applies per-exit heads (the SFT+ICT baseline)
-where a checkpoint has them.
+knows the exits and thresholds of `sortedchat.json`, and applies per-exit lenses (a small affine map of an
+exit's hidden state before the shared norm and head) or per-exit heads (the SFT+ICT baseline) where a
+checkpoint has them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from sortedchat import SortedChatError
 from sortedchat.config import SortedConfig, default_exits, validate_exits
@@ -57,6 +59,46 @@ class ExitHeads(nn.Module):
         return str(exit_layer) in self.heads
 
 
+class ExitLenses(nn.Module):
+    """One affine translator per intermediate exit (a "tuned lens"), applied before the shared norm and head.
+
+    Each starts as the identity, so a model with untrained lenses decodes exactly as without them. The full
+    depth never has one: a lens changes only what an early exit predicts, never the full model's output.
+    """
+
+    def __init__(self, exits: list[int], hidden_size: int):
+        super().__init__()
+        self.lenses = nn.ModuleDict({str(e): nn.Linear(hidden_size, hidden_size) for e in exits})
+        with torch.no_grad():
+            for lens in self.lenses.values():
+                lens.weight.copy_(torch.eye(hidden_size))
+                lens.bias.zero_()
+
+    @property
+    def exits(self) -> list[int]:
+        return sorted(int(k) for k in self.lenses)
+
+    def has(self, exit_layer: int) -> bool:
+        return str(exit_layer) in self.lenses
+
+    def forward(self, hidden: torch.Tensor, exit_layer: int) -> torch.Tensor:
+        lens = self.lenses[str(exit_layer)]
+        return F.linear(hidden, lens.weight.to(hidden.dtype), lens.bias.to(hidden.dtype))
+
+
+class LensedNorm(nn.Module):
+    """An exit's lens followed by the shared final norm: what stands between a layer's output and the head."""
+
+    def __init__(self, lenses: ExitLenses, exit_layer: int, norm: nn.Module):
+        super().__init__()
+        self.exit_layer = exit_layer
+        self.lenses = [lenses]  # not a submodule: the lenses belong to the SortedModel
+        self.norm = norm
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.lenses[0](hidden, self.exit_layer))
+
+
 @dataclass
 class SortedModel:
     """A HF causal LM, its tokenizer, and what `sortedchat.json` says about its exits."""
@@ -67,6 +109,7 @@ class SortedModel:
     source: str = ""
     weights_path: str = ""
     exit_heads: ExitHeads | None = None
+    exit_lenses: ExitLenses | None = None
 
     def __post_init__(self) -> None:
         check_architecture(self.model)
@@ -107,12 +150,21 @@ class SortedModel:
         (`HeadProduct.screened`); the argmax is still the float32 one."""
         if self.exit_heads is not None and exit_layer != self.num_layers and self.exit_heads.has(exit_layer):
             return self.exit_heads(hidden, exit_layer)
-        normed = self.model.model.norm(hidden)
+        normed = self.exit_norm(exit_layer)(hidden)
         if greedy:
             screened = self.head_product.screened(normed)
             if screened is not None:
                 return screened
         return self.head_product(normed)
+
+    def exit_norm(self, exit_layer: int) -> nn.Module:
+        """What turns `exit_layer`'s raw output into the input of the shared head: its lens (if it has one)
+        and the final norm. The one place that decides it, for the engine, auto mode's measures, calibrate
+        and eval alike."""
+        lenses = self.exit_lenses
+        if lenses is not None and exit_layer != self.num_layers and lenses.has(exit_layer):
+            return LensedNorm(lenses, exit_layer, self.model.model.norm)
+        return self.model.model.norm
 
     def normed_head(self, normed_hidden: torch.Tensor) -> torch.Tensor:
         """LM head on an already-normed state (HF's `hidden_states[-1]` is normed)."""

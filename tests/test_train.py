@@ -522,3 +522,146 @@ def test_sft_baseline_on_a_soft_recipe_drops_its_per_exit_settings(tmp_path):
     assert sft.exit_weights is None and sft.exits_per_step == 0 and sft.lr == 5e-4
     with pytest.raises(SortedChatError, match="--method sft trains the last exit only"):
         resolve_options({"out": "o", "method": "sft", "exit_weights": [1.0, 2.0]}, str(recipe))
+
+
+# -- lenses, cached teacher top-K and packing -------------------------------------------------------------
+def _kd_terms(sm, hiddens, targets, teacher_hidden, top_k, negatives=64, alpha=0.5):
+    """(exact KL and CE sums, candidate-set KL and CE sums) of the shared head over the same states."""
+    from sortedchat.training.objectives import candidate_loss, head_loss
+
+    head = sm.model.lm_head
+    coefs = torch.ones(len(hiddens))
+    _, ce_exact, kl_exact = head_loss(head, hiddens, targets, coefs, alpha, (teacher_hidden, head.weight))
+    logp = torch.log_softmax(head(teacher_hidden).float(), -1)
+    top = logp.topk(top_k, -1)
+    neg = torch.randperm(head.weight.shape[0], generator=torch.Generator().manual_seed(0))[:negatives]
+    _, ce_cand, kl_cand = candidate_loss(head.weight, hiddens, targets, coefs, alpha, top.indices, top.values, neg)
+    return (kl_exact, ce_exact), (kl_cand, ce_cand)
+
+
+def test_candidate_set_losses_equal_the_exact_ones_at_full_vocabulary_and_approach_them_as_k_grows(tiny_dir):
+    from sortedchat.training.templates import IGNORE
+
+    sm, _ = objective_for(tiny_dir)
+    encoded, batch = encoded_batch(sm)
+    with torch.no_grad():
+        out = sm.model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             output_hidden_states=True)
+    select = batch["labels"][:, 1:] != IGNORE
+    targets = batch["labels"][:, 1:][select]
+    hiddens = [sm.model.model.norm(out.hidden_states[e][:, :-1][select]) for e in (2, 4)]
+    teacher = out.last_hidden_state[:, :-1][select]
+    V = sm.model.lm_head.weight.shape[0]
+    (kl, ce), (kl_c, ce_c) = _kd_terms(sm, hiddens, targets, teacher, V)
+    torch.testing.assert_close(kl_c, kl, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ce_c, ce, rtol=1e-4, atol=1e-4)
+    errors = []
+    for k in (4, 32, 128, V - 8):
+        (kl, _), (kl_c, _) = _kd_terms(sm, hiddens, targets, teacher, k, negatives=V // 2)
+        errors.append(((kl_c - kl).abs() / kl).max().item())
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 0.02, errors
+
+
+def test_candidate_set_gradient_matches_a_finite_difference(tiny_dir):
+    from sortedchat.training.objectives import candidate_loss
+
+    torch.manual_seed(0)
+    weight = torch.randn(50, 8)
+    h = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
+    top_logp, top_ids = torch.log_softmax(torch.randn(5, 50), -1).topk(6, -1)
+    args = (torch.randint(50, (5,)), torch.ones(1), 0.5, top_ids, top_logp.double(), torch.arange(10, 40))
+    w = weight.double()
+
+    def f(x):
+        return candidate_loss(w, [x], args[0], *args[1:3], *args[3:])[0]
+
+    assert torch.autograd.gradcheck(f, (h,), eps=1e-6, atol=1e-5)
+
+
+def test_teacher_top_k_is_the_models_own_and_is_cached_by_model_data_and_k(tiny_dir, tmp_path, monkeypatch):
+    from sortedchat.training import teacher_cache
+    from sortedchat.training.templates import IGNORE
+
+    monkeypatch.setenv("SORTEDCHAT_CACHE_DIR", str(tmp_path / "cache"))
+    sm, _ = objective_for(tiny_dir)
+    encoded, batch = encoded_batch(sm)
+    identity = teacher_cache.model_identity(tiny_dir)
+    top = teacher_cache.teacher_top_k(sm.model, identity, encoded, 8, torch.device("cpu"), say=lambda m: None)
+    with torch.no_grad():
+        logits = sm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    select = batch["labels"][:, 1:] != IGNORE
+    expected = torch.log_softmax(logits[:, :-1][select], -1).topk(8, -1)
+    ids, logp = top.gather(list(range(len(encoded))))
+    assert torch.equal(ids, expected.indices)
+    torch.testing.assert_close(logp, expected.values, atol=1e-5, rtol=1e-5)
+    files = list((tmp_path / "cache" / "teacher-top-k").iterdir())
+    assert len(files) == 1
+    said = []
+    again = teacher_cache.teacher_top_k(sm.model, identity, encoded, 8, torch.device("cpu"), say=said.append)
+    assert "read from" in said[0] and torch.equal(again.gather([0, 1, 2])[0], ids)
+    teacher_cache.teacher_top_k(sm.model, identity, encoded, 4, torch.device("cpu"), say=lambda m: None)
+    teacher_cache.teacher_top_k(sm.model, identity, encoded[:2], 8, torch.device("cpu"), say=lambda m: None)
+    assert len(list((tmp_path / "cache" / "teacher-top-k").iterdir())) == 3
+
+
+def test_packed_rows_give_the_losses_of_padded_ones(tiny_dir):
+    from sortedchat.training.templates import collate_rows, packed_micro_batches
+
+    sm, objective = objective_for(tiny_dir)
+    encoded, _ = encoded_batch(sm, alpaca_records(6))
+    rows = packed_micro_batches(encoded, list(range(6)), 8, 2 * max(len(e.input_ids) for e in encoded))[0]
+    assert len(rows) < 6 and sorted(i for r in rows for i in r) == list(range(6))
+    order = [i for r in rows for i in r]
+    padded = collate_rows(encoded, [[i] for i in order], sm.tokenizer.pad_token_id)
+    packed = collate_rows(encoded, rows, sm.tokenizer.pad_token_id)
+    assert "attention_mask" not in packed and packed["input_ids"].shape[0] == len(rows)
+    coefs = torch.ones(3)
+    _, ce_padded, _ = objective(**padded, exits=[2, 4, 6], coefs=coefs)
+    _, ce_packed, _ = objective(**packed, exits=[2, 4, 6], coefs=coefs)
+    torch.testing.assert_close(ce_packed, ce_padded, rtol=1e-4, atol=1e-4)
+
+
+def test_lens_training_leaves_the_model_and_full_depth_untouched_and_the_engine_applies_the_lenses(
+        tiny_dir, alpaca_file, tmp_path, monkeypatch):
+    from sortedchat.engine import ChatSession, Mode, SamplingConfig
+    from sortedchat.loading import LoadOptions, load_sorted_model
+    from sortedchat.training.data import load_records
+    from sortedchat.training.evaluate import score_exits
+    from sortedchat.training.templates import encode_all
+
+    monkeypatch.setenv("SORTEDCHAT_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "lens"
+    run(options(tiny_dir, alpaca_file, out, method="lens", objective="kd", kd_top_k=16, kd_negatives=32,
+                pack=True, max_steps=10, lr=3e-2, holdout=4, eval_interval=5))
+    cfg = json.loads((out / "sortedchat.json").read_text())
+    assert cfg["exit_lenses"] == "exit_lenses.safetensors" and cfg["base_model"] == str(tiny_dir.resolve())
+    assert not (out / "model.safetensors").exists()  # only what was trained is written
+    assert sorted(load_file(str(out / "exit_lenses.safetensors"))) == [
+        "lenses.2.bias", "lenses.2.weight", "lenses.4.bias", "lenses.4.weight"]
+    evals = [json.loads(x)["eval"] for x in (out / "metrics.jsonl").read_text().splitlines() if "eval" in x]
+    assert len(evals) == 2 and evals[-1]["6"]["agree"] == 1.0 and 0 <= evals[-1]["2"]["agree"] <= 1
+
+    start = load_sorted_model(str(tiny_dir), LoadOptions(device="cpu", exits=[2, 4, 6]))
+    lensed = load_sorted_model(str(out), LoadOptions(device="cpu"))
+    assert lensed.exit_lenses is not None and lensed.exit_lenses.exits == [2, 4]
+    for k, v in start.model.state_dict().items():
+        assert torch.equal(v, lensed.model.state_dict()[k]), k
+    enc, _ = encode_all(load_records(str(alpaca_file)).examples, start.tokenizer, "chat", 64)
+    before, after = score_exits(start, enc, [2, 4, 6]), score_exits(lensed, enc, [2, 4, 6])
+    assert after[2]["agree"] + after[4]["agree"] > before[2]["agree"] + before[4]["agree"] + 0.1
+    assert after[6]["ce"] == pytest.approx(before[6]["ce"], rel=1e-6)
+
+    h = torch.randn(1, 64)
+    lens = lensed.exit_lenses.lenses["2"]
+    expected = start.model.lm_head(start.model.model.norm(h @ lens.weight.T + lens.bias))
+    torch.testing.assert_close(lensed.head(h, 2), expected)
+    prompt = lensed.tokenizer("What is the capital of France?")["input_ids"]
+    session = ChatSession(lensed, Mode.fixed(2))
+    steps = [ev.token_id for ev in session.generate_ids(prompt, SamplingConfig(max_new_tokens=6))]
+    # reference: the first 2 layers, the lens, the shared norm and head, greedily, without the engine
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(len(steps)):
+            hs = start.model.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[2]
+            ids.append(int(lensed.head(hs[:, -1], 2).argmax()))
+    assert steps and steps == ids[len(prompt):]

@@ -80,7 +80,7 @@ def head_parts(sm: SortedModel, exit_layer: int) -> tuple[nn.Module, torch.Tenso
     if heads is not None and exit_layer != sm.num_layers and heads.has(exit_layer):
         key = str(exit_layer)
         return heads.norms[key], heads.heads[key].weight
-    return sm.model.model.norm, sm.model.lm_head.weight
+    return sm.exit_norm(exit_layer), sm.model.lm_head.weight
 
 
 class CandidateSet:

@@ -1,4 +1,4 @@
-"""The finished model directory: HF weights or a PEFT adapter, tokenizer, exit heads, `sortedchat.json`.
+"""The finished model directory: HF weights or a PEFT adapter, tokenizer, exit heads or lenses, `sortedchat.json`.
 
 Files are written into a hidden directory inside OUT and then moved into place one by one, with
 `sortedchat.json` last, so OUT only looks like a finished model once everything it names is there.
@@ -12,10 +12,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from sortedchat.config import CONFIG_NAME, EXIT_HEADS_NAME, SortedConfig
+from sortedchat.config import CONFIG_NAME, EXIT_HEADS_NAME, EXIT_LENSES_NAME, SortedConfig
 
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-               "adapter_config.json", "adapter_model.safetensors", EXIT_HEADS_NAME)
+               "adapter_config.json", "adapter_model.safetensors", EXIT_HEADS_NAME, EXIT_LENSES_NAME)
 
 
 def _strip(state: dict | None, prefix: str) -> dict | None:
@@ -25,8 +25,11 @@ def _strip(state: dict | None, prefix: str) -> dict | None:
 
 
 def export_model(out: Path, model, tokenizer, config: SortedConfig, full_state: dict | None = None,
-                 exit_heads=None, merge: bool = False) -> None:
-    """Write the trained model into `out`. `full_state` is the wrapper's gathered state dict (FSDP/ZeRO-3)."""
+                 exit_heads=None, merge: bool = False, exit_lenses=None, weights: bool = True) -> None:
+    """Write the trained model into `out`. `full_state` is the wrapper's gathered state dict (FSDP/ZeRO-3).
+
+    `weights=False` (lenses trained on a frozen model) writes no model weights: `sortedchat.json` names the
+    base, and the directory holds only what was trained."""
     from safetensors.torch import save_file
     from transformers.utils import logging as hf_logging
 
@@ -43,7 +46,8 @@ def export_model(out: Path, model, tokenizer, config: SortedConfig, full_state: 
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # our own status line is showing
         try:
-            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            if weights:
+                model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         finally:
             if bars:
                 hf_logging.enable_progress_bar()
@@ -52,7 +56,12 @@ def export_model(out: Path, model, tokenizer, config: SortedConfig, full_state: 
             heads_state = _strip(full_state, "exit_heads.") if full_state is not None else exit_heads.state_dict()
             save_file({k: v.detach().contiguous().cpu() for k, v in heads_state.items()}, str(tmp / EXIT_HEADS_NAME))
             config.exit_heads = EXIT_HEADS_NAME
-        if not is_adapter:
+        if exit_lenses is not None:
+            lens_state = _strip(full_state, "exit_lenses.") if full_state is not None else exit_lenses.state_dict()
+            save_file({k: v.detach().float().contiguous().cpu() for k, v in lens_state.items()},
+                      str(tmp / EXIT_LENSES_NAME))
+            config.exit_lenses = EXIT_LENSES_NAME
+        if not is_adapter and weights:
             config.base_model = None
         # An earlier finished export in OUT may hold files this one does not write (adapter vs full).
         for stale in MODEL_FILES:

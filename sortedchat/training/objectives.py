@@ -134,6 +134,62 @@ def head_loss(head: nn.Linear, hiddens, targets, coefs, alpha, teacher=None, imp
     return total, ce_sums, kl_sums
 
 
+def _candidate_piece(weight, w_neg, negatives, rest_count, h, top_ids, top_logp, y, coef, alpha):
+    """One chunk of `candidate_loss`: (coef * objective sum, CE sum, KL sum)."""
+    wide = torch.promote_types(h.dtype, torch.float32)  # float32 at least, float64 where given (gradcheck)
+    s_top = torch.einsum("ph,pkh->pk", h, F.embedding(top_ids, weight)).to(wide)
+    if rest_count > 0:
+        clash = (top_ids[:, :, None] == negatives[None, None, :]).any(1)
+        s_neg = (h @ w_neg.t()).to(wide).masked_fill(clash, float("-inf"))
+        valid = (~clash).sum(-1, keepdim=True).clamp_min(1)
+        rest = torch.logsumexp(s_neg + torch.log(rest_count / valid), dim=-1, keepdim=True)
+    else:  # the top-K is the whole vocabulary: nothing rests
+        rest = torch.full_like(s_top[:, :1], float("-inf"))
+    z = torch.cat([s_top, rest], dim=-1)
+    logq = torch.log_softmax(z, dim=-1)
+    p_top = top_logp.exp()
+    p_rest = (1 - p_top.sum(-1, keepdim=True)).clamp_min(0) if rest_count > 0 else torch.zeros_like(rest)
+    p = torch.cat([p_top, p_rest], dim=-1)
+    logp = torch.cat([top_logp, torch.log(p_rest.clamp_min(1e-30))], dim=-1)
+    kl = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+    ce = torch.logsumexp(z, dim=-1) - (h * F.embedding(y, weight)).sum(-1).to(wide)
+    obj = alpha * ce + (1 - alpha) * kl
+    return coef * obj.sum(), ce.sum().detach(), kl.sum().detach()
+
+
+def candidate_loss(weight, hiddens, targets, coefs, alpha, top_ids, top_logp, negatives, chunk=256):
+    """The objective over the teacher's top-K candidates plus a "rest" bucket, never the whole vocabulary.
+
+    Per position the teacher's distribution becomes K+1 buckets (its top-K ids, and the rest of its mass).
+    The student's logits are computed only at those K ids (their head rows gathered) and at `negatives`,
+    ids sampled uniformly once per step and shared by every position: the rest bucket's log-mass is the
+    negatives' logsumexp scaled to the V-K ids outside the top-K (a sampled softmax). KL is taken over the
+    buckets, CE on the target with the same estimated normaliser. With K = V both equal the exact
+    full-vocabulary losses; they approach them as K grows (tests/test_train.py checks both).
+    Chunks of positions are checkpointed, so a step never holds a [positions, K, hidden] gather for backward.
+    """
+    n_exits = len(hiddens)
+    V = weight.shape[0]
+    K = top_ids.shape[1]
+    w_neg = weight[negatives]
+    rest_count = float(max(V - K, 0))
+    total = 0.0
+    ce_sums = torch.zeros(n_exits, dtype=torch.float32, device=targets.device)
+    kl_sums = torch.zeros(n_exits, dtype=torch.float32, device=targets.device)
+    for start in range(0, targets.shape[0], chunk):
+        sl = slice(start, start + chunk)
+        for e, h in enumerate(hiddens):
+            args = (weight, w_neg, negatives, rest_count, h[sl], top_ids[sl], top_logp[sl], targets[sl], coefs[e], alpha)
+            if torch.is_grad_enabled() and h.requires_grad:
+                obj, ce, kl = checkpoint(_candidate_piece, *args, use_reentrant=False)
+            else:
+                obj, ce, kl = _candidate_piece(*args)
+            total = total + obj
+            ce_sums[e] += ce
+            kl_sums[e] += kl
+    return total, ce_sums, kl_sums
+
+
 def decoder_of(model: nn.Module) -> nn.Module:
     """The decoder stack (`model.model`) of a causal LM, looking through a PEFT wrapper."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -148,51 +204,75 @@ def lm_head_of(model: nn.Module) -> nn.Module:
 class SortedObjective(nn.Module):
     """Forward is the loss of one micro-batch; this is the module accelerate wraps (DDP/FSDP/DeepSpeed).
 
-    method "soft"/"sft": the model is trained and every exit uses the shared norm + LM head.
+    method "soft"/"sft": the model is trained and every exit uses the shared norm + LM head (behind its
+    lens, where `exit_lenses` are given and trained with it).
+    method "lens": the model is frozen; only `exit_lenses` (one affine map per intermediate exit) are trained.
     method "ict": the model is frozen; `exit_heads` (one norm + head per intermediate exit) are trained.
     """
 
     def __init__(self, model: nn.Module, num_layers: int, objective: str = "ce", exit_heads: nn.Module | None = None,
-                 teacher: nn.Module | None = None, head_impl: str = "fused"):
+                 teacher: nn.Module | None = None, head_impl: str = "fused", exit_lenses: nn.Module | None = None,
+                 freeze_decoder: bool = False):
         super().__init__()
         self.model = model
         self.exit_heads = exit_heads
+        self.exit_lenses = exit_lenses
         self.num_layers = num_layers
         self.alpha = ALPHA[objective]
         self.head_impl = head_impl
+        self.freeze_decoder = freeze_decoder or exit_heads is not None
         # Not a submodule: the frozen teacher is neither trained, wrapped nor checkpointed.
         self._teacher = [teacher] if teacher is not None else []
         self.uses_teacher = objective != "ce"
 
-    def _teacher_hidden(self, input_ids, attention_mask, select):
+    def _teacher_hidden(self, input_ids, attention_mask, select, position_ids=None):
         """The frozen starting model's normed last hidden state at the response positions."""
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         with torch.no_grad():
             if self._teacher:
                 teacher = self._teacher[0]
-                out = decoder_of(teacher)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                out = decoder_of(teacher)(**inputs)
                 return out.last_hidden_state[:, :-1][select], lm_head_of(teacher).weight
+            if self.freeze_decoder:  # the decoder itself is the frozen starting model
+                out = decoder_of(self.model)(**inputs)
+                return out.last_hidden_state[:, :-1][select], lm_head_of(self.model).weight.detach()
             with self.model.disable_adapter():  # LoRA: the base is the starting model
-                out = decoder_of(self.model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                out = decoder_of(self.model)(**inputs)
             return out.last_hidden_state[:, :-1][select], lm_head_of(self.model).weight.detach()
 
     def _exit_head(self, exit_layer: int):
-        """(norm or None, head) of an exit: an ICT head where one exists, else the shared final norm + LM head."""
+        """(norm or None, head) of an exit: an ICT head where one exists, else the shared final norm + LM head
+        (behind the exit's lens where it has one)."""
         if self.exit_heads is not None and self.exit_heads.has(exit_layer):
             key = str(exit_layer)
             return self.exit_heads.norms[key], self.exit_heads.heads[key]
         # HF's last hidden state is already normed; the others are the raw outputs of their layer.
-        norm = None if exit_layer == self.num_layers else decoder_of(self.model).norm
+        if exit_layer == self.num_layers:
+            return None, lm_head_of(self.model)
+        norm = decoder_of(self.model).norm
+        if self.exit_lenses is not None and self.exit_lenses.has(exit_layer):
+            from sortedchat.sorted_model import LensedNorm
+
+            norm = LensedNorm(self.exit_lenses, exit_layer, norm)
         return norm, lm_head_of(self.model)
 
-    def forward(self, input_ids, attention_mask, labels, exits: list[int], coefs: torch.Tensor):
-        """(sum over `exits` of coefs[i] * objective summed over response tokens, per-exit CE sums, KL sums)."""
+    def forward(self, input_ids, labels, exits: list[int], coefs: torch.Tensor, attention_mask=None,
+                position_ids=None, teacher_top=None, negatives=None, agreement: bool = False):
+        """(sum over `exits` of coefs[i] * objective summed over response tokens, per-exit CE sums, KL sums),
+        and with `agreement=True` also how many positions each exit's top-1 equals the last exit's.
+
+        `teacher_top` (ids, log-probs) [positions, K]: the cached teacher top-K at the scored positions, in
+        the order they are flattened here; with it the shared head's exits use `candidate_loss` over those
+        ids and `negatives`, and no teacher runs. Packed rows come with `position_ids` and no attention mask.
+        """
         select = labels[:, 1:] != IGNORE
         targets = labels[:, 1:][select]
-        teacher = self._teacher_hidden(input_ids, attention_mask, select) if self.uses_teacher else None
-        frozen = self.exit_heads is not None  # ICT: the decoder is not trained
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            out = decoder_of(self.model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                                         output_hidden_states=True)
+        teacher = None
+        if self.uses_teacher and teacher_top is None:
+            teacher = self._teacher_hidden(input_ids, attention_mask, select, position_ids)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_decoder):
+            out = decoder_of(self.model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                         use_cache=False, output_hidden_states=True)
         groups: dict[int, tuple[nn.Module, list[int], list[torch.Tensor]]] = {}
         for i, e in enumerate(exits):
             norm, head = self._exit_head(e)
@@ -203,9 +283,31 @@ class SortedObjective(nn.Module):
         total = 0.0
         ce_sums = torch.zeros(len(exits), dtype=torch.float32, device=targets.device)
         kl_sums = torch.zeros_like(ce_sums)
+        shared = lm_head_of(self.model)
         for head, index, hiddens in groups.values():  # exits sharing a head share one call
-            part, ce, kl = head_loss(head, hiddens, targets, coefs[index], self.alpha, teacher, self.head_impl)
+            if teacher_top is not None and head is shared:
+                part, ce, kl = candidate_loss(head.weight, hiddens, targets, coefs[index], self.alpha,
+                                              teacher_top[0], teacher_top[1], negatives)
+            else:
+                part, ce, kl = head_loss(head, hiddens, targets, coefs[index], self.alpha, teacher, self.head_impl)
             total = total + part
             ce_sums[index] = ce
             kl_sums[index] = kl
-        return total, ce_sums, kl_sums
+        if not agreement:
+            return total, ce_sums, kl_sums
+        return total, ce_sums, kl_sums, self._agreement(out.hidden_states, select, exits)
+
+    @torch.no_grad()
+    def _agreement(self, hidden_states, select, exits: list[int]) -> torch.Tensor:
+        """Per exit, how many scored positions' top-1 equals the full depth's (in chunks of the full head)."""
+        counts = torch.zeros(len(exits), dtype=torch.float32, device=select.device)
+        last = hidden_states[self.num_layers][:, :-1][select]
+        chunk = max(1, CHUNK_ELEMENTS // lm_head_of(self.model).weight.shape[0])
+        for start in range(0, last.shape[0], chunk):
+            top_last = lm_head_of(self.model)(last[start : start + chunk]).argmax(-1)
+            for i, e in enumerate(exits):
+                norm, head = self._exit_head(e)
+                h = hidden_states[e][:, :-1][select][start : start + chunk]
+                top = head(h if norm is None else norm(h)).argmax(-1)
+                counts[i] += (top == top_last).sum()
+        return counts

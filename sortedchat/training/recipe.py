@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sortedchat import SortedChatError
 
-METHODS = ("soft", "sft", "ict")
+METHODS = ("soft", "sft", "ict", "lens")
 OBJECTIVES = ("ce", "kd", "ce+kd")
 TEMPLATES = ("chat", "alpaca")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -37,6 +37,11 @@ class TrainOptions:
     objective: str = "ce"
     exit_weights: list[float] | None = None
     exits_per_step: int = 0  # 0 = every exit every step
+    lenses: bool = False  # soft: train a per-exit affine lens with the model ("lens" trains lenses alone)
+    lens_lr: float = 0.0  # 0 = --lr
+    kd_top_k: int = 0  # > 0: distil from the teacher's cached top-K (candidate-set losses); 0 = exact
+    kd_negatives: int = 256  # sampled ids per step that estimate the rest of the vocabulary (with kd_top_k)
+    pack: bool = False  # pack records into rows of max_length instead of padding each one
 
     epochs: int = 1
     max_steps: int = 0  # > 0 overrides epochs
@@ -199,5 +204,17 @@ def validate(o: TrainOptions) -> None:
         raise SortedChatError("--method ict trains new exit heads on a frozen model; it takes no --lora")
     if o.method == "sft" and (o.exit_weights or o.exits_per_step):
         raise SortedChatError("--method sft trains the last exit only; --exit-weights/--exits-per-step do not apply")
+    if o.method in ("lens", "ict") and o.lenses:
+        raise SortedChatError(f"--lenses: --method {o.method} trains its own per-exit parts; lenses go with soft or sft")
+    if o.method == "lens" and (o.lora or o.merge):
+        raise SortedChatError("--method lens trains per-exit lenses on a frozen model; it takes no --lora")
+    if o.kd_top_k < 0 or o.kd_negatives < 1:
+        raise SortedChatError("--kd-top-k must not be negative and --kd-negatives must be at least 1")
+    if o.kd_top_k and o.method == "ict":
+        raise SortedChatError("--kd-top-k: ICT trains new full heads; use the exact losses (--kd-top-k 0)")
+    if o.kd_top_k and o.objective == "ce":
+        raise SortedChatError("--kd-top-k distils from the teacher: use --objective kd or ce+kd")
+    if o.lens_lr < 0:
+        raise SortedChatError("--lens-lr: must not be negative")
     if o.exit_weights and any(w < 0 for w in o.exit_weights):
         raise SortedChatError("--exit-weights: weights must not be negative")

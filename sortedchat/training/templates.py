@@ -156,7 +156,49 @@ def step_indices(n_examples: int, global_batch: int, seed: int, step: int) -> li
     return order[within * global_batch : (within + 1) * global_batch].tolist()
 
 
-def micro_batches(encoded: list[Encoded], indices: list[int], micro: int) -> list[list[Encoded]]:
-    """Split a step's examples into micro-batches of similar length (less padding, same gradient)."""
-    chosen = sorted((encoded[i] for i in indices), key=lambda e: len(e.input_ids))
-    return [chosen[i : i + micro] for i in range(0, len(chosen), micro)]
+def micro_batches(encoded: list[Encoded], indices: list[int], micro: int) -> list[list[list[int]]]:
+    """Split a step's examples into micro-batches of similar length (less padding, same gradient).
+
+    Each micro-batch is a list of rows, each row a list of example indices (one per row without packing)."""
+    chosen = sorted(indices, key=lambda i: len(encoded[i].input_ids))
+    return [[[i] for i in chosen[s : s + micro]] for s in range(0, len(chosen), micro)]
+
+
+def packed_micro_batches(encoded: list[Encoded], indices: list[int], micro: int, width: int) -> list[list[list[int]]]:
+    """Pack a step's examples into rows of at most `width` tokens (first fit, longest first), `micro` rows
+    per micro-batch: instead of padding every example to the longest, rows hold several whole examples."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(indices, key=lambda i: -len(encoded[i].input_ids)):
+        n = len(encoded[i].input_ids)
+        slot = next((r for r, left in enumerate(room) if left >= n), None)
+        if slot is None:
+            rows.append([i])
+            room.append(width - n)
+        else:
+            rows[slot].append(i)
+            room[slot] -= n
+    return [rows[s : s + micro] for s in range(0, len(rows), micro)]
+
+
+def collate_rows(encoded: list[Encoded], rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Tensors of a micro-batch. One example per row: right-padded with an attention mask (as `collate`).
+    Several: concatenated with position ids restarting at each example and no attention mask, which
+    transformers turns into a block-diagonal causal mask, so no example attends to another."""
+    if all(len(r) == 1 for r in rows):
+        return collate([encoded[r[0]] for r in rows], pad_id)
+    width = max(sum(len(encoded[i].input_ids) for i in r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, members in enumerate(rows):
+        at = 0
+        for i in members:
+            e = encoded[i]
+            n = len(e.input_ids)
+            ids[row, at : at + n] = torch.tensor(e.input_ids)
+            labels[row, at : at + n] = torch.tensor(e.labels)
+            positions[row, at : at + n] = torch.arange(n)
+            at += n
+        positions[row, at:] = torch.arange(width - at)  # padding: a segment of its own, never scored
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}

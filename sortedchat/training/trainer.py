@@ -34,7 +34,8 @@ from sortedchat.training.export import base_model_name, export_model
 from sortedchat.training.objectives import SortedObjective, decoder_of, lm_head_of
 from sortedchat.training.progress import TrainProgress, format_exit_losses
 from sortedchat.training.recipe import TrainOptions
-from sortedchat.training.templates import collate, encode_all, micro_batches, step_indices, steps_per_epoch
+from sortedchat.training.templates import (collate_rows, encode_all, micro_batches, packed_micro_batches, step_indices,
+                                           steps_per_epoch)
 
 # bitsandbytes (imported by peft) warns at import about an optional CPU kernel package we do not use.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -157,9 +158,10 @@ class Trainer:
     def _choose_exits(self) -> None:
         o, L = self.opts, self.sm.num_layers
         self.exits = validate_exits(list(o.exits), L, "--exits") if o.exits else list(self.sm.exits)
-        self.loss_exits = {"soft": self.exits, "sft": [L], "ict": self.exits[:-1]}[o.method]
+        self.loss_exits = {"soft": self.exits, "sft": [L], "ict": self.exits[:-1], "lens": self.exits[:-1]}[o.method]
         if not self.loss_exits:
-            raise SortedChatError("--method ict trains a head per intermediate exit; --exits names none below the last layer")
+            raise SortedChatError(f"--method {o.method} trains a part per intermediate exit; --exits names none "
+                                  "below the last layer")
         weights = o.exit_weights or [1.0] * len(self.loss_exits)
         if len(weights) != len(self.loss_exits):
             raise SortedChatError(f"--exit-weights: {len(weights)} weights for {len(self.loss_exits)} trained exits "
@@ -173,12 +175,17 @@ class Trainer:
             raise SortedChatError("--exits-per-step 1 would train the last exit only (that is --method sft); use 2 or more")
 
     def _build_objective(self) -> None:
-        from sortedchat.sorted_model import ExitHeads
+        from sortedchat.sorted_model import ExitHeads, ExitLenses
 
         o, model = self.opts, self.sm.model
         model.config.use_cache = False
-        teacher, heads = None, None
-        if o.method == "ict":
+        teacher, heads, lenses = None, None, None
+        if o.method == "lens" or o.lenses:
+            lenses = ExitLenses(self.exits[:-1], model.config.hidden_size).to(self.acc.device)
+        if o.method == "lens":
+            model.requires_grad_(False)
+            model.eval()
+        elif o.method == "ict":
             model.requires_grad_(False)
             cfg = model.config
             heads = ExitHeads(self.loss_exits, cfg.hidden_size, cfg.vocab_size, decoder_of(model).norm)
@@ -188,7 +195,7 @@ class Trainer:
             heads.to(device=self.acc.device, dtype=torch.float32)
             teacher = model if o.objective != "ce" else None
         else:
-            if o.objective != "ce" and not o.lora:
+            if o.objective != "ce" and not o.lora and not o.kd_top_k:
                 teacher = copy.deepcopy(model).requires_grad_(False).eval()
             if o.load_in_4bit or o.load_in_8bit:
                 from peft import prepare_model_for_kbit_training
@@ -212,7 +219,8 @@ class Trainer:
             model.train()
         ds = self.acc.state.deepspeed_plugin
         impl = "module" if ds is not None and ds.zero_stage == 3 else "fused"
-        self.objective = SortedObjective(model, self.sm.num_layers, o.objective, heads, teacher, impl)
+        self.objective = SortedObjective(model, self.sm.num_layers, o.objective, heads, teacher, impl, lenses,
+                                         freeze_decoder=o.method == "lens")
 
     def _encode(self) -> None:
         o = self.opts
@@ -231,13 +239,25 @@ class Trainer:
                                   f"the data has {len(self.train_enc)}")
         self.total_steps = o.max_steps or o.epochs * self.per_epoch
         self.warmup = o.warmup_steps or math.ceil(o.warmup_ratio * self.total_steps)
+        self.teacher_top = None
+        if o.kd_top_k:  # the model is still the frozen starting model here (LoRA B = 0, lenses = identity)
+            from sortedchat.training.teacher_cache import model_identity, teacher_top_k
+
+            identity = model_identity(self.sm.weights_path) if Path(self.sm.weights_path).is_dir() else self.sm.weights_path
+            with self.acc.main_process_first():
+                self.teacher_top = teacher_top_k(self.objective.model, identity, self.train_enc, o.kd_top_k,
+                                                 self.acc.device, self._say)
 
     def _build_optimizer(self) -> None:
         from transformers import get_scheduler
 
         o = self.opts
-        params = [p for p in self.objective.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        lens_ids = {id(p) for p in self.objective.exit_lenses.parameters()} if self.objective.exit_lenses else set()
+        params = [p for p in self.objective.parameters() if p.requires_grad and id(p) not in lens_ids]
+        groups = [{"params": params}] if params else []
+        if lens_ids:
+            groups.append({"params": list(self.objective.exit_lenses.parameters()), "lr": o.lens_lr or o.lr})
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
         self.scheduler = get_scheduler(SCHEDULERS[o.schedule], optimizer, num_warmup_steps=self.warmup,
                                        num_training_steps=self.total_steps)
         self.objective, self.optimizer = self.acc.prepare(self.objective, optimizer)
@@ -267,15 +287,36 @@ class Trainer:
         total = sum(weights) or 1.0
         return exits, [w / total for w in weights]
 
-    def _batch(self, examples) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.acc.device) for k, v in collate(examples, self.pad_id).items()}
+    def _batch(self, encoded, rows: list[list[int]], step: int | None = None) -> dict:
+        """A micro-batch's tensors on the device; in training with cached teacher top-K, also the rows of
+        this micro-batch's scored positions and the step's sampled negatives."""
+        batch = {k: v.to(self.acc.device) for k, v in collate_rows(encoded, rows, self.pad_id).items()}
+        if step is not None and self.teacher_top is not None:
+            ids, logp = self.teacher_top.gather([i for row in rows for i in row])
+            batch["teacher_top"] = (ids.to(self.acc.device), logp.to(self.acc.device))
+            batch["negatives"] = self._negatives(step)
+        return batch
+
+    def _negatives(self, step: int) -> torch.Tensor:
+        """`--kd-negatives` distinct vocabulary ids, a function of (seed, step): shared by a step's positions."""
+        vocab = lm_head_of(self.acc.unwrap_model(self.objective).model).weight.shape[0]
+        gen = torch.Generator().manual_seed(self.opts.seed * 104_729 + step)
+        n = min(self.opts.kd_negatives, vocab)
+        return torch.randperm(vocab, generator=gen)[:n].to(self.acc.device)
+
+    def _micro_batches(self, step: int) -> list[list[list[int]]]:
+        o = self.opts
+        indices = step_indices(len(self.train_enc), self.global_batch, o.seed, step)
+        if o.pack:
+            return packed_micro_batches(self.train_enc, indices, o.batch_size, o.max_length)
+        return micro_batches(self.train_enc, indices, o.batch_size)
 
     def train_step(self, step: int) -> dict:
         """One optimizer step over the global batch of `step`; returns its losses and token count."""
         o, acc = self.opts, self.acc
         W, rank = acc.num_processes, acc.process_index
-        mbs = micro_batches(self.train_enc, step_indices(len(self.train_enc), self.global_batch, o.seed, step), o.batch_size)
-        normalizer = sum(e.targets for mb in mbs for e in mb)
+        mbs = self._micro_batches(step)
+        normalizer = sum(self.train_enc[i].targets for mb in mbs for row in mb for i in row)
         exits, coefs = self.exits_for_step(step)
         # accelerate divides by the accumulation steps and DDP averages over processes: undo both, so the
         # gradient is that of the mean over every response token of the global batch.
@@ -284,8 +325,8 @@ class Trainer:
         kl_sums = torch.zeros(len(exits), device=acc.device)
         tokens = torch.zeros((), device=acc.device)
         for mb in mbs[rank::W]:
-            batch = self._batch(mb)
-            tokens += batch["attention_mask"].sum()
+            batch = self._batch(self.train_enc, mb, step)
+            tokens += sum(len(self.train_enc[i].input_ids) for row in mb for i in row)
             with acc.accumulate(self.objective):
                 total, ce, kl = self.objective(**batch, exits=exits, coefs=scale)
                 acc.backward(total)
@@ -319,26 +360,28 @@ class Trainer:
             return {}
         acc, W = self.acc, self.acc.num_processes
         self.objective.eval()
-        ordered = sorted(self.eval_enc, key=lambda e: len(e.input_ids))
-        mbs = [ordered[i : i + self.opts.batch_size] for i in range(0, len(ordered), self.opts.batch_size)]
-        sums = torch.zeros(len(self.exits) + 1, device=acc.device)
+        mbs = micro_batches(self.eval_enc, list(range(len(self.eval_enc))), self.opts.batch_size)
+        sums = torch.zeros(2 * len(self.exits) + 1, device=acc.device)
+        n_exits = len(self.exits)
         coefs = torch.zeros(len(self.exits), device=acc.device)
         rounds = math.ceil(len(mbs) / W)  # every process runs as many forwards (FSDP gathers in each)
         for r in range(rounds):
             i = r * W + acc.process_index
             mb = mbs[min(i, len(mbs) - 1)]
-            _, ce, _ = self.objective(**self._batch(mb), exits=self.exits, coefs=coefs)
+            _, ce, _, agree = self.objective(**self._batch(self.eval_enc, mb), exits=self.exits, coefs=coefs,
+                                             agreement=True)
             if i < len(mbs):
-                sums[:-1] += ce
-                sums[-1] += sum(e.targets for e in mb)
+                sums[:n_exits] += ce
+                sums[n_exits:-1] += agree
+                sums[-1] += sum(self.eval_enc[row[0]].targets for row in mb)
         if W > 1:
             sums = acc.reduce(sums, "sum")
         self.objective.train()
-        if self.opts.method == "ict":
+        if self.opts.method in ("ict", "lens"):
             acc.unwrap_model(self.objective).model.eval()
         n = sums[-1].item()
-        return {e: {"ce": sums[i].item() / n, "ppl": math.exp(min(sums[i].item() / n, 50))}
-                for i, e in enumerate(self.exits)}
+        return {e: {"ce": sums[i].item() / n, "ppl": math.exp(min(sums[i].item() / n, 50)),
+                    "agree": sums[n_exits + i].item() / n} for i, e in enumerate(self.exits)}
 
     # -- the run -----------------------------------------------------------------------------------
     def fingerprint(self) -> dict:
@@ -349,6 +392,8 @@ class Trainer:
             "holdout": o.holdout, "template": o.template, "max_length": o.max_length, "method": o.method,
             "objective": o.objective, "exits": self.exits, "exit_weights": o.exit_weights,
             "exits_per_step": o.exits_per_step, "total_steps": self.total_steps, "lr": o.lr,
+            "lenses": o.method == "lens" or o.lenses, "lens_lr": o.lens_lr, "kd_top_k": o.kd_top_k,
+            "kd_negatives": o.kd_negatives, "pack": o.pack,
             "schedule": o.schedule, "warmup_steps": self.warmup, "weight_decay": o.weight_decay,
             "global_batch": self.global_batch, "seed": o.seed, "lora": self._lora_settings(),
         }
@@ -468,11 +513,12 @@ class Trainer:
         full_state = acc.get_state_dict(self.objective) if sharded else None
         if self.main:
             inner = acc.unwrap_model(self.objective)
-            adapter = o.lora and not o.merge
+            adapter = (o.lora and not o.merge) or o.method == "lens"  # lens: only the lenses, on the named base
             config = SortedConfig(exits=self.exits, base_model=base_model_name(o.model) if adapter else None,
                                   training=self._training_record(step, metrics))
             with self.console.status("writing the model", spinner="dots"):
-                export_model(self.out, inner.model, self.tokenizer, config, full_state, inner.exit_heads, o.merge)
+                export_model(self.out, inner.model, self.tokenizer, config, full_state, inner.exit_heads, o.merge,
+                             inner.exit_lenses, weights=o.method != "lens")
             self.console.print(f"saved to {self.out}")
         acc.wait_for_everyone()
 

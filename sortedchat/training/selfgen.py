@@ -1,0 +1,160 @@
+"""The model's own answers as training text: sampled replies to instructions, questions and passages.
+
+Distilling the exits toward the model's own full depth needs no human answers, and the model's own replies
+are exactly the text it later decodes. This module turns prompt sources (Alpaca instructions, closed-book
+questions, plain-text articles cut into passages) into chat JSONL records (`messages`) that `sortedchat
+train --data` reads. Generation is batched with transformers' `generate` (left padding, prompts sorted by
+length); records are appended to the output as each batch finishes, so an interrupted run resumes where
+it stopped (prompts already answered, counted per sample, are skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PASSAGE_TASKS = (
+    "Summarize the following passage in two or three sentences.",
+    "What is the main point of this passage? Answer briefly.",
+    "Write one question that this passage answers, then answer it.",
+    "Explain this passage in simple words.",
+)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One user message to answer, with the name of its source (for the record and the cache key)."""
+
+    key: str
+    text: str
+    max_new_tokens: int
+
+
+def alpaca_prompts(path: Path, skip_last: int, max_new_tokens: int) -> list[Prompt]:
+    """Instructions (with their input) of an Alpaca JSON file, leaving out the last `skip_last` records."""
+    records = json.loads(path.read_text(encoding="utf-8"))
+    keep = records[: len(records) - skip_last] if skip_last else records
+    out = []
+    for i, r in enumerate(keep):
+        text = r["instruction"].strip()
+        if r.get("input", "").strip():
+            text += "\n\n" + r["input"].strip()
+        out.append(Prompt(f"alpaca:{i}", text, max_new_tokens))
+    return out
+
+
+def question_prompts(path: Path, max_new_tokens: int) -> list[Prompt]:
+    """Closed-book questions of a QA JSONL file (one JSON object per line; lines end at \\n only)."""
+    out = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").split("\n")):
+        if line.strip():
+            out.append(Prompt(f"qa:{i}", json.loads(line)["question"].strip(), max_new_tokens))
+    return out
+
+
+def passage_prompts(path: Path, max_new_tokens: int, passage_chars: int = 700, limit: int | None = None) -> list[Prompt]:
+    """Passages of a plain-text file (one article per line), each paired with one of PASSAGE_TASKS in turn."""
+    out = []
+    for a, article in enumerate(path.read_text(encoding="utf-8").split("\n")):
+        sentences = re.split(r"(?<=[.!?])\s*(?=[A-Z])", article.strip())
+        passage, n = "", 0
+        for s in sentences:
+            passage = f"{passage} {s}".strip()
+            if len(passage) >= passage_chars:
+                task = PASSAGE_TASKS[len(out) % len(PASSAGE_TASKS)]
+                out.append(Prompt(f"wiki:{a}:{n}", f"{task}\n\n{passage}", max_new_tokens))
+                passage, n = "", n + 1
+    return out[:limit] if limit else out
+
+
+def _done_keys(path: Path) -> dict[str, int]:
+    """How many samples of each prompt key the output already holds (a torn last line is ignored)."""
+    counts: dict[str, int] = {}
+    if not path.is_file():
+        return counts
+    for line in path.read_text(encoding="utf-8").split("\n"):
+        try:
+            key = json.loads(line)["source"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: list[Prompt], out_path: Path, samples: int = 1, batch_size: int = 32,
+             temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, log=print) -> int:
+    """Sample `samples` replies per prompt and append them to `out_path` as chat records; returns how many."""
+    done = _done_keys(out_path)
+    todo = [p for p in prompts for s in range(samples) if done.get(p.key, 0) <= s]
+    encoded = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": p.text}], tokenize=False,
+                                                       add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+               for p in todo]
+    order = sorted(range(len(todo)), key=lambda i: (todo[i].max_new_tokens, len(encoded[i])))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    written = 0
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_path, "a", encoding="utf-8") as out:
+        for b in range(0, len(order), batch_size):
+            idx = order[b : b + batch_size]
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, i in enumerate(idx):
+                ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+                mask[row, width - len(encoded[i]):] = 1
+            torch.manual_seed(seed + b)
+            gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature,
+                                 top_p=top_p, max_new_tokens=max(todo[i].max_new_tokens for i in idx),
+                                 pad_token_id=pad)
+            for row, i in enumerate(idx):
+                reply = tokenizer.decode(gen[row, width:], skip_special_tokens=True).strip()
+                if not reply:
+                    continue
+                record = {"source": todo[i].key, "messages": [{"role": "user", "content": todo[i].text},
+                                                               {"role": "assistant", "content": reply}]}
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                written += 1
+            out.flush()
+            os.fsync(out.fileno())
+            log(f"{b + len(idx)}/{len(order)} replies")
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True, help="a HF model directory (the frozen starting model)")
+    ap.add_argument("--out", required=True, type=Path, help="chat JSONL to append to (resumable)")
+    ap.add_argument("--alpaca", type=Path, help="Alpaca JSON: its instructions")
+    ap.add_argument("--alpaca-holdout", type=int, default=200, help="leave out the last N Alpaca records")
+    ap.add_argument("--questions", type=Path, help="QA JSONL: its questions")
+    ap.add_argument("--passages", type=Path, help="plain text, one article per line: passages to summarise")
+    ap.add_argument("--passage-limit", type=int, default=None)
+    ap.add_argument("--samples", type=int, default=1, help="replies per Alpaca instruction")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    if args.alpaca:
+        generate(model, tokenizer, alpaca_prompts(args.alpaca, args.alpaca_holdout, 192), args.out,
+                 samples=args.samples, batch_size=args.batch_size, seed=args.seed)
+    if args.questions:
+        generate(model, tokenizer, question_prompts(args.questions, 48), args.out, batch_size=args.batch_size,
+                 seed=args.seed)
+    if args.passages:
+        generate(model, tokenizer, passage_prompts(args.passages, 160, limit=args.passage_limit), args.out,
+                 batch_size=args.batch_size, seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()
