@@ -49,12 +49,21 @@ def train(
     exits: Annotated[Optional[str], _opt("--exits", "Exit layers, e.g. 9,12,15,...,30 (default: the model's, "
                                          "else 8 spread from 30% depth)")] = None,
     method: Annotated[Optional[str], _opt("--method", "soft (all exits), sft (last exit), ict (frozen model, "
-                                          "new head per exit)")] = None,
+                                          "new head per exit), lens (frozen model, affine lens per exit)")] = None,
     objective: Annotated[Optional[str], _opt("--objective", "ce, kd (distil the frozen start's full depth) "
                                              "or ce+kd")] = None,
     exit_weights: Annotated[Optional[str], _opt("--exit-weights", "Loss weight per trained exit, e.g. 1,1,2")] = None,
     exits_per_step: Annotated[Optional[int], _opt("--exits-per-step", "Sample N exits per step, always "
                                                   "with the last (0 = all)")] = None,
+    lenses: Annotated[Optional[bool], _opt("--lenses/--no-lenses", "Train a per-exit affine lens (before the "
+                                           "shared norm and head) with the model")] = None,
+    lens_lr: Annotated[Optional[float], _opt("--lens-lr", "Learning rate of the lenses (0 = --lr)")] = None,
+    kd_top_k: Annotated[Optional[int], _opt("--kd-top-k", "Distil from the teacher's cached top-K ids "
+                                            "(candidate-set losses; 0 = exact full-vocabulary losses)")] = None,
+    kd_negatives: Annotated[Optional[int], _opt("--kd-negatives", "Sampled ids per step for the rest of the "
+                                                "vocabulary (with --kd-top-k)")] = None,
+    pack: Annotated[Optional[bool], _opt("--pack/--no-pack", "Pack records into rows of --max-length "
+                                         "instead of padding each")] = None,
     epochs: Annotated[Optional[int], _opt("--epochs", "Passes over the data")] = None,
     max_steps: Annotated[Optional[int], _opt("--max-steps", "Optimizer steps; overrides --epochs")] = None,
     lr: Annotated[Optional[float], _opt("--lr", "Peak learning rate")] = None,
