@@ -9,6 +9,7 @@ from transformers import DynamicCache
 
 from sortedchat import SortedChatError
 from sortedchat.engine import ChatSession, Mode, SamplingConfig
+from sortedchat.engine.layer_call import cache_keyword
 from sortedchat.engine.state import LayeredState
 
 from test_engine import PROMPTS, hf_greedy, no_stop, prompt_ids, run
@@ -28,11 +29,12 @@ def reference(sm, tokens: list[int], filled_by: list[int]):
         positions = torch.tensor([[p]])
         rope = sm.rotary(h, positions)
         for i in range(L):
+            keyword = cache_keyword(type(sm.layers[i]))  # the layer's name for its KV cache in this transformers
             if i < filled:
-                h = sm.layers[i](h, position_ids=positions, cache=cache, use_cache=True, position_embeddings=rope)
+                h = sm.layers[i](h, position_ids=positions, use_cache=True, position_embeddings=rope, **{keyword: cache})
             else:
                 scratch = DynamicCache(config=sm.model.config)
-                sm.layers[i](h, position_ids=positions, cache=scratch, use_cache=True, position_embeddings=rope)
+                sm.layers[i](h, position_ids=positions, use_cache=True, position_embeddings=rope, **{keyword: scratch})
                 cache.update(scratch.layers[i].keys, scratch.layers[i].values, i)
         predictions.append(int(sm.head(h[:, -1], filled).argmax()))
     return cache, predictions
