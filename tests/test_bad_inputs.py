@@ -284,16 +284,28 @@ def _(tiny_dir, tmp_path):
     assert res.stdout == b""
 
 
-@case("05f-results-rescued-when-writing-fails-anyway")
-def _():
-    from sortedchat.config import atomic_write_text
-    from sortedchat.outputs import write_or_rescue
+@case("05f-eval-results-rescued-when-writing-fails-anyway")
+def _(tiny_dir, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
 
-    with pytest.raises(SortedChatError) as err:  # e.g. the disk filled up during a long run
-        write_or_rescue(READ_ONLY, "--json", lambda path: atomic_write_text(path, '{"ok": 1}\n'))
-    rescued = Path(str(err.value).rsplit("the results are in ", 1)[1])
-    assert str(err.value).startswith(f"--json {READ_ONLY}: cannot write (")
-    assert rescued.read_text() == '{"ok": 1}\n'
+    from sortedchat import config
+    from sortedchat.cli import app
+
+    target = tmp_path / "results.json"
+    write = config.atomic_write_text
+
+    def disk_full(path, text):  # the check before the run passed; the disk filled up during it
+        if Path(path) == target:
+            raise OSError(28, "No space left on device")
+        return write(path, text)
+
+    monkeypatch.setattr(config, "atomic_write_text", disk_full)
+    res = CliRunner().invoke(app, [*map(str, _eval_args(tiny_dir, tmp_path)), "--json", str(target)])
+    assert res.exit_code == 1 and isinstance(res.exception, SortedChatError), res.output
+    message = str(res.exception)
+    assert message.startswith(f"--json {target}: cannot write (No space left on device); the results are in ")
+    rescued = json.loads(Path(message.rsplit("the results are in ", 1)[1]).read_text())
+    assert rescued["data"]["records"] == 2 and not target.exists()
 
 
 # -- 6. checkpoints -----------------------------------------------------------------------------------------
