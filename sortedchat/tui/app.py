@@ -339,7 +339,10 @@ class SortedChatApp(App):
                 self.action_view()
             answers = self.chat.conversation.answers()
             if answers:
-                answers[-1].depth_view.focus()
+                view = answers[-1].depth_view
+                view.focus()
+                if view.cursor is None:
+                    view.action_edge(1)  # the last token
         else:
             self.chat.prompt.focus()
 

@@ -33,7 +33,7 @@ FOOTER = {
     "view": "View",
     "lens": "Lens",
     "kv": "KV",
-    "stop": "Stop",
+    "stop": "Stop/close",
     "new_chat": "New",
     "chats": "Chats",
     "settings": "Settings",
@@ -44,7 +44,7 @@ FOOTER = {
 }
 HIDDEN = {"threshold_down", "threshold_up", "kv", "export", "regenerate", "copy", "rename"}
 # When the footer is too narrow for every key, these go first, in this order (F1's help lists them all).
-DROP_FIRST = ["command_palette", "settings", "view", "speculative", "lens", "chats", "new_chat", "auto"]
+DROP_FIRST = ["command_palette", "submit", "settings", "speculative", "view", "lens", "chats", "new_chat", "auto"]
 
 
 class ChatFooter(Footer):

@@ -15,7 +15,8 @@ from textual.widgets import DataTable, Static
 from sortedchat import SortedChatError
 from sortedchat.tui.storage import ChatStore
 
-TITLE = "Saved chats  (Enter open · d delete · e export to Markdown · Esc close)"
+TITLE = "Saved chats  (Enter open · r rename · d delete · e export to Markdown · Esc close)"
+UPDATED = "%Y-%m-%d %H:%M"
 
 
 class ChatListScreen(ModalScreen[int | None]):
@@ -25,6 +26,7 @@ class ChatListScreen(ModalScreen[int | None]):
         Binding("escape", "dismiss(None)", "Close"),
         Binding("d,delete", "delete", "Delete"),
         Binding("e", "export", "Export to Markdown"),
+        Binding("r", "rename", "Rename"),
     ]
 
     class Deleted(Message):
@@ -45,15 +47,21 @@ class ChatListScreen(ModalScreen[int | None]):
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
-        table.add_columns("chat", "model", "messages", "updated")
         try:
             chats = self.store.chats()
         except SortedChatError as exc:  # a damaged file: set aside, the list starts empty
             self.notify(str(exc), severity="error", timeout=15)
             chats = []
-        for chat in chats:
-            updated = time.strftime("%Y-%m-%d %H:%M", time.localtime(chat.updated))
-            table.add_row(chat.title, chat.model, str(chat.messages), updated, key=str(chat.id))
+        # The date and the count keep their full width; the title takes what is left, the model comes last.
+        inner = min(96, self.app.size.width) - 8  # the dialog's border and padding, the scroll bar
+        model = min(24, max((len(c.model) for c in chats), default=5))
+        table.add_column("chat", key="title", width=max(12, inner - 16 - 8 - model - 8))
+        table.add_column("messages", width=8)
+        table.add_column("updated", width=16)
+        table.add_column("model", width=model)
+        for chat, title in zip(chats, numbered_titles(chats)):
+            updated = time.strftime(UPDATED, time.localtime(chat.updated))
+            table.add_row(title, str(chat.messages), updated, chat.model, key=str(chat.id))
         if not table.row_count:
             self._title("No saved chats yet. Esc closes.")
         table.focus()
@@ -97,6 +105,25 @@ class ChatListScreen(ModalScreen[int | None]):
         self.post_message(self.Deleted(chat_id))
         self.notify("chat deleted")
 
+    def action_rename(self) -> None:
+        from sortedchat.tui.screens.rename import RenameScreen
+
+        chat_id = self._selected()
+        if chat_id is None:
+            return
+
+        def renamed(title: str | None) -> None:
+            if title is None:
+                return
+            try:
+                self.store.rename_chat(chat_id, title)
+            except SortedChatError as exc:
+                self.notify(str(exc), severity="error", timeout=15)
+                return
+            self.query_one(DataTable).update_cell(str(chat_id), "title", title)
+
+        self.app.push_screen(RenameScreen(self.store.load(chat_id).title), renamed)
+
     def action_export(self) -> None:
         chat_id = self._selected()
         if chat_id is None:
@@ -105,3 +132,13 @@ class ChatListScreen(ModalScreen[int | None]):
             self.notify(f"exported to {self.export(chat_id)}")
         except (OSError, SortedChatError) as exc:
             self.notify(f"export failed: {exc}", severity="error", timeout=10)
+
+
+def numbered_titles(chats) -> list[str]:
+    """Titles as listed; chats that share a title are told apart by " (2)", " (3)"… in the order they were made."""
+    seen: dict[str, int] = {}
+    number = {}
+    for chat in sorted(chats, key=lambda c: c.id):
+        seen[chat.title] = seen.get(chat.title, 0) + 1
+        number[chat.id] = seen[chat.title]
+    return [c.title if seen[c.title] == 1 else f"{c.title} ({number[c.id]})" for c in chats]

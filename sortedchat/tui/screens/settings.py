@@ -46,6 +46,9 @@ class SettingsScreen(ModalScreen[Settings | None]):
                 yield Button("Save", variant="primary", id="save")
                 yield Button("Cancel", id="cancel")
 
+    def on_mount(self) -> None:
+        self.query_one("#system_prompt", TextArea).focus()  # typing goes somewhere at once
+
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.action_save() if event.button.id == "save" else self.action_cancel()
 

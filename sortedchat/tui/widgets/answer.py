@@ -19,9 +19,9 @@ from textual.message import Message
 from textual.reactive import reactive
 from textual.style import Style
 from textual.widget import Widget
-from textual.widgets import Markdown
 
 from sortedchat.tui.colours import themed_exit_colour
+from sortedchat.tui.widgets.code import AnswerMarkdown
 from sortedchat.tui.storage import StoredToken
 
 # Control characters would shift span offsets when Content strips them, so they go first (tab and newline stay).
@@ -170,15 +170,17 @@ class TokenText(Vertical, can_focus=True):
         self.cursor = index
         self.post_message(self.Selected(self, index))
 
+    def on_mouse_down(self, event) -> None:
+        self._pressed_at = event.screen_offset
+
     def on_click(self, event) -> None:
+        """A click selects the token under it; a press released elsewhere selected text, and is left alone."""
+        if event.screen_offset != getattr(self, "_pressed_at", event.screen_offset):
+            return
         index = event.style.meta.get("token")
         if index is not None:
             self.focus()
             self.select(index)
-
-    def on_focus(self) -> None:
-        if self.cursor is None and self.shown_indices():
-            self.select(self.shown_indices()[-1])
 
     def action_move(self, step: int) -> None:
         shown = self.shown_indices()
@@ -212,7 +214,7 @@ class AnswerView(Vertical):
         super().__init__(classes="answer")
         self.context = context
         self.depth_view = TokenText(num_layers, first_exit)
-        self.markdown_view = Markdown()
+        self.markdown_view = AnswerMarkdown()
         self.markdown = markdown
         self.border_title = "assistant" + (f" · {mode_label}" if mode_label else "")
 

@@ -34,7 +34,7 @@ class Welcome(Static):
             grid.add_row(*row)
         intro = Text.assemble(
             ("Type a message below; ", ""), (keys["send"], "bold"), (" sends it.\n", ""),
-            ("Each token takes the colour of the layer it left the model at (legend above).\n", "dim"),
+            ("Each token is coloured by the exit it left the model at (legend above).\n", "dim"),
         )
         super().__init__(_stack(intro, grid), id="welcome")
 

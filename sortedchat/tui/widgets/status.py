@@ -18,6 +18,9 @@ if TYPE_CHECKING:
     from sortedchat.engine import GenerationStats
 
 
+OPTIONAL = 5  # parts kept at least this loosely go before any other part is shortened
+
+
 @dataclass
 class Part:
     """One figure of the status line: its full text, a shorter form, and how long it stays when space is short
@@ -44,9 +47,9 @@ def status_parts(model: str, mode: str, stats: GenerationStats | None, show_spee
         parts.append(Part(f"{stats.tokens} tokens", f"{stats.tokens} tok", 4))
         parts.append(Part(f"mean exit {stats.mean_exit:.1f}/{stats.num_layers}", f"exit {stats.mean_exit:.1f}", 3))
         if stats.acceptance_rate is not None:
-            parts.append(Part(f"drafts accepted {stats.acceptance_rate:.0%}", f"acc {stats.acceptance_rate:.0%}", 3))
+            parts.append(Part(f"drafts accepted {stats.acceptance_rate:.0%}", f"accepted {stats.acceptance_rate:.0%}", 3))
         if stats.paced:
-            parts.append(Part(f"{stats.paced} undrafted", f"{stats.paced} undr", 5))
+            parts.append(Part(f"{stats.paced} undrafted", f"{stats.paced} undrafted", 5))
         saved = f"{stats.compute_saved:.0%}"
         parts.append(Part(f"compute saved {saved}", f"saved {saved}", 2))
         if not generating and stats.stopped == "interrupted":
@@ -59,23 +62,21 @@ def status_parts(model: str, mode: str, stats: GenerationStats | None, show_spee
 
 
 def fit_parts(parts: list[Part], width: int | None = None) -> str:
-    """The parts joined by " · " within `width` cells: the least needed are shortened first, then left out."""
+    """The parts joined by " · " within `width` cells. While too long: the optional parts (`keep` >= 5, such
+    as the model's name) go, then every part takes its short form, then parts go; the least needed first
+    each time. The mode (`keep` 0) always stays."""
     shown = [p.text for p in parts]
 
     def line() -> str:
         return " · ".join(t for t in shown if t)
 
-    if width is None:
-        return line()
     order = sorted(range(len(parts)), key=lambda i: -parts[i].keep)
-    for i in order:
-        if cell_len(line()) <= width:
-            return line()
-        shown[i] = parts[i].short
-    for i in order:
-        if cell_len(line()) <= width or parts[i].keep == 0:
+    steps = [(i, "") for i in order if parts[i].keep >= OPTIONAL]
+    steps += [(i, parts[i].short) for i in order] + [(i, "") for i in order if parts[i].keep > 0]
+    for i, text in steps:
+        if width is None or cell_len(line()) <= width:
             break
-        shown[i] = ""
+        shown[i] = text
     return line()
 
 

@@ -1,0 +1,167 @@
+"""What oterm and elia users expect: rename a chat, regenerate, ↑/↓ history, highlighted code, copy an answer."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from test_tui_app import PROMPT, SIZE, ask, expected_answer, make_app, wait_for
+
+from sortedchat.engine import Mode
+from sortedchat.tui.screens.chat import ChatScreen
+from sortedchat.tui.screens.chats import ChatListScreen
+from sortedchat.tui.screens.rename import RenameScreen
+from sortedchat.tui.storage import ChatStore
+from sortedchat.tui.widgets.answer import AnswerView
+from sortedchat.tui.widgets.code import CodeFence, guess_code_language
+from sortedchat.tui.widgets.conversation import UserMessage
+
+
+def test_rename_the_open_chat_and_one_in_the_saved_list(tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+
+    async def run():
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("ctrl+t")  # nothing saved yet: says so
+            assert not isinstance(app.screen, RenameScreen)
+            await ask(pilot, app)
+            await pilot.press("ctrl+t")
+            await wait_for(pilot, lambda: isinstance(app.screen, RenameScreen))
+            field = app.screen.query_one("#title")
+            assert field.value == PROMPT
+            field.value = ""
+            await pilot.press(*"Greetings", "enter")
+            await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen))
+            assert app.store.load(app.chat_id).title == "Greetings"
+
+            await pilot.press("ctrl+l")
+            await wait_for(pilot, lambda: isinstance(app.screen, ChatListScreen))
+            await pilot.press("r")
+            await wait_for(pilot, lambda: isinstance(app.screen, RenameScreen))
+            app.screen.query_one("#title").value = "  Renamed in the list  "
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: isinstance(app.screen, ChatListScreen))
+            await pilot.pause()
+            from textual.widgets import DataTable
+
+            assert app.screen.query_one(DataTable).get_row_at(0)[0] == "Renamed in the list"
+            assert app.store.load(app.chat_id).title == "Renamed in the list"
+            await pilot.press("r")
+            await wait_for(pilot, lambda: isinstance(app.screen, RenameScreen))
+            await pilot.press("escape")  # cancelled: the title stays
+            await wait_for(pilot, lambda: isinstance(app.screen, ChatListScreen))
+            assert app.store.load(app.chat_id).title == "Renamed in the list"
+
+    asyncio.run(run())
+
+
+def test_regenerate_replaces_the_last_answer_in_the_current_mode(tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+
+    async def run():
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("ctrl+r")  # nothing to regenerate yet
+            assert app.chat_id is None
+            await ask(pilot, app)
+            await ask(pilot, app, "Tell me more")
+            first_answer = app.answer
+            await pilot.press("f2", "f2")  # depth 2
+            await pilot.press("ctrl+r")
+            await wait_for(pilot, lambda: app.answer is not first_answer and not app.generating)
+            users = [str(w.render()) for w in app.screen.query(UserMessage)]
+            assert users == [PROMPT, "Tell me more"] and len(app.screen.query(AnswerView)) == 2
+            assert {e.exit_layer for e in app.events} == {2}
+            context = app.history[:3]
+            text, _ = expected_answer(tiny, context, mode=Mode.fixed(2))
+            assert app.answer.text == text and app.history[-1] == {"role": "assistant", "content": text}
+            saved = app.store.load(app.chat_id).messages
+            assert [(m.role, m.content) for m in saved] == [(m["role"], m["content"]) for m in app.history]
+            assert saved[-1].mode == "Depth 2/6"
+
+    asyncio.run(run())
+
+
+def test_up_and_down_walk_through_earlier_messages_across_launches(tiny, tmp_path):
+    store_path = tmp_path / "chats.sqlite3"
+    first = make_app(tiny, tmp_path, max_new_tokens=2, store=ChatStore(store_path))
+
+    async def run_first():
+        async with first.run_test(size=SIZE) as pilot:
+            await ask(pilot, first, "first question")
+            await ask(pilot, first, "second question\nin two lines")
+            await pilot.press(*"draft")
+            await pilot.press("up")  # on the only line: the newest earlier message
+            assert first.chat.prompt.text == "second question\nin two lines"
+            await pilot.press("up")  # now on its second line: up moves the cursor first
+            assert first.chat.prompt.text == "second question\nin two lines"
+            await pilot.press("up")
+            assert first.chat.prompt.text == "first question"
+            await pilot.press("up")  # the oldest stays
+            assert first.chat.prompt.text == "first question"
+            await pilot.press("down")
+            assert first.chat.prompt.text == "second question\nin two lines"
+            await pilot.press("down")
+            assert first.chat.prompt.text == "draft"  # past the newest: what was being typed
+
+    asyncio.run(run_first())
+    second = make_app(tiny, tmp_path, max_new_tokens=2, store=ChatStore(store_path))
+
+    async def run_second():
+        async with second.run_test(size=SIZE) as pilot:
+            await pilot.press("up")
+            assert second.chat.prompt.text == "second question\nin two lines"
+
+    asyncio.run(run_second())
+
+
+@pytest.mark.parametrize("code, language", [
+    ("def add(a, b):\n    return a + b\n\n# Example usage:\nprint(add(1, 2))", "python"),
+    ("const x = () => { return 1; };\nconsole.log(x());", "javascript"),
+    ('{"a": 1, "b": [true, null]}', "json"),
+    ("#include <stdio.h>\nint main(void) { printf(\"hi\"); return 0; }", "c"),
+    ("SELECT name FROM users WHERE id = 3;", "sql"),
+    ("just some words here", ""),
+])
+def test_a_bare_code_fence_gets_a_language(code, language):
+    assert guess_code_language(code) == language
+
+
+def test_code_blocks_in_the_markdown_view_are_highlighted(tiny, tmp_path):
+    """A fence without a language (what small models write) is highlighted as the code it holds."""
+    store = ChatStore(tmp_path / "chats.sqlite3")
+    code = "def add(a, b):\n    return a + b\n\nprint(add(1, 2))"
+    answer = f"Here:\n```\n{code}\n```\n"
+    chat_id, message = store.start_answer(None, [{"role": "user", "content": "code"}], "Depth 6/6", "tiny")
+    ids = tiny.tokenizer.encode(answer, add_special_tokens=False)
+    for i, tid in enumerate(ids):
+        store.add_token(message, i, tid, tiny.tokenizer.decode([tid]), 6, 1.0)
+    store.finish_message(message, answer)
+    app = make_app(tiny, tmp_path, store=store)
+
+    async def run():
+        async with app.run_test(size=SIZE) as pilot:
+            await app.open_chat(chat_id)
+            await pilot.press("f8")
+            await wait_for(pilot, lambda: app.screen.query(CodeFence))
+            fence = app.screen.query_one(CodeFence)
+            assert fence.code == code
+            styled = {str(span.style) for span in fence._highlighted_code.spans}
+            keyword = next(str(s.style) for s in fence._highlighted_code.spans
+                           if fence._highlighted_code.plain[s.start:s.end] == "def")
+            assert len(styled) >= 3 and keyword != "$text"
+
+    asyncio.run(run())
+
+
+def test_copy_the_last_answer_with_one_key(tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+
+    async def run():
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("f10")
+            assert app.clipboard == ""
+            await ask(pilot, app)
+            await pilot.press("f10")
+            assert app.clipboard == app.answer.text and app.clipboard
+
+    asyncio.run(run())

@@ -1,0 +1,304 @@
+"""The chat screen at 80x24 and beyond: every part fits, figures are named, colours are readable on the theme."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from test_tui_app import PROMPT, SIZE, Gate, ask, make_app, status, wait_for
+from textual.app import App
+from textual.theme import BUILTIN_THEMES
+from textual.widgets import DataTable, TextArea
+from textual.widgets._footer import FooterKey
+
+from sortedchat.engine import GenerationStats
+from sortedchat.palette import MIN_CONTRAST, contrast, exit_colour, hex_rgb
+from sortedchat.tui.colours import theme_background
+from sortedchat.tui.screens.chats import ChatListScreen
+from sortedchat.tui.screens.settings import SettingsScreen
+from sortedchat.tui.settings import Settings, load_settings, settings_path
+from sortedchat.tui.storage import ChatStore
+from sortedchat.tui.widgets.status import ExitLegend, status_text
+
+SMALL = (80, 24)
+SMOLLM = "SmolLM2-135M-Instruct (default)"
+
+
+def spec_stats() -> GenerationStats:
+    return GenerationStats(num_layers=30, tokens=49, drafted=20, accepted=5, verifications=5, paced=44,
+                           exit_sum=49 * 30, decode_seconds=8.6, layer_evals=49 * 35)
+
+
+@pytest.mark.parametrize("width, expected", [
+    (None, "Speculative 15 · 5.7 tok/s · 49 tokens · mean exit 30.0/30 · drafts accepted 25% · 44 undrafted · "
+           f"compute saved -17% · {SMOLLM}"),
+    (128, "Speculative 15 · 5.7 tok/s · 49 tokens · mean exit 30.0/30 · drafts accepted 25% · 44 undrafted · "
+          "compute saved -17%"),
+    (78, "Speculative 15 · 5.7 tok/s · 49 tok · exit 30.0 · accepted 25% · saved -17%"),
+    (40, "Speculative 15 · 5.7 tok/s · saved -17%"),
+    (5, "Speculative 15"),  # the mode always stays
+])
+def test_the_status_line_fits_its_width_least_needed_first(width, expected):
+    assert status_text(SMOLLM, "Speculative 15", spec_stats(), width=width) == expected
+
+
+def test_the_status_line_keeps_the_kv_policy_of_the_mode():
+    line = status_text(SMOLLM, "Auto · propagated KV", spec_stats(), width=60)
+    assert line.startswith("Auto · propagated KV · 5.7 tok/s") and len(line) <= 60
+
+
+def test_the_legend_names_every_exit_and_full_depth_at_80_columns():
+    exits = [9, 12, 15, 18, 21, 24, 27, 30]
+
+    class Host(App):
+        def compose(self):
+            yield ExitLegend(exits, 30)
+
+    async def run():
+        for width, expected in [(120, "exits ██ 9  ██ 12  ██ 15  ██ 18  ██ 21  ██ 24  ██ 27  ██ 30  shallow → full depth"),
+                                (40, "exit 9 12 15 18 21 24 27 30 (full)")]:
+            app = Host()
+            async with app.run_test(size=(width, 5)) as pilot:
+                await pilot.pause()
+                assert app.query_one(ExitLegend).render().plain == expected
+
+    asyncio.run(run())
+
+
+def test_at_80x24_the_footer_keeps_help_new_chats_and_quit(tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+
+    async def run():
+        async with app.run_test(size=SMALL) as pilot:
+            await pilot.pause()
+            keys = list(app.screen.query(FooterKey))
+            shown = {k.action.removeprefix("app.") for k in keys}
+            assert {"help", "shallower", "deeper", "auto", "new_chat", "chats", "quit"} <= shown
+            assert max(k.region.right for k in keys) <= 80
+            await pilot.resize_terminal(130, 40)
+            await pilot.pause(0.2)
+            wide = {k.action.removeprefix("app.") for k in app.screen.query(FooterKey)}
+            assert {"speculative", "view", "lens", "settings"} <= wide
+
+    asyncio.run(run())
+
+
+def test_the_lens_goes_under_the_chat_when_narrow_and_esc_closes_it(tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+
+    async def run():
+        async with app.run_test(size=SMALL) as pilot:
+            await ask(pilot, app)
+            await pilot.press("f9")
+            await wait_for(pilot, lambda: app.chat.lens.query(".lens-row"))
+            conversation, lens = app.chat.conversation.region, app.chat.lens.region
+            assert conversation.width == 80 and lens.width == 80 and lens.y >= conversation.bottom
+            await pilot.press("escape")
+            assert not app.chat.lens.display and app.focused is app.chat.prompt
+            await pilot.resize_terminal(130, 40)
+            await pilot.press("f9")
+            await pilot.pause()
+            assert app.chat.lens.region.x >= app.chat.conversation.region.right  # beside it when wide
+
+    asyncio.run(run())
+
+
+def test_a_mid_answer_mode_change_shows_in_the_answer_header_and_the_saved_chat(tiny, tmp_path):
+    app = make_app(tiny, tmp_path, max_new_tokens=10)
+
+    async def run():
+        async with app.run_test(size=SIZE) as pilot:
+            gate = Gate(app, after=3)
+            await gate.start(pilot, app)
+            await pilot.press("f2")
+            gate.release.set()
+            await wait_for(pilot, lambda: not app.generating)
+            assert app.answer.border_title == "assistant · Depth 6/6 → Depth 4/6"
+            assert app.store.load(app.chat_id).messages[-1].mode == "Depth 6/6 → Depth 4/6"
+            await pilot.press("f4")  # Auto
+            gate = Gate(app, after=1)
+            await gate.start(pilot, app, "Again")
+            await pilot.press("f6", "f3")
+            gate.release.set()
+            await wait_for(pilot, lambda: not app.generating)
+            assert app.answer.border_title == "assistant · mixed: Auto → … → Depth 6/6"
+            assert "Auto, thresholds -0.05" not in status(app)  # left auto with F3
+
+    asyncio.run(run())
+
+
+def test_settings_open_with_the_system_prompt_focused(tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+
+    async def run():
+        async with app.run_test(size=SMALL) as pilot:
+            await pilot.press("ctrl+o")
+            await wait_for(pilot, lambda: isinstance(app.screen, SettingsScreen))
+            await pilot.pause()
+            assert isinstance(app.focused, TextArea) and app.focused.id == "system_prompt"
+            await pilot.press(*"Be brief.")
+            assert app.focused.text == "Be brief."
+
+    asyncio.run(run())
+
+
+def test_page_up_from_the_message_box_scrolls_the_conversation(tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+
+    async def run():
+        async with app.run_test(size=SMALL) as pilot:
+            for text in ("one", "two", "three"):
+                await ask(pilot, app, text)
+            conversation = app.chat.conversation
+            await pilot.pause()
+            assert conversation.max_scroll_y > 0 and conversation.scroll_y == conversation.max_scroll_y
+            assert app.focused is app.chat.prompt
+            await pilot.press("pageup")
+            await pilot.pause()
+            assert conversation.scroll_y < conversation.max_scroll_y
+            await pilot.press("pagedown", "pagedown", "pagedown")
+            await pilot.pause()
+            assert conversation.scroll_y == conversation.max_scroll_y
+
+    asyncio.run(run())
+
+
+def test_releasing_a_mouse_selection_does_not_open_the_lens(tiny, tmp_path):
+    from sortedchat.tui.widgets.answer import TokenText
+
+    app = make_app(tiny, tmp_path)
+
+    async def run():
+        async with app.run_test(size=SIZE) as pilot:
+            await ask(pilot, app)
+            await pilot.mouse_down(TokenText, offset=(0, 0))
+            await pilot.mouse_up(TokenText, offset=(4, 0))
+            await pilot.pause()
+            assert not app.chat.lens.display
+            await pilot.click(TokenText, offset=(0, 0))
+            await pilot.pause()
+            assert app.chat.lens.display
+
+    asyncio.run(run())
+
+
+def test_new_chat_clears_the_draft_and_up_brings_it_back(tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+
+    async def run():
+        async with app.run_test(size=SMALL) as pilot:
+            await ask(pilot, app)
+            await pilot.press(*"half a thought")
+            await pilot.press("ctrl+n")
+            assert app.chat.prompt.text == "" and app.chat_id is None
+            await pilot.press("up")
+            assert app.chat.prompt.text == "half a thought"
+
+    asyncio.run(run())
+
+
+def test_saving_settings_keeps_command_line_values_out_of_the_file(tiny, tmp_path):
+    settings_path().parent.mkdir(parents=True)
+    settings_path().write_text("[chat]\ntop_k = 5\n")
+    settings = load_settings()
+    settings.max_new_tokens = 40  # as `sortedchat -n 40` gives it
+    app = make_app(tiny, tmp_path, settings=settings)
+
+    async def run():
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.press("ctrl+o")
+            await wait_for(pilot, lambda: isinstance(app.screen, SettingsScreen))
+            app.screen.query_one("#temperature").value = "0.7"
+            await pilot.press("ctrl+s")
+            await wait_for(pilot, lambda: not isinstance(app.screen, SettingsScreen))
+
+    asyncio.run(run())
+    saved = settings_path().read_text()
+    assert "temperature = 0.7" in saved and "top_k = 5" in saved and "max_new_tokens = 40" not in saved
+    assert app.settings.max_new_tokens == 40  # still used for this run
+
+
+@pytest.mark.parametrize("theme", sorted(BUILTIN_THEMES))
+def test_exit_colours_are_readable_on_every_theme(theme):
+    class Host(App):
+        pass
+
+    async def run():
+        app = Host()
+        async with app.run_test(size=(40, 5)) as pilot:
+            app.theme = theme
+            await pilot.pause()
+            background = theme_background(app)
+            for num_layers, first in [(30, 9), (6, 2)]:
+                for layer in range(first, num_layers + 1):
+                    ratio = contrast(hex_rgb(exit_colour(layer, num_layers, first, background)), background)
+                    assert ratio >= MIN_CONTRAST, (theme, layer, ratio)
+
+    asyncio.run(run())
+
+
+def test_the_light_theme_recolours_the_answer_and_is_remembered(tiny, tmp_path):
+    app = make_app(tiny, tmp_path, settings=Settings(max_new_tokens=12))
+    light = hex_rgb("#E0E0E0")  # textual-light's background
+
+    def token_colours(app):
+        view = app.answer.depth_view
+        return [span.style.foreground.hex for block in view.blocks for span in block.spans]
+
+    async def run():
+        async with app.run_test(size=SIZE) as pilot:
+            await ask(pilot, app)
+            dark = token_colours(app)
+            app.theme = "textual-light"
+            await pilot.pause(0.1)
+            colours = token_colours(app)
+            assert colours != dark and all(contrast(hex_rgb(c), light) >= MIN_CONTRAST for c in colours)
+
+    asyncio.run(run())
+    assert load_settings().theme == "textual-light"
+    again = make_app(tiny, tmp_path, settings=load_settings())
+
+    async def reopen():
+        async with again.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            assert again.theme == "textual-light"
+
+    asyncio.run(reopen())
+
+
+def test_the_saved_chats_list_fits_and_tells_same_titles_apart(tiny, tmp_path):
+    store = ChatStore(tmp_path / "chats.sqlite3")
+    for _ in range(3):
+        chat_id, answer = store.start_answer(None, [{"role": "user", "content": "Hello"}], "Depth 6/6", "SmolLM2-135M-Instruct (default)")
+        store.finish_message(answer, "Hi")
+    async def run():
+        for size in [(130, 40), SMALL]:
+            app = make_app(tiny, tmp_path, store=store)
+            async with app.run_test(size=size) as pilot:
+                await pilot.press("ctrl+l")
+                await wait_for(pilot, lambda: isinstance(app.screen, ChatListScreen))
+                await pilot.pause()
+                table = app.screen.query_one(DataTable)
+                rows = [table.get_row_at(i) for i in range(table.row_count)]
+                assert sorted(r[0] for r in rows) == ["Hello (1)", "Hello (2)", "Hello (3)"]
+                updated = table.ordered_columns[2]
+                assert str(updated.label) == "updated" and updated.width == len(rows[0][2]) == 16
+                assert table.virtual_size.width <= table.size.width  # no column cut off
+
+    asyncio.run(run())
+
+
+def test_a_screenshot_without_a_downloads_folder_goes_to_the_export_folder(tiny, tmp_path, monkeypatch):
+    import sortedchat.tui.app as tui_app
+
+    monkeypatch.setattr(tui_app, "user_downloads_path", lambda: tmp_path / "no-such-folder")
+    app = make_app(tiny, tmp_path)
+
+    async def run():
+        async with app.run_test(size=SMALL) as pilot:
+            app.action_screenshot()
+            await wait_for(pilot, lambda: list(tmp_path.glob("*.svg")))
+
+    asyncio.run(run())
+    [svg] = tmp_path.glob("*.svg")
+    assert "<svg" in svg.read_text()
