@@ -8,14 +8,19 @@ both in total and above the level right before the first timed step.
 
     python benchmarks/train_cost.py --data ../shared/data/alpaca_1800.json
     python benchmarks/train_cost.py --data D --variant soft --variant soft:4 --lora --mixed-precision bf16
+    python benchmarks/train_cost.py --data D --lora --variant "soft,objective=ce+kd" \
+        --variant "soft,objective=kd,kd_top_k=64,pack=true"
 
-A variant is `sft`, `soft` (every exit every step) or `soft:N` (`--exits-per-step N`).
+A variant is `sft`, `soft` (every exit every step) or `soft:N` (`--exits-per-step N`), optionally followed
+by `,option=value` pairs of `sortedchat train` (underscores, as in a recipe): the cheap top-K distillation
+against today's exact ce+kd, lenses, packing. The SFT row is always plain CE on the last exit.
 """
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import os
 import tempfile
 import threading
@@ -28,7 +33,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sortedchat.training.recipe import resolve_options
+from sortedchat.training.recipe import coerce_option, resolve_options
 from sortedchat.training.trainer import Trainer
 
 
@@ -78,9 +83,18 @@ class PeakMemory:
 
 def measure(variant: str, base: dict, steps: int, first_step: int) -> dict:
     """Set up a trainer for `variant`, warm it up, then time `steps` steps and watch memory."""
-    method, _, per_step = variant.partition(":")
+    head, *pairs = variant.split(",")
+    method, _, per_step = head.partition(":")
+    extra = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            value = json.loads(value)  # 64, 0.5, true; anything else stays a string (ce+kd)
+        except ValueError:
+            pass
+        extra[key] = coerce_option(key, value, f"--variant {variant}")
     with tempfile.TemporaryDirectory() as out:
-        opts = resolve_options(base | {"method": method, "exits_per_step": int(per_step or 0), "out": out})
+        opts = resolve_options(base | {"method": method, "exits_per_step": int(per_step or 0), "out": out} | extra)
         trainer = Trainer(opts, Console(file=open(os.devnull, "w"))).setup()
         trainer.train_step(first_step)  # warm-up: allocates optimizer state, first-call overheads
         times, tokens = [], 0
@@ -150,7 +164,8 @@ def main(
     for v in variants:
         t, p, a, rate = summary(v)
         exits_trained = results[v][0]["exits"]
-        label = f"{len(exits_trained)} of {len(exits_trained)}" if ":" not in v else f"{v.split(':')[1]} of {len(exits_trained)}"
+        per_step = v.split(",")[0].partition(":")[2]
+        label = f"{per_step or len(exits_trained)} of {len(exits_trained)}"
         table.add_row(v, label if v != "sft" else "last", f"{t:.2f}", f"{t / t_sft:.2f}x", f"{rate:,.0f}",
                       f"{p / 2**30:.2f}", f"{p / p_sft:.2f}x", f"{a / 2**30:.2f}", f"{a / max(a_sft, 1):.2f}x")
     console.print(table)

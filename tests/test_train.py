@@ -665,3 +665,20 @@ def test_lens_training_leaves_the_model_and_full_depth_untouched_and_the_engine_
             hs = start.model.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[2]
             ids.append(int(lensed.head(hs[:, -1], 2).argmax()))
     assert steps and steps == ids[len(prompt):]
+
+
+def test_training_curves_table_and_plot_from_metrics(tmp_path):
+    from sortedchat.training import curves
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"step": 5, "loss": 1.0, "tokens": 1000}, {"step": 5, "eval": {"2": {"ce": 3.0, "agree": 0.25},
+                                                                          "6": {"ce": 2.0, "agree": 1.0}}},
+             {"step": 10, "loss": 0.8, "tokens": 2000}, {"step": 10, "eval": {"2": {"ce": 2.5, "agree": 0.5},
+                                                                            "6": {"ce": 2.0, "agree": 1.0}}}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    evals = curves.read_evals(run)
+    assert [(r["step"], r["tokens"], r["eval"][2]["agree"]) for r in evals] == [(5, 1000, 0.25), (10, 2000, 0.5)]
+    assert curves.table("lens", evals).splitlines()[-1] == "| 10 | 2,000 | 50.0% | 100.0% |"
+    curves.main([str(run), "--label", "lens", "--png", str(tmp_path / "c.png")])
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,20 +1,38 @@
 #!/usr/bin/env bash
-# Rebuild the SoFT adapter that sortedchat ships as its default model (sortedchat/assets/smollm2-135m-soft):
-#   1. train it with the recipe (skipped when RUN already holds a finished run),
-#   2. copy the adapter into the package in float16 (half the size; the merge happens in float32),
-#   3. calibrate the auto-mode thresholds on the held-out records (written into the shipped sortedchat.json).
-# Usage: training/build-default.sh [RUN_DIR]   (default runs/smollm2-soft; the data sits beside the checkout)
+# Rebuild the default model that sortedchat ships (sortedchat/assets/smollm2-135m-soft): SoFT LoRA adapter
+# plus per-exit lenses, from the data in ../shared/data/ (see the model card):
+#   1. the model's own sampled replies to Alpaca instructions, TriviaQA questions and Wikipedia passages
+#      (resumable; SELFGEN_ALPACA/..._QA/..._PASSAGES cap how many prompts, 0 skips that source),
+#   2. the training corpus (Alpaca but its last 200 records, questions with answers, passage continuations,
+#      the replies) and the held-out set (the last 200 Alpaca records),
+#   3. training with the recipe (skipped when RUN already holds a finished run; --resume continues one),
+#   4. the adapter and the lenses copied into the package in float16 (under 20 MB together),
+#   5. auto-mode thresholds calibrated on the held-out records (written into the shipped sortedchat.json).
+# Usage: training/build-default.sh [RUN_DIR]   (default runs/smollm2-default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RECIPE=training/recipes/smollm2-135m-alpaca.toml
-RUN=${1:-runs/smollm2-soft}
-DATA=${DATA:-../shared/data/alpaca_1800.json}
+RECIPE=training/recipes/smollm2-135m-default.toml
+RUN=${1:-runs/smollm2-default}
+SHARED=${SHARED:-../shared/data}
 ASSET=sortedchat/assets/smollm2-135m-soft
+mkdir -p runs/data
 
-[ -f "$RUN/sortedchat.json" ] || sortedchat train --recipe "$RECIPE" --data "$DATA" --out "$RUN"
+BASE=$(python -c "from sortedchat.default_model import base_model_dir; print(base_model_dir())")
+python -m sortedchat.training.selfgen --model "$BASE" --out runs/data/replies.jsonl \
+  --alpaca "$SHARED/alpaca_1800.json" --alpaca-holdout 200 --alpaca-limit "${SELFGEN_ALPACA:-1600}" \
+  --questions "$SHARED/triviaqa_dev_1000.jsonl" --questions-limit "${SELFGEN_QA:-1000}" \
+  --passages "$SHARED/wiki_20.txt" --passage-limit "${SELFGEN_PASSAGES:-400}"
+python -m sortedchat.training.selfgen --model "$BASE" --out runs/data/replies.jsonl \
+  --alpaca "$SHARED/alpaca_1800.json" --alpaca-holdout 200 --questions "$SHARED/triviaqa_dev_1000.jsonl" \
+  --passages "$SHARED/wiki_20.txt" --corpus runs/data/train.jsonl --heldout runs/data/heldout.json
 
-python - "$RUN" "$ASSET" <<'EOF'
-import json, shutil, sys
+if [ ! -f "$RUN/sortedchat.json" ]; then
+  if [ -d "$RUN/checkpoints" ]; then resume=--resume; else resume=; fi
+  sortedchat train --recipe "$RECIPE" --out "$RUN" $resume
+fi
+
+python - "$RUN" "$ASSET" <<'PY'
+import json, sys
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -23,6 +41,8 @@ run, asset = Path(sys.argv[1]), Path(sys.argv[2])
 asset.mkdir(parents=True, exist_ok=True)
 state = load_file(str(run / "adapter_model.safetensors"))
 save_file({k: v.half().contiguous() for k, v in state.items()}, str(asset / "adapter_model.safetensors"))
+lenses = load_file(str(run / "exit_lenses.safetensors"))
+save_file({k: v.half().contiguous() for k, v in lenses.items()}, str(asset / "exit_lenses.safetensors"))
 adapter_config = json.loads((run / "adapter_config.json").read_text())
 # sortedchat resolves the base through sortedchat.json ("default"); PEFT users get the hub id, not our cache path.
 adapter_config["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -31,7 +51,8 @@ config = json.loads((run / "sortedchat.json").read_text())
 config.update(thresholds={}, confidence="maxprob", calibration={})  # calibrated below
 (asset / "sortedchat.json").write_text(json.dumps(config, indent=2) + "\n")
 (asset / "exit_classifier.safetensors").unlink(missing_ok=True)
-print(f"{asset}: adapter {(asset / 'adapter_model.safetensors').stat().st_size / 1e6:.1f} MB")
-EOF
+size = sum(p.stat().st_size for p in asset.glob("*.safetensors")) / 1e6
+print(f"{asset}: adapter + lenses {size:.1f} MB")
+PY
 
-sortedchat calibrate --model "$ASSET" --data "$DATA" --holdout 200
+sortedchat calibrate --model "$ASSET" --data runs/data/heldout.json

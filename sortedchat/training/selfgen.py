@@ -73,6 +73,57 @@ def passage_prompts(path: Path, max_new_tokens: int, passage_chars: int = 700, l
     return out[:limit] if limit else out
 
 
+def passage_continuations(path: Path, passage_chars: int = 700) -> list[dict]:
+    """Chat records with real text as the answer, no generation: "Continue this passage" + its first half,
+    answered by its second half. Distillation toward the model's own full depth scores every answer token,
+    so human text is as usable as sampled text, and costs nothing to make."""
+    out = []
+    for a, article in enumerate(path.read_text(encoding="utf-8").split("\n")):
+        sentences = re.split(r"(?<=[.!?])\s*(?=[A-Z])", article.strip())
+        passage: list[str] = []
+        for s in sentences:
+            passage.append(s)
+            if sum(len(x) for x in passage) >= passage_chars and len(passage) >= 2:
+                half = len(passage) // 2
+                out.append({"source": f"wiki-continue:{a}:{len(out)}", "messages": [
+                    {"role": "user", "content": "Continue this passage:\n\n" + " ".join(passage[:half])},
+                    {"role": "assistant", "content": " ".join(passage[half:])}]})
+                passage = []
+    return out
+
+
+def training_corpus(alpaca: Path, questions: Path | None, passages: Path | None, replies: Path | None,
+                    holdout: int, out: Path) -> dict[str, int]:
+    """One chat JSONL for `sortedchat train`: the Alpaca records but the last `holdout`, closed-book
+    questions with their answers, passage continuations and the model's own replies (if any were made).
+    Written atomically, ASCII-escaped (one record per line whatever the text holds). Returns counts."""
+    from sortedchat.config import atomic_write_text
+
+    records = json.loads(alpaca.read_text(encoding="utf-8"))
+    rows = []
+    for i, r in enumerate(records[: len(records) - holdout]):
+        user = r["instruction"].strip() + ("\n\n" + r["input"].strip() if r.get("input", "").strip() else "")
+        rows.append({"source": f"alpaca:{i}", "messages": [{"role": "user", "content": user},
+                                                         {"role": "assistant", "content": r["output"]}]})
+    counts = {"alpaca": len(rows)}
+    if questions:
+        qa = [json.loads(x) for x in questions.read_text(encoding="utf-8").split("\n") if x.strip()]
+        rows += [{"source": f"qa:{i}", "messages": [{"role": "user", "content": q["question"]},
+                                                    {"role": "assistant", "content": q["answer"]}]}
+                 for i, q in enumerate(qa)]
+        counts["questions"] = len(qa)
+    if passages:
+        cont = passage_continuations(passages)
+        rows += cont
+        counts["passages"] = len(cont)
+    if replies and replies.is_file():
+        own = [json.loads(x) for x in replies.read_text(encoding="utf-8").split("\n") if x.strip().endswith("}")]
+        rows += own
+        counts["own replies"] = len(own)
+    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
+    return counts
+
+
 def _done_keys(path: Path) -> dict[str, int]:
     """How many samples of each prompt key the output already holds (a torn last line is ignored)."""
     counts: dict[str, int] = {}
@@ -133,25 +184,41 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True, type=Path, help="chat JSONL to append to (resumable)")
     ap.add_argument("--alpaca", type=Path, help="Alpaca JSON: its instructions")
     ap.add_argument("--alpaca-holdout", type=int, default=200, help="leave out the last N Alpaca records")
+    ap.add_argument("--alpaca-limit", type=int, default=None, help="answer only the first N instructions")
+    ap.add_argument("--questions-limit", type=int, default=None, help="answer only the first N questions")
     ap.add_argument("--questions", type=Path, help="QA JSONL: its questions")
     ap.add_argument("--passages", type=Path, help="plain text, one article per line: passages to summarise")
     ap.add_argument("--passage-limit", type=int, default=None)
     ap.add_argument("--samples", type=int, default=1, help="replies per Alpaca instruction")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--corpus", type=Path, help="instead of generating: write the training corpus (Alpaca but "
+                    "the held-out records, questions with answers, passage continuations, and the replies in --out)")
+    ap.add_argument("--heldout", type=Path, help="with --corpus: also write the held-out Alpaca records here")
     args = ap.parse_args(argv)
+    if args.corpus:
+        counts = training_corpus(args.alpaca, args.questions, args.passages, args.out, args.alpaca_holdout, args.corpus)
+        print(f"{args.corpus}: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+        if args.heldout:
+            from sortedchat.config import atomic_write_text
+
+            records = json.loads(args.alpaca.read_text(encoding="utf-8"))[-args.alpaca_holdout:]
+            atomic_write_text(args.heldout, json.dumps(records, indent=1) + "\n")
+        return
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    if args.alpaca:
-        generate(model, tokenizer, alpaca_prompts(args.alpaca, args.alpaca_holdout, 192), args.out,
+    if args.alpaca and args.alpaca_limit != 0:
+        prompts = alpaca_prompts(args.alpaca, args.alpaca_holdout, 160)[: args.alpaca_limit]
+        generate(model, tokenizer, prompts, args.out,
                  samples=args.samples, batch_size=args.batch_size, seed=args.seed)
-    if args.questions:
-        generate(model, tokenizer, question_prompts(args.questions, 48), args.out, batch_size=args.batch_size,
+    if args.questions and args.questions_limit != 0:
+        generate(model, tokenizer, question_prompts(args.questions, 48)[: args.questions_limit], args.out,
+                 batch_size=args.batch_size,
                  seed=args.seed)
-    if args.passages:
+    if args.passages and args.passage_limit != 0:
         generate(model, tokenizer, passage_prompts(args.passages, 160, limit=args.passage_limit), args.out,
                  batch_size=args.batch_size, seed=args.seed)
 

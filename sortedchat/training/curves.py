@@ -1,0 +1,81 @@
+"""Training curves from `metrics.jsonl`: held-out agreement with full depth per exit, against tokens seen.
+
+Every `--eval-interval` steps a run logs each exit's held-out CE and top-1 agreement with the full depth;
+this draws them (one panel per run, one line per exit) so a model card can show where returns flatten, and
+prints the same figures as a Markdown table.
+
+    python -m sortedchat.training.curves runs/a runs/b --label "SoFT + lens" --label "lens only" --png curves.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def read_evals(run: Path) -> list[dict]:
+    """[(step, tokens, {exit: {"ce", "agree"}})] of one run, in step order (training lines give the tokens)."""
+    tokens, out = {}, []
+    for line in (run / "metrics.jsonl").read_text(encoding="utf-8").split("\n"):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if "tokens" in row:
+            tokens[row["step"]] = row["tokens"]
+        if "eval" in row:
+            seen = max((t for s, t in tokens.items() if s <= row["step"]), default=0)
+            out.append({"step": row["step"], "tokens": seen, "eval": {int(e): v for e, v in row["eval"].items()}})
+    return out
+
+
+def table(label: str, evals: list[dict]) -> str:
+    exits = sorted(evals[-1]["eval"]) if evals else []
+    head = f"| {label}: step | tokens | " + " | ".join(f"exit {e}" for e in exits) + " |"
+    rule = "|---" * (len(exits) + 2) + "|"
+    rows = [f"| {r['step']} | {r['tokens']:,} | " + " | ".join(f"{100 * r['eval'][e].get('agree', 0):.1f}%" for e in exits)
+            + " |" for r in evals]
+    return "\n".join([head, rule, *rows])
+
+
+def plot(runs: dict[str, list[dict]], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4), squeeze=False, sharey=True)
+    for ax, (label, evals) in zip(axes[0], runs.items()):
+        exits = sorted(evals[-1]["eval"])[:-1] if evals else []
+        for e in exits:
+            ax.plot([r["tokens"] / 1e3 for r in evals], [100 * r["eval"][e].get("agree", 0) for r in evals],
+                    marker="o", label=f"exit {e}")
+        ax.set_title(label)
+        ax.set_xlabel("training tokens (thousands)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out top-1 agreement with full depth (%)")
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="run directories (each with metrics.jsonl)")
+    ap.add_argument("--label", action="append", help="one per run (default: the directory name)")
+    ap.add_argument("--png", type=Path, help="write the plot here")
+    args = ap.parse_args(argv)
+    labels = args.label or [r.name for r in args.runs]
+    if len(labels) != len(args.runs):
+        raise SystemExit(f"--label: {len(labels)} labels for {len(args.runs)} runs")
+    runs = {label: read_evals(run) for label, run in zip(labels, args.runs)}
+    for label, evals in runs.items():
+        print(table(label, evals) + "\n")
+    if args.png:
+        plot(runs, args.png)
+        print(f"wrote {args.png}")
+
+
+if __name__ == "__main__":
+    main()
