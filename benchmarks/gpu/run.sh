@@ -102,7 +102,7 @@ EOF
   ;;
 2)
   parts_here 2
-  step decode-probe 240 $PY benchmarks/gpu/decode_probe.py --device "$DEVICE" --dtype "$DTYPE" "${PROBE[@]}" \
+  step decode-probe 150 $PY benchmarks/gpu/decode_probe.py --device "$DEVICE" --dtype "$DTYPE" "${PROBE[@]}" \
        --json "$OUT/decode-probe.json"
   ;;
 3)
