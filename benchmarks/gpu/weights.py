@@ -25,11 +25,8 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def read_manifest(manifest: Path) -> tuple[list[tuple[str, int, str]], tuple[str, int, str]]:
