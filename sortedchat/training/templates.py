@@ -82,9 +82,12 @@ def render(example: Example, tokenizer, template: str) -> list[tuple[str, bool]]
     return _alpaca_segments(example, tokenizer) if template == "alpaca" else _chat_segments(example, tokenizer)
 
 
-def encode(example: Example, tokenizer, template: str, max_length: int) -> Encoded:
-    """Token ids of the whole conversation; labels on response tokens up to the first end-of-turn token."""
-    stops = end_of_turn_ids(tokenizer)
+def encode(example: Example, tokenizer, template: str, max_length: int, stops: set[int] | None = None) -> Encoded:
+    """Token ids of the whole conversation; labels on response tokens up to the first end-of-turn token.
+
+    `stops` (the end-of-turn ids) may be passed in: looking them up reads the whole vocabulary, which cost
+    more than encoding a record when done once per record."""
+    stops = end_of_turn_ids(tokenizer) if stops is None else stops
     ids: list[int] = []
     labels: list[int] = []
     for n, (text, is_response) in enumerate(render(example, tokenizer, template)):
@@ -117,8 +120,9 @@ def prompt_ids(example: Example, tokenizer, template: str) -> list[int]:
 def encode_all(examples: list[Example], tokenizer, template: str, max_length: int) -> tuple[list[Encoded], int]:
     """Encode every example; those whose response is cut away entirely by max_length are dropped (counted)."""
     out, dropped = [], 0
+    stops = end_of_turn_ids(tokenizer)
     for ex in examples:
-        enc = encode(ex, tokenizer, template, max_length)
+        enc = encode(ex, tokenizer, template, max_length, stops)
         if enc.targets == 0:
             dropped += 1
             continue
