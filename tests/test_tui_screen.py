@@ -42,6 +42,13 @@ def test_the_status_line_fits_its_width_least_needed_first(width, expected):
     assert status_text(SMOLLM, "Speculative 15", spec_stats(), width=width) == expected
 
 
+def test_a_part_left_out_is_not_brought_back_by_shortening():
+    stats = spec_stats()
+    stats.tokens, stats.exit_sum = 24, 24 * 30
+    line = status_text("tiny", "Speculative 2", stats, width=78)
+    assert "undrafted" not in line and "tiny" not in line and len(line) <= 78
+
+
 def test_the_status_line_keeps_the_kv_policy_of_the_mode():
     line = status_text(SMOLLM, "Auto · propagated KV", spec_stats(), width=60)
     assert line.startswith("Auto · propagated KV · 5.7 tok/s") and len(line) <= 60

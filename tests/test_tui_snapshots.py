@@ -1,4 +1,5 @@
-"""Screenshots of the chat app (pytest-textual-snapshot): a finished answer in depth colours, help, settings.
+"""Screenshots of the chat app (pytest-textual-snapshot): answers in depth colours, help, settings, and the
+same at 80x24 with the welcome, the layer lens and the light theme.
 
 Deterministic by construction: fixed terminal size, greedy decoding, no tokens/s in the status line,
 a fixed model name and config path. Update after an intended change with `pytest --snapshot-update`.
@@ -12,6 +13,7 @@ from test_tui_app import ask, make_app, wait_for
 from sortedchat.engine import Mode
 from sortedchat.tui.screens.help import HelpScreen
 from sortedchat.tui.screens.settings import SettingsScreen
+from sortedchat.tui.settings import Settings
 
 SIZE = (100, 30)
 
@@ -64,3 +66,75 @@ def test_settings_screen(snap_compare, tiny, tmp_path):
         await steady_cursor(pilot)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=open_settings)
+
+
+# 80x24: the smallest common terminal. Every part must fit: the legend names every exit and full depth,
+# the status line keeps its mode, the footer keeps Help, New, Chats and Quit, the lens goes under the chat.
+SMALL = (80, 24)
+
+
+def test_small_empty_chat_shows_the_welcome(snap_compare, tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+    assert snap_compare(app, terminal_size=SMALL, run_before=steady_cursor)
+
+
+def test_small_main_screen_with_a_speculative_answer(snap_compare, tiny, tmp_path):
+    app = make_app(tiny, tmp_path, max_new_tokens=24, initial_mode=lambda sm: Mode.speculative(2))
+
+    async def chat(pilot):
+        await steady_cursor(pilot)
+        await ask(pilot, app, "What is the capital of France?")
+        await steady_cursor(pilot)
+
+    assert snap_compare(app, terminal_size=SMALL, run_before=chat)
+
+
+def test_small_layer_lens_under_the_chat(snap_compare, tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+
+    async def lens(pilot):
+        await steady_cursor(pilot)
+        await ask(pilot, app)
+        await pilot.press("f9")
+        await wait_for(pilot, lambda: len(app.chat.lens.query(".lens-row")) == 3 and not app.chat.lens.loading)
+        await steady_cursor(pilot)
+
+    assert snap_compare(app, terminal_size=SMALL, run_before=lens)
+
+
+def test_small_light_theme(snap_compare, tiny, tmp_path):
+    app = make_app(tiny, tmp_path, initial_mode=lambda sm: Mode.fixed(2),
+                   settings=Settings(max_new_tokens=24, theme="textual-light"))
+
+    async def chat(pilot):
+        await steady_cursor(pilot)
+        await ask(pilot, app, "Hello there")
+        await pilot.press("f3", "f3")
+        await ask(pilot, app, "What is the capital of France?")
+        await steady_cursor(pilot)
+
+    assert snap_compare(app, terminal_size=SMALL, run_before=chat)
+
+
+def test_small_help_screen(snap_compare, tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+
+    async def open_help(pilot):
+        await steady_cursor(pilot)
+        await pilot.press("f1")
+        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen))
+        await steady_cursor(pilot)
+
+    assert snap_compare(app, terminal_size=SMALL, run_before=open_help)
+
+
+def test_small_settings_screen(snap_compare, tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+
+    async def open_settings(pilot):
+        await steady_cursor(pilot)
+        await pilot.press("ctrl+o")
+        await wait_for(pilot, lambda: isinstance(app.screen, SettingsScreen))
+        await steady_cursor(pilot)
+
+    assert snap_compare(app, terminal_size=SMALL, run_before=open_settings)

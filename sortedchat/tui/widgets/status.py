@@ -76,7 +76,8 @@ def fit_parts(parts: list[Part], width: int | None = None) -> str:
     for i, text in steps:
         if width is None or cell_len(line()) <= width:
             break
-        shown[i] = text
+        if shown[i]:  # a part already left out stays out
+            shown[i] = text
     return line()
 
 
