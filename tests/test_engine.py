@@ -8,6 +8,7 @@ from transformers import DynamicCache
 
 from sortedchat import SortedChatError
 from sortedchat.engine import ChatSession, Mode, SamplingConfig
+from sortedchat.engine.layer_call import cache_keyword
 from sortedchat.engine.state import LayeredState
 
 PROMPTS = [
@@ -175,7 +176,8 @@ def test_auto_threshold_zero_equals_first_exit(tiny):
 
 def fresh_prefill_kv(sm, tokens):
     cache = DynamicCache(config=sm.model.config)
-    sm.model(input_ids=torch.tensor([tokens], device=sm.device), past_key_values=cache, use_cache=True)
+    sm.model(input_ids=torch.tensor([tokens], device=sm.device), use_cache=True,
+             **{cache_keyword(type(sm.model)): cache})  # as each transformers version names it
     return cache
 
 
