@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 
+from test_tui_app import ask, wait_for
+from test_tui_app import make_app as base_app
+
 from sortedchat import SortedChatError
 from sortedchat.config import SortedConfig
-from sortedchat.sorted_model import SortedModel
 from sortedchat.tui.app import SortedChatApp
-from sortedchat.tui.screens.chat import ChatScreen
 from sortedchat.tui.screens.chats import ChatListScreen
-from sortedchat.tui.settings import Settings
 from sortedchat.tui.storage import ChatStore
 
 SIZE = (110, 34)
@@ -57,9 +57,8 @@ def one_error_line(res, progress: bool = False) -> str:
 
 
 def make_app(tiny, store, export_dir) -> SortedChatApp:
-    sm = SortedModel(tiny.model, tiny.tokenizer, SortedConfig(exits=list(tiny.exits)), source="tiny")
-    app = SortedChatApp(model=sm, settings=Settings(max_new_tokens=4), store=store, show_speed=False,
-                        export_dir=export_dir)
+    """The chat app on the tiny model, recording what it tells the user in `app.notes`."""
+    app = base_app(tiny, export_dir, max_new_tokens=4, store=store)
     app.notes = []
     notify = app.notify
 
@@ -69,22 +68,6 @@ def make_app(tiny, store, export_dir) -> SortedChatApp:
 
     app.notify = record
     return app
-
-
-async def wait_for(pilot, condition, timeout=20.0):
-    for _ in range(int(timeout / 0.02)):
-        if condition():
-            return
-        await pilot.pause(0.02)
-    raise AssertionError("timed out waiting for the app")
-
-
-async def send(pilot, app, text):
-    before = app.answer
-    app.chat.prompt.focus()
-    app.chat.prompt.text = text
-    await pilot.press("enter")
-    await wait_for(pilot, lambda: app.answer is not before and not app.generating)
 
 
 def run_app(app, script):
@@ -119,13 +102,13 @@ def _(tiny, tmp_path):
     app = make_app(tiny, store, tmp_path)
 
     async def script(pilot):
-        await send(pilot, app, "Hello there")
+        await ask(pilot, app, "Hello there")
         first = app.chat_id
         await pilot.press("ctrl+l", "d")
         assert [c.id for c in store.chats()] == [first]  # one `d` only asks
         await pilot.press("d", "escape")
         assert store.chats() == []
-        await send(pilot, app, "Again")
+        await ask(pilot, app, "Again")
         assert app.history[0] == {"role": "user", "content": "Again"}  # a new conversation
         [saved] = store.chats()
         assert [m.role for m in store.load(saved.id).messages] == ["user", "assistant"]
@@ -153,7 +136,7 @@ def _(tiny, tmp_path):
     app = make_app(tiny, store, tmp_path)
 
     async def script(pilot):
-        await send(pilot, app, "Hello there")
+        await ask(pilot, app, "Hello there")
         assert any("damaged" in n and "kept it as chats.sqlite3.damaged-" in n for n in app.notes), app.notes
         [saved] = store.chats()
         assert [m.content for m in store.load(saved.id).messages][0] == "Hello there"
@@ -172,7 +155,7 @@ def _(tiny, tmp_path):
         await wait_for(pilot, lambda: isinstance(app.screen, ChatListScreen))
         assert any("damaged" in n for n in app.notes), app.notes
         await pilot.press("escape")
-        await send(pilot, app, "Hello there")
+        await ask(pilot, app, "Hello there")
         assert len(app.store.chats()) == 1
 
     run_app(app, script)
@@ -185,7 +168,7 @@ def _(tiny, tmp_path):
     app = make_app(tiny, ChatStore(tmp_path / "chats.sqlite3"), tmp_path)
 
     async def script(pilot):
-        await send(pilot, app, "Hello there")
+        await ask(pilot, app, "Hello there")
         (tmp_path / app.store.export_name(app.chat_id)).mkdir()
         await pilot.press("ctrl+l", "e")
         assert any(n.startswith("export failed: ") and "Is a directory" in n for n in app.notes), app.notes
