@@ -44,28 +44,22 @@ def test_main_screen_with_answers_at_two_depths(snap_compare, tiny, tmp_path):
     assert snap_compare(app, terminal_size=SIZE, run_before=chat)
 
 
-def test_help_screen(snap_compare, tiny, tmp_path):
-    app = make_app(tiny, tmp_path)
+def opens(key, screen_type):
+    """A `run_before` that presses `key` and waits for the dialog it opens."""
 
-    async def open_help(pilot):
+    async def run(pilot):
         await steady_cursor(pilot)
-        await pilot.press("f1")
-        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen))
-        await steady_cursor(pilot)
-
-    assert snap_compare(app, terminal_size=SIZE, run_before=open_help)
-
-
-def test_settings_screen(snap_compare, tiny, tmp_path):
-    app = make_app(tiny, tmp_path)
-
-    async def open_settings(pilot):
-        await steady_cursor(pilot)
-        await pilot.press("ctrl+o")
-        await wait_for(pilot, lambda: isinstance(app.screen, SettingsScreen))
+        await pilot.press(key)
+        await wait_for(pilot, lambda: isinstance(pilot.app.screen, screen_type))
         await steady_cursor(pilot)
 
-    assert snap_compare(app, terminal_size=SIZE, run_before=open_settings)
+    return run
+
+
+@pytest.mark.parametrize("size", [SIZE, (80, 24)], ids=["100x30", "80x24"])
+@pytest.mark.parametrize("key, screen_type", [("f1", HelpScreen), ("ctrl+o", SettingsScreen)], ids=["help", "settings"])
+def test_dialog(snap_compare, tiny, tmp_path, key, screen_type, size):
+    assert snap_compare(make_app(tiny, tmp_path), terminal_size=size, run_before=opens(key, screen_type))
 
 
 # 80x24: the smallest common terminal. Every part must fit: the legend names every exit and full depth,
@@ -114,27 +108,3 @@ def test_small_light_theme(snap_compare, tiny, tmp_path):
         await steady_cursor(pilot)
 
     assert snap_compare(app, terminal_size=SMALL, run_before=chat)
-
-
-def test_small_help_screen(snap_compare, tiny, tmp_path):
-    app = make_app(tiny, tmp_path)
-
-    async def open_help(pilot):
-        await steady_cursor(pilot)
-        await pilot.press("f1")
-        await wait_for(pilot, lambda: isinstance(app.screen, HelpScreen))
-        await steady_cursor(pilot)
-
-    assert snap_compare(app, terminal_size=SMALL, run_before=open_help)
-
-
-def test_small_settings_screen(snap_compare, tiny, tmp_path):
-    app = make_app(tiny, tmp_path)
-
-    async def open_settings(pilot):
-        await steady_cursor(pilot)
-        await pilot.press("ctrl+o")
-        await wait_for(pilot, lambda: isinstance(app.screen, SettingsScreen))
-        await steady_cursor(pilot)
-
-    assert snap_compare(app, terminal_size=SMALL, run_before=open_settings)
