@@ -491,8 +491,9 @@ def _(tiny_dir, tmp_path):
     (broken / "model.safetensors").write_bytes(b"not weights")  # loading would fail: the check comes first
     res = cli("ask", "Hi", "--model", broken, "--device", "cpu", "--depth", "31")
     assert one_error_line(res) == "error: --depth 31: the model has 6 layers"
-    res = cli("ask", "Hi", "--model", broken, "--device", "cpu", "--exits", "2,9")
-    assert one_error_line(res).startswith("error: --exits: exit 9 is outside 1..6")
+    for command in (["ask", "Hi"], ["info"], ["bench"]):
+        res = cli(*command, "--model", broken, "--device", "cpu", "--exits", "2,9")
+        assert one_error_line(res).startswith("error: --exits: exit 9 is outside 1..6")
 
 
 @case("first-use-default-model-depth-checked-before-loading")

@@ -70,6 +70,7 @@ def bench(
     only = [m.strip() for m in modes.split(",") if m.strip()] if modes is not None else None
     _threads(threads)
     conversations = load_prompts(prompts)
+    o.check_before_loading(model, exits)
     opts = o.load_options(device, dtype, load_in_4bit, load_in_8bit, trust_remote_code, allow_pickle, exits)
     sm = o.load_model(model, opts)
     err = Console(stderr=True)
@@ -110,6 +111,7 @@ def calibrate(
 
     cal.check_options(target_agreement, measure, max_examples, kv)
     _threads(threads)
+    o.check_before_loading(model, exits)
     opts = o.load_options(device, dtype, False, False, trust_remote_code, allow_pickle, exits)
     sm = o.load_model(model, opts)
     cal.checkpoint_dir(sm)  # fail before the long part

@@ -27,6 +27,7 @@ def info(
     exits: o.ExitsOpt = None,
 ) -> None:
     """Layers, exits, thresholds, parameters, dtype, device and where the weights live."""
+    o.check_before_loading(model, exits)
     opts = o.load_options(device, dtype, load_in_4bit, load_in_8bit, trust_remote_code, allow_pickle, exits)
     sm = o.load_model(model, opts)
     thresholds = sm.thresholds()
