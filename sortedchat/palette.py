@@ -8,6 +8,8 @@ its theme's background; the CLI, which cannot know the terminal's, uses the stop
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 # Shallow (fast) to deep (full): red, orange, yellow, green, cyan, blue.
 STOPS = [(230, 57, 70), (244, 140, 6), (233, 196, 36), (82, 183, 136), (72, 202, 228), (100, 130, 240)]
 MIN_CONTRAST = 4.5
@@ -48,6 +50,7 @@ def hex_rgb(colour: str) -> RGB:
     return int(colour[0:2], 16), int(colour[2:4], 16), int(colour[4:6], 16)
 
 
+@lru_cache(maxsize=4096)  # the sparkline asks for every bar at each redraw
 def exit_colour(layer: int, num_layers: int, first_exit: int = 1, background: RGB | None = None) -> str:
     """A hex colour for `layer` on a scale from `first_exit` (warm) to `num_layers` (cool), readable on
     `background` when one is given."""

@@ -273,11 +273,13 @@ def test_the_light_theme_recolours_the_answer_and_is_remembered(tiny, tmp_path):
     asyncio.run(reopen())
 
 
-def test_the_saved_chats_list_fits_and_tells_same_titles_apart(tiny, tmp_path):
+@pytest.mark.parametrize("model", [SMOLLM, "tiny"])
+def test_the_saved_chats_list_fits_and_tells_same_titles_apart(tiny, tmp_path, model):
     store = ChatStore(tmp_path / "chats.sqlite3")
     for _ in range(3):
-        chat_id, answer = store.start_answer(None, [{"role": "user", "content": "Hello"}], "Depth 6/6", "SmolLM2-135M-Instruct (default)")
+        chat_id, answer = store.start_answer(None, [{"role": "user", "content": "Hello"}], "Depth 6/6", model)
         store.finish_message(answer, "Hi")
+
     async def run():
         for size in [(130, 40), SMALL]:
             app = make_app(tiny, tmp_path, store=store)
@@ -288,8 +290,10 @@ def test_the_saved_chats_list_fits_and_tells_same_titles_apart(tiny, tmp_path):
                 table = app.screen.query_one(DataTable)
                 rows = [table.get_row_at(i) for i in range(table.row_count)]
                 assert sorted(r[0] for r in rows) == ["Hello (1)", "Hello (2)", "Hello (3)"]
-                updated = table.ordered_columns[2]
-                assert str(updated.label) == "updated" and updated.width == len(rows[0][2]) == 16
+                labels = [str(c.label) for c in table.ordered_columns]
+                assert labels == ["chat", "messages", "updated", "model"]
+                assert all(c.width >= len(str(c.label)) for c in table.ordered_columns)  # no label cut
+                assert table.ordered_columns[2].width == len(rows[0][2]) == 16
                 assert table.virtual_size.width <= table.size.width  # no column cut off
 
     asyncio.run(run())

@@ -54,7 +54,7 @@ class ChatListScreen(ModalScreen[int | None]):
             chats = []
         # The date and the count keep their full width; the title takes what is left, the model comes last.
         inner = min(96, self.app.size.width) - 8  # the dialog's border and padding, the scroll bar
-        model = min(24, max((len(c.model) for c in chats), default=5))
+        model = min(24, max([len("model"), *(len(c.model) for c in chats)]))
         table.add_column("chat", key="title", width=max(12, inner - 16 - 8 - model - 8))
         table.add_column("messages", width=8)
         table.add_column("updated", width=16)
