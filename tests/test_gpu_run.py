@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU = ROOT / "benchmarks" / "gpu"
@@ -109,6 +110,28 @@ def test_the_dry_run_writes_every_result_of_the_three_commands(dry_dir, tmp_path
     metrics = [json.loads(x) for x in (outs["3"] / "train-metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3]
     assert json.loads((outs["3"] / "train-sortedchat.json").read_text())["training"]["mixed_precision"] == "bf16"
+    mfu = json.loads((outs["3"] / "mfu.json").read_text())["runs"]
+    assert {"train_cost sft", "train_cost soft"} <= set(mfu) and all(0 < r["mfu"] < 1 for r in mfu.values())
     for stage, out in outs.items():
         assert len(list(out.iterdir())) <= 8  # what comes back from one command
         assert f"stage {stage} done" in (out / f"stage{stage}.log").read_text()
+
+
+def test_mfu_counts_every_matrix_product_weight_and_reads_the_train_cost_table(tiny_dir):
+    sys.path.insert(0, str(GPU))
+    from mfu import flops_per_token, train_cost_rates
+    from transformers import AutoModelForCausalLM
+
+    config = json.loads((tiny_dir / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))  # lm_head included
+    assert flops_per_token(config, lora=False, seq=0) == 6 * linear
+    assert flops_per_token(config, lora=True, seq=100) == 4 * linear + 12 * 6 * 64 * 100
+    table = """train step cost on cuda:0 · model default · batch 8
+┏━━━━━━━━┳━━━━━━━━━━━━━━━┳━━━━━━━━┳━━━━━━━━┳━━━━━━━━┓
+┃ method ┃ exits trained ┃ s/step ┃ vs SFT ┃  tok/s ┃
+┡━━━━━━━━╇━━━━━━━━━━━━━━━╇━━━━━━━━╇━━━━━━━━╇━━━━━━━━┩
+│    sft │          last │   0.15 │  1.00x │ 12,865 │
+│   soft │        8 of 8 │   0.18 │  1.20x │  1,081 │
+└────────┴───────────────┴────────┴────────┴────────┘"""
+    assert train_cost_rates(table) == {"sft": 12865.0, "soft": 1081.0}

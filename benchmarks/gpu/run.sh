@@ -29,8 +29,9 @@ if [ "$DRY" = 1 ]; then   # the tiny test model on this CPU (6 layers, exits 2, 
   BENCH_SPEC=spec:2,spec:4,draft:2,draft:4,hf-ee:2,hf-ee:4
   PROBE=(--config "$G/src/model" --tokens 16)   # its config only (the weights come in stage 3)
   TRAIN_EXTRA=(--model "$G/model" --exits 2,4,6 --exit-weights 1,1,3 --max-steps 3 --batch-size 2
-               --max-length 64 --holdout 8 --eval-interval 0 --save-interval 0 --log-interval 1)
+               --max-length 64 --eval-interval 0 --save-interval 0 --log-interval 1)
   TRAIN_COST_EXTRA=(--batch-size 2 --max-length 64 --steps 1 --rounds 1)
+  MFU_CONFIG=$G/src/model
 else                      # the default model (SmolLM2-135M-Instruct + the shipped SoFT adapter) on the GPU
   PY=python3 DEVICE=cuda MANIFEST=benchmarks/gpu/smollm2.manifest
   MODEL=() TRAIN_COST_MODEL=default
@@ -39,6 +40,7 @@ else                      # the default model (SmolLM2-135M-Instruct + the shipp
   PROBE=(--ceiling)
   TRAIN_EXTRA=()
   TRAIN_COST_EXTRA=(--steps 3 --rounds 2)
+  MFU_CONFIG=benchmarks/gpu/smollm2-135m-config.json
 fi
 DTYPE=${DTYPE:-bfloat16}
 STAGE3_SECONDS=${STAGE3_SECONDS:-420}   # stage 3's steps share this; the training run gets what is left
@@ -119,18 +121,30 @@ EOF
          --max-new-tokens 128 --repeat 2)
   step bench-depths 150 "${BENCH[@]}" --modes "$BENCH_DEPTHS" --json "$OUT/bench-depths.json"
   step bench-speculative 150 "${BENCH[@]}" --modes "$BENCH_SPEC" --json "$OUT/bench-speculative.json"
-  step train-cost 120 $PY benchmarks/train_cost.py --data "$DATA" --model "$TRAIN_COST_MODEL" --variant soft --lora \
-       --mixed-precision bf16 --device "$DEVICE" "${TRAIN_COST_EXTRA[@]}" > >(tee "$OUT/train-cost.txt") 2>&1
+  # SFT, SoFT (CE at every exit) and the shipped recipe's objective (KD from the cached top-64, lenses, packed)
+  COLUMNS=200 step train-cost 120 $PY benchmarks/train_cost.py --data "$DATA" --model "$TRAIN_COST_MODEL" --lora \
+       --variant soft --variant "soft,objective=kd,kd_top_k=64,lenses=true,pack=true" --mixed-precision bf16 \
+       --device "$DEVICE" "${TRAIN_COST_EXTRA[@]}" > >(tee "$OUT/train-cost.txt") 2>&1
+  # The default model's training run: the shipped recipe on its corpus (made by training/build-default.sh,
+  # carried in $G/train), or the Alpaca recipe on the shared Alpaca sample where that corpus was not there.
+  if [ -f "$G/train/train.jsonl" ]; then
+    RECIPE=(--recipe training/recipes/smollm2-135m-default.toml --data "$G/train/train.jsonl"
+            --eval-data "$G/train/heldout.json") TRAIN_SEQ=512   # its max_length (packed rows)
+  else
+    RECIPE=(--recipe training/recipes/smollm2-135m-alpaca.toml --data "$DATA") TRAIN_SEQ=256
+  fi
   left=$((STAGE3_SECONDS - (SECONDS - START) - 40))   # 40 s: the step that Ctrl+C finishes, the checkpoint
   if [ $left -ge 60 ]; then   # Ctrl+C (SIGINT) at the limit: the trainer finishes its step and saves a checkpoint
-    SIGNAL=INT step train "$left" $PY -m sortedchat train --recipe training/recipes/smollm2-135m-alpaca.toml \
-         --device "$DEVICE" --mixed-precision bf16 --data "$DATA" --out "$G/runs/soft" "${TRAIN_EXTRA[@]}"
+    SIGNAL=INT step train "$left" $PY -m sortedchat train "${RECIPE[@]}" --device "$DEVICE" --mixed-precision bf16 \
+         --out "$G/runs/soft" "${TRAIN_EXTRA[@]}"
     forgive "train(124)" && echo "=== train: stopped by Ctrl+C at its time limit (checkpoint saved)"
     cp "$G/runs/soft/metrics.jsonl" "$OUT/train-metrics.jsonl" 2>/dev/null
     cp "$G/runs/soft/sortedchat.json" "$OUT/train-sortedchat.json" 2>/dev/null
   else
     echo "=== train: skipped, only ${left}s left of STAGE3_SECONDS=$STAGE3_SECONDS"
   fi
+  step mfu 30 $PY benchmarks/gpu/mfu.py --config "$MFU_CONFIG" --lora --train-cost "$OUT/train-cost.txt" --metrics-seq $TRAIN_SEQ \
+       $([ -f "$OUT/train-metrics.jsonl" ] && echo --metrics "$OUT/train-metrics.jsonl") --json "$OUT/mfu.json"
   ;;
 *) echo "run.sh: unknown stage $STAGE (1, 2 or 3)" >&2; exit 2 ;;
 esac
