@@ -133,7 +133,11 @@ class ChatStore:
     def _set_aside(self, exc: sqlite3.Error) -> str:
         """Rename the damaged file (and its WAL) aside, start an empty history; say what happened."""
         self.db.close()
-        aside = self.path.with_name(f"{self.path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        stamp, n = time.strftime("%Y%m%d-%H%M%S"), 1
+        aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
+        while aside.exists():  # never over an earlier damaged copy
+            n += 1
+            aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}-{n}")
         for suffix in ("", "-wal", "-shm"):
             part = self.path.with_name(self.path.name + suffix)
             if part.exists():
