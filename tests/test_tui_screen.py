@@ -62,8 +62,8 @@ def test_the_legend_names_every_exit_and_full_depth_at_80_columns():
             yield ExitLegend(exits, 30)
 
     async def run():
-        for width, expected in [(120, "exits ██ 9  ██ 12  ██ 15  ██ 18  ██ 21  ██ 24  ██ 27  ██ 30  shallow → full depth"),
-                                (40, "exit 9 12 15 18 21 24 27 30 (full)")]:
+        wide = "exits ██ 9  ██ 12  ██ 15  ██ 18  ██ 21  ██ 24  ██ 27  ██ 30  shallow → full depth"
+        for width, expected in [(120, wide), (40, "exit 9 12 15 18 21 24 27 30 (full)")]:
             app = Host()
             async with app.run_test(size=(width, 5)) as pilot:
                 await pilot.pause()

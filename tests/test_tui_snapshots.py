@@ -73,7 +73,7 @@ def test_small_empty_chat_shows_the_welcome(snap_compare, tiny, tmp_path):
 
 
 def test_small_main_screen_with_a_speculative_answer(snap_compare, tiny, tmp_path):
-    app = make_app(tiny, tmp_path, max_new_tokens=24, initial_mode=lambda sm: Mode.speculative(2))
+    app = make_app(tiny, tmp_path, max_new_tokens=24, initial_mode=lambda sm: Mode.speculative(2, pace=False))
 
     async def chat(pilot):
         await steady_cursor(pilot)

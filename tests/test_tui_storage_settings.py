@@ -65,7 +65,7 @@ def test_a_killed_app_loses_at_most_the_token_in_progress(tmp_path):
 
 def test_settings_round_trip_and_keymap(tmp_path):
     settings = Settings(system_prompt="Be brief.", temperature=0.7, top_p=0.9, seed=3,
-                        keys={"deeper": "ctrl+up", "view": "alt+m,f10", "stop": "escape"})
+                        keys={"deeper": "ctrl+up", "view": "alt+m,f11", "stop": "escape"}, theme="textual-light")
     path = save_settings(settings)
     assert path == settings_path() and path.is_file()
     assert load_settings() == settings
@@ -163,7 +163,7 @@ def test_depth_control_steps_over_the_exits():
     control.step(-1)
     assert control.label() == "Depth 2/6" and control.step(-1) == "already at the shallowest exit"
     control.toggle_auto()
-    assert control.adjust_threshold(+1) is None and control.label() == "Auto +0.05"  # calibrated ones, shifted
+    assert control.adjust_threshold(+1) is None and control.label() == "Auto, thresholds +0.05"  # calibrated ones, shifted
     assert control.mode().shift == 0.05 and control.mode().threshold is None
     control.threshold = 0.9  # a single --threshold moves itself instead
     assert control.adjust_threshold(-1) is None and control.label() == "Auto ≥0.85"

@@ -47,7 +47,8 @@ def status_parts(model: str, mode: str, stats: GenerationStats | None, show_spee
         parts.append(Part(f"{stats.tokens} tokens", f"{stats.tokens} tok", 4))
         parts.append(Part(f"mean exit {stats.mean_exit:.1f}/{stats.num_layers}", f"exit {stats.mean_exit:.1f}", 3))
         if stats.acceptance_rate is not None:
-            parts.append(Part(f"drafts accepted {stats.acceptance_rate:.0%}", f"accepted {stats.acceptance_rate:.0%}", 3))
+            accepted = f"{stats.acceptance_rate:.0%}"
+            parts.append(Part(f"drafts accepted {accepted}", f"accepted {accepted}", 3))
         if stats.paced:
             parts.append(Part(f"{stats.paced} undrafted", f"{stats.paced} undrafted", 5))
         saved = f"{stats.compute_saved:.0%}"
