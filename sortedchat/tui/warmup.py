@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from sortedchat.sorted_model import SortedModel
 
 WARM_UP_TOKENS = 8
-WARM_UP_PROMPT = [{"role": "user", "content": "Hello! Say something short."}]
+# About as long as a first question, so the prompt pass runs at a realistic length too.
+WARM_UP_PROMPT = [{"role": "user", "content": "Hello! In two short sentences, what can you help me with today?"}]
 
 
 def warm_up(sm: SortedModel, mode: Mode | None, should_stop: Callable[[], bool]) -> int:
