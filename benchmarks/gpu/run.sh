@@ -133,13 +133,14 @@ EOF
   else
     RECIPE=(--recipe training/recipes/smollm2-135m-alpaca.toml --data "$DATA") TRAIN_SEQ=256
   fi
+  RUN_DIR=$G/runs/train-$(date -u +%H%M%S)   # a new one each time: stage 3 may run twice on a warm machine
   left=$((STAGE3_SECONDS - (SECONDS - START) - 40))   # 40 s: the step that Ctrl+C finishes, the checkpoint
   if [ $left -ge 60 ]; then   # Ctrl+C (SIGINT) at the limit: the trainer finishes its step and saves a checkpoint
     SIGNAL=INT step train "$left" $PY -m sortedchat train "${RECIPE[@]}" --device "$DEVICE" --mixed-precision bf16 \
-         --out "$G/runs/soft" "${TRAIN_EXTRA[@]}"
+         --out "$RUN_DIR" "${TRAIN_EXTRA[@]}"
     forgive "train(124)" && echo "=== train: stopped by Ctrl+C at its time limit (checkpoint saved)"
-    cp "$G/runs/soft/metrics.jsonl" "$OUT/train-metrics.jsonl" 2>/dev/null
-    cp "$G/runs/soft/sortedchat.json" "$OUT/train-sortedchat.json" 2>/dev/null
+    cp "$RUN_DIR/metrics.jsonl" "$OUT/train-metrics.jsonl" 2>/dev/null
+    cp "$RUN_DIR/sortedchat.json" "$OUT/train-sortedchat.json" 2>/dev/null
   else
     echo "=== train: skipped, only ${left}s left of STAGE3_SECONDS=$STAGE3_SECONDS"
   fi
