@@ -682,3 +682,26 @@ def test_training_curves_table_and_plot_from_metrics(tmp_path):
     assert curves.table("lens", evals).splitlines()[-1] == "| 10 | 2,000 | 50.0% | 100.0% |"
     curves.main([str(run), "--label", "lens", "--png", str(tmp_path / "c.png")])
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_layer_dropout_skips_the_drawn_layers_for_one_step_and_exits_see_the_passed_state(tiny_dir, alpaca_file, tmp_path):
+    from sortedchat.training.objectives import skipped
+    from sortedchat.training.trainer import Trainer
+
+    sm, objective = objective_for(tiny_dir)
+    encoded, batch = encoded_batch(sm)
+    coefs = torch.ones(3)
+    _, ce_skip, _ = objective(**batch, exits=[2, 4, 6], coefs=coefs, skip_layers=(2, 3))
+    short = copy.deepcopy(sm.model)
+    short.model.layers = torch.nn.ModuleList([short.model.layers[i] for i in (0, 1, 4, 5)])
+    short.config.num_hidden_layers = 4
+    assert ce_skip[2].item() / sum(e.targets for e in encoded) == pytest.approx(short(**batch, use_cache=False).loss.item(), rel=1e-5)
+    _, ce_again, _ = objective(**batch, exits=[2, 4, 6], coefs=coefs)
+    _, ce_plain, _ = objective_for(tiny_dir)[1](**batch, exits=[2, 4, 6], coefs=coefs)
+    torch.testing.assert_close(ce_again, ce_plain)  # the hooks are gone after the call
+    trainer = Trainer(options(tiny_dir, alpaca_file, tmp_path / "ld", layer_dropout=0.5))
+    trainer.opts.layer_dropout, trainer.sm = 0.5, sm
+    draws = [trainer.dropped_layers(s) for s in range(200)]
+    assert draws == [trainer.dropped_layers(s) for s in range(200)]  # a function of (seed, step)
+    rates = [sum(i in d for d in draws) / 200 for i in range(6)]
+    assert rates[0] == 0 and rates[5] > rates[1] and abs(rates[5] - 0.5) < 0.12

@@ -64,6 +64,8 @@ def train(
                                                 "vocabulary (with --kd-top-k)")] = None,
     pack: Annotated[Optional[bool], _opt("--pack/--no-pack", "Pack records into rows of --max-length "
                                          "instead of padding each")] = None,
+    layer_dropout: Annotated[Optional[float], _opt("--layer-dropout", "LayerSkip layer dropout: the last layer "
+                                                   "skipped at this rate per step, rising from 0 at the first")] = None,
     epochs: Annotated[Optional[int], _opt("--epochs", "Passes over the data")] = None,
     max_steps: Annotated[Optional[int], _opt("--max-steps", "Optimizer steps; overrides --epochs")] = None,
     lr: Annotated[Optional[float], _opt("--lr", "Peak learning rate")] = None,

@@ -13,6 +13,8 @@ teacher is the frozen starting model at full depth: alpha is 1 for `ce`, 0 for `
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -201,6 +203,24 @@ def lm_head_of(model: nn.Module) -> nn.Module:
     return base.lm_head
 
 
+@contextlib.contextmanager
+def skipped(model: nn.Module, layers: tuple[int, ...]):
+    """Within the block, decoder layers `layers` (0-based) return their input: layer dropout for one step.
+
+    The hook goes first among the layer's forward hooks, so transformers' hidden-state recorder (a hook
+    too) records the passed-through state, as the exits must see it."""
+    def passthrough(module, args, kwargs, output):
+        return args[0] if args else kwargs["hidden_states"]
+
+    stack = decoder_of(model).layers
+    handles = [stack[i].register_forward_hook(passthrough, with_kwargs=True, prepend=True) for i in layers]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class SortedObjective(nn.Module):
     """Forward is the loss of one micro-batch; this is the module accelerate wraps (DDP/FSDP/DeepSpeed).
 
@@ -257,20 +277,22 @@ class SortedObjective(nn.Module):
         return norm, lm_head_of(self.model)
 
     def forward(self, input_ids, labels, exits: list[int], coefs: torch.Tensor, attention_mask=None,
-                position_ids=None, teacher_top=None, negatives=None, agreement: bool = False):
+                position_ids=None, teacher_top=None, negatives=None, agreement: bool = False,
+                skip_layers: tuple[int, ...] = ()):
         """(sum over `exits` of coefs[i] * objective summed over response tokens, per-exit CE sums, KL sums),
         and with `agreement=True` also how many positions each exit's top-1 equals the last exit's.
 
         `teacher_top` (ids, log-probs) [positions, K]: the cached teacher top-K at the scored positions, in
         the order they are flattened here; with it the shared head's exits use `candidate_loss` over those
         ids and `negatives`, and no teacher runs. Packed rows come with `position_ids` and no attention mask.
+        `skip_layers` (0-based) pass their input through unchanged in this call: LayerSkip's layer dropout.
         """
         select = labels[:, 1:] != IGNORE
         targets = labels[:, 1:][select]
         teacher = None
         if self.uses_teacher and teacher_top is None:
             teacher = self._teacher_hidden(input_ids, attention_mask, select, position_ids)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_decoder):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_decoder), skipped(self.model, skip_layers):
             out = decoder_of(self.model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                          use_cache=False, output_hidden_states=True)
         groups: dict[int, tuple[nn.Module, list[int], list[torch.Tensor]]] = {}

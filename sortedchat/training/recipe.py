@@ -42,6 +42,7 @@ class TrainOptions:
     kd_top_k: int = 0  # > 0: distil from the teacher's cached top-K (candidate-set losses); 0 = exact
     kd_negatives: int = 256  # sampled ids per step that estimate the rest of the vocabulary (with kd_top_k)
     pack: bool = False  # pack records into rows of max_length instead of padding each one
+    layer_dropout: float = 0.0  # LayerSkip: layer l of L skipped per step with probability rate * l / (L - 1)
 
     epochs: int = 1
     max_steps: int = 0  # > 0 overrides epochs
@@ -214,6 +215,10 @@ def validate(o: TrainOptions) -> None:
         raise SortedChatError("--kd-top-k: ICT trains new full heads; use the exact losses (--kd-top-k 0)")
     if o.kd_top_k and o.objective == "ce":
         raise SortedChatError("--kd-top-k distils from the teacher: use --objective kd or ce+kd")
+    if not 0 <= o.layer_dropout < 1:
+        raise SortedChatError("--layer-dropout: must be in [0, 1)")
+    if o.layer_dropout and o.method in ("lens", "ict"):
+        raise SortedChatError(f"--layer-dropout trains the layers; --method {o.method} keeps them frozen")
     if o.lens_lr < 0:
         raise SortedChatError("--lens-lr: must not be negative")
     if o.exit_weights and any(w < 0 for w in o.exit_weights):

@@ -304,6 +304,16 @@ class Trainer:
         n = min(self.opts.kd_negatives, vocab)
         return torch.randperm(vocab, generator=gen)[:n].to(self.acc.device)
 
+    def dropped_layers(self, step: int) -> tuple[int, ...]:
+        """The decoder layers (0-based) that `--layer-dropout` skips at `step`, from (seed, step): layer l of
+        L is dropped with probability rate * l / (L - 1), so the first never and the last at the full rate."""
+        rate, L = self.opts.layer_dropout, self.sm.num_layers
+        if not rate:
+            return ()
+        gen = torch.Generator().manual_seed(self.opts.seed * 15_485_863 + step)
+        draws = torch.rand(L, generator=gen)
+        return tuple(i for i in range(L) if draws[i] < rate * i / max(L - 1, 1))
+
     def _micro_batches(self, step: int) -> list[list[list[int]]]:
         o = self.opts
         indices = step_indices(len(self.train_enc), self.global_batch, o.seed, step)
@@ -324,8 +334,9 @@ class Trainer:
         ce_sums = torch.zeros(len(exits), device=acc.device)
         kl_sums = torch.zeros(len(exits), device=acc.device)
         tokens = torch.zeros((), device=acc.device)
+        skip = self.dropped_layers(step)
         for mb in mbs[rank::W]:
-            batch = self._batch(self.train_enc, mb, step)
+            batch = self._batch(self.train_enc, mb, step) | {"skip_layers": skip}
             tokens += sum(len(self.train_enc[i].input_ids) for row in mb for i in row)
             with acc.accumulate(self.objective):
                 total, ce, kl = self.objective(**batch, exits=exits, coefs=scale)
@@ -393,7 +404,7 @@ class Trainer:
             "objective": o.objective, "exits": self.exits, "exit_weights": o.exit_weights,
             "exits_per_step": o.exits_per_step, "total_steps": self.total_steps, "lr": o.lr,
             "lenses": o.method == "lens" or o.lenses, "lens_lr": o.lens_lr, "kd_top_k": o.kd_top_k,
-            "kd_negatives": o.kd_negatives, "pack": o.pack,
+            "kd_negatives": o.kd_negatives, "pack": o.pack, "layer_dropout": o.layer_dropout,
             "schedule": o.schedule, "warmup_steps": self.warmup, "weight_decay": o.weight_decay,
             "global_batch": self.global_batch, "seed": o.seed, "lora": self._lora_settings(),
         }
