@@ -16,7 +16,8 @@ from sortedchat import SortedChatError
 Progress = Callable[[str, float | None], None]
 
 
-def _publish(tmp: Path, target: Path) -> Path:
+def publish_dir(tmp: Path, target: Path) -> Path:
+    """Move a finished temporary directory into place, replacing an older one."""
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)
@@ -42,7 +43,7 @@ def convert_gguf(gguf: Path, target: Path, progress: Progress) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         progress("conversion done", 1.0)
-        return _publish(tmp, target)
+        return publish_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -67,6 +68,6 @@ def merge_adapter(base: Path, adapter: Path, target: Path, progress: Progress) -
             if (adapter / name).is_file():
                 shutil.copy2(adapter / name, tmp / name)
         progress("adapter merged", 1.0)
-        return _publish(tmp, target)
+        return publish_dir(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

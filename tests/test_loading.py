@@ -192,3 +192,38 @@ def test_4bit_quantized_model_runs_every_mode(tiny_dir):
     full = run(Mode.fixed())
     assert len(full) == 8
     assert run(Mode.speculative(2)) == full
+
+
+def test_shipped_lenses_without_an_adapter_load_on_the_base_from_a_cache_copy(tiny_dir, tmp_path, monkeypatch):
+    """A lens-only default: the package ships lenses + sortedchat.json (base "default"); they are copied into
+    the cache (calibration writes there, never into the package) and applied at their exits; the base's own
+    weights and full depth are untouched."""
+    from safetensors.torch import save_file
+
+    from sortedchat import default_model
+    from sortedchat.sorted_model import ExitLenses
+
+    shipped = tmp_path / "assets" / "soft"
+    shipped.mkdir(parents=True)
+    lenses = ExitLenses([2, 4], 64)
+    with torch.no_grad():
+        lenses.lenses["2"].weight.mul_(1.5)
+    save_file(lenses.state_dict(), str(shipped / "exit_lenses.safetensors"))
+    SortedConfig(exits=[2, 4, 6], thresholds={2: 0.7}, base_model="default",
+                 exit_lenses="exit_lenses.safetensors").write(shipped)
+    monkeypatch.setattr(default_model, "SHIPPED_ADAPTER", shipped)
+    monkeypatch.setattr(default_model, "base_model_dir", lambda progress=None: tiny_dir)
+
+    sm = load_sorted_model(None, CPU)
+    plain = load_sorted_model(str(tiny_dir), CPU)
+    target = default_model.default_model_dir()
+    assert target != shipped and (target / "exit_lenses.safetensors").is_file()
+    assert sm.exits == [2, 4, 6] and sm.thresholds()[2] == 0.7 and sm.exit_lenses.exits == [2, 4]
+    h = torch.randn(1, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(sm.head(h, 2), plain.head(1.5 * h, 2), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sm.head(h, 4), plain.head(h, 4))
+        torch.testing.assert_close(sm.head(h, 6), plain.head(h, 6))
+    SortedConfig(exits=[2, 4, 6], thresholds={2: 0.5}, base_model="default",
+                 exit_lenses="exit_lenses.safetensors").write(shipped)
+    assert load_sorted_model(None, CPU).thresholds()[2] == 0.5  # a new shipped file is copied again

@@ -203,6 +203,20 @@ def lm_head_of(model: nn.Module) -> nn.Module:
     return base.lm_head
 
 
+@torch.no_grad()
+def top_k_of(normed_hidden: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, log-probs) of the K most likely tokens at each position, the full head applied in chunks."""
+    chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    ids, logp = [], []
+    for start in range(0, normed_hidden.shape[0], chunk):
+        top = torch.log_softmax(F.linear(normed_hidden[start : start + chunk], weight).float(), -1).topk(k, -1)
+        ids.append(top.indices)
+        logp.append(top.values)
+    if not ids:
+        return torch.zeros((0, k), dtype=torch.long), torch.zeros((0, k))
+    return torch.cat(ids), torch.cat(logp)
+
+
 @contextlib.contextmanager
 def skipped(model: nn.Module, layers: tuple[int, ...]):
     """Within the block, decoder layers `layers` (0-based) return their input: layer dropout for one step.
@@ -232,7 +246,7 @@ class SortedObjective(nn.Module):
 
     def __init__(self, model: nn.Module, num_layers: int, objective: str = "ce", exit_heads: nn.Module | None = None,
                  teacher: nn.Module | None = None, head_impl: str = "fused", exit_lenses: nn.Module | None = None,
-                 freeze_decoder: bool = False):
+                 freeze_decoder: bool = False, top_k: int = 0):
         super().__init__()
         self.model = model
         self.exit_heads = exit_heads
@@ -244,6 +258,7 @@ class SortedObjective(nn.Module):
         # Not a submodule: the frozen teacher is neither trained, wrapped nor checkpointed.
         self._teacher = [teacher] if teacher is not None else []
         self.uses_teacher = objective != "ce"
+        self.top_k = top_k  # > 0: distil over the teacher's top-K (from `teacher_top`, or computed per call)
 
     def _teacher_hidden(self, input_ids, attention_mask, select, position_ids=None):
         """The frozen starting model's normed last hidden state at the response positions."""
@@ -290,11 +305,16 @@ class SortedObjective(nn.Module):
         select = labels[:, 1:] != IGNORE
         targets = labels[:, 1:][select]
         teacher = None
-        if self.uses_teacher and teacher_top is None:
+        # A frozen decoder is the teacher itself: its own last hidden state below serves, with no second pass.
+        if self.uses_teacher and teacher_top is None and not self.freeze_decoder:
             teacher = self._teacher_hidden(input_ids, attention_mask, select, position_ids)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_decoder), skipped(self.model, skip_layers):
             out = decoder_of(self.model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                          use_cache=False, output_hidden_states=True)
+        if self.uses_teacher and teacher is None and teacher_top is None:
+            teacher = (out.last_hidden_state[:, :-1][select].detach(), lm_head_of(self.model).weight.detach())
+        if self.top_k and teacher_top is None and teacher is not None and negatives is not None:
+            teacher_top = top_k_of(teacher[0], teacher[1], self.top_k)
         groups: dict[int, tuple[nn.Module, list[int], list[torch.Tensor]]] = {}
         for i, e in enumerate(exits):
             norm, head = self._exit_head(e)

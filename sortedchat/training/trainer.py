@@ -220,7 +220,7 @@ class Trainer:
         ds = self.acc.state.deepspeed_plugin
         impl = "module" if ds is not None and ds.zero_stage == 3 else "fused"
         self.objective = SortedObjective(model, self.sm.num_layers, o.objective, heads, teacher, impl, lenses,
-                                         freeze_decoder=o.method == "lens")
+                                         freeze_decoder=o.method == "lens", top_k=o.kd_top_k)
 
     def _encode(self) -> None:
         o = self.opts
@@ -240,7 +240,9 @@ class Trainer:
         self.total_steps = o.max_steps or o.epochs * self.per_epoch
         self.warmup = o.warmup_steps or math.ceil(o.warmup_ratio * self.total_steps)
         self.teacher_top = None
-        if o.kd_top_k:  # the model is still the frozen starting model here (LoRA B = 0, lenses = identity)
+        # A trained decoder needs the teacher's top-K cached (else a teacher pass every step); a frozen one
+        # (--method lens) is its own teacher: each step's forward yields the top-K at no extra pass.
+        if o.kd_top_k and o.method != "lens":  # still the frozen start here (LoRA B = 0, lenses = identity)
             from sortedchat.training.teacher_cache import model_identity, teacher_top_k
 
             identity = model_identity(self.sm.weights_path) if Path(self.sm.weights_path).is_dir() else self.sm.weights_path
@@ -291,10 +293,11 @@ class Trainer:
         """A micro-batch's tensors on the device; in training with cached teacher top-K, also the rows of
         this micro-batch's scored positions and the step's sampled negatives."""
         batch = {k: v.to(self.acc.device) for k, v in collate_rows(encoded, rows, self.pad_id).items()}
-        if step is not None and self.teacher_top is not None:
-            ids, logp = self.teacher_top.gather([i for row in rows for i in row])
-            batch["teacher_top"] = (ids.to(self.acc.device), logp.to(self.acc.device))
+        if step is not None and self.opts.kd_top_k:
             batch["negatives"] = self._negatives(step)
+            if self.teacher_top is not None:
+                ids, logp = self.teacher_top.gather([i for row in rows for i in row])
+                batch["teacher_top"] = (ids.to(self.acc.device), logp.to(self.acc.device))
         return batch
 
     def _negatives(self, step: int) -> torch.Tensor:
