@@ -500,13 +500,17 @@ def test_bad_options_are_one_line_errors(tiny_dir, alpaca_file, tmp_path, args, 
 def test_shipped_recipes_parse():
     from pathlib import Path
 
-    from sortedchat.training.recipe import load_recipe
+    from sortedchat.training.recipe import METHODS, coerce_option, load_recipe
 
     recipes = sorted((Path(__file__).parent.parent / "training" / "recipes").glob("*.toml"))
     assert {p.name for p in recipes} >= {"paper-llama2-13b-alpaca.toml", "paper-llama2-13b-triviaqa.toml",
-                                         "smollm2-135m-alpaca.toml"}
+                                         "smollm2-135m-alpaca.toml", "smollm2-135m-default.toml",
+                                         "smollm2-135m-soft-lens.toml"}
     for p in recipes:
-        assert load_recipe(p)["method"] in ("soft", "sft", "ict")
+        values = load_recipe(p)
+        assert values["method"] in METHODS
+        for key, value in values.items():
+            assert coerce_option(key, value, str(p)) == value
 
 
 def test_sft_baseline_on_a_soft_recipe_drops_its_per_exit_settings(tmp_path):
