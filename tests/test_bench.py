@@ -61,6 +61,8 @@ def test_bench_exact_modes_agree_with_the_baseline(bench_run):
         assert rows[key]["agreement"] == 1.0, key
     for key in ("spec:2", "spec:4", "draft:2", "draft:4"):
         assert rows[key]["acceptance"] is not None and 0.0 <= rows[key]["acceptance"] <= 1.0
+        if key.startswith("draft"):  # always drafting: every verification is counted
+            assert rows[key]["accepted_per_verification"] is not None and rows[key]["accepted_per_verification"] >= 0
     for key in ("spec:2", "spec:4"):
         assert 0.0 <= rows[key]["paced_share"] < 1.0
     assert rows["draft:2"]["paced_share"] is None
@@ -94,7 +96,7 @@ def make_row(kind, ratio, agree=0.0, forced=None, ideal=None):
     from sortedchat.bench.runner import Row
 
     return Row(key=kind, label=kind, kind=kind, exit=3, clock="wall", tokens_per_second=1.0, ratio=ratio,
-               agreement=agree, forced_agreement=forced, mean_exit=None, acceptance=None, paced_share=None,
+               agreement=agree, forced_agreement=forced, mean_exit=None, acceptance=None, accepted_per_verification=None, paced_share=None,
                peak_memory_mib=None, ideal_ratio=ideal, check_share=None, checks_per_token=None, by_clock={})
 
 

@@ -69,6 +69,7 @@ class Tally:
     exit_tokens: int = 0
     drafted: int = 0
     accepted: int = 0
+    verifications: int = 0
     paced: int = 0
     check_seconds: float = 0.0
     checks: int = 0
@@ -88,6 +89,7 @@ class Row:
     forced_agreement: float | None  # teacher-forced, for the modes that choose one token per step
     mean_exit: float | None
     acceptance: float | None
+    accepted_per_verification: float | None  # speculative (ours): accepted drafts per verification pass
     paced_share: float | None  # speculative: share of tokens decoded at full depth because drafting was slower
     peak_memory_mib: float | None
     ideal_ratio: float | None
@@ -254,6 +256,7 @@ class Bench:
         tally.exit_tokens += st.tokens
         tally.drafted += st.drafted
         tally.accepted += st.accepted
+        tally.verifications += st.verifications
         tally.paced += st.paced
         tally.check_seconds += st.check_seconds
         tally.checks += st.checks
@@ -364,6 +367,7 @@ class Bench:
                     forced_agreement=tally.forced_agree / tally.forced_compared if tally.forced_compared else None,
                     mean_exit=mean_exit,
                     acceptance=tally.accepted / tally.drafted if tally.drafted else None,
+                    accepted_per_verification=tally.accepted / tally.verifications if tally.verifications else None,
                     paced_share=tally.paced / tally.exit_tokens if spec.kind == "spec" and tally.exit_tokens else None,
                     peak_memory_mib=tally.peak_bytes / 2**20 if tally.peak_bytes else None,
                     ideal_ratio=ideal,
