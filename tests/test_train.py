@@ -709,3 +709,35 @@ def test_layer_dropout_skips_the_drawn_layers_for_one_step_and_exits_see_the_pas
     assert draws == [trainer.dropped_layers(s) for s in range(200)]  # a function of (seed, step)
     rates = [sum(i in d for d in draws) / 200 for i in range(6)]
     assert rates[0] == 0 and rates[5] > rates[1] and abs(rates[5] - 0.5) < 0.12
+
+
+def test_self_generated_replies_resume_and_the_corpus_loads_as_training_data(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sortedchat.training import selfgen
+    from sortedchat.training.data import load_records
+
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps(alpaca_records(5)))
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text(json.dumps({"question": "Capital of France?", "answer": "Paris", "aliases": ["Paris"]}) + "\n"
+                  + json.dumps({"question": "Odd line\u2028inside?", "answer": "Yes", "aliases": []}) + "\n")
+    wiki = tmp_path / "wiki.txt"
+    wiki.write_text(" ".join(f"Sentence number {i} says something about Paris." for i in range(60)) + "\n")
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    replies = tmp_path / "replies.jsonl"
+    prompts = selfgen.alpaca_prompts(alpaca, 2, 6)
+    assert [p.key for p in prompts] == ["alpaca:0", "alpaca:1", "alpaca:2"]  # the last 2 held out
+    written = selfgen.generate(model, tok, prompts, replies, samples=2, batch_size=4, log=lambda m: None)
+    records = [json.loads(x) for x in replies.read_text().splitlines()]
+    assert written == len(records) and {r["source"] for r in records} <= {"alpaca:0", "alpaca:1", "alpaca:2"}
+    again = selfgen.generate(model, tok, prompts, replies, samples=2, log=lambda m: None)
+    assert again <= 6 - written  # a resumed run only answers what is missing (empty replies are not kept)
+    written += again
+    counts = selfgen.training_corpus(alpaca, qa, wiki, replies, 2, tmp_path / "train.jsonl")
+    assert counts["alpaca"] == 3 and counts["questions"] == 2 and counts["passages"] >= 2
+    assert counts["own replies"] == written
+    loaded = load_records(str(tmp_path / "train.jsonl"))
+    assert len(loaded.examples) == sum(counts.values())
+    assert loaded.examples[3].messages[0]["content"] == "Capital of France?"

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Rebuild the default model that sortedchat ships (sortedchat/assets/smollm2-135m-soft): SoFT LoRA adapter
-# plus per-exit lenses, from the data in ../shared/data/ (see the model card):
+# Rebuild the default model that sortedchat ships (sortedchat/assets/smollm2-135m-soft): per-exit lenses on
+# the frozen base (or, with another recipe, a SoFT adapter and lenses), from ../shared/data/ (see the model card):
 #   1. the model's own sampled replies to Alpaca instructions, TriviaQA questions and Wikipedia passages
 #      (resumable; SELFGEN_ALPACA/..._QA/..._PASSAGES cap how many prompts, 0 skips that source),
 #   2. the training corpus (Alpaca but its last 200 records, questions with answers, passage continuations,
 #      the replies) and the held-out set (the last 200 Alpaca records),
 #   3. training with the recipe (skipped when RUN already holds a finished run; --resume continues one),
-#   4. the adapter and the lenses copied into the package in float16 (under 20 MB together),
+#   4. the lenses (and an adapter, if the recipe trains one) copied into the package in float16,
 #   5. auto-mode thresholds calibrated on the held-out records (written into the shipped sortedchat.json).
 # Usage: training/build-default.sh [RUN_DIR]   (default runs/smollm2-default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RECIPE=training/recipes/smollm2-135m-default.toml
+RECIPE=${RECIPE:-training/recipes/smollm2-135m-default.toml}
 RUN=${1:-runs/smollm2-default}
 SHARED=${SHARED:-../shared/data}
 ASSET=sortedchat/assets/smollm2-135m-soft
@@ -39,20 +39,22 @@ from safetensors.torch import load_file, save_file
 
 run, asset = Path(sys.argv[1]), Path(sys.argv[2])
 asset.mkdir(parents=True, exist_ok=True)
-state = load_file(str(run / "adapter_model.safetensors"))
-save_file({k: v.half().contiguous() for k, v in state.items()}, str(asset / "adapter_model.safetensors"))
-lenses = load_file(str(run / "exit_lenses.safetensors"))
-save_file({k: v.half().contiguous() for k, v in lenses.items()}, str(asset / "exit_lenses.safetensors"))
-adapter_config = json.loads((run / "adapter_config.json").read_text())
-# sortedchat resolves the base through sortedchat.json ("default"); PEFT users get the hub id, not our cache path.
-adapter_config["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
-(asset / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
+for name in ("adapter_model.safetensors", "adapter_config.json", "exit_lenses.safetensors", "exit_classifier.safetensors"):
+    (asset / name).unlink(missing_ok=True)  # what the previous default shipped and this one may not
+for name in ("adapter_model.safetensors", "exit_lenses.safetensors"):
+    if (run / name).is_file():
+        state = load_file(str(run / name))
+        save_file({k: v.half().contiguous() for k, v in state.items()}, str(asset / name))
+if (run / "adapter_config.json").is_file():
+    adapter_config = json.loads((run / "adapter_config.json").read_text())
+    # sortedchat resolves the base through sortedchat.json ("default"); PEFT users get the hub id, not our cache path.
+    adapter_config["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    (asset / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
 config = json.loads((run / "sortedchat.json").read_text())
 config.update(thresholds={}, confidence="maxprob", calibration={})  # calibrated below
 (asset / "sortedchat.json").write_text(json.dumps(config, indent=2) + "\n")
-(asset / "exit_classifier.safetensors").unlink(missing_ok=True)
 size = sum(p.stat().st_size for p in asset.glob("*.safetensors")) / 1e6
-print(f"{asset}: adapter + lenses {size:.1f} MB")
+print(f"{asset}: {size:.1f} MB of weights")
 PY
 
 sortedchat calibrate --model "$ASSET" --data runs/data/heldout.json
