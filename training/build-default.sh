@@ -53,6 +53,8 @@ if (run / "adapter_config.json").is_file():
 config = json.loads((run / "sortedchat.json").read_text())
 config.update(thresholds={}, confidence="maxprob", calibration={})  # calibrated below
 (asset / "sortedchat.json").write_text(json.dumps(config, indent=2) + "\n")
+for p in asset.glob("*.safetensors"):
+    p.chmod(0o644)  # safetensors writes 0600; package data is world-readable
 size = sum(p.stat().st_size for p in asset.glob("*.safetensors")) / 1e6
 print(f"{asset}: {size:.1f} MB of weights")
 PY
