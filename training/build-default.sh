@@ -59,4 +59,5 @@ size = sum(p.stat().st_size for p in asset.glob("*.safetensors")) / 1e6
 print(f"{asset}: {size:.1f} MB of weights")
 PY
 
-sortedchat calibrate --model "$ASSET" --data runs/data/heldout.json
+# subset: at 95% it lets 42% of held-out tokens leave early; saturation (equal expected speed-up) let 19%.
+sortedchat calibrate --model "$ASSET" --data runs/data/heldout.json --measure subset
