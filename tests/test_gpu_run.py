@@ -32,6 +32,7 @@ def test_parts_join_to_the_file_and_a_missing_or_changed_part_says_the_machine_w
     assert manifest.read_text().splitlines()[-1].startswith("= model.gguf 300000 ")
 
     assert weights("check", parts, "--manifest", manifest, "--parts", 3).returncode == 0
+    assert "parts 1..3 of 3" in weights("check", parts, "--manifest", manifest, "--parts", 4).stdout  # all there are
     joined = tmp_path / "there" / "model.gguf"
     assert weights("join", parts, joined, "--manifest", manifest).returncode == 0
     assert joined.read_bytes() == src.read_bytes() and not joined.with_name("model.gguf.joining").exists()
@@ -52,13 +53,12 @@ def test_a_malformed_manifest_names_its_line(tmp_path):
     assert done.returncode != 0 and f"{manifest}:2:" in done.stderr
 
 
-def test_the_tracked_manifest_describes_the_default_gguf_in_three_parts_that_fit_a_command():
+def test_the_tracked_manifest_describes_the_default_gguf_in_parts_the_three_commands_carry():
     lines = (GPU / "smollm2.manifest").read_text().split("\n")
     parts = [line.split() for line in lines if ".part" in line]
     whole = next(line.split() for line in lines if line.startswith("= "))
-    assert len(parts) == 3 and whole[1] == "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert sum(int(p[1]) for p in parts) == int(whole[2])
-    assert max(int(p[1]) for p in parts) <= 36 * 2**20  # leaves the tree (~20 MiB) and the wheels room in 64 MiB
+    assert len(parts) in (2, 3) and whole[1] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert sum(int(p[1]) for p in parts) == int(whole[2]) == 98362432
 
 
 def run_script(script: str, env: dict, *args) -> subprocess.CompletedProcess:
@@ -95,7 +95,8 @@ def test_the_dry_run_writes_every_result_of_the_three_commands(dry_dir, tmp_path
     outs = {}
     for stage in ("1", "2", "3"):
         outs[stage] = tmp_path / f"out{stage}"
-        done = run_script("run.sh", {"DRY": "1", "GPU_DIR": str(dry_dir), "OUT": str(outs[stage])}, stage)
+        env = {"DRY": "1", "GPU_DIR": str(dry_dir), "OUT": str(outs[stage]), "LIMIT_SCALE": "3"}  # a busy CPU
+        done = run_script("run.sh", env, stage)
         assert done.returncode == 0, (outs[stage] / f"stage{stage}.log").read_text()[-3000:]
     assert json.loads((outs["1"] / "env.json").read_text())["cuda_available"] is False
     assert "testsuite" in (outs["1"] / "cuda-tests.xml").read_text()
@@ -125,8 +126,9 @@ def test_mfu_counts_every_matrix_product_weight_and_reads_the_train_cost_table(t
     config = json.loads((tiny_dir / "config.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
     linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))  # lm_head included
-    assert flops_per_token(config, lora=False, seq=0) == 6 * linear
-    assert flops_per_token(config, lora=True, seq=100) == 4 * linear + 12 * 6 * 64 * 100
+    assert flops_per_token(config, "full", seq=0) == 6 * linear
+    assert flops_per_token(config, "lora", seq=100) == 4 * linear + 12 * 6 * 64 * 100
+    assert flops_per_token(config, "frozen", seq=100) == 2 * linear + 4 * 6 * 64 * 100
     table = """train step cost on cuda:0 · model default · batch 8
 ┏━━━━━━━━┳━━━━━━━━━━━━━━━┳━━━━━━━━┳━━━━━━━━┳━━━━━━━━┓
 ┃ method ┃ exits trained ┃ s/step ┃ vs SFT ┃  tok/s ┃

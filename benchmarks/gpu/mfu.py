@@ -1,17 +1,19 @@
 """Model FLOPs utilisation of training runs: achieved model FLOPs per second over the GPU's peak.
 
 Model FLOPs per trained token follow the usual count (Kaplan et al. 2020; PaLM, Chowdhery et al. 2022):
-`k * N + 12 * L * H * S`, where N is the parameters the matrix products use (the decoder layers and the LM
+`k * N + a * L * H * S`, where N is the parameters the matrix products use (the decoder layers and the LM
 head; the embedding lookup is no product), the second term the attention scores and mixing at sequence
-length S, and k = 6 for full fine-tuning (forward 2, input gradients 2, weight gradients 2) or 4 for LoRA
-(the frozen weights get no weight gradient; the adapters' own products are under 1% here and not counted).
+length S, and by what is trained: `full` k = 6 (forward 2, input gradients 2, weight gradients 2), a = 12;
+`lora` k = 4 (the frozen weights get no weight gradient; the adapters' own products are under 1% here and
+not counted), a = 12; `frozen` (lenses on a frozen model: no gradient flows through it) k = 2, a = 4.
 SoFT's extra exit heads count as no model FLOPs: the figure measures the useful work of the one model, so
 a slower SoFT step shows as a lower MFU than SFT's.
 
-Inputs: `--train-cost FILE`, the table `benchmarks/train_cost.py` prints (its `method` and `tok/s` columns),
+Inputs: `--train-cost FILE`, the table `benchmarks/train_cost.py` prints (its `method` and `tok/s` columns;
+rows of `--trained`, but `lens...` rows count as `frozen`),
 and/or `--metrics FILE`, a training run's metrics.jsonl (its `tokens_per_second` lines).
 
-    python benchmarks/gpu/mfu.py --config DIR --lora --seq 256 --train-cost train-cost.txt --json mfu.json
+    python benchmarks/gpu/mfu.py --config DIR --trained lora --seq 256 --train-cost train-cost.txt --json mfu.json
 """
 
 from __future__ import annotations
@@ -26,14 +28,18 @@ import typer
 H200_BF16_DENSE = 989.4e12  # FLOP/s: NVIDIA's H200 SXM bf16 tensor-core peak without sparsity
 
 
-def flops_per_token(config: dict, lora: bool, seq: int) -> float:
+TRAINED = {"full": (6, 12), "lora": (4, 12), "frozen": (2, 4)}
+
+
+def flops_per_token(config: dict, trained: str, seq: int) -> float:
     H, L, V = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
     heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     head_dim = config.get("head_dim") or H // heads
     attention = H * heads * head_dim * 2 + H * kv * head_dim * 2  # q, o; k, v
     mlp = 3 * H * config["intermediate_size"]
     n = L * (attention + mlp) + V * H
-    return (4 if lora else 6) * n + 12 * L * H * seq
+    k, a = TRAINED[trained]
+    return k * n + a * L * H * seq
 
 
 def train_cost_rates(text: str) -> dict[str, float]:
@@ -50,7 +56,8 @@ def train_cost_rates(text: str) -> dict[str, float]:
 
 def main(
     config: Annotated[Path, typer.Option("--config", help="The model's config.json, or its directory")],
-    lora: Annotated[bool, typer.Option("--lora/--full", help="LoRA (4N) or full fine-tuning (6N)")] = True,
+    trained: Annotated[str, typer.Option("--trained", help="train_cost's rows: full, lora or frozen")] = "lora",
+    metrics_trained: Annotated[Optional[str], typer.Option("--metrics-trained", help="... the training run's [default: --trained]")] = None,
     seq: Annotated[int, typer.Option("--seq", help="Sequence length of train_cost's rows")] = 256,
     metrics_seq: Annotated[Optional[int], typer.Option("--metrics-seq", help="... of the training run's [default: --seq]")] = None,
     peak: Annotated[float, typer.Option("--peak", help="The GPU's peak FLOP/s in the training dtype")] = H200_BF16_DENSE,
@@ -62,14 +69,15 @@ def main(
     cfg = json.loads(path.read_text())
     runs = {}  # name -> (tokens/s, model FLOPs per token)
     if train_cost is not None:
-        per_token = flops_per_token(cfg, lora, seq)
-        runs |= {f"train_cost {k}": (v, per_token) for k, v in train_cost_rates(train_cost.read_text()).items()}
+        for name, rate in train_cost_rates(train_cost.read_text()).items():  # a `lens` row trains lenses only
+            runs[f"train_cost {name}"] = (rate, flops_per_token(cfg, "frozen" if name.startswith("lens") else trained, seq))
     if metrics is not None:
         logged = [json.loads(x) for x in metrics.read_text().splitlines() if '"tokens_per_second"' in x]
         if logged:
             rate = statistics.median(x["tokens_per_second"] for x in logged)
-            runs["training run (median of logged windows)"] = (rate, flops_per_token(cfg, lora, metrics_seq or seq))
-    result = {"peak_flops": peak, "lora": lora,
+            runs["training run (median of logged windows)"] = (
+                rate, flops_per_token(cfg, metrics_trained or trained, metrics_seq or seq))
+    result = {"peak_flops": peak, "trained": trained, "metrics_trained": metrics_trained or trained,
               "runs": {k: {"tokens_per_second": v, "flops_per_token": f, "mfu": v * f / peak}
                        for k, (v, f) in runs.items()}}
     for name, r in result["runs"].items():

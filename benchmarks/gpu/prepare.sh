@@ -35,6 +35,7 @@ else
   fi
   PAYLOAD=$(python -c "from sortedchat.default_model import locate_gguf; print(locate_gguf())")
 fi
+rm -rf "$G/parts"
 python benchmarks/gpu/weights.py split "$PAYLOAD" "$G/parts" --manifest "$G/manifest.made" --part-mib "$PART_MIB"
 if [ "$DRY" != 1 ]; then   # the dry run's parts are new each time; the real GGUF must be the one described
   if [ -f "$MANIFEST" ] && [ "$(tail -n 1 "$MANIFEST")" != "$(tail -n 1 "$G/manifest.made")" ]; then
@@ -55,7 +56,8 @@ else
   echo "prepare: no runs/data/train.jsonl (training/build-default.sh makes it): the GPU run will train on the Alpaca recipe"
 fi
 NAME=$(basename "$PAYLOAD")
-[ "$(grep -c '\.part[0-9]' "$MANIFEST")" = 3 ] || { echo "prepare: expected 3 parts in $MANIFEST" >&2; exit 1; }
+PARTS_MADE=$(grep -c '\.part[0-9]' "$MANIFEST")
+case $PARTS_MADE in 2|3) ;; *) echo "prepare: $PARTS_MADE parts in $MANIFEST; the three commands carry 2 or 3" >&2; exit 1 ;; esac
 
 # What each command carries: the working tree (tracked + untracked, not ignored) and its carry list.
 python - "$LIMIT" "$MARGIN" "$G" "$NAME" "$(basename "$DATA_SRC")" "$DRY" <<'EOF'
@@ -70,7 +72,7 @@ def size(path):
 listed = subprocess.run(["git", "ls-files", "-z", "-co", "--exclude-standard"], capture_output=True, check=True).stdout
 tree = sum(size(p) for p in listed.decode().split("\0") if p)
 carries = {1: ([".whl"] if dry != "1" else []) + [f"{g}/{data}", f"{g}/train", f"{g}/parts/{name}.part1"],
-           2: [f"{g}/parts/{name}.part2"], 3: [f"{g}/parts/{name}.part3"]}
+           2: [f"{g}/parts/{name}.part2"], 3: [p for p in [f"{g}/parts/{name}.part3"] if os.path.exists(p)]}
 worst = 0
 print(f"working tree: {tree / 2**20:.1f} MiB")
 for n, paths in carries.items():

@@ -28,22 +28,28 @@ if [ "$DRY" = 1 ]; then   # the tiny test model on this CPU (6 layers, exits 2, 
   BENCH_DEPTHS=depth:2,depth:4,auto
   BENCH_SPEC=spec:2,spec:4,draft:2,draft:4,hf-ee:2,hf-ee:4
   PROBE=(--config "$G/src/model" --tokens 16)   # its config only (the weights come in stage 3)
-  TRAIN_EXTRA=(--model "$G/model" --exits 2,4,6 --exit-weights 1,1,3 --max-steps 3 --batch-size 2
+  ALPACA_EXTRA=(--exit-weights 1,1,3)   # the Alpaca recipe weighs 8 exits; the tiny model has 3
+  TRAIN_EXTRA=(--model "$G/model" --exits 2,4,6 --max-steps 3 --batch-size 2
                --max-length 64 --eval-interval 0 --save-interval 0 --log-interval 1)
   TRAIN_COST_EXTRA=(--batch-size 2 --max-length 64 --steps 1 --rounds 1)
   MFU_CONFIG=$G/src/model
+  BENCH_LENGTH=(--max-new-tokens 32 --repeat 1)   # the dry run proves the path, not the speed
+  STAGE3_DEFAULT=900
 else                      # the default model (SmolLM2-135M-Instruct + the shipped SoFT adapter) on the GPU
   PY=python3 DEVICE=cuda MANIFEST=benchmarks/gpu/smollm2.manifest
   MODEL=() TRAIN_COST_MODEL=default
   BENCH_DEPTHS=depth:9,depth:12,depth:15,depth:18,depth:21,depth:24,depth:27,auto
   BENCH_SPEC=spec:18,spec:21,spec:24,draft:18,draft:21,draft:24,hf-ee:18,hf-ee:21,hf-ee:24
   PROBE=(--ceiling)
-  TRAIN_EXTRA=()
+  TRAIN_EXTRA=() ALPACA_EXTRA=()
   TRAIN_COST_EXTRA=(--steps 3 --rounds 2)
   MFU_CONFIG=benchmarks/gpu/smollm2-135m-config.json
+  BENCH_LENGTH=(--max-new-tokens 128 --repeat 2)
+  STAGE3_DEFAULT=420
 fi
 DTYPE=${DTYPE:-bfloat16}
-STAGE3_SECONDS=${STAGE3_SECONDS:-420}   # stage 3's steps share this; the training run gets what is left
+STAGE3_SECONDS=${STAGE3_SECONDS:-$STAGE3_DEFAULT}   # stage 3's steps share this; the training run gets the rest
+LIMIT_SCALE=${LIMIT_SCALE:-1}   # every step's time limit x this (a dry run on a busy CPU may need 3)
 PARTS=$G/parts DATA=$G/alpaca_1800.json
 export SORTEDCHAT_CACHE_DIR=$G/cache SORTEDCHAT_DATA_DIR=$G/data SORTEDCHAT_CONFIG_DIR=$G/config
 export PYTHONPATH=$G/site:$ROOT${PYTHONPATH:+:$PYTHONPATH}
@@ -56,7 +62,7 @@ forgive() {  # STEP(RC): a step's exit that is expected here, not a failure
 }
 
 step() {  # NAME LIMIT CMD...: run CMD under a time limit (signal $SIGNAL, default TERM), log its time and exit
-  local name=$1 limit=$2 t=$SECONDS rc
+  local name=$1 limit=$(($2 * LIMIT_SCALE)) t=$SECONDS rc
   shift 2
   echo "=== $name (limit ${limit}s) at +$((SECONDS - START))s: $*"
   timeout -k 20 -s "${SIGNAL:-TERM}" "$limit" "$@"
@@ -118,25 +124,26 @@ EOF
       step prepare-model 150 $PY -m sortedchat pull
   fi
   BENCH=($PY -m sortedchat bench "${MODEL[@]}" --device "$DEVICE" --dtype "$DTYPE" --prompts benchmarks/gpu/prompts.txt
-         --max-new-tokens 128 --repeat 2)
+         "${BENCH_LENGTH[@]}")
   step bench-depths 150 "${BENCH[@]}" --modes "$BENCH_DEPTHS" --json "$OUT/bench-depths.json"
   step bench-speculative 150 "${BENCH[@]}" --modes "$BENCH_SPEC" --json "$OUT/bench-speculative.json"
-  # SFT, SoFT (CE at every exit) and the shipped recipe's objective (KD from the cached top-64, lenses, packed)
-  COLUMNS=200 step train-cost 120 $PY benchmarks/train_cost.py --data "$DATA" --model "$TRAIN_COST_MODEL" --lora \
-       --variant soft --variant "soft,objective=kd,kd_top_k=64,lenses=true,pack=true" --mixed-precision bf16 \
+  # SFT, SoFT (CE at every exit; LoRA both) and the shipped default recipe's method (lenses on the frozen model,
+  # KD from the teacher's top-64, packed rows)
+  COLUMNS=200 step train-cost 150 $PY benchmarks/train_cost.py --data "$DATA" --model "$TRAIN_COST_MODEL" --lora \
+       --variant soft --variant "lens,lora=false,objective=kd,kd_top_k=64,pack=true" --mixed-precision bf16 \
        --device "$DEVICE" "${TRAIN_COST_EXTRA[@]}" > >(tee "$OUT/train-cost.txt") 2>&1
   # The default model's training run: the shipped recipe on its corpus (made by training/build-default.sh,
   # carried in $G/train), or the Alpaca recipe on the shared Alpaca sample where that corpus was not there.
   if [ -f "$G/train/train.jsonl" ]; then
     RECIPE=(--recipe training/recipes/smollm2-135m-default.toml --data "$G/train/train.jsonl"
-            --eval-data "$G/train/heldout.json") TRAIN_SEQ=512   # its max_length (packed rows)
+            --eval-data "$G/train/heldout.json") TRAIN_SEQ=512 TRAINED=frozen   # packed rows; lenses only
   else
-    RECIPE=(--recipe training/recipes/smollm2-135m-alpaca.toml --data "$DATA") TRAIN_SEQ=256
+    RECIPE=(--recipe training/recipes/smollm2-135m-alpaca.toml --data "$DATA" "${ALPACA_EXTRA[@]}") TRAIN_SEQ=256 TRAINED=lora
   fi
   RUN_DIR=$G/runs/train-$(date -u +%H%M%S)   # a new one each time: stage 3 may run twice on a warm machine
   left=$((STAGE3_SECONDS - (SECONDS - START) - 40))   # 40 s: the step that Ctrl+C finishes, the checkpoint
   if [ $left -ge 60 ]; then   # Ctrl+C (SIGINT) at the limit: the trainer finishes its step and saves a checkpoint
-    SIGNAL=INT step train "$left" $PY -m sortedchat train "${RECIPE[@]}" --device "$DEVICE" --mixed-precision bf16 \
+    SIGNAL=INT LIMIT_SCALE=1 step train "$left" $PY -m sortedchat train "${RECIPE[@]}" --device "$DEVICE" --mixed-precision bf16 \
          --out "$RUN_DIR" "${TRAIN_EXTRA[@]}"
     forgive "train(124)" && echo "=== train: stopped by Ctrl+C at its time limit (checkpoint saved)"
     cp "$RUN_DIR/metrics.jsonl" "$OUT/train-metrics.jsonl" 2>/dev/null
@@ -144,7 +151,8 @@ EOF
   else
     echo "=== train: skipped, only ${left}s left of STAGE3_SECONDS=$STAGE3_SECONDS"
   fi
-  step mfu 30 $PY benchmarks/gpu/mfu.py --config "$MFU_CONFIG" --lora --train-cost "$OUT/train-cost.txt" --metrics-seq $TRAIN_SEQ \
+  step mfu 30 $PY benchmarks/gpu/mfu.py --config "$MFU_CONFIG" --trained lora --train-cost "$OUT/train-cost.txt" \
+       --metrics-seq $TRAIN_SEQ --metrics-trained $TRAINED \
        $([ -f "$OUT/train-metrics.jsonl" ] && echo --metrics "$OUT/train-metrics.jsonl") --json "$OUT/mfu.json"
   ;;
 *) echo "run.sh: unknown stage $STAGE (1, 2 or 3)" >&2; exit 2 ;;
