@@ -28,7 +28,7 @@ if [ "$DRY" = 1 ]; then
 else
   G=${GPU_DIR:-.gpu}
   MANIFEST=benchmarks/gpu/smollm2.manifest   # tracked: the parts' checksums are part of the plan
-  PART_MIB=${PART_MIB:-34}   # smaller if the tree grows (3 parts must still hold the 93.8 MiB: at least 32)
+  PART_MIB=${PART_MIB:-47}   # two parts; with a tree over ~8 MiB use 34 (three parts, the third with command 3)
   mkdir -p "$G" .whl
   if [ ! -f .whl/textual-8.2.8-py3-none-any.whl ]; then
     python -m pip download -q --no-deps "${PLATFORM[@]}" -d .whl "${WHEELS[@]}"

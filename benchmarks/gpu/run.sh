@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The GPU run, in three commands that follow each other within the 30 s the machine stays warm (the exact
-# `run` calls: benchmarks/gpu/README.md). Each carries one part of the default model's GGUF; results and a log
-# of everything go to $OUT as soon as they exist.
+# `run` calls: benchmarks/gpu/README.md). The first two (or, with three parts, all three) each carry one part
+# of the default model's GGUF; results and a log of everything go to $OUT as soon as they exist.
 #
 #   bash benchmarks/gpu/run.sh 1   # wheels, part 1 checked, the CUDA tests (tiny model)
 #   bash benchmarks/gpu/run.sh 2   # part 2 checked, the decode probe (random weights: launch-bound or not?)
-#   bash benchmarks/gpu/run.sh 3   # part 3, join + sha256, convert; bench, train step cost, the training run
+#   bash benchmarks/gpu/run.sh 3   # every part, join + sha256, convert; bench, train step cost, training run
 #   DRY=1 OUT=/tmp/x bash benchmarks/gpu/run.sh 1|2|3   # the same on this CPU with the tiny test model
 #                                                      # (after DRY=1 bash benchmarks/gpu/prepare.sh)
 #
