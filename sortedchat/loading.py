@@ -158,42 +158,24 @@ def gguf_cache_dir(gguf: Path) -> Path:
     return cache_dir() / "models" / f"{gguf.stem}-{key}"
 
 
-def _load_exit_heads(directory: Path, cfg: SortedConfig, model, device, dtype) -> ExitHeads | None:
-    if not cfg.exit_heads:
+def _load_exit_parts(directory: Path, name: str | None, what: str, build, device, dtype):
+    """Per-exit weights stored beside `sortedchat.json` (ICT heads, lenses), built for the exits their
+    keys name (`heads.21.weight`, `lenses.21.bias`, ...); None when the checkpoint has none."""
+    if not name:
         return None
     from safetensors.torch import load_file
 
-    path = directory / cfg.exit_heads
+    path = directory / name
     try:
         state = load_file(str(path))
     except Exception as exc:
-        raise SortedChatError(f"{path}: cannot load exit heads ({_first_line(exc)})") from None
-    exits = sorted({int(k.split(".")[1]) for k in state})
-    heads = ExitHeads(exits, model.config.hidden_size, model.config.vocab_size, model.model.norm)
+        raise SortedChatError(f"{path}: cannot load {what} ({_first_line(exc)})") from None
+    module = build(sorted({int(k.split(".")[1]) for k in state}))
     try:
-        heads.load_state_dict(state)
+        module.load_state_dict(state)
     except RuntimeError as exc:
-        raise SortedChatError(f"{path}: exit heads do not fit this model ({_first_line(exc)})") from None
-    return heads.to(device=device, dtype=dtype).eval()
-
-
-def _load_exit_lenses(directory: Path, cfg: SortedConfig, model, device, dtype) -> ExitLenses | None:
-    if not cfg.exit_lenses:
-        return None
-    from safetensors.torch import load_file
-
-    path = directory / cfg.exit_lenses
-    try:
-        state = load_file(str(path))
-    except Exception as exc:
-        raise SortedChatError(f"{path}: cannot load exit lenses ({_first_line(exc)})") from None
-    exits = sorted({int(k.split(".")[1]) for k in state})
-    lenses = ExitLenses(exits, model.config.hidden_size)
-    try:
-        lenses.load_state_dict(state)
-    except RuntimeError as exc:
-        raise SortedChatError(f"{path}: exit lenses do not fit this model ({_first_line(exc)})") from None
-    return lenses.to(device=device, dtype=dtype).eval()
+        raise SortedChatError(f"{path}: {what} do not fit this model ({_first_line(exc)})") from None
+    return module.to(device=device, dtype=dtype).eval()
 
 
 def _load_base_only(directory: Path, cfg: SortedConfig, opts: LoadOptions, device, dtype, progress: Progress):
@@ -266,8 +248,13 @@ def load_sorted_model(spec: str | None = None, opts: LoadOptions | None = None, 
 
     if opts.exits is not None:
         cfg.exits = validate_exits(opts.exits, model.config.num_hidden_layers, "--exits")
-    heads = _load_exit_heads(Path(weights), cfg, model, device, dtype) if directory is not None else None
-    lenses = _load_exit_lenses(Path(weights), cfg, model, device, dtype) if directory is not None else None
+    heads = lenses = None
+    if directory is not None:
+        hidden = model.config.hidden_size
+        heads = _load_exit_parts(directory, cfg.exit_heads, "exit heads", lambda exits: ExitHeads(
+            exits, hidden, model.config.vocab_size, model.model.norm), device, dtype)
+        lenses = _load_exit_parts(directory, cfg.exit_lenses, "exit lenses",
+                                  lambda exits: ExitLenses(exits, hidden), device, dtype)
     progress("model ready", 1.0)
     return SortedModel(model=model, tokenizer=tokenizer, config=cfg, source=label, weights_path=weights, exit_heads=heads,
                        exit_lenses=lenses)
