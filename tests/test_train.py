@@ -645,6 +645,12 @@ def test_lens_training_leaves_the_model_and_full_depth_untouched_and_the_engine_
     evals = [json.loads(x)["eval"] for x in (out / "metrics.jsonl").read_text().splitlines() if "eval" in x]
     assert len(evals) == 2 and evals[-1]["6"]["agree"] == 1.0 and 0 <= evals[-1]["2"]["agree"] <= 1
 
+    from typer.testing import CliRunner
+
+    from sortedchat.cli import app
+
+    info = CliRunner().invoke(app, ["info", "--model", str(out), "--device", "cpu"])
+    assert info.exit_code == 0 and "per-exit lenses at 2, 4, then the shared norm" in " ".join(info.stdout.split())
     start = load_sorted_model(str(tiny_dir), LoadOptions(device="cpu", exits=[2, 4, 6]))
     lensed = load_sorted_model(str(out), LoadOptions(device="cpu"))
     assert lensed.exit_lenses is not None and lensed.exit_lenses.exits == [2, 4]

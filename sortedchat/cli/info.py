@@ -39,7 +39,9 @@ def info(
         ("exits", ", ".join(map(str, sm.exits))),
         ("thresholds", ", ".join(f"{e}:{thresholds[e]:.2f}" for e in sm.exits[:-1])
          + ("" if sm.config.thresholds else " (defaults: not calibrated)")),
-        ("exit heads", "per-exit (ICT)" if sm.exit_heads is not None else "shared norm + LM head"),
+        ("exit heads", "per-exit (ICT)" if sm.exit_heads is not None else
+         f"per-exit lenses at {', '.join(map(str, sm.exit_lenses.exits))}, then the shared norm + LM head"
+         if sm.exit_lenses is not None else "shared norm + LM head"),
         ("parameters", f"{sm.parameter_count() / 1e6:.1f}M"),
         ("dtype", str(sm.dtype).replace("torch.", "")),
         ("device", str(sm.device)),
