@@ -70,7 +70,9 @@ def run_script(script: str, env: dict, *args) -> subprocess.CompletedProcess:
 def dry_dir(tmp_path_factory):
     """DRY=1 prepare.sh into a private folder: the tiny model in 3 parts, the data, the manifest."""
     where = tmp_path_factory.mktemp("gpu-dry")
-    done = run_script("prepare.sh", {"DRY": "1", "GPU_DIR": str(where)})
+    data = tmp_path_factory.mktemp("gpu-dry-data") / "alpaca.json"  # no shared data in a test
+    data.write_text(json.dumps([{"instruction": f"Say {w}.", "input": "", "output": w} for w in ("yes", "no", "maybe")]))
+    done = run_script("prepare.sh", {"DRY": "1", "GPU_DIR": str(where), "DATA_SRC": str(data)})
     assert done.returncode == 0, done.stdout + done.stderr
     assert "command 1:" in done.stdout and "prepare: ready" in done.stdout
     return where
