@@ -344,12 +344,12 @@ class SortedObjective(nn.Module):
         """Per exit, how many scored positions' top-1 equals the full depth's (in chunks of the full head)."""
         counts = torch.zeros(len(exits), dtype=torch.float32, device=select.device)
         last = hidden_states[self.num_layers][:, :-1][select]
+        states = [(hidden_states[e][:, :-1][select], *self._exit_head(e)) for e in exits]  # gathered once
         chunk = max(1, CHUNK_ELEMENTS // lm_head_of(self.model).weight.shape[0])
         for start in range(0, last.shape[0], chunk):
             top_last = lm_head_of(self.model)(last[start : start + chunk]).argmax(-1)
-            for i, e in enumerate(exits):
-                norm, head = self._exit_head(e)
-                h = hidden_states[e][:, :-1][select][start : start + chunk]
+            for i, (h_all, norm, head) in enumerate(states):
+                h = h_all[start : start + chunk]
                 top = head(h if norm is None else norm(h)).argmax(-1)
                 counts[i] += (top == top_last).sum()
         return counts
