@@ -206,6 +206,10 @@ def main(argv: list[str] | None = None) -> None:
             atomic_write_text(args.heldout, json.dumps(records, indent=1) + "\n")
         return
 
+    if not any(src and limit != 0 for src, limit in ((args.alpaca, args.alpaca_limit),
+                                                      (args.questions, args.questions_limit),
+                                                      (args.passages, args.passage_limit))):
+        return  # every source capped at 0: no model to load
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
