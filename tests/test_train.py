@@ -694,6 +694,27 @@ def test_training_curves_table_and_plot_from_metrics(tmp_path):
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_training_curves_by_exit_draw_one_panel_per_exit_and_one_line_per_run(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from sortedchat.training import curves
+
+    for name, agree in (("a", 0.25), ("b", 0.5)):
+        (tmp_path / name).mkdir()
+        lines = [{"step": 5, "loss": 1.0, "tokens": 1000},
+                 {"step": 5, "eval": {"2": {"agree": agree}, "4": {"agree": agree + 0.1}, "6": {"agree": 1.0}}}]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    figures = []
+    monkeypatch.setattr(plt.Figure, "savefig", lambda fig, path, **kw: figures.append(fig))
+    curves.main([str(tmp_path / "a"), str(tmp_path / "b"), "--exits", "2,4", "--png", str(tmp_path / "t.png")])
+    axes = figures[0].axes
+    assert [ax.get_title() for ax in axes] == ["exit 2", "exit 4"]
+    assert [[ln.get_label() for ln in ax.get_lines()] for ax in axes] == [["a", "b"], ["a", "b"]]
+    assert [list(ln.get_ydata()) for ln in axes[1].get_lines()] == [[pytest.approx(35.0)], [pytest.approx(60.0)]]
+    with pytest.raises(SystemExit, match="--exits: expected layer numbers"):
+        curves.main([str(tmp_path / "a"), "--exits", "21,x", "--png", str(tmp_path / "t.png")])
+
+
 def test_layer_dropout_skips_the_drawn_layers_for_one_step_and_exits_see_the_passed_state(tiny_dir, alpaca_file, tmp_path):
     from sortedchat.training.objectives import skipped
     from sortedchat.training.trainer import Trainer

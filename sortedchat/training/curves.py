@@ -2,9 +2,11 @@
 
 Every `--eval-interval` steps a run logs each exit's held-out CE and top-1 agreement with the full depth;
 this draws them (one panel per run, one line per exit) so a model card can show where returns flatten, and
-prints the same figures as a Markdown table.
+prints the same figures as a Markdown table. With `--exits`, one panel per named exit and one line per run
+instead, so tries trained at the same budget compare on one figure.
 
     python -m sortedchat.training.curves runs/a runs/b --label "SoFT + lens" --label "lens only" --png curves.png
+    python -m sortedchat.training.curves runs/a runs/b --exits 21,24,27 --png tries.png
 """
 
 from __future__ import annotations
@@ -38,19 +40,28 @@ def table(label: str, evals: list[dict]) -> str:
     return "\n".join([head, rule, *rows])
 
 
-def plot(runs: dict[str, list[dict]], png: Path) -> None:
+def plot(runs: dict[str, list[dict]], png: Path, exits: list[int] | None = None) -> None:
+    """One panel per run with a line per exit; with `exits`, one panel per exit with a line per run."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4), squeeze=False, sharey=True)
-    for ax, (label, evals) in zip(axes[0], runs.items()):
-        exits = sorted(evals[-1]["eval"])[:-1] if evals else []
-        for e in exits:
-            ax.plot([r["tokens"] / 1e3 for r in evals], [100 * r["eval"][e].get("agree", 0) for r in evals],
-                    marker="o", label=f"exit {e}")
-        ax.set_title(label)
+    def line(ax, evals: list[dict], e: int, label: str) -> None:
+        rows = [r for r in evals if e in r["eval"]]
+        ax.plot([r["tokens"] / 1e3 for r in rows], [100 * r["eval"][e].get("agree", 0) for r in rows],
+                marker="o", label=label)
+
+    if exits:
+        panels = [(f"exit {e}", [(evals, e, label) for label, evals in runs.items()]) for e in exits]
+    else:
+        panels = [(label, [(evals, e, f"exit {e}") for e in (sorted(evals[-1]["eval"])[:-1] if evals else [])])
+                  for label, evals in runs.items()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False, sharey=True)
+    for ax, (title, lines) in zip(axes[0], panels):
+        for args in lines:
+            line(ax, *args)
+        ax.set_title(title)
         ax.set_xlabel("training tokens (thousands)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("held-out top-1 agreement with full depth (%)")
@@ -60,11 +71,20 @@ def plot(runs: dict[str, list[dict]], png: Path) -> None:
     fig.savefig(png, dpi=110)
 
 
+def exit_list(text: str) -> list[int]:
+    """`--exits 21,24,27` as layer numbers; anything else stops with a one-line error."""
+    try:
+        return [int(e) for e in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"--exits: expected layer numbers like 21,24,27, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="run directories (each with metrics.jsonl)")
     ap.add_argument("--label", action="append", help="one per run (default: the directory name)")
     ap.add_argument("--png", type=Path, help="write the plot here")
+    ap.add_argument("--exits", help="plot one panel per exit (e.g. 21,24,27) with one line per run")
     args = ap.parse_args(argv)
     labels = args.label or [r.name for r in args.runs]
     if len(labels) != len(args.runs):
@@ -73,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     for label, evals in runs.items():
         print(table(label, evals) + "\n")
     if args.png:
-        plot(runs, args.png)
+        plot(runs, args.png, exit_list(args.exits) if args.exits else None)
         print(f"wrote {args.png}")
 
 
