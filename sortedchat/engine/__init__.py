@@ -1,8 +1,8 @@
 """The decoding engine: one layered KV state, three modes (fixed depth, auto exit, self-speculative)."""
 
 from sortedchat.engine.events import GenerationStats, TokenEvent
-from sortedchat.engine.modes import Mode
+from sortedchat.engine.modes import Mode, ModeKind
 from sortedchat.engine.sampling import SamplingConfig
 from sortedchat.engine.session import ChatSession
 
-__all__ = ["ChatSession", "GenerationStats", "Mode", "SamplingConfig", "TokenEvent"]
+__all__ = ["ChatSession", "GenerationStats", "Mode", "ModeKind", "SamplingConfig", "TokenEvent"]

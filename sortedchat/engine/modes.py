@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 from sortedchat import SortedChatError
 
 KV_WAYS = ("exact", "propagate")  # see `Mode.kv`
 
 
+class ModeKind(str, Enum):
+    """The three ways of choosing a token's depth. A `str` enum (what `enum.StrEnum` is from Python 3.11 on;
+    sortedchat still runs on 3.10), so a kind equals, formats and serialises as its plain name: "auto"."""
+
+    DEPTH = "depth"
+    AUTO = "auto"
+    SPECULATIVE = "speculative"
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+
 @dataclass(frozen=True)
 class Mode:
-    """`kind` is "depth", "auto" or "speculative". `depth` is the fixed depth or the draft depth
+    """`kind` is a `ModeKind` (a plain name is turned into one). `depth` is the fixed depth or the draft depth
     (None: full depth / the model's default draft exit). `threshold` overrides every auto threshold;
     `shift` instead moves each calibrated per-exit threshold up or down (exits calibration switched off
     stay off), which is what the app's faster/closer keys do.
@@ -21,9 +36,11 @@ class Mode:
     `kv` is how the layers a token skips get its K/V (`engine.state`): "exact" leaves them to be computed
     when a deeper token drains the backlog, "propagate" stores the projections of the exit's hidden state
     at once (approximate, nothing waits). Speculative decoding is exact only: its output must be the full
-    model's."""
+    model's.
 
-    kind: str = "depth"
+    `validate` is the one check of a mode; a `ChatSession` runs it whenever it is given a mode."""
+
+    kind: ModeKind = ModeKind.DEPTH
     depth: int | None = None
     threshold: float | None = None
     shift: float = 0.0
@@ -33,31 +50,39 @@ class Mode:
     pace: bool = True
     kv: str = "exact"
 
+    def __post_init__(self) -> None:
+        try:
+            kind = ModeKind(self.kind)
+        except ValueError:
+            raise SortedChatError(f"unknown mode {self.kind!r} ({', '.join(k.value for k in ModeKind)})") from None
+        object.__setattr__(self, "kind", kind)  # frozen: the one way to normalise a field
+
     @classmethod
     def fixed(cls, depth: int | None = None, kv: str = "exact") -> "Mode":
-        return cls("depth", depth, kv=kv)
+        return cls(ModeKind.DEPTH, depth, kv=kv)
 
     @classmethod
     def auto(cls, threshold: float | None = None, confidence: str | None = None, shift: float = 0.0,
              kv: str = "exact") -> "Mode":
-        return cls("auto", None, threshold, shift=shift, confidence=confidence, kv=kv)
+        return cls(ModeKind.AUTO, None, threshold, shift=shift, confidence=confidence, kv=kv)
 
     @classmethod
     def speculative(cls, depth: int, draft_len: int = 4, draft_stop: float = 0.0, pace: bool = True) -> "Mode":
-        return cls("speculative", depth, draft_len=draft_len, draft_stop=draft_stop, pace=pace)
+        return cls(ModeKind.SPECULATIVE, depth, draft_len=draft_len, draft_stop=draft_stop, pace=pace)
 
-    def validate(self, num_layers: int) -> "Mode":
-        if self.kind not in ("depth", "auto", "speculative"):
-            raise SortedChatError(f"unknown mode {self.kind!r} (depth, auto, speculative)")
-        if self.depth is not None and not 1 <= self.depth <= num_layers:
-            raise SortedChatError(f"depth {self.depth} is outside 1..{num_layers} (the model has {num_layers} layers)")
-        if self.kind == "speculative" and self.depth is not None and self.depth >= num_layers:
-            raise SortedChatError(f"speculative draft depth must be below the last layer ({num_layers})")
+    def validate(self, num_layers: int | None) -> "Mode":
+        """The mode itself, or an error naming what is wrong. With `num_layers` None (a front end that has not
+        loaded the model yet) the checks that need the layer count are left for later."""
+        if num_layers is not None:
+            if self.depth is not None and not 1 <= self.depth <= num_layers:
+                raise SortedChatError(f"depth {self.depth} is outside 1..{num_layers} (the model has {num_layers} layers)")
+            if self.kind is ModeKind.SPECULATIVE and self.depth is not None and self.depth >= num_layers:
+                raise SortedChatError(f"speculative draft depth must be below the last layer ({num_layers})")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise SortedChatError(f"threshold {self.threshold} is outside 0..1")
         if self.kv not in KV_WAYS:
             raise SortedChatError(f"unknown K/V way {self.kv!r} ({', '.join(KV_WAYS)})")
-        if self.kind == "speculative" and self.kv != "exact":
+        if self.kind is ModeKind.SPECULATIVE and self.kv != "exact":
             raise SortedChatError("speculative decoding needs exact K/V (its output is the full model's)")
         if self.draft_len < 1:
             raise SortedChatError("draft length must be at least 1")
@@ -70,10 +95,10 @@ class Mode:
         return self._kind_label(num_layers) + (" · propagated KV" if self.kv == "propagate" else "")
 
     def _kind_label(self, num_layers: int) -> str:
-        if self.kind == "auto":
+        if self.kind is ModeKind.AUTO:
             if self.threshold is not None:
                 return f"Auto ≥{self.threshold:.2f}"
             return "Auto" if abs(self.shift) < 1e-9 else f"Auto {self.shift:+.2f}"
-        if self.kind == "speculative":
+        if self.kind is ModeKind.SPECULATIVE:
             return f"Speculative {self.depth}"
         return f"Depth {self.depth or num_layers}/{num_layers}"
