@@ -258,3 +258,18 @@ def test_stop_token_ends_answer_and_text_is_complete(tiny):
     events = list(session.generate_ids(ids, SamplingConfig(max_new_tokens=40)))
     text = "".join(e.text for e in events)
     assert text == tiny.tokenizer.decode([e.token_id for e in events if not e.is_stop])
+
+
+def test_ignoring_end_of_turn_runs_the_answer_to_max_new_tokens(tiny):
+    """`stop_at_end_of_turn=False` (the bench's protocol): an answer that would end at its end-of-turn token
+    goes on to exactly max_new_tokens, the end-of-turn token an ordinary one, in every mode."""
+    ids = prompt_ids(tiny, PROMPTS[0])
+    full = run(no_stop(ChatSession(tiny)), ids, n=12)
+    end = full.index(full[5]) + 1  # where this answer ends when its 6th token ends a turn
+    for mode in (Mode.fixed(), Mode.speculative(2, draft_len=3, pace=False)):
+        session = ChatSession(tiny, mode)
+        session.stop_ids = {full[5]}
+        assert run(session, ids, n=12) == full[:end] and session.last_stats.stopped == "eos"
+        events = list(session.generate_ids(ids, SamplingConfig(max_new_tokens=12, stop_at_end_of_turn=False)))
+        assert [e.token_id for e in events] == full and not any(e.is_stop for e in events)
+        assert session.last_stats.stopped == "max_tokens"

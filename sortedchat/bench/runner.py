@@ -6,8 +6,9 @@ decoding (`assistant_early_exit=k`) at each draft exit, and our engine at full d
 with propagated K/V, "auto:propagate"), and speculative at each draft exit.
 
 Protocol (the same for every mode): greedy, exactly `max_new_tokens` tokens per prompt with end-of-turn
-ignored (`eos_token_id=None` for transformers, no stop ids for the engine), so every mode does the same
-amount of work and outputs compare position by position; timing covers the whole call, prefill included.
+ignored (`eos_token_id=None` for transformers, `stop_at_end_of_turn=False` for the engine), so every mode
+does the same amount of work and outputs compare position by position; timing covers the whole call,
+prefill included.
 After one warm-up run of every mode (which also records its peak memory), each repeat runs every prompt
 through every mode back to back, the order of the modes rotating from repeat to repeat. Per mode and
 repeat, tokens/s = tokens / seconds over all prompts; the table shows the median over repeats, and the
@@ -217,12 +218,8 @@ class Bench:
         self.prompts = [encode_chat(sm, c) for c in conversations]
         self.n = max_new_tokens
         self.specs = bench_modes(sm, modes)
-        self.sessions: dict[str, ChatSession] = {}
-        for spec in self.specs:
-            if spec.mode is not None:
-                session = ChatSession(sm, spec.mode)
-                session.stop_ids = set()  # the protocol: exactly max_new_tokens tokens
-                self.sessions[spec.key] = session
+        self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, stop_at_end_of_turn=False)  # the protocol
+        self.sessions = {spec.key: ChatSession(sm, spec.mode) for spec in self.specs if spec.mode is not None}
         self.tallies = {spec.key: Tally() for spec in self.specs}
         self.reference: dict[int, list[int]] = {}
         tok = sm.tokenizer
@@ -248,7 +245,7 @@ class Bench:
         session = self.sessions[spec.key]
         session.reset()
         t = {c: clock() for c, clock in CLOCKS.items()}
-        tokens = [ev.token_id for ev in session.generate_ids(ids, SamplingConfig(max_new_tokens=self.n))]
+        tokens = [ev.token_id for ev in session.generate_ids(ids, self.sampling)]
         self._sync()
         seconds = {c: clock() - t[c] for c, clock in CLOCKS.items()}
         st = session.last_stats
@@ -314,7 +311,7 @@ class Bench:
             for i, ids in enumerate(self.prompts):
                 ref = self.reference[i]
                 session.reset()
-                chosen = [ev.token_id for ev in session.generate_ids(ids, SamplingConfig(), forced=ref)]
+                chosen = [ev.token_id for ev in session.generate_ids(ids, self.sampling, forced=ref)]
                 tally.forced_agree += sum(a == b for a, b in zip(chosen, ref))
                 tally.forced_compared += len(ref)
 

@@ -1,8 +1,21 @@
-"""What the engine tells front ends: one event per generated token, and a summary per answer."""
+"""What the engine tells front ends: one event per generated token, and a summary per answer; and the
+`Step` each mode hands the generation loop, which turns it into the event."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class Step:
+    """One token a mode chose: what the loop needs of it to report a `TokenEvent` (the loop adds the index,
+    the text and the time). A speculative round gives several, a fixed-depth or auto step one."""
+
+    token: int
+    confidence: float
+    exit_layer: int
+    drafted: bool = False
+    accepted: bool | None = None
 
 
 @dataclass

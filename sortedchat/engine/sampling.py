@@ -22,11 +22,16 @@ from sortedchat import SortedChatError
 
 @dataclass
 class SamplingConfig:
+    """How tokens are chosen, and how long an answer may run. With `stop_at_end_of_turn` False an answer goes
+    on past the model's end-of-turn tokens (they are then ordinary tokens, text included) to exactly
+    `max_new_tokens`: the bench's protocol, so that every mode does the same work."""
+
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
     max_new_tokens: int = 256
+    stop_at_end_of_turn: bool = True
 
     @property
     def greedy(self) -> bool:

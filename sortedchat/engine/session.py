@@ -1,11 +1,13 @@
 """A conversation with a sorted model: prompt reuse across turns, and the generation loop of all modes.
 
-Every mode works on one `LayeredState`. Fixed depth runs each token through layers 1..k. Auto mode
-runs on exit by exit and stops at the first confident one, never recomputing a layer. With `Mode.kv`
-"propagate", the layers a token skipped get its K/V right after it (`LayeredState.propagate`). Speculative
-mode drafts at depth k; verifying is running the last draft to full depth, which drains the drafted
-positions waiting at layer k+1 in one batched pass; a rejection is a crop. The mode is read before
-every token, so a front end can change it mid-answer.
+Every mode works on one `LayeredState`, and each has its own step function, which the loop calls with the
+token to feed and which returns the `Step`s it chose; the loop shares the prefill and the bookkeeping.
+Fixed depth (`_depth_step`) runs each token through layers 1..k. Auto mode (`_auto_step`) runs on exit by
+exit and stops at the first confident one, never recomputing a layer. With `Mode.kv` "propagate", the
+layers a token skipped get its K/V right after it (`LayeredState.propagate`). Speculative mode
+(`_speculative_steps`) drafts at depth k; verifying is running the last draft to full depth, which drains
+the drafted positions waiting at layer k+1 in one batched pass; a rejection is a crop. The mode is read
+before every token, so a front end can change it mid-answer.
 """
 
 from __future__ import annotations
@@ -18,16 +20,18 @@ import torch
 
 from sortedchat import SortedChatError
 from sortedchat.engine.confidence import make_measure
-from sortedchat.engine.events import GenerationStats, TokenEvent
-from sortedchat.engine.modes import Mode
+from sortedchat.engine.events import GenerationStats, Step, TokenEvent
+from sortedchat.engine.modes import Mode, ModeKind
 from sortedchat.engine.pacing import Pacer
 from sortedchat.engine.sampling import Sampler, SamplingConfig
+from sortedchat.engine.speculative import verify
 from sortedchat.engine.state import LayeredState
 from sortedchat.engine.text import IncrementalText
 from sortedchat.sorted_model import SortedModel
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 MAX_DRAFT = 16
+NO_LIMIT = 1 << 62  # the context length of a model that names none
 
 
 def stop_token_ids(sm: SortedModel) -> set[int]:
@@ -53,6 +57,48 @@ def encode_chat(sm: SortedModel, messages: list[dict]) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
+class _Answer:
+    """The bookkeeping of one answer, shared by every mode: its stats, its text so far and its clocks."""
+
+    def __init__(self, session: "ChatSession", prompt_tokens: int, stop_ids: set[int]):
+        self.state = session.state
+        self.stats = GenerationStats(num_layers=session.L, prompt_tokens=prompt_tokens)
+        self.text = IncrementalText(session.sm.tokenizer, stop_ids)
+        self.start = self.decode_start = time.perf_counter()
+        self.evals0 = self.fills0 = 0
+
+    def prefilled(self) -> None:
+        """The prompt is in: decoding time and the compute counters start here."""
+        self.decode_start = time.perf_counter()
+        self.stats.prefill_seconds = self.decode_start - self.start
+        self.evals0, self.fills0 = self.state.layer_evals, self.state.kv_fills
+        self.stats.kv_fill_share = self.state.kv_fill_share
+
+    def count(self) -> None:
+        self.stats.layer_evals = self.state.layer_evals - self.evals0
+        self.stats.kv_fills = self.state.kv_fills - self.fills0
+        self.stats.decode_seconds = time.perf_counter() - self.decode_start
+
+    def event(self, step: Step, index: int, is_stop: bool) -> TokenEvent:
+        """Count the token in the stats (up to date whenever a front end reads them) and report it."""
+        stats = self.stats
+        stats.tokens += 1
+        stats.exit_sum += step.exit_layer
+        stats.exit_counts[step.exit_layer] = stats.exit_counts.get(step.exit_layer, 0) + 1
+        self.count()
+        return TokenEvent(
+            index=index,
+            token_id=step.token,
+            text=self.text.push(step.token),
+            exit_layer=step.exit_layer,
+            confidence=step.confidence,
+            elapsed=time.perf_counter() - self.start,
+            drafted=step.drafted,
+            accepted=step.accepted,
+            is_stop=is_stop,
+        )
+
+
 class ChatSession:
     """Owns the layered KV state of one conversation. Not thread-safe: one generation at a time."""
 
@@ -60,14 +106,24 @@ class ChatSession:
         self.sm = sm
         self.L = sm.num_layers
         self.state = LayeredState(sm)
-        self.mode = (mode or Mode.fixed()).validate(self.L)
-        self.stop_ids = stop_token_ids(sm)
+        self.mode = mode or Mode.fixed()
+        self.stop_ids = stop_token_ids(sm)  # the model's end-of-turn tokens
         self.draft_len = self.mode.draft_len
         self.last_stats: GenerationStats | None = None
         self._measures: dict[str, object] = {}
-        self.pacer = Pacer()  # kept across answers for one draft depth and length (see `_generate`)
+        self.pacer = Pacer()  # kept across answers for one draft depth and length (see `_speculative_steps`)
 
     # -- public API --------------------------------------------------------------------------------
+    @property
+    def mode(self) -> Mode:
+        """The mode of the next token. The loop reads it before every token, so a front end may set it
+        mid-answer; setting it validates it (the one place a mode is checked against the model)."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: Mode) -> None:
+        self._mode = mode.validate(self.L)
+
     def generate(
         self, messages: list[dict], sampling: SamplingConfig | None = None, should_stop: Callable[[], bool] | None = None
     ) -> Iterator[TokenEvent]:
@@ -92,7 +148,7 @@ class ChatSession:
         if limit and len(prompt) >= limit:
             raise SortedChatError(f"the prompt is {len(prompt)} tokens; the model's context holds {limit}")
         if forced is not None:
-            if self.mode.kind == "speculative":
+            if self.mode.kind is ModeKind.SPECULATIVE:
                 raise SortedChatError("teacher forcing measures fixed-depth or auto mode, not speculative")
             sampling = dataclasses.replace(sampling, max_new_tokens=len(forced))
         return self._generate(prompt, sampling, should_stop or (lambda: False), forced)
@@ -104,14 +160,38 @@ class ChatSession:
     # -- the loop ----------------------------------------------------------------------------------
     @torch.inference_mode()
     def _generate(self, prompt: list[int], sampling: SamplingConfig, should_stop, forced=None) -> Iterator[TokenEvent]:
-        state, L = self.state, self.L
+        stop_ids = self.stop_ids if sampling.stop_at_end_of_turn else set()
         sampler = Sampler(sampling, self.sm.device)
-        text = IncrementalText(self.sm.tokenizer, self.stop_ids)
-        stats = GenerationStats(num_layers=L, prompt_tokens=len(prompt))
-        self.last_stats = stats
-        t0 = time.perf_counter()
+        answer = _Answer(self, len(prompt), stop_ids)
+        stats = self.last_stats = answer.stats
+        self._prefill(prompt, stats)
+        answer.prefilled()
+        pending, emitted = prompt[-1], 0
+        limit = self.sm.max_positions or NO_LIMIT
+        while emitted < sampling.max_new_tokens:
+            stats.stopped = "interrupted" if should_stop() else "context" if self.state.length + 1 >= limit else ""
+            if stats.stopped:
+                break
+            mode = self.mode
+            steps = self._decode(pending, mode, sampler, sampling.max_new_tokens - emitted, forced is not None,
+                                 stop_ids, stats)
+            if mode.kv == "propagate":
+                self.state.propagate()  # the layers this token skipped get its K/V now: nothing waits
+            for step in steps:  # only the last step can be an end of turn (see `_speculative_round`)
+                yield answer.event(step, emitted, step.token in stop_ids)
+                pending = step.token if forced is None else forced[emitted]
+                emitted += 1
+            if steps[-1].token in stop_ids and forced is None:
+                stats.stopped = "eos"
+                break
+        else:
+            stats.stopped = "max_tokens"
+        answer.count()
 
-        # Reuse the K/V of the longest common prefix; the last prompt token is always fed anew.
+    def _prefill(self, prompt: list[int], stats: GenerationStats) -> None:
+        """Reuse the K/V of the longest common prefix and run the rest of the prompt but its last token, which
+        is always fed anew: at a fixed depth only that deep (the rest waits), otherwise through every layer."""
+        state, mode = self.state, self.mode
         common = 0
         for a, b in zip(state.tokens, prompt[:-1]):
             if a != b:
@@ -119,80 +199,27 @@ class ChatSession:
             common += 1
         state.crop(common)
         stats.reused_tokens = common
-        mode = self.mode.validate(L)
         if len(prompt) - 1 > common:
-            state.run((mode.depth or L) if mode.kind == "depth" else L, prompt[common:-1])
+            state.run((mode.depth or self.L) if mode.kind is ModeKind.DEPTH else self.L, prompt[common:-1])
         if mode.kv == "propagate":
             state.propagate()  # the prompt at a fixed depth, or a backlog left by earlier exact tokens
-        t1 = time.perf_counter()
-        stats.prefill_seconds = t1 - t0
-        evals0, fills0 = state.layer_evals, state.kv_fills
-        stats.kv_fill_share = state.kv_fill_share
-        pending, emitted = prompt[-1], 0
-        limit = self.sm.max_positions or 1 << 62
 
-        while emitted < sampling.max_new_tokens:
-            if should_stop():
-                stats.stopped = "interrupted"
-                break
-            if state.length + 1 >= limit:
-                stats.stopped = "context"
-                break
-            mode = self.mode.validate(L)
-            budget = sampling.max_new_tokens - emitted
-            if mode.kind == "speculative" and (mode.depth, mode.draft_len) != self.pacer.drafting:
-                self.pacer = Pacer(drafting=(mode.depth, mode.draft_len))  # another draft: measure it afresh
-            drafting = (
-                mode.kind == "speculative" and budget > 1 and forced is None and (self.pacer.draft_now() or not mode.pace)
-            )
-            step_start = time.perf_counter()
-            if drafting:
-                produced = self._speculative_round(pending, mode, sampler, min(budget, limit - state.length - 1), stats)
-                self.pacer.record_draft(time.perf_counter() - step_start, len(produced))
-            elif mode.kind == "auto":
-                produced = [self._auto_step(pending, mode, sampler, stats)]
-            else:
-                depth = L if mode.kind == "speculative" else (mode.depth or L)  # paced, forced or last token: full
-                logits = self.sm.head(state.run(depth, [pending])[:, -1], depth, sampler.cfg.greedy)[0]
-                produced = [(*sampler.pick(logits), depth, False, None)]
-                if mode.kind == "speculative" and budget > 1:
-                    self.pacer.record_full(time.perf_counter() - step_start)
-                    stats.paced += 1
-            if mode.kv == "propagate":
-                state.propagate()  # the layers this token skipped get its K/V now: nothing waits
-            done = False
-            for token, conf, exit_layer, drafted, accepted in produced:
-                is_stop = token in self.stop_ids
-                stats.tokens += 1
-                stats.exit_sum += exit_layer
-                stats.exit_counts[exit_layer] = stats.exit_counts.get(exit_layer, 0) + 1
-                stats.layer_evals = state.layer_evals - evals0
-                stats.kv_fills = state.kv_fills - fills0
-                stats.decode_seconds = time.perf_counter() - t1
-                yield TokenEvent(
-                    index=emitted,
-                    token_id=token,
-                    text=text.push(token),
-                    exit_layer=exit_layer,
-                    confidence=conf,
-                    elapsed=time.perf_counter() - t0,
-                    drafted=drafted,
-                    accepted=accepted,
-                    is_stop=is_stop,
-                )
-                pending = token if forced is None else forced[emitted]
-                emitted += 1
-                if is_stop and forced is None:
-                    stats.stopped = "eos"
-                    done = True
-                    break
-            if done:
-                break
-        else:
-            stats.stopped = "max_tokens"
-        stats.layer_evals = state.layer_evals - evals0
-        stats.kv_fills = state.kv_fills - fills0
-        stats.decode_seconds = time.perf_counter() - t1
+    def _decode(self, pending: int, mode: Mode, sampler: Sampler, budget: int, forcing: bool, stop_ids: set[int],
+                stats: GenerationStats) -> list[Step]:
+        """Feed `pending` and return what the mode chose: one step, or a speculative round's steps (at most
+        `budget`, the tokens the answer has left)."""
+        match mode.kind:
+            case ModeKind.SPECULATIVE:
+                return self._speculative_steps(pending, mode, sampler, budget, forcing, stop_ids, stats)
+            case ModeKind.AUTO:
+                return [self._auto_step(pending, mode, sampler, stats)]
+            case ModeKind.DEPTH:
+                return [self._depth_step(pending, mode.depth or self.L, sampler)]
+
+    def _depth_step(self, token: int, depth: int, sampler: Sampler) -> Step:
+        """Fixed depth: layers 1..depth, then the head."""
+        logits = self.sm.head(self.state.run(depth, [token])[:, -1], depth, sampler.cfg.greedy)[0]
+        return Step(*sampler.pick(logits), depth)
 
     def _measure(self, mode: Mode):
         name = mode.confidence or self.sm.config.confidence
@@ -200,7 +227,7 @@ class ChatSession:
             self._measures[name] = make_measure(name, self.sm)
         return self._measures[name]
 
-    def _auto_step(self, token: int, mode: Mode, sampler: Sampler, stats: GenerationStats):
+    def _auto_step(self, token: int, mode: Mode, sampler: Sampler, stats: GenerationStats) -> Step:
         """Run exit by exit; leave at the first exit whose confidence reaches its threshold.
 
         An exit whose threshold is 1 or more is not checked (calibration marks exits that never pay off
@@ -235,71 +262,66 @@ class ChatSession:
         t = time.perf_counter()
         measure.observe(token_out, logits[0])
         stats.check_seconds += time.perf_counter() - t
-        return (token_out, p, e, False, None)
+        return Step(token_out, p, e)
 
-    def _speculative_round(self, pending: int, mode: Mode, sampler: Sampler, budget: int, stats: GenerationStats):
+    def _speculative_steps(self, pending: int, mode: Mode, sampler: Sampler, budget: int, forcing: bool,
+                           stop_ids: set[int], stats: GenerationStats) -> list[Step]:
+        """A speculative round while drafting pays, as the pacer measures it (always with `pace=False`), else
+        one full-depth step, which the pacer times. The last token of an answer, and every teacher-forced one,
+        is a full-depth step: nothing to draft ahead of it."""
+        if (mode.depth, mode.draft_len) != self.pacer.drafting:
+            self.pacer = Pacer(drafting=(mode.depth, mode.draft_len))  # another draft: measure it afresh
+        start = time.perf_counter()
+        if budget > 1 and not forcing and (self.pacer.draft_now() or not mode.pace):
+            room = (self.sm.max_positions or NO_LIMIT) - self.state.length - 1
+            steps = self._speculative_round(pending, mode, sampler, min(budget, room), stop_ids, stats)
+            self.pacer.record_draft(time.perf_counter() - start, len(steps))
+            return steps
+        step = self._depth_step(pending, self.L, sampler)
+        if budget > 1:
+            self.pacer.record_full(time.perf_counter() - start)
+            stats.paced += 1
+        return [step]
+
+    def _speculative_round(self, pending: int, mode: Mode, sampler: Sampler, budget: int, stop_ids: set[int],
+                           stats: GenerationStats) -> list[Step]:
         """Draft up to n tokens at depth k, verify them in one pass of layers k+1..L, crop what fails."""
         state, L, k = self.state, self.L, mode.depth or self.sm.default_draft_exit
         start = state.length  # position of `pending`
-        n = max(1, min(self.draft_len, budget - 1, MAX_DRAFT))
-        drafts, draft_conf, draft_probs = [], [], []
-        feed = pending
-        for _ in range(n):
-            logits = self.sm.head(state.run(k, [feed])[:, -1], k, sampler.cfg.greedy)[0]
-            if sampler.cfg.greedy:
-                token, conf = sampler.pick(logits)
-            else:
-                probs = sampler.distribution(logits[None])[0]
-                token = sampler.draw(probs)
-                conf = float(probs[token])
-                draft_probs.append(probs)
-            drafts.append(token)
-            draft_conf.append(conf)
-            feed = token
-            if token in self.stop_ids or conf < mode.draft_stop:
-                break
+        drafts, draft_probs = self._draft(pending, k, max(1, min(self.draft_len, budget - 1, MAX_DRAFT)),
+                                          mode.draft_stop, sampler, stop_ids)
         n = len(drafts)
         # Verification: the last draft runs to full depth, draining the drafted positions at k+1..L.
-        out = state.run(L, [drafts[-1]])
+        out = state.run(L, [drafts[-1].token])
         full_logits = self.sm.head(out[:, -(n + 1) :], L)[0]  # predictions for positions start+1 .. start+n+1
         stats.drafted += n
         stats.verifications += 1
-
-        produced = []
-        if sampler.cfg.greedy:
-            full = torch.softmax(full_logits.float(), dim=-1)
-            conf_full, pred = full.max(dim=-1)
-            pred, conf_full = pred.tolist(), conf_full.tolist()
-            m = 0
-            while m < n and drafts[m] == pred[m]:
-                m += 1
-            produced = [(drafts[i], draft_conf[i], k, True, True) for i in range(m)]
-            final = (pred[m], conf_full[m], L, False, None)
-        else:
-            target = sampler.distribution(full_logits)
-            m, final = 0, None
-            while m < n:
-                d, q, p = drafts[m], draft_probs[m], target[m]
-                if sampler.uniform() < min(1.0, float(p[d]) / max(float(q[d]), 1e-20)):
-                    m += 1
-                    continue
-                residual = torch.clamp(p - q, min=0)
-                residual = residual / residual.sum() if residual.sum() > 0 else p
-                token = sampler.draw(residual)
-                final = (token, float(p[token]), L, False, None)
-                break
-            produced = [(drafts[i], draft_conf[i], k, True, True) for i in range(m)]
-            if final is None:
-                token = sampler.draw(target[n])
-                final = (token, float(target[n][token]), L, False, None)
+        m, final = verify([d.token for d in drafts], draft_probs, full_logits, sampler, L)
         stats.accepted += m
         if m < n:
             state.crop(start + m + 1)  # keep `pending` and the accepted drafts
-        produced.append(final)
         # Draft more when everything passed, less after a rejection.
         self.draft_len = min(MAX_DRAFT, self.draft_len + 1) if m == n else max(1, m + 1)
+        steps = [dataclasses.replace(d, accepted=True) for d in drafts[:m]] + [final]
         # A stop token among the accepted drafts ends the answer there.
-        for i, item in enumerate(produced):
-            if item[0] in self.stop_ids:
-                return produced[: i + 1]
-        return produced
+        return next((steps[: i + 1] for i, step in enumerate(steps) if step.token in stop_ids), steps)
+
+    def _draft(self, pending: int, k: int, n: int, draft_stop: float, sampler: Sampler,
+               stop_ids: set[int]) -> tuple[list[Step], list[torch.Tensor]]:
+        """Up to n tokens at depth k, each fed the one before; an end of turn, or a token less sure than
+        `draft_stop`, ends the draft. Sampling keeps each draft's distribution for the accept/reject test."""
+        drafts, probs = [], []
+        feed = pending
+        for _ in range(n):
+            logits = self.sm.head(self.state.run(k, [feed])[:, -1], k, sampler.cfg.greedy)[0]
+            if sampler.cfg.greedy:
+                token, conf = sampler.pick(logits)
+            else:
+                probs.append(sampler.distribution(logits[None])[0])
+                token = sampler.draw(probs[-1])
+                conf = float(probs[-1][token])
+            drafts.append(Step(token, conf, k, drafted=True))
+            feed = token
+            if token in stop_ids or conf < draft_stop:
+                break
+        return drafts, probs
