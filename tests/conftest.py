@@ -6,9 +6,15 @@ Nothing is downloaded. The model is saved as a plain HF directory so loading cod
 from __future__ import annotations
 
 import os
+import sys
+import threading
 
-import pytest
-import torch
+# Tests never reach a model hub; a hub that drops packets instead of refusing them must not stall one.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -93,3 +99,42 @@ def isolated_dirs(tmp_path, monkeypatch):
         monkeypatch.setenv(f"SORTEDCHAT_{name}_DIR", str(tmp_path / name.lower()))
     if not os.environ.get("SORTEDCHAT_TEST_REAL_CACHE"):
         monkeypatch.setenv("SORTEDCHAT_CACHE_DIR", str(tmp_path / "cache"))
+
+
+EXIT_GRACE_S = 120
+
+
+def pytest_unconfigure(config):
+    """Make sure the test process ends once the session has.
+
+    A CI run once printed its summary and then never exited. Whatever a test leaves behind (a non-daemon
+    thread, a child process, an atexit handler that blocks) must not hold CI until its time limit: after
+    EXIT_GRACE_S a daemon watchdog prints every thread's stack and the child processes still running,
+    ends those children, and exits with the session's own status.
+    """
+    status = int(getattr(config, "_sortedchat_exitstatus", 0))
+
+    def watchdog():
+        import faulthandler
+        import time
+
+        time.sleep(EXIT_GRACE_S)
+        print(f"\nconftest: the test process is still running {EXIT_GRACE_S} s after the session ended; "
+              "its threads:", file=sys.__stderr__, flush=True)
+        faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
+        try:
+            import psutil
+
+            for child in psutil.Process().children(recursive=True):
+                print(f"conftest: ending child process {child.pid}: {' '.join(child.cmdline())}",
+                      file=sys.__stderr__, flush=True)
+                child.kill()
+        except Exception as exc:  # the report above is what matters; never hang here
+            print(f"conftest: could not list child processes: {exc}", file=sys.__stderr__, flush=True)
+        os._exit(status)
+
+    threading.Thread(target=watchdog, name="conftest-exit-watchdog", daemon=True).start()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config._sortedchat_exitstatus = exitstatus
