@@ -266,7 +266,7 @@ def test_ignoring_end_of_turn_runs_the_answer_to_max_new_tokens(tiny):
     ids = prompt_ids(tiny, PROMPTS[0])
     full = run(no_stop(ChatSession(tiny)), ids, n=12)
     end = full.index(full[5]) + 1  # where this answer ends when its 6th token ends a turn
-    for mode in (Mode.fixed(), Mode.speculative(2, draft_len=3, pace=False)):
+    for mode in (Mode.fixed(), Mode.auto(threshold=1.0), Mode.speculative(2, draft_len=3, pace=False)):
         session = ChatSession(tiny, mode)
         session.stop_ids = {full[5]}
         assert run(session, ids, n=12) == full[:end] and session.last_stats.stopped == "eos"

@@ -219,7 +219,8 @@ class ChatSession:
     def _depth_step(self, token: int, depth: int, sampler: Sampler) -> Step:
         """Fixed depth: layers 1..depth, then the head."""
         logits = self.sm.head(self.state.run(depth, [token])[:, -1], depth, sampler.cfg.greedy)[0]
-        return Step(*sampler.pick(logits), depth)
+        token_out, confidence = sampler.pick(logits)
+        return Step(token_out, confidence, depth)
 
     def _measure(self, mode: Mode):
         name = mode.confidence or self.sm.config.confidence
