@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 from sortedchat import SortedChatError
-
-Progress = Callable[[str, float | None], None]
+from sortedchat.progress import Progress
 
 
 def publish_dir(tmp: Path, target: Path) -> Path:

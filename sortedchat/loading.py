@@ -8,7 +8,6 @@ Safe by default: safetensors only unless `--allow-pickle`, no remote code unless
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,14 +16,10 @@ import torch
 from sortedchat import SortedChatError
 from sortedchat.config import CONFIG_NAME, EXIT_HEADS_NAME, SortedConfig, validate_exits
 from sortedchat.paths import cache_dir
+from sortedchat.progress import Progress, quiet
 from sortedchat.sorted_model import ExitHeads, ExitLenses, SortedModel
 
-Progress = Callable[[str, float | None], None]
 DEFAULT_BASE = "default"  # the value of `base_model` that names the built-in SmolLM2 base
-
-
-def _quiet(stage: str, fraction: float | None = None) -> None:
-    pass
 
 
 @dataclass
@@ -194,7 +189,7 @@ def _resolve_base(base: str, progress: Progress) -> str:
     return base
 
 
-def load_sorted_model(spec: str | None = None, opts: LoadOptions | None = None, progress: Progress = _quiet) -> SortedModel:
+def load_sorted_model(spec: str | None = None, opts: LoadOptions | None = None, progress: Progress = quiet) -> SortedModel:
     """Load `spec` (see module doc) as a `SortedModel` on the requested device and dtype."""
     opts = opts or LoadOptions()
     device = resolve_device(opts.device)
