@@ -52,11 +52,18 @@ class ExitHeads(nn.Module):
         self.heads = nn.ModuleDict({str(e): nn.Linear(hidden_size, vocab_size, bias=False) for e in exits})
 
     def forward(self, hidden: torch.Tensor, exit_layer: int) -> torch.Tensor:
-        key = str(exit_layer)
-        return self.heads[key](self.norms[key](hidden))
+        norm, head = self.parts(exit_layer)
+        return head(norm(hidden))
 
     def has(self, exit_layer: int) -> bool:
         return str(exit_layer) in self.heads
+
+    def parts(self, exit_layer: int) -> tuple[nn.Module, nn.Linear] | None:
+        """The exit's own norm and head, or None for an exit trained without one."""
+        if not self.has(exit_layer):
+            return None
+        key = str(exit_layer)
+        return self.norms[key], self.heads[key]
 
 
 class ExitLenses(nn.Module):
@@ -148,14 +155,21 @@ class SortedModel:
         `greedy=True` promises that only the argmax (and a rough softmax) will be used: the head may then
         screen the vocabulary in half precision and compute only the leading candidates exactly
         (`HeadProduct.screened`); the argmax is still the float32 one."""
-        if self.exit_heads is not None and exit_layer != self.num_layers and self.exit_heads.has(exit_layer):
-            return self.exit_heads(hidden, exit_layer)
-        normed = self.exit_norm(exit_layer)(hidden)
+        norm, head = self.head_parts(exit_layer)
+        if head is not self.model.lm_head:  # the exit's own head: the shared head's kernels do not apply
+            return head(norm(hidden))
+        normed = norm(hidden)
         if greedy:
             screened = self.head_product.screened(normed)
             if screened is not None:
                 return screened
         return self.head_product(normed)
+
+    def head_parts(self, exit_layer: int) -> tuple[nn.Module, nn.Module]:
+        """(norm, head) that `head` applies at `exit_layer`: the exit's own (SFT+ICT) where it has them, else
+        its `exit_norm` and the shared LM head. The full depth always has the shared ones."""
+        own = self.exit_heads.parts(exit_layer) if self.exit_heads is not None and exit_layer != self.num_layers else None
+        return own or (self.exit_norm(exit_layer), self.model.lm_head)
 
     def exit_norm(self, exit_layer: int) -> nn.Module:
         """What turns `exit_layer`'s raw output into the input of the shared head: its lens (if it has one)

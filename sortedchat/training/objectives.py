@@ -278,9 +278,9 @@ class SortedObjective(nn.Module):
     def _exit_head(self, exit_layer: int):
         """(norm or None, head) of an exit: an ICT head where one exists, else the shared final norm + LM head
         (behind the exit's lens where it has one)."""
-        if self.exit_heads is not None and self.exit_heads.has(exit_layer):
-            key = str(exit_layer)
-            return self.exit_heads.norms[key], self.exit_heads.heads[key]
+        own = self.exit_heads.parts(exit_layer) if self.exit_heads is not None else None
+        if own is not None:
+            return own
         # HF's last hidden state is already normed; the others are the raw outputs of their layer.
         if exit_layer == self.num_layers:
             return None, lm_head_of(self.model)
