@@ -12,6 +12,7 @@ before every token, so a front end can change it mid-answer.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
@@ -55,6 +56,14 @@ def encode_chat(sm: SortedModel, messages: list[dict]) -> list[int]:
     else:
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
     return tok(text, add_special_tokens=False)["input_ids"]
+
+
+@contextlib.contextmanager
+def _check_time(stats: GenerationStats):
+    """Count the time inside as auto mode's confidence-check time."""
+    start = time.perf_counter()
+    yield
+    stats.check_seconds += time.perf_counter() - start
 
 
 class _Answer:
@@ -236,9 +245,8 @@ class ChatSession:
         thresholds = self.sm.thresholds(mode.threshold, mode.shift)
         measure = self._measure(mode)
         out = self.state.run(self.sm.exits[0], [token])
-        t = time.perf_counter()
-        measure.prepare(self.state.tokens)
-        stats.check_seconds += time.perf_counter() - t
+        with _check_time(stats):
+            measure.prepare(self.state.tokens)
         for e in self.sm.exits:
             if out is None:
                 out = self.state.run(e)
@@ -250,9 +258,8 @@ class ChatSession:
             if thresholds[e] >= 1.0:
                 out = None
                 continue
-            t = time.perf_counter()
-            conf, logits = measure(h, e)
-            stats.check_seconds += time.perf_counter() - t
+            with _check_time(stats):
+                conf, logits = measure(h, e)
             stats.checks += 1
             if conf >= thresholds[e]:
                 if logits is None:
@@ -260,9 +267,8 @@ class ChatSession:
                 break
             out = None
         token_out, p = sampler.pick(logits[0])
-        t = time.perf_counter()
-        measure.observe(token_out, logits[0])
-        stats.check_seconds += time.perf_counter() - t
+        with _check_time(stats):
+            measure.observe(token_out, logits[0])
         return Step(token_out, p, e)
 
     def _speculative_steps(self, pending: int, mode: Mode, sampler: Sampler, budget: int, forcing: bool,
