@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import DynamicCache
 
 from sortedchat import SortedChatError
-from sortedchat.engine import ChatSession, Mode, SamplingConfig
+from sortedchat.engine import ChatSession, Mode, ModeKind, SamplingConfig
 from sortedchat.engine.layer_call import cache_keyword
 from sortedchat.engine.state import LayeredState
 
@@ -68,6 +71,30 @@ def test_draft_stop_ends_each_draft_at_an_unsure_token_and_keeps_full_greedy(tin
     assert stats.verifications > 0 and stats.drafted == stats.verifications
     with pytest.raises(SortedChatError, match="draft stop 1.5 is outside 0..1"):
         Mode.speculative(2, draft_stop=1.5).validate(tiny.num_layers)
+
+
+def test_mode_kind_is_always_a_member_that_equals_its_plain_name():
+    """Front ends may still name a kind "auto": it becomes `ModeKind.AUTO`, which equals and prints as "auto"."""
+    mode = replace(Mode(), kind="speculative", depth=2)
+    assert mode.kind is ModeKind.SPECULATIVE and mode == Mode.speculative(2)
+    assert ModeKind.AUTO == "auto" and f"{ModeKind.AUTO}" == "auto" and json.dumps(ModeKind.DEPTH) == '"depth"'
+    with pytest.raises(SortedChatError, match=r"unknown mode 'fast' \(depth, auto, speculative\)"):
+        Mode(kind="fast")
+
+
+def test_a_session_checks_every_mode_it_is_given(tiny):
+    """The one check of a mode runs where a session takes it: at construction and at each assignment (a front
+    end's mid-answer switch fails there, and the session keeps its mode). Without a layer count (before a
+    model loads) the checks that need it wait."""
+    with pytest.raises(SortedChatError, match=r"depth 7 is outside 1..6"):
+        ChatSession(tiny, Mode.fixed(7))
+    session = ChatSession(tiny, Mode.fixed(2))
+    with pytest.raises(SortedChatError, match=r"speculative draft depth must be below the last layer \(6\)"):
+        session.mode = Mode.speculative(6)
+    assert session.mode == Mode.fixed(2)
+    assert Mode.fixed(99).validate(None) == Mode.fixed(99)
+    with pytest.raises(SortedChatError, match="threshold 2 is outside 0..1"):
+        Mode.auto(threshold=2).validate(None)
 
 
 def test_fixed_depth_equals_truncated_model(tiny):
