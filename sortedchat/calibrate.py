@@ -26,7 +26,6 @@ judged by a second propagated run over the report part with the final thresholds
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -36,30 +35,24 @@ from sortedchat import SortedChatError
 from sortedchat.bench.costs import Costs, measure_costs
 from sortedchat.config import CONFIG_NAME, SortedConfig
 from sortedchat.engine.confidence import (
-    FREQUENT,
     MEASURES,
-    PREVIOUS_TOP,
-    RECENT,
+    Candidates,
     Classifier,
     ExitClassifier,
     MaxProb,
     Saturation,
     SubsetProb,
-    saturation,
+    previous_top,
     subset_features,
 )
+from sortedchat.progress import Progress, quiet
 from sortedchat.sorted_model import SortedModel
+from sortedchat.training.data import last_records
 
 MAX_ANSWER_TOKENS = 256
 SPLITS = ("fit", "select", "report")  # example i goes to SPLITS[SPLIT_OF[i % 4]]
 SPLIT_OF = (0, 0, 1, 2)
-MEASURE_NAMES = (MaxProb.name, SubsetProb.name, Classifier.name, Saturation.name)
-
-Progress = Callable[[str, float | None], None]
-
-
-def _quiet(stage: str, fraction: float | None = None) -> None:
-    pass
+MEASURE_NAMES = tuple(MEASURES)
 
 
 # -- data ----------------------------------------------------------------------------------------------
@@ -79,7 +72,7 @@ def reference_sequences(
             lines = [ln for ln in path.read_text(encoding="utf-8").split("\n") if ln.strip()]
         except (OSError, UnicodeDecodeError) as exc:
             raise SortedChatError(f"--data {spec}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
-        for line in _tail(lines, holdout, spec)[:max_examples]:
+        for line in last_records(lines, holdout, max_examples, spec):
             ids = tok(line, add_special_tokens=False)["input_ids"][: MAX_ANSWER_TOKENS + 1]
             if len(ids) >= 2:
                 out.append((ids, 0))
@@ -89,7 +82,7 @@ def reference_sequences(
         from sortedchat.training.data import load_records
 
         records = load_records(spec, flag="--data")
-        for ex in _tail(records.examples, holdout, spec)[:max_examples]:
+        for ex in last_records(records.examples, holdout, max_examples, spec):
             messages = ex.chat_messages()
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
             prompt_ids = encode_chat(sm, messages[:last])
@@ -108,12 +101,6 @@ def reference_sequences(
     return out, described
 
 
-def _tail(items: list, holdout: int, spec: str) -> list:
-    if holdout < 0 or holdout > len(items):
-        raise SortedChatError(f"--holdout {holdout}: {spec} has {len(items)} records")
-    return items[-holdout:] if holdout else items
-
-
 # -- what every exit says at every answer position -----------------------------------------------------
 @dataclass
 class Observations:
@@ -130,110 +117,86 @@ class Observations:
     def part(self, name: str) -> torch.Tensor:
         return self.split == SPLITS.index(name)
 
+    @classmethod
+    def joined(cls, exits: list[int], runs: list[dict[str, torch.Tensor]]) -> "Observations":
+        """The observations of consecutive runs of positions (per-exit fields [E, n, ...], the others [n])."""
+        return cls(exits, **{k: torch.cat([r[k] for r in runs], dim=1 if runs[0][k].dim() > 1 else 0) for k in runs[0]})
 
-def _candidate_mask(ids: list[int], start: int, previous_final: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[T, V] the candidate set `CandidateSet` would score at each answer position (teacher-forced: the
-    previous full head is the last exit's at the previous position)."""
-    T = len(ids) - 1 - start
-    mask = torch.zeros(T, vocab, dtype=torch.bool)
-    mask[:, : min(FREQUENT, vocab)] = True
-    previous_top = previous_final.topk(PREVIOUS_TOP, dim=-1).indices  # [T, K], row t = position start+t-1
-    for t in range(T):
-        pos = start + t
-        mask[t, ids[max(0, pos + 1 - RECENT) : pos + 1]] = True
-        mask[t, previous_top[t]] = True
-    return mask
+
+def checked_exits(sm: SortedModel) -> list[int]:
+    if len(sm.exits) < 2:
+        raise SortedChatError(f"{sm.source}: only one exit ({sm.num_layers}); nothing to calibrate")
+    return sm.exits[:-1]
+
+
+def score_exits(sm: SortedModel, raw: list[torch.Tensor], before: list[torch.Tensor], candidates: Candidates,
+                reference: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What each checked exit says at N positions, as auto mode's measures compute it (their `score`): `raw`
+    [N, H] per exit, the state leaving it; `before` the state saturation compares it with; `reference` [N] the
+    token it should agree with. Observations' per-exit fields, [E, N, ...] on the CPU."""
+    columns: dict[str, list] = {k: [] for k in ("agree", "maxprob", "subset", "hidden", "saturation")}
+    for e, h, b in zip(checked_exits(sm), raw, before):
+        logits = sm.head(h, e)
+        normed, log_probs = candidates.log_probs(sm, h, e)
+        columns["agree"].append(logits.argmax(-1) == reference)
+        columns["maxprob"].append(MaxProb.score(logits))
+        columns["subset"].append(subset_features(log_probs))
+        columns["hidden"].append(normed.to(torch.float16))
+        columns["saturation"].append(Saturation.score(h, b))
+    return {k: torch.stack(v).cpu() for k, v in columns.items()}
 
 
 @torch.inference_mode()
-def observe(sm: SortedModel, sequences: list[tuple[list[int], int]], progress: Progress = _quiet) -> Observations:
-    from sortedchat.engine.confidence import head_parts
-
-    exits, L = sm.exits[:-1], sm.num_layers
-    if not exits:
-        raise SortedChatError(f"{sm.source}: only one exit ({L}); nothing to calibrate")
-    agree, maxprob, subset, hidden, split, sat = [], [], [], [], [], []
+def observe(sm: SortedModel, sequences: list[tuple[list[int], int]], progress: Progress = quiet) -> Observations:
+    """Every checked exit at every answer position, teacher-forced in one forward pass per example. The
+    candidate sets are those auto mode builds when fed the answer in a fresh session: the top of the last
+    exit's head at the position before, none at the first (the prompt is prefilled without a head)."""
+    exits, runs = checked_exits(sm), []
     for n, (ids, start) in enumerate(sequences):
         progress(f"scoring example {n + 1}/{len(sequences)}", n / len(sequences))
         out = sm.model(input_ids=torch.tensor([ids], device=sm.device), output_hidden_states=True, use_cache=False)
-        final = out.logits[0, max(start - 1, 0) : len(ids) - 1].float()  # previous position first
-        if start == 0:
-            final = torch.cat([torch.zeros_like(final[:1]), final])
-        previous, final = final[:-1], final[1:]
-        target = final.argmax(-1)
-        mask = _candidate_mask(ids, start, previous, final.shape[-1]).to(sm.device)
-        a, m, s, h, c = [], [], [], [], []
-        for i, e in enumerate(exits):
-            before = out.hidden_states[exits[i - 1] if i else 0][0, start : len(ids) - 1]
-            norm, _ = head_parts(sm, e)
-            raw = out.hidden_states[e][0, start : len(ids) - 1]
-            logits = sm.head(raw, e).float()
-            probs = torch.softmax(logits, -1)
-            a.append(probs.argmax(-1) == target)
-            m.append(probs.max(-1).values)
-            s.append(subset_features(torch.log_softmax(logits.masked_fill(~mask, float("-inf")), -1)))
-            h.append(norm(raw).to(torch.float16))
-            c.append(saturation(raw, before))
-        agree.append(torch.stack(a))
-        sat.append(torch.stack(c))
-        maxprob.append(torch.stack(m))
-        subset.append(torch.stack(s))
-        hidden.append(torch.stack(h))
-        split.append(torch.full((len(ids) - 1 - start,), SPLIT_OF[n % len(SPLIT_OF)]))
-    return Observations(exits, torch.cat(agree, 1).cpu(), torch.cat(maxprob, 1).cpu(), torch.cat(subset, 1).cpu(),
-                        torch.cat(hidden, 1).cpu(), torch.cat(split), torch.cat(sat, 1).cpu())
+        states = [h[0, start : len(ids) - 1] for h in out.hidden_states]
+        final = out.logits[0, start : len(ids) - 1]
+        positions = range(start, len(ids) - 1)
+        candidates = Candidates.of(sm, [ids[: pos + 1] for pos in positions], [[], *previous_top(final[:-1]).tolist()])
+        run = score_exits(sm, [states[e] for e in exits], [states[e] for e in [0, *exits[:-1]]], candidates,
+                          final.argmax(-1))
+        runs.append({**run, "split": torch.full((len(positions),), SPLIT_OF[n % len(SPLIT_OF)])})
+    return Observations.joined(exits, runs)
 
 
 @torch.inference_mode()
 def observe_propagated(sm: SortedModel, sequences: list[tuple[list[int], int]], measure: str, thresholds: list[float],
                        classifier: ExitClassifier | None = None, parts: tuple[str, ...] = SPLITS,
-                       progress: Progress = _quiet) -> Observations:
+                       progress: Progress = quiet) -> Observations:
     """What every exit says at every answer position when the K/V of earlier positions were propagated from
     where `thresholds` (on `measure`'s recorded confidence, as `simulate` applies them) made them leave; teacher
     forced, agreement with the exact full model's greedy token. Only the examples of `parts` run."""
-    from sortedchat.engine.confidence import head_parts
     from sortedchat.engine.state import LayeredState
 
-    exits, L = sm.exits[:-1], sm.num_layers
-    if not exits:
-        raise SortedChatError(f"{sm.source}: only one exit ({L}); nothing to calibrate")
-    state = LayeredState(sm)
-    vocab = sm.model.lm_head.weight.shape[0]
-    columns: dict[str, list] = {k: [] for k in ("agree", "maxprob", "subset", "hidden", "saturation", "last", "exit")}
-    split = []
+    exits, L, state, runs = checked_exits(sm), sm.num_layers, LayeredState(sm), []
     chosen = [(n, x) for n, x in enumerate(sequences) if SPLITS[SPLIT_OF[n % len(SPLIT_OF)]] in parts]
     for k, (n, (ids, start)) in enumerate(chosen):
         progress(f"propagated K/V: example {k + 1}/{len(chosen)}", k / len(chosen))
         reference = sm.model(input_ids=torch.tensor([ids], device=sm.device), use_cache=False).logits[0].argmax(-1)
         state.reset()
-        previous = torch.zeros(vocab, device=sm.device)
         if start:
-            previous = sm.head(state.run(L, ids[:start])[:, -1], L)[0].float()
+            state.run(L, ids[:start])
+        top: list[int] = []  # the last exit's top at the position before (none at the first, as in `observe`)
         for pos in range(start, len(ids) - 1):
             raw = [state.run(e, [ids[pos]] if i == 0 else None)[:, -1] for i, e in enumerate(sm.exits)]  # [1, H] each
-            logits = torch.cat([sm.head(h, e).float() for h, e in zip(raw, sm.exits)])  # [E + 1, V]
-            agree = logits.argmax(-1) == reference[pos]
-            mask = _candidate_mask(ids[: pos + 2], pos, previous[None].cpu(), vocab)[0].to(sm.device)
-            before = [sm.embed(torch.tensor([ids[pos]], device=sm.device))] + raw[:-2]
-            one = Observations(
-                exits, agree[:-1, None], torch.softmax(logits[:-1], -1).max(-1).values[:, None],
-                subset_features(torch.log_softmax(logits[:-1].masked_fill(~mask, float("-inf")), -1))[:, None],
-                torch.cat([head_parts(sm, e)[0](h) for h, e in zip(raw, exits)]).to(torch.float16)[:, None],
-                torch.zeros(1, dtype=torch.long), torch.cat([saturation(h, b) for h, b in zip(raw, before)])[:, None],
-            )
-            conf = confidences(one, measure, classifier)[:, 0]
-            leave = next((j for j, tau in enumerate(thresholds) if tau < 1.0 and conf[j] >= tau), None)
+            before = [sm.embed(torch.tensor([ids[pos]], device=sm.device)), *raw[:-2]]
+            run = score_exits(sm, raw[:-1], before, Candidates.of(sm, [ids[: pos + 1]], [top]), reference[pos : pos + 1])
+            last = sm.head(raw[-1], L)
+            top = previous_top(last[0]).tolist()
+            conf = confidences(Observations(exits, split=torch.zeros(1, dtype=torch.long), **run), measure, classifier)
+            leave = next((j for j, tau in enumerate(thresholds) if tau < 1.0 and conf[j, 0] >= tau), None)
             if leave is not None:
                 state.refill(exits[leave], raw[leave][:, None])
-            previous = logits[-1]
-            for key, value in (("agree", one.agree), ("maxprob", one.maxprob), ("subset", one.subset),
-                               ("hidden", one.hidden), ("saturation", one.saturation), ("last", agree[-1:]),
-                               ("exit", torch.tensor([L if leave is None else exits[leave]]))):
-                columns[key].append(value.cpu())
-            split.append(SPLIT_OF[n % len(SPLIT_OF)])
-    cat = {k: torch.cat(v, -1 if k in ("agree", "maxprob", "saturation", "last", "exit") else 1) for k, v in columns.items()}
-    return Observations(exits, cat["agree"], cat["maxprob"], cat["subset"], cat["hidden"], torch.tensor(split),
-                        cat["saturation"], agree_last=cat["last"], exit_at=cat["exit"])
+            runs.append({**run, "split": torch.tensor([SPLIT_OF[n % len(SPLIT_OF)]]),
+                         "agree_last": (last.argmax(-1) == reference[pos]).cpu(),
+                         "exit_at": torch.tensor([L if leave is None else exits[leave]])})
+    return Observations.joined(exits, runs)
 
 
 def train_classifier(obs: Observations, steps: int = 300, width: int = 64, seed: int = 0) -> ExitClassifier:
@@ -243,7 +206,7 @@ def train_classifier(obs: Observations, steps: int = 300, width: int = 64, seed:
     with torch.random.fork_rng(), torch.enable_grad():
         torch.manual_seed(seed)
         for j, e in enumerate(obs.exits):
-            x = torch.cat([obs.hidden[j, fit].float(), obs.subset[j, fit]], -1)
+            x = ExitClassifier.inputs(obs.hidden[j, fit], obs.subset[j, fit])
             y = obs.agree[j, fit].float()
             mlp = net.nets[str(e)]
             mlp[0].mean.copy_(x.mean(0))
@@ -259,18 +222,16 @@ def train_classifier(obs: Observations, steps: int = 300, width: int = 64, seed:
 
 @torch.inference_mode()
 def confidences(obs: Observations, name: str, classifier: ExitClassifier | None = None) -> torch.Tensor:
-    """[E, N] what measure `name` says at every exit and position."""
+    """[E, N] what measure `name` says at every exit and position: its `score` (maxprob's and saturation's were
+    taken while observing)."""
     if name == MaxProb.name:
         return obs.maxprob
     if name == SubsetProb.name:
-        return obs.subset[..., 0].exp()
+        return SubsetProb.score(obs.subset)
     if name == Saturation.name:
         return obs.saturation
-    rows = []
-    for j, e in enumerate(obs.exits):
-        x = torch.cat([obs.hidden[j].float(), obs.subset[j]], -1)
-        rows.append(torch.sigmoid(classifier(x, e)))
-    return torch.stack(rows)
+    classifier = classifier.to(obs.hidden.device)  # timing its checks (`measure_costs`) moved it to the model's
+    return torch.stack([Classifier.score(classifier, e, obs.hidden[j], obs.subset[j]) for j, e in enumerate(obs.exits)])
 
 
 # -- thresholds ------------------------------------------------------------------------------------------
@@ -398,7 +359,7 @@ def check_options(target: float, measure: str | None, max_examples: int, kv: str
     if measure is not None and measure not in MEASURE_NAMES:
         raise SortedChatError(f"--measure {measure!r}: choose {', '.join(MEASURE_NAMES)}")
     if max_examples < len(SPLIT_OF):
-        raise SortedChatError(f"--max-examples {max_examples}: at least {len(SPLIT_OF)} are needed")
+        raise SortedChatError(f"--limit {max_examples}: at least {len(SPLIT_OF)} are needed")
 
 
 @dataclass
@@ -414,7 +375,7 @@ class Calibration:
 
 
 def calibrate(sm: SortedModel, data: str, target: float = 0.95, measure: str | None = None,
-              max_examples: int = 300, holdout: int = 0, progress: Progress = _quiet, kv: str = "exact") -> Calibration:
+              max_examples: int = 300, holdout: int = 0, progress: Progress = quiet, kv: str = "exact") -> Calibration:
     """Measure, train (if the classifier is among the measures), choose thresholds; write nothing. With `kv`
     "propagate", the measure is chosen on the one-pass plans, and its thresholds and figures come from runs
     under propagation (module docstring)."""
@@ -445,7 +406,7 @@ def calibrate(sm: SortedModel, data: str, target: float = 0.95, measure: str | N
 
 
 def propagated_plan(sm: SortedModel, sequences: list[tuple[list[int], int]], start: Plan, target: float, costs: Costs,
-                    classifier: ExitClassifier | None, progress: Progress = _quiet) -> Plan:
+                    classifier: ExitClassifier | None, progress: Progress = quiet) -> Plan:
     """Thresholds for propagated K/V: a propagated run over the fit and select parts at `start`'s thresholds,
     thresholds chosen again on what it recorded, then judged by a propagated run over the report part."""
     name, exits, L = start.measure, list(start.thresholds), sm.num_layers

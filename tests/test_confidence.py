@@ -133,3 +133,40 @@ def test_unknown_measure_is_one_clear_error(tiny):
 def test_classifier_without_calibration_says_how_to_get_one(tiny):
     with pytest.raises(SortedChatError, match="sortedchat calibrate --measure classifier"):
         c.make_measure("classifier", tiny)
+
+
+@pytest.mark.parametrize("name", sorted(c.MEASURES))
+def test_auto_mode_checks_the_confidences_calibrate_computes(calibrated, monkeypatch, name):
+    """Teacher-forced through the engine with no exit passing, auto mode's confidence at every checked exit and
+    answer position is the one `calibrate.observe` + `confidences` records there: thresholds are chosen on the
+    number auto mode compares with them. The candidate sets are made smaller than the tiny vocabulary so that
+    subset and classifier score real subsets; the previous top stays within the greedy head's exactly
+    recomputed candidates (`head_product.SCREEN`)."""
+    from sortedchat import calibrate as cal
+
+    monkeypatch.setattr(c, "FREQUENT", 96)
+    monkeypatch.setattr(c, "RECENT", 6)
+    monkeypatch.setattr(c, "PREVIOUS_TOP", 4)
+    sm = calibrated
+    assert c.FREQUENT < sm.model.config.vocab_size
+    prompt = encode_chat(sm, MESSAGES)
+    answer = sm.tokenizer("Paris is the capital of France.<|im_end|>", add_special_tokens=False)["input_ids"]
+    seen = []  # (measure, exit, confidence) per check
+    call = c.MEASURES[name].__call__
+
+    def recorded(measure, hidden, exit_layer):
+        conf, logits = call(measure, hidden, exit_layer)
+        seen.append((measure, exit_layer, conf))
+        return conf, logits
+
+    monkeypatch.setattr(c.MEASURES[name], "__call__", recorded)
+    session = ChatSession(sm, Mode.auto(threshold=1.0 - 1e-9, confidence=name))  # checked everywhere, never passes
+    events = list(session.generate_ids(prompt, SamplingConfig(), forced=answer))
+    assert [e.exit_layer for e in events] == [6] * len(answer)
+    assert [e for _, e, _ in seen] == [2, 4] * len(answer)
+    auto = torch.tensor([conf for _, _, conf in seen]).reshape(len(answer), 2).T
+
+    obs = cal.observe(sm, [(prompt + answer, len(prompt) - 1)])
+    assert obs.exits == [2, 4]
+    batch = cal.confidences(obs, name, seen[0][0].net if name == "classifier" else None)
+    torch.testing.assert_close(auto, batch, rtol=0, atol=1e-6)

@@ -23,10 +23,16 @@ Protocol, per token: `prepare(context)` once (the ids so far, the pending token 
 -> (confidence, logits or None)` at each checked exit (logits when the measure computed the full head
 anyway, so the chosen exit does not pay twice), then `observe(token_id, logits)` with the full logits of the
 exit that chose the token.
+
+Each measure computes its number in one batched method, `score`, over N positions at one exit: auto mode
+calls it for the one position at hand, `sortedchat calibrate` for every answer position of an example at
+once. Thresholds are thus chosen on the very number auto mode compares with them (a test checks the two
+agree position by position).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sortedchat import SortedChatError
-from sortedchat.config import CLASSIFIER_NAME
+from sortedchat.config import CLASSIFIER_NAME, atomic_write
 from sortedchat.sorted_model import SortedModel
 
 FREQUENT = 1024  # ids [0, FREQUENT): bytes and the earliest BPE merges
@@ -69,48 +75,62 @@ class MaxProb(Measure):
     def __init__(self, sm: SortedModel):
         self.sm = sm
 
+    @staticmethod
+    def score(logits: torch.Tensor) -> torch.Tensor:
+        """[N, V] logits of the exit's head -> [N]."""
+        return torch.softmax(logits.float(), dim=-1).max(dim=-1).values
+
     def __call__(self, hidden: torch.Tensor, exit_layer: int) -> tuple[float, torch.Tensor | None]:
         logits = self.sm.head(hidden, exit_layer)
-        return float(torch.softmax(logits.float(), dim=-1).max()), logits
+        return float(self.score(logits)[0]), logits
 
 
-def head_parts(sm: SortedModel, exit_layer: int) -> tuple[nn.Module, torch.Tensor]:
-    """The norm and the [V, H] head weight that `sm.head` applies at `exit_layer`."""
-    heads = sm.exit_heads
-    if heads is not None and exit_layer != sm.num_layers and heads.has(exit_layer):
-        key = str(exit_layer)
-        return heads.norms[key], heads.heads[key].weight
-    return sm.exit_norm(exit_layer), sm.model.lm_head.weight
+def previous_top(logits: torch.Tensor) -> torch.Tensor:
+    """[..., V] logits of a full head -> [..., PREVIOUS_TOP] its top ids: candidates at the next position."""
+    return logits.topk(PREVIOUS_TOP, dim=-1).indices
 
 
-class CandidateSet:
-    """Which vocabulary rows the cheap measures score, and their log-probabilities over that set.
+@dataclass
+class Candidates:
+    """Which vocabulary rows the cheap measures score at N positions, and their log-probabilities over them.
 
-    The frequent ids are a contiguous slice of the head (no copy); the context and previous-top ids are
-    gathered once per token. The set holds the exit's own argmax often enough that its max-probability
-    ranks positions as well as the full softmax does (the AUCs in BENCHMARKS.md)."""
+    Every position scores the ids below `frequent` (a contiguous slice of the head: no copy) and its own
+    recent-context and previous-top ids above it; `extra` [U] is the union of the latter, and `member`
+    [N, U] says which of them each position holds (None: all, as for auto mode's one position). The set holds
+    the exit's own argmax often enough that its max-probability ranks positions as well as the full softmax
+    does (the AUCs in BENCHMARKS.md)."""
 
-    def __init__(self, sm: SortedModel):
-        self.sm = sm
-        self.frequent = min(FREQUENT, sm.model.lm_head.weight.shape[0])
-        self.previous_top: list[int] = []
-        self.extra = torch.empty(0, dtype=torch.long, device=sm.device)
+    frequent: int
+    extra: torch.Tensor
+    member: torch.Tensor | None = None
 
-    def prepare(self, context: list[int]) -> None:
-        ids = {i for i in context[-RECENT:] if i >= self.frequent}
-        ids.update(i for i in self.previous_top if i >= self.frequent)
-        self.extra = torch.tensor(sorted(ids), dtype=torch.long, device=self.sm.device)
+    @classmethod
+    def of(cls, sm: SortedModel, contexts: list[list[int]], tops: list[list[int]]) -> "Candidates":
+        """Position n's ids so far, its own token last (`contexts[n]`), and the top ids of the full head at the
+        position before (`tops[n]`, [] where none was computed)."""
+        frequent = min(FREQUENT, sm.model.lm_head.weight.shape[0])
+        rows = [{i for i in [*context[-RECENT:], *top] if i >= frequent} for context, top in zip(contexts, tops)]
+        extra = sorted(set().union(*rows))
+        member = None
+        if any(len(row) < len(extra) for row in rows):
+            column = {i: k for k, i in enumerate(extra)}
+            member = torch.zeros(len(rows), len(extra), dtype=torch.bool)
+            for n, row in enumerate(rows):
+                member[n, [column[i] for i in row]] = True
+            member = member.to(sm.device)
+        return cls(frequent, torch.tensor(extra, dtype=torch.long, device=sm.device), member)
 
-    def observe(self, logits: torch.Tensor) -> None:
-        self.previous_top = logits.topk(PREVIOUS_TOP).indices.tolist()
-
-    def log_probs(self, hidden: torch.Tensor, exit_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(normed hidden [H], log-softmax over the candidates [C]) for one position's raw hidden [1, H]."""
-        norm, weight = head_parts(self.sm, exit_layer)
+    def log_probs(self, sm: SortedModel, hidden: torch.Tensor, exit_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normed hidden [N, H], log-softmax over each position's candidates [N, C], -inf off its own set) for
+        the raw hidden [N, H] leaving `exit_layer`."""
+        norm, head = sm.head_parts(exit_layer)
         h = norm(hidden)
         # F.linear, not `weight @ h`: the matrix-vector product has no fast bf16 kernel on CPUs.
-        logits = torch.cat([F.linear(h, weight[: self.frequent]), F.linear(h, weight[self.extra])], dim=-1)[0]
-        return h[0], torch.log_softmax(logits.float(), dim=-1)
+        logits = torch.cat([F.linear(h, head.weight[: self.frequent]), F.linear(h, head.weight[self.extra])], dim=-1)
+        logits = logits.float()
+        if self.member is not None:
+            logits[:, self.frequent :].masked_fill_(~self.member, float("-inf"))
+        return h, torch.log_softmax(logits, dim=-1)
 
 
 def subset_features(log_probs: torch.Tensor) -> torch.Tensor:
@@ -123,26 +143,34 @@ def subset_features(log_probs: torch.Tensor) -> torch.Tensor:
 
 
 class CandidateMeasure(Measure):
-    """A measure that scores the candidate set: it follows the context and the previous full head."""
+    """A measure that scores the candidate set of the token at hand: it follows the context and the previous
+    full head."""
 
     def __init__(self, sm: SortedModel):
-        self.candidates = CandidateSet(sm)
+        self.sm = sm
+        self.top: list[int] = []  # the previous full head's top ids (none before the first token)
+        self.candidates: Candidates | None = None  # the token at hand's (`prepare`)
 
     def prepare(self, context: list[int]) -> None:
-        self.candidates.prepare(context)
+        self.candidates = Candidates.of(self.sm, [context], [self.top])
 
     def observe(self, token_id: int, logits: torch.Tensor) -> None:
-        self.candidates.observe(logits)
+        self.top = previous_top(logits).tolist()
 
 
 class SubsetProb(CandidateMeasure):
-    """Maximum softmax probability over the candidate set (see `CandidateSet`)."""
+    """Maximum softmax probability over the candidate set (see `Candidates`)."""
 
     name = "subset"
 
+    @staticmethod
+    def score(features: torch.Tensor) -> torch.Tensor:
+        """[N, SUBSET_FEATURES] (`subset_features`) -> [N]."""
+        return features[..., 0].exp()
+
     def __call__(self, hidden: torch.Tensor, exit_layer: int) -> tuple[float, None]:
-        _, log_probs = self.candidates.log_probs(hidden, exit_layer)
-        return float(log_probs.max().exp()), None
+        _, log_probs = self.candidates.log_probs(self.sm, hidden, exit_layer)
+        return float(self.score(subset_features(log_probs))[0]), None
 
 
 class Standardize(nn.Module):
@@ -176,23 +204,21 @@ class ExitClassifier(nn.Module):
     def forward(self, features: torch.Tensor, exit_layer: int) -> torch.Tensor:
         return self.nets[str(exit_layer)](features)[..., 0]
 
-    def save(self, directory: str | Path) -> Path:
-        """Write atomically (temporary file, then rename)."""
-        import os
-        import tempfile
+    def has(self, exit_layer: int) -> bool:
+        return str(exit_layer) in self.nets
 
+    @staticmethod
+    def inputs(normed: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """[N, H + SUBSET_FEATURES]: the normed hidden state rounded to float16 (as calibration keeps it to train
+        on) and the subset features."""
+        return torch.cat([normed.to(torch.float16).float(), features.float()], dim=-1)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write atomically (`config.atomic_write`)."""
         from safetensors.torch import save_file
 
-        path = Path(directory) / CLASSIFIER_NAME
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{CLASSIFIER_NAME}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({k: v.contiguous() for k, v in self.state_dict().items()}, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        return atomic_write(Path(directory) / CLASSIFIER_NAME, lambda tmp: save_file(state, str(tmp)))
 
     @classmethod
     def load(cls, path: Path, hidden_size: int) -> "ExitClassifier":
@@ -213,8 +239,7 @@ class ExitClassifier(nn.Module):
 
 
 class Classifier(CandidateMeasure):
-    """P(exit's token == last exit's token) from the calibrated `ExitClassifier`; an exit the
-    classifier was not trained for never passes (confidence 0)."""
+    """P(exit's token == last exit's token) from the calibrated `ExitClassifier`."""
 
     name = "classifier"
 
@@ -229,19 +254,18 @@ class Classifier(CandidateMeasure):
             net = ExitClassifier.load(path, sm.model.config.hidden_size)
         super().__init__(sm)
         self.net = net.to(sm.device)
-        self.trained = set(self.net.exits)
+
+    @staticmethod
+    def score(net: ExitClassifier, exit_layer: int, normed: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """[N] from the normed hidden [N, H] and the subset features [N, SUBSET_FEATURES]; 0 (never passes) at an
+        exit `net` was not trained for."""
+        if not net.has(exit_layer):
+            return torch.zeros(normed.shape[0], device=normed.device)
+        return torch.sigmoid(net(ExitClassifier.inputs(normed, features), exit_layer))
 
     def __call__(self, hidden: torch.Tensor, exit_layer: int) -> tuple[float, None]:
-        if exit_layer not in self.trained:
-            return 0.0, None
-        h, log_probs = self.candidates.log_probs(hidden, exit_layer)
-        features = torch.cat([h.float(), subset_features(log_probs)])
-        return float(torch.sigmoid(self.net(features, exit_layer))), None
-
-
-def saturation(hidden: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of two residual-stream states [..., H], floored at 0 (a confidence in [0, 1])."""
-    return F.cosine_similarity(hidden.float(), before.float(), dim=-1).clamp(min=0.0)
+        h, log_probs = self.candidates.log_probs(self.sm, hidden, exit_layer)
+        return float(self.score(self.net, exit_layer, h, subset_features(log_probs))[0]), None
 
 
 class Saturation(Measure):
@@ -254,6 +278,12 @@ class Saturation(Measure):
         self.before: torch.Tensor | None = None  # the state this exit is compared with
         self.current: torch.Tensor | None = None  # the state leaving the exit reached last
 
+    @staticmethod
+    def score(hidden: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+        """Raw states [N, H] leaving this exit and the previous one (the embedding before the first) -> [N],
+        their cosine similarity floored at 0."""
+        return F.cosine_similarity(hidden.float(), before.float(), dim=-1).clamp(min=0.0)
+
     def prepare(self, context: list[int]) -> None:
         self.before = self.sm.embed(torch.tensor([context[-1:]], device=self.sm.device))[:, -1]
         self.current = None
@@ -264,7 +294,7 @@ class Saturation(Measure):
         self.current = hidden
 
     def __call__(self, hidden: torch.Tensor, exit_layer: int) -> tuple[float, None]:
-        return float(saturation(hidden, self.before)), None
+        return float(self.score(hidden, self.before)[0]), None
 
 
 MEASURES = {m.name: m for m in (MaxProb, SubsetProb, Classifier, Saturation)}
