@@ -23,7 +23,7 @@ mkdir -p "$out"
 dir=$(python - "$model" <<'EOF'
 import sys
 from sortedchat.cli import options as o
-print(o.load_model(sys.argv[1] or None, o.load_options(), console=None).weights_path)
+print(o.load_model(sys.argv[1] or None, o.LoadFlags().load_options()).weights_path)
 EOF
 )
 copy=$(mktemp -d)/propagate

@@ -51,15 +51,6 @@ def validate_exits(exits: list[int], num_layers: int, where: str) -> list[int]:
     return out
 
 
-def parse_exits(text: str, num_layers: int, where: str = "--exits") -> list[int]:
-    """Parse '9,12,15' into validated exits."""
-    try:
-        values = [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise SortedChatError(f"{where}: expected comma-separated layer numbers, got {text!r}") from None
-    return validate_exits(values, num_layers, where)
-
-
 @dataclass
 class SortedConfig:
     """The contents of `sortedchat.json`."""

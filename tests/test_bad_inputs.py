@@ -419,7 +419,7 @@ def _(tiny_dir, tmp_path):
 def _(tiny):
     from rich.console import Console
 
-    from sortedchat.cli.ask import plain_chat
+    from sortedchat.cli.chat import plain_chat
     from sortedchat.engine import Mode, SamplingConfig
 
     lines = iter(["Hello!", "What is the capital of France?", "/reset", "Again", "/quit"])

@@ -67,7 +67,7 @@ def test_info_lists_layers_exits_and_weights(tiny_dir):
 def test_plain_chat_keeps_the_conversation(tiny):
     from rich.console import Console
 
-    from sortedchat.cli.ask import plain_chat
+    from sortedchat.cli.chat import plain_chat
     from sortedchat.engine import Mode, SamplingConfig
 
     lines = iter(["Hello!", "What is the capital of France?", "/quit"])
@@ -110,3 +110,28 @@ def test_truncated_weights_are_a_clear_error(tiny_dir, tmp_path):
     res = cli("info", "--model", bad, "--device", "cpu")
     assert res.returncode == 1
     assert res.stderr.startswith(f"error: {bad}: cannot load model weights") and len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("how", [["--debug"], ["env"]])
+def test_debug_shows_the_traceback_and_the_replaced_exception(tiny_dir, how):
+    """`--exits x` replaces int()'s ValueError (`from None`); --debug / SORTEDCHAT_DEBUG=1 shows it, and still
+    ends with the one-line error."""
+    import os
+
+    env = os.environ | ({"SORTEDCHAT_DEBUG": "1"} if how == ["env"] else {})
+    flags = how if how == ["--debug"] else []
+    res = subprocess.run([sys.executable, "-m", "sortedchat", *flags, "info", "--model", str(tiny_dir), "--exits", "x"],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 1
+    assert "Traceback" in res.stderr and "ValueError: invalid literal for int()" in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == "error: --exits: expected comma-separated layer numbers, got 'x'"
+
+
+@pytest.mark.parametrize("flag", ["--limit", "--max-examples"])
+def test_calibrate_limit_and_its_old_name(tiny_dir, tmp_path, flag):
+    data = tmp_path / "d.txt"
+    data.write_text("one\ntwo\n")
+    res = cli("calibrate", "--model", tiny_dir, "--data", data, flag, "2")
+    assert res.returncode == 1
+    assert res.stderr.strip() == "error: --limit 2: at least 4 are needed"
+    assert "--max-examples" not in cli("calibrate", "--help").stdout

@@ -497,6 +497,18 @@ def test_bad_options_are_one_line_errors(tiny_dir, alpaca_file, tmp_path, args, 
     assert str(res.exception).startswith(message)
 
 
+def test_every_train_option_is_a_flag_of_train():
+    """The flags of `train` are derived from `TrainOptions` (`--recipe`, a path, is declared by the command)."""
+    import dataclasses
+
+    from sortedchat.training.recipe import TrainOptions
+
+    res = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "300"})
+    for f in dataclasses.fields(TrainOptions):
+        assert f"--{f.name.replace('_', '-')} " in res.stdout, f.name
+    assert "--no-lora " in res.stdout and "--no-trust-remote-code" not in res.stdout
+
+
 def test_shipped_recipes_parse():
     from pathlib import Path
 

@@ -145,10 +145,10 @@ def test_bare_command_and_chat_open_the_app_with_the_given_options(tiny_dir, mon
 
 
 def test_plain_flag_still_runs_the_line_chat(tiny_dir, monkeypatch):
-    import sortedchat.cli.ask as ask
+    import sortedchat.cli.chat as chat
 
     calls = []
-    monkeypatch.setattr(ask, "plain_chat", lambda sm, mode, sampling, system: calls.append((mode, sampling, system)))
+    monkeypatch.setattr(chat, "plain_chat", lambda sm, mode, sampling, system: calls.append((mode, sampling, system)))
     res = CliRunner().invoke(cli_app, ["chat", "--plain", "--model", str(tiny_dir), "--device", "cpu", "--auto",
                                        "-n", "7", "--system", "Terse."])
     assert res.exit_code == 0, res.output

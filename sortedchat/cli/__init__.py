@@ -1,6 +1,7 @@
 """The `sortedchat` command. Each sub-command lives in its own module and registers itself here.
 
-Errors a user can fix (`SortedChatError`) print as one line on stderr with exit code 1; Ctrl+C exits 130.
+Errors a user can fix (`SortedChatError`) print as one line on stderr with exit code 1 (`--debug` adds the
+traceback, see `debug`); Ctrl+C exits 130.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ def _quiet_libraries() -> None:
 _quiet_libraries()
 
 # Modules that define `register(app)`; each adds its own commands.
-COMMAND_MODULES = ["sortedchat.cli.chat", "sortedchat.cli.ask", "sortedchat.cli.info", "sortedchat.cli.train",
-                   "sortedchat.cli.bench"]
+COMMAND_MODULES = ["sortedchat.cli.chat", "sortedchat.cli.ask", "sortedchat.cli.info", "sortedchat.cli.pull",
+                   "sortedchat.cli.train", "sortedchat.cli.eval", "sortedchat.cli.bench", "sortedchat.cli.calibrate"]
 
 for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(app)
@@ -43,13 +44,14 @@ def main() -> None:
     import warnings
 
     from sortedchat import SortedChatError
+    from sortedchat.cli.debug import report
 
     if not sys.warnoptions:  # library warnings are for developers (PYTHONWARNINGS=default shows them)
         warnings.simplefilter("ignore")
     try:
         app()
     except SortedChatError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        report(exc)
         sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

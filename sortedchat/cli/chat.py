@@ -1,4 +1,4 @@
-"""`sortedchat chat` (and bare `sortedchat`): the full-screen chat app; `--plain` gives the line-based chat.
+"""`sortedchat chat` (and bare `sortedchat`): the full-screen chat app, or with `--plain` the line-based chat.
 
 The same function is the `chat` command and the app's callback, so bare `sortedchat` takes exactly the
 options of `sortedchat chat`. Values from the config file apply unless the command line gives them.
@@ -6,11 +6,18 @@ options of `sortedchat chat`. Values from the config file apply unless the comma
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Annotated, Optional
 
 import typer
+from rich.console import Console
+
 from sortedchat.cli import options as o
+from sortedchat.cli.debug import DebugOpt
+from sortedchat.cli.option_groups import takes_groups
+from sortedchat.cli.prechecks import check_before_loading
+from sortedchat.cli.render import AnswerPrinter
 
 
 def register(app: typer.Typer) -> None:
@@ -18,31 +25,18 @@ def register(app: typer.Typer) -> None:
     app.callback(invoke_without_command=True)(chat)
 
 
+@takes_groups
 def chat(
     ctx: typer.Context,
+    *,
     model: o.ModelOpt = None,
     plain: Annotated[bool, typer.Option("--plain", help="Line-based chat instead of the full-screen app")] = False,
     system: Annotated[Optional[str], typer.Option("--system", help="System prompt")] = None,
-    depth: o.DepthOpt = None,
-    auto: o.AutoOpt = False,
-    threshold: o.ThresholdOpt = None,
-    speculative: o.SpecOpt = None,
-    draft_len: o.DraftLenOpt = 4,
-    draft_stop: o.DraftStopOpt = 0.0,
-    always_draft: o.AlwaysDraftOpt = False,
-    kv: o.KvOpt = "exact",
-    temperature: o.TemperatureOpt = 0.0,
-    top_p: o.TopPOpt = 1.0,
-    top_k: o.TopKOpt = 0,
-    seed: o.SeedOpt = None,
+    mode: o.ModeFlags,
+    sampling: o.SamplingFlags,
     max_new_tokens: o.MaxTokensOpt = 512,
-    device: o.DeviceOpt = "auto",
-    dtype: o.DtypeOpt = "auto",
-    load_in_4bit: o.Load4Opt = False,
-    load_in_8bit: o.Load8Opt = False,
-    trust_remote_code: o.TrustOpt = False,
-    allow_pickle: o.PickleOpt = False,
-    exits: o.ExitsOpt = None,
+    load: o.LoadFlags,
+    debug: DebugOpt = False,
 ) -> None:
     """Chat with the model in the full-screen app (Textual); F1 there lists the keys."""
     if ctx.invoked_subcommand is not None:  # `sortedchat <command>`: the command runs on its own
@@ -57,34 +51,27 @@ def chat(
         return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
 
     # The command line wins over the config file, the config file over the defaults.
-    for name, value in [("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed),
-                        ("max_new_tokens", max_new_tokens), ("device", device), ("dtype", dtype)]:
+    given_values = dataclasses.asdict(sampling) | {"max_new_tokens": max_new_tokens, "device": load.device,
+                                                  "dtype": load.dtype}
+    for name, value in given_values.items():
         if given(name):
             setattr(settings, name, value)
     if system is not None:
         settings.system_prompt = system
     spec = model if model is not None else (settings.model or None)
     o.unicode_text(settings.system_prompt, "--system")
-    o.check_before_loading(spec, exits, depth=depth, auto=auto, threshold=threshold, speculative=speculative,
-                           draft_stop=draft_stop, always_draft=always_draft, kv=kv)
+    check_before_loading(spec, load, mode)
 
     def options():  # imports torch: the app calls it behind its loading screen, which shows at once
-        return o.load_options(settings.device, settings.dtype, load_in_4bit, load_in_8bit, trust_remote_code,
-                              allow_pickle, exits)
-
-    def initial_mode(sm):
-        return o.make_mode(sm, depth, auto, threshold, speculative, draft_len, draft_stop, always_draft, kv)
+        return dataclasses.replace(load, device=settings.device, dtype=settings.dtype).load_options()
 
     if plain:
-        from sortedchat.cli.ask import plain_chat
-
-        sampling = settings.sampling()
         if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 gets a note, not the end of the chat
             sys.stdin.reconfigure(errors="surrogateescape")
         sm = o.load_model(spec, options())
-        plain_chat(sm, initial_mode(sm), sampling, settings.system_prompt)
+        plain_chat(sm, mode.mode(sm), settings.sampling(), settings.system_prompt)
         return
-    run_app(spec, options, initial_mode, settings)
+    run_app(spec, options, mode.mode, settings)
 
 
 def run_app(spec, options, initial_mode, settings) -> None:
@@ -114,3 +101,62 @@ def run_app(spec, options, initial_mode, settings) -> None:
     app.run()
     if app.error:
         raise SortedChatError(app.error)
+
+
+def plain_chat(sm, mode, sampling, system: str = "", console: Console | None = None, read=input,
+               store=None) -> None:
+    """A line-based multi-turn chat. Empty line or /quit ends it; /reset starts over.
+
+    Like the app, it saves every turn (token by token) to the chat history in `store` (default: the
+    user's), so the app's saved-chats list reopens it.
+    """
+    from sortedchat import SortedChatError
+    from sortedchat.engine import ChatSession
+    from sortedchat.tui.app import model_label
+    from sortedchat.tui.storage import ChatStore
+
+    console = console or Console(highlight=False)
+    store = store or ChatStore()
+    session = ChatSession(sm, mode)
+    base = [{"role": "system", "content": system}] if system else []
+    messages, chat_id = list(base), None
+    label, name = mode.label(sm.num_layers), model_label(sm)
+    printer = AnswerPrinter(sm.num_layers, sm.exits[0], console=console)
+    console.print(f"[dim]{sm.source} · {label} · saved to the chat history · /reset new chat · "
+                  f"/quit or Ctrl+D ends[/dim]")
+    if store.notice:
+        console.print(f"[yellow]{store.notice}[/yellow]")
+    while True:
+        try:
+            line = read("you> ")
+        except EOFError:
+            break
+        if line.strip() in ("", "/quit", "/exit"):
+            break
+        if line.strip() == "/reset":
+            messages, chat_id = list(base), None
+            session.reset()
+            continue
+        try:
+            o.unicode_text(line, "that line")
+        except SortedChatError as exc:
+            console.print(f"[red]{exc}; nothing was sent[/red]")
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            chat_id, message_id = store.start_answer(chat_id, messages, label, name)
+        except SortedChatError as exc:  # a damaged history file was set aside: go on in a fresh one
+            console.print(f"[yellow]{exc}[/yellow]")
+            chat_id, message_id = store.start_answer(None, messages, label, name)
+        answer = []
+        try:
+            for ev in session.generate(messages, sampling):
+                answer.append(ev.text)
+                store.add_token(message_id, ev.index, ev.token_id, ev.text, ev.exit_layer, ev.confidence)
+                printer.token(ev)
+        except KeyboardInterrupt:
+            console.print("\n[dim](stopped)[/dim]")
+        messages.append({"role": "assistant", "content": "".join(answer)})
+        stats = session.last_stats
+        store.finish_message(message_id, messages[-1]["content"], stats.to_dict() if stats else None)
+        printer.summary(stats)

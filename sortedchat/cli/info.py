@@ -1,35 +1,25 @@
-"""`sortedchat info` (what a model is and where it lives) and `sortedchat pull` (fetch the default)."""
+"""`sortedchat info`: what a model is and where it lives."""
 
 from __future__ import annotations
-
-from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from sortedchat.cli import options as o
+from sortedchat.cli.option_groups import takes_groups
+from sortedchat.cli.prechecks import check_before_loading
 
 
 def register(app: typer.Typer) -> None:
     app.command()(info)
-    app.command()(pull)
 
 
-def info(
-    model: o.ModelOpt = None,
-    device: o.DeviceOpt = "auto",
-    dtype: o.DtypeOpt = "auto",
-    load_in_4bit: o.Load4Opt = False,
-    load_in_8bit: o.Load8Opt = False,
-    trust_remote_code: o.TrustOpt = False,
-    allow_pickle: o.PickleOpt = False,
-    exits: o.ExitsOpt = None,
-) -> None:
+@takes_groups
+def info(*, model: o.ModelOpt = None, load: o.LoadFlags) -> None:
     """Layers, exits, thresholds, parameters, dtype, device and where the weights live."""
-    o.check_before_loading(model, exits)
-    opts = o.load_options(device, dtype, load_in_4bit, load_in_8bit, trust_remote_code, allow_pickle, exits)
-    sm = o.load_model(model, opts)
+    check_before_loading(model, load)
+    sm = o.load_model(model, load.load_options())
     thresholds = sm.thresholds()
     table = Table(show_header=False, box=None)
     rows = [
@@ -53,21 +43,3 @@ def info(
     for k, v in rows:
         table.add_row(f"[bold]{k}[/bold]", v)
     Console().print(table)
-
-
-def pull(
-    model: Annotated[Optional[str], typer.Argument(help="A hub id to download [default: the built-in model]")] = None,
-) -> None:
-    """Prepare the default model now, or download a hub model: the only command that uses the network."""
-    console = Console(stderr=True)
-    with console.status("preparing the model", spinner="dots") as status:
-        if model is None:
-            from sortedchat.default_model import default_model_dir
-
-            path = default_model_dir(lambda stage, frac=None: status.update(stage))
-        else:
-            from sortedchat.loading import pull_hub_model
-
-            status.update(f"downloading {model}")
-            path = pull_hub_model(model)
-    Console().print(f"model ready: {path}")

@@ -62,6 +62,17 @@ class RecordSet:
                 "skipped": self.skipped}
 
 
+def last_records(items: list, holdout: int, limit: int, source: str) -> list:
+    """What `eval` and `calibrate` score with `--holdout N --limit M`: the last N items (the records
+    `train --holdout N` left out; 0 = all), then at most M of them (0 = no limit)."""
+    if holdout < 0 or limit < 0:
+        raise SortedChatError("--holdout/--limit: must not be negative")
+    if holdout > len(items):
+        raise SortedChatError(f"--holdout {holdout}: {source} has only {len(items)} usable records")
+    items = items[-holdout:] if holdout else items
+    return items[:limit] if limit else items
+
+
 def _kind_of(record) -> str | None:
     if not isinstance(record, dict):
         return None

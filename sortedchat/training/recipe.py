@@ -8,7 +8,9 @@ so a typo in a recipe never silently trains with a default.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import asdict, dataclass, fields
+import types
+import typing
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sortedchat import SortedChatError
@@ -20,115 +22,127 @@ SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
 
 
+def _option(default, help: str, negatable: bool = True):
+    """A field of `TrainOptions` that is also a flag of `sortedchat train` (`cli/train.py` derives the flag from
+    its name, type and help); `negatable` booleans get a `--no-` form, so a flag can undo a recipe's `true`."""
+    return field(default=default, metadata={"help": help, "negatable": negatable})
+
+
 @dataclass
 class TrainOptions:
     """One training run. Defaults follow the paper (Sorted LLaMA: mean loss over exits, lr 2e-5, cosine)."""
 
-    model: str = "default"  # "default" = the built-in SmolLM2-135M-Instruct base; else a path or hub id
-    data: str = ""
-    out: str = ""
-    eval_data: str | None = None
-    holdout: int = 0  # hold out the last N records of --data for evaluation
-    template: str = "chat"
-    skip_bad: bool = False
+    model: str = _option("default", "Starting model: 'default' (built-in SmolLM2-135M-Instruct base), HF directory, "
+                         "sortedchat checkpoint, .gguf or hub id")
+    data: str = _option("", "Training data: Alpaca JSON/JSONL, chat JSONL, QA JSONL, parquet/CSV, or a datasets hub "
+                        "id: name, name:config, name:config@split")
+    out: str = _option("", "Output directory")
+    eval_data: str | None = _option(None, "Evaluation data (same formats as --data)")
+    holdout: int = _option(0, "Hold out the last N records of --data for evaluation")
+    template: str = _option("chat", "Prompt template: chat (the model's) or alpaca")
+    skip_bad: bool = _option(False, "Skip malformed records (counted) instead of stopping")
 
-    exits: list[int] | None = None  # None: the model's own exits, else the default spread
-    method: str = "soft"
-    objective: str = "ce"
-    exit_weights: list[float] | None = None
-    exits_per_step: int = 0  # 0 = every exit every step
-    lenses: bool = False  # soft: train a per-exit affine lens with the model ("lens" trains lenses alone)
-    lens_lr: float = 0.0  # 0 = --lr
-    kd_top_k: int = 0  # > 0: distil from the teacher's cached top-K (candidate-set losses); 0 = exact
-    kd_negatives: int = 256  # sampled ids per step that estimate the rest of the vocabulary (with kd_top_k)
-    pack: bool = False  # pack records into rows of max_length instead of padding each one
-    layer_dropout: float = 0.0  # LayerSkip: layer l of L skipped per step with probability rate * l / (L - 1)
+    exits: list[int] | None = _option(None, "Exit layers, e.g. 9,12,15,...,30 (default: the model's, else 8 spread "
+                                      "from 30% depth)")
+    method: str = _option("soft", "soft (all exits), sft (last exit), ict (frozen model, new head per exit), lens "
+                          "(frozen model, affine lens per exit)")
+    objective: str = _option("ce", "ce, kd (distil the frozen start's full depth) or ce+kd")
+    exit_weights: list[float] | None = _option(None, "Loss weight per trained exit, e.g. 1,1,2")
+    exits_per_step: int = _option(0, "Sample N exits per step, always with the last (0 = all)")
+    lenses: bool = _option(False, "Train a per-exit affine lens (before the shared norm and head) with the model")
+    lens_lr: float = _option(0.0, "Learning rate of the lenses (0 = --lr)")
+    kd_top_k: int = _option(0, "Distil from the teacher's cached top-K ids (candidate-set losses; 0 = exact "
+                            "full-vocabulary losses)")
+    kd_negatives: int = _option(256, "Sampled ids per step for the rest of the vocabulary (with --kd-top-k)")
+    pack: bool = _option(False, "Pack records into rows of --max-length instead of padding each")
+    layer_dropout: float = _option(0.0, "LayerSkip layer dropout: the last layer skipped at this rate per step, "
+                                   "rising from 0 at the first")
 
-    epochs: int = 1
-    max_steps: int = 0  # > 0 overrides epochs
-    lr: float = 2e-5
-    schedule: str = "cosine"
-    warmup_ratio: float = 0.03
-    warmup_steps: int = 0  # > 0 overrides warmup_ratio
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    batch_size: int = 4  # sequences per process per micro-batch
-    grad_accum: int = 1
-    max_length: int = 512
-    seed: int = 0
+    epochs: int = _option(1, "Passes over the data")
+    max_steps: int = _option(0, "Optimizer steps; overrides --epochs")
+    lr: float = _option(2e-5, "Peak learning rate")
+    schedule: str = _option("cosine", "cosine, linear or constant (after warmup)")
+    warmup_ratio: float = _option(0.03, "Warmup as a fraction of the steps")
+    warmup_steps: int = _option(0, "Warmup steps; overrides --warmup-ratio")
+    weight_decay: float = _option(0.0, "AdamW weight decay")
+    max_grad_norm: float = _option(1.0, "Gradient clipping (0 = off)")
+    batch_size: int = _option(4, "Sequences per process per micro-batch")
+    grad_accum: int = _option(1, "Micro-batches per optimizer step")
+    max_length: int = _option(512, "Tokens per sequence (longer ones are cut)")
+    seed: int = _option(0, "Seed for data order, exit sampling and initialisation")
 
-    eval_interval: int = 0  # steps; 0 = only at the end
-    save_interval: int = 0  # steps; 0 = only at the end (and on Ctrl+C)
-    log_interval: int = 10
-    keep_checkpoints: int = 2
+    eval_interval: int = _option(0, "Evaluate every N steps (0 = at the end)")
+    save_interval: int = _option(0, "Checkpoint every N steps (0 = at the end)")  # and on Ctrl+C
+    log_interval: int = _option(10, "Log to metrics.jsonl every N steps")
+    keep_checkpoints: int = _option(2, "Checkpoints kept")
 
-    lora: bool = False
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    lora_targets: str = "all-linear"
-    lora_modules_to_save: str = ""  # e.g. "model.norm": trained in full and stored with the adapter
-    merge: bool = False
-    load_in_4bit: bool = False
-    load_in_8bit: bool = False
-    gradient_checkpointing: bool = False
-    mixed_precision: str | None = None  # None: accelerate's launch config decides ("no" when run directly)
-    device: str = "auto"
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
+    lora: bool = _option(False, "Train a LoRA adapter instead of all weights")
+    lora_rank: int = _option(16, "LoRA rank")
+    lora_alpha: int = _option(32, "LoRA alpha")
+    lora_dropout: float = _option(0.05, "LoRA dropout")
+    lora_targets: str = _option("all-linear", "Modules to adapt: all-linear or names, e.g. q_proj,v_proj")
+    lora_modules_to_save: str = _option("", "Modules trained in full beside the adapter, e.g. model.norm (the "
+                                        "shared final norm)")
+    merge: bool = _option(False, "Write merged weights instead of the adapter")
+    load_in_4bit: bool = _option(False, "QLoRA: 4-bit base (bitsandbytes, GPU)")
+    load_in_8bit: bool = _option(False, "8-bit base")
+    gradient_checkpointing: bool = _option(False, "Recompute activations in backward (less memory)")
+    mixed_precision: str | None = _option(None, "no, bf16 or fp16 (default: accelerate's launch config, else no)")
+    device: str = _option("auto", "auto, cpu or cuda (several GPUs: accelerate launch)")
+    trust_remote_code: bool = _option(False, "Allow a hub model's own Python code to run", negatable=False)
+    allow_pickle: bool = _option(False, "Allow .bin pickle weights (can run code)", negatable=False)
 
-    recipe: str | None = None
-    resume: bool = False
+    recipe: str | None = None  # set from --recipe, which `cli/train.py` declares itself (a path, not a setting)
+    resume: bool = _option(False, "Continue the run saved in --out from its newest checkpoint", negatable=False)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def value_type(name: str) -> type:
+    """The type of option `name`'s values, without its None (`exits`: list[int])."""
+    hint = _HINTS[name]
+    return next(t for t in typing.get_args(hint) if t is not type(None)) if isinstance(hint, types.UnionType) else hint
+
+
+_HINTS = typing.get_type_hints(TrainOptions)
 
 
 # Keys that a recipe may not set: where this run writes and whether it resumes belong to the command line.
 CLI_ONLY = ("out", "resume", "recipe")
 
 
-def _field_types() -> dict[str, str]:
-    return {f.name: str(f.type) for f in fields(TrainOptions)}
+# What a value of each scalar type must be: the words an error uses, and the test.
+_SCALARS = {
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    int: ("a whole number", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    str: ("a string", lambda v: isinstance(v, str)),
+}
+_ITEMS = {int: "layer numbers", float: "numbers"}  # what a list option's items are (exits, exit_weights)
 
 
 def coerce_option(name: str, value, where: str):
-    """Check a recipe value against the option's type; lists of exits may be a list or '9,12,15'."""
-    kind = _field_types()[name]
-    if name == "exits":
-        if isinstance(value, str):
-            value = [v for v in value.replace(" ", "").split(",") if v]
-            try:
-                value = [int(v) for v in value]
-            except ValueError:
-                raise SortedChatError(f"{where}: 'exits' must be layer numbers, got {value!r}") from None
-        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise SortedChatError(f"{where}: 'exits' must be a list of layer numbers")
-        return value
-    if name == "exit_weights":
-        if isinstance(value, str):
-            try:
-                value = [float(v) for v in value.replace(" ", "").split(",") if v]
-            except ValueError:
-                raise SortedChatError(f"{where}: 'exit_weights' must be numbers, got {value!r}") from None
-        if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            raise SortedChatError(f"{where}: 'exit_weights' must be a list of numbers")
-        return [float(v) for v in value]
-    if kind.startswith("bool"):
-        if not isinstance(value, bool):
-            raise SortedChatError(f"{where}: '{name}' must be true or false, got {value!r}")
-        return value
-    if kind.startswith("int"):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise SortedChatError(f"{where}: '{name}' must be a whole number, got {value!r}")
-        return value
-    if kind.startswith("float"):
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise SortedChatError(f"{where}: '{name}' must be a number, got {value!r}")
-        return float(value)
-    if not isinstance(value, str):
-        raise SortedChatError(f"{where}: '{name}' must be a string, got {value!r}")
-    return value
+    """Check a recipe or command-line value against the option's type; a list may also be given as '9,12,15'."""
+    kind = value_type(name)
+    if typing.get_origin(kind) is list:
+        return _coerce_list(name, value, where, typing.get_args(kind)[0])
+    what, fits = _SCALARS[kind]
+    if not fits(value):
+        raise SortedChatError(f"{where}: '{name}' must be {what}, got {value!r}")
+    return float(value) if kind is float else value
+
+
+def _coerce_list(name: str, value, where: str, item: type) -> list:
+    what = _ITEMS[item]
+    if isinstance(value, str):
+        try:
+            value = [item(v) for v in value.replace(" ", "").split(",") if v]
+        except ValueError:
+            raise SortedChatError(f"{where}: '{name}' must be {what}, got {value!r}") from None
+    if not isinstance(value, list) or not all(_SCALARS[item][1](v) for v in value):
+        raise SortedChatError(f"{where}: '{name}' must be a list of {what}")
+    return [item(v) for v in value]
 
 
 def load_recipe(path: str | Path) -> dict:
@@ -140,11 +154,10 @@ def load_recipe(path: str | Path) -> dict:
         raise SortedChatError(f"--recipe {path}: cannot read ({exc.strerror})") from None
     except tomllib.TOMLDecodeError as exc:
         raise SortedChatError(f"--recipe {path}: invalid TOML ({exc})") from None
-    known = _field_types()
     out = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
-        if name not in known or name in CLI_ONLY:
+        if name not in _HINTS or name in CLI_ONLY:
             raise SortedChatError(f"--recipe {path}: unknown option '{key}'")
         out[name] = coerce_option(name, value, f"--recipe {path}")
     return out
