@@ -75,7 +75,8 @@ class Mode:
         loaded the model yet) the checks that need the layer count are left for later."""
         if num_layers is not None:
             if self.depth is not None and not 1 <= self.depth <= num_layers:
-                raise SortedChatError(f"depth {self.depth} is outside 1..{num_layers} (the model has {num_layers} layers)")
+                raise SortedChatError(f"depth {self.depth} is outside 1..{num_layers} "
+                                      f"(the model has {num_layers} layers)")
             if self.kind is ModeKind.SPECULATIVE and self.depth is not None and self.depth >= num_layers:
                 raise SortedChatError(f"speculative draft depth must be below the last layer ({num_layers})")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
