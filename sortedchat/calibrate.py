@@ -65,40 +65,47 @@ def reference_sequences(
     read by the training data reader (Alpaca, chat or QA records); the last assistant turn is the answer.
     `holdout` N keeps only the last N records (what `sortedchat train --holdout N` left out)."""
     path = Path(spec).expanduser()
-    tok = sm.tokenizer
-    out = []
-    if path.suffix.lower() == ".txt":
-        try:
-            lines = [ln for ln in path.read_text(encoding="utf-8").split("\n") if ln.strip()]
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SortedChatError(f"--data {spec}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
-        for line in last_records(lines, holdout, max_examples, spec):
-            ids = tok(line, add_special_tokens=False)["input_ids"][: MAX_ANSWER_TOKENS + 1]
-            if len(ids) >= 2:
-                out.append((ids, 0))
-        described = {"path": str(path), "format": "text", "records": len(lines)}
-    else:
-        from sortedchat.engine.session import encode_chat
-        from sortedchat.training.data import load_records
-
-        records = load_records(spec, flag="--data")
-        for ex in last_records(records.examples, holdout, max_examples, spec):
-            messages = ex.chat_messages()
-            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-            prompt_ids = encode_chat(sm, messages[:last])
-            answer = messages[last]["content"]
-            if getattr(tok, "chat_template", None):  # the answer as the template writes it, end of turn included
-                before = tok.apply_chat_template(messages[:last], add_generation_prompt=True, tokenize=False)
-                full = tok.apply_chat_template(messages[: last + 1], tokenize=False)
-                answer = full[len(before):] if full.startswith(before) else answer
-            answer_ids = tok(answer, add_special_tokens=False)["input_ids"][: MAX_ANSWER_TOKENS + 1]
-            if answer_ids:
-                out.append((prompt_ids + answer_ids, len(prompt_ids) - 1))
-        described = records.describe()
+    read = _documents if path.suffix.lower() == ".txt" else _answers
+    out, described = read(sm, spec, max_examples, holdout)
     described["holdout"] = holdout
     if len(out) < len(SPLIT_OF):
         raise SortedChatError(f"--data {spec}: {len(out)} usable examples; calibration needs at least {len(SPLIT_OF)}")
     return out, described
+
+
+def _documents(sm: SortedModel, spec: str, max_examples: int, holdout: int) -> tuple[list[tuple[list[int], int]], dict]:
+    path = Path(spec).expanduser()
+    try:
+        lines = [ln for ln in path.read_text(encoding="utf-8").split("\n") if ln.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SortedChatError(f"--data {spec}: cannot read ({getattr(exc, 'strerror', None) or exc})") from None
+    out = []
+    for line in last_records(lines, holdout, max_examples, spec):
+        ids = sm.tokenizer(line, add_special_tokens=False)["input_ids"][: MAX_ANSWER_TOKENS + 1]
+        if len(ids) >= 2:
+            out.append((ids, 0))
+    return out, {"path": str(path), "format": "text", "records": len(lines)}
+
+
+def _answers(sm: SortedModel, spec: str, max_examples: int, holdout: int) -> tuple[list[tuple[list[int], int]], dict]:
+    from sortedchat.engine.session import encode_chat
+    from sortedchat.training.data import load_records
+
+    tok, out = sm.tokenizer, []
+    records = load_records(spec, flag="--data")
+    for ex in last_records(records.examples, holdout, max_examples, spec):
+        messages = ex.chat_messages()
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompt_ids = encode_chat(sm, messages[:last])
+        answer = messages[last]["content"]
+        if getattr(tok, "chat_template", None):  # the answer as the template writes it, end of turn included
+            before = tok.apply_chat_template(messages[:last], add_generation_prompt=True, tokenize=False)
+            full = tok.apply_chat_template(messages[: last + 1], tokenize=False)
+            answer = full[len(before):] if full.startswith(before) else answer
+        answer_ids = tok(answer, add_special_tokens=False)["input_ids"][: MAX_ANSWER_TOKENS + 1]
+        if answer_ids:
+            out.append((prompt_ids + answer_ids, len(prompt_ids) - 1))
+    return out, records.describe()
 
 
 # -- what every exit says at every answer position -----------------------------------------------------
