@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from sortedchat.config import atomic_write
 from sortedchat.paths import cache_dir
 from sortedchat.training.templates import IGNORE, Encoded
 
@@ -97,11 +98,9 @@ def save(path: Path, top: TeacherTopK) -> None:
     """One safetensors file: concatenated rows plus per-record lengths; written atomically."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     lengths = torch.tensor([t.shape[0] for t in top.ids], dtype=torch.int64)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"ids": torch.cat(top.ids), "logp": torch.cat(top.logp), "lengths": lengths}, str(tmp))
-    os.replace(tmp, path)
+    state = {"ids": torch.cat(top.ids), "logp": torch.cat(top.logp), "lengths": lengths}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp)))
 
 
 def load(path: Path) -> TeacherTopK:
