@@ -84,6 +84,7 @@ class _Answer:
         self.stats.kv_fill_share = self.state.kv_fill_share
 
     def count(self) -> None:
+        """Bring the compute counters and the decoding time up to date."""
         self.stats.layer_evals = self.state.layer_evals - self.evals0
         self.stats.kv_fills = self.state.kv_fills - self.fills0
         self.stats.decode_seconds = time.perf_counter() - self.decode_start
