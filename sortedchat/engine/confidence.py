@@ -197,10 +197,6 @@ class ExitClassifier(nn.Module):
             }
         )
 
-    @property
-    def exits(self) -> list[int]:
-        return sorted(int(e) for e in self.nets)
-
     def forward(self, features: torch.Tensor, exit_layer: int) -> torch.Tensor:
         return self.nets[str(exit_layer)](features)[..., 0]
 
