@@ -41,17 +41,7 @@ def bench(
     from sortedchat.bench.prompts import load_prompts
     from sortedchat.bench.report import print_table, write_json, write_plot
 
-    if clock not in ("wall", "cpu"):
-        raise SortedChatError(f"--clock {clock}: choose wall or cpu")
-    if repeat < 1:
-        raise SortedChatError(f"--repeat {repeat}: must be at least 1")
-    if max_new_tokens < 1:
-        raise SortedChatError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
-    for flag, path, suffix in (("--json", json_out, ".json"), ("--plot", plot, ".png")):
-        if path is not None and path.suffix.lower() != suffix:
-            raise SortedChatError(f"{flag} {path}: expected a {suffix} file name")
-        if path is not None:
-            check_output_file(path, flag)
+    _check_arguments(clock, repeat, max_new_tokens, json_out, plot)
     only = [m.strip() for m in modes.split(",") if m.strip()] if modes is not None else None
     o.set_threads(threads)
     conversations = load_prompts(prompts)
@@ -71,3 +61,18 @@ def bench(
     if plot is not None:
         write_plot(plot, rows, title)
         err.print(f"wrote {plot}")
+
+
+def _check_arguments(clock: str, repeat: int, max_new_tokens: int, json_out: Path | None, plot: Path | None) -> None:
+    """Before anything loads: the numbers, and the output files' names and folders."""
+    if clock not in ("wall", "cpu"):
+        raise SortedChatError(f"--clock {clock}: choose wall or cpu")
+    if repeat < 1:
+        raise SortedChatError(f"--repeat {repeat}: must be at least 1")
+    if max_new_tokens < 1:
+        raise SortedChatError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    for flag, path, suffix in (("--json", json_out, ".json"), ("--plot", plot, ".png")):
+        if path is not None and path.suffix.lower() != suffix:
+            raise SortedChatError(f"{flag} {path}: expected a {suffix} file name")
+        if path is not None:
+            check_output_file(path, flag)

@@ -41,23 +41,8 @@ def chat(
     """Chat with the model in the full-screen app (Textual); F1 there lists the keys."""
     if ctx.invoked_subcommand is not None:  # `sortedchat <command>`: the command runs on its own
         return
-    from sortedchat.tui.settings import load_settings
-
-    settings = load_settings()
-
-    def given(name: str) -> bool:
-        # By name: typer vendors its own copy of click, whose enum is not click's.
-        source = ctx.get_parameter_source(name)
-        return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT")
-
-    # The command line wins over the config file, the config file over the defaults.
-    given_values = dataclasses.asdict(sampling) | {"max_new_tokens": max_new_tokens, "device": load.device,
-                                                  "dtype": load.dtype}
-    for name, value in given_values.items():
-        if given(name):
-            setattr(settings, name, value)
-    if system is not None:
-        settings.system_prompt = system
+    settings = _settings(ctx, dataclasses.asdict(sampling) | {"max_new_tokens": max_new_tokens,
+                                                            "device": load.device, "dtype": load.dtype}, system)
     spec = model if model is not None else (settings.model or None)
     o.unicode_text(settings.system_prompt, "--system")
     check_before_loading(spec, load, mode)
@@ -72,6 +57,21 @@ def chat(
         plain_chat(sm, mode.mode(sm), settings.sampling(), settings.system_prompt)
         return
     run_app(spec, options, mode.mode, settings)
+
+
+def _settings(ctx: typer.Context, values: dict, system: str | None):
+    """The config file's settings, each of `values` that the command line gave on top (it wins over the file,
+    the file over the defaults)."""
+    from sortedchat.tui.settings import load_settings
+
+    settings = load_settings()
+    for name, value in values.items():
+        source = ctx.get_parameter_source(name)  # by name: typer vendors its own click, whose enum is not click's
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            setattr(settings, name, value)
+    if system is not None:
+        settings.system_prompt = system
+    return settings
 
 
 def run_app(spec, options, initial_mode, settings) -> None:
@@ -148,15 +148,21 @@ def plain_chat(sm, mode, sampling, system: str = "", console: Console | None = N
         except SortedChatError as exc:  # a damaged history file was set aside: go on in a fresh one
             console.print(f"[yellow]{exc}[/yellow]")
             chat_id, message_id = store.start_answer(None, messages, label, name)
-        answer = []
-        try:
-            for ev in session.generate(messages, sampling):
-                answer.append(ev.text)
-                store.add_token(message_id, ev.index, ev.token_id, ev.text, ev.exit_layer, ev.confidence)
-                printer.token(ev)
-        except KeyboardInterrupt:
-            console.print("\n[dim](stopped)[/dim]")
-        messages.append({"role": "assistant", "content": "".join(answer)})
-        stats = session.last_stats
-        store.finish_message(message_id, messages[-1]["content"], stats.to_dict() if stats else None)
-        printer.summary(stats)
+        messages.append({"role": "assistant", "content": _stream_answer(session, messages, sampling, store,
+                                                                        message_id, printer)})
+
+
+def _stream_answer(session, messages, sampling, store, message_id, printer) -> str:
+    """Print and save one answer token by token; Ctrl+C stops it, keeping what came."""
+    answer = []
+    try:
+        for ev in session.generate(messages, sampling):
+            answer.append(ev.text)
+            store.add_token(message_id, ev.index, ev.token_id, ev.text, ev.exit_layer, ev.confidence)
+            printer.token(ev)
+    except KeyboardInterrupt:
+        printer.console.print("\n[dim](stopped)[/dim]")
+    stats = session.last_stats
+    store.finish_message(message_id, "".join(answer), stats.to_dict() if stats else None)
+    printer.summary(stats)
+    return "".join(answer)

@@ -45,13 +45,7 @@ def evaluate(
     from sortedchat.training import evaluate as ev
     from sortedchat.training.data import RecordSet, last_records, load_records
 
-    if template is not None and template not in ("chat", "alpaca"):
-        raise SortedChatError(f"--template: {template!r} is not one of chat, alpaca")
-    if holdout < 0 or limit < 0:
-        raise SortedChatError("--holdout/--limit: must not be negative")
-    check_output_file(json_out, "--json")
-    if plot is not None:
-        check_output_file(plot, "--plot")
+    _check_arguments(template, holdout, limit, json_out, plot)
     records = load_records(data, skip_bad, "--data")
     examples = last_records(records.examples, holdout, limit, data)
     subset = RecordSet(examples, records.source, records.kind, records.sha256, records.skipped)
@@ -71,6 +65,17 @@ def evaluate(
     console.print(f"results written to {json_out}")
     if plot is not None:
         console.print(f"plot written to {ev.plot_results(results, plot, title)}")
+
+
+def _check_arguments(template: str | None, holdout: int, limit: int, json_out: Path, plot: Path | None) -> None:
+    """Before the data and the models load (`last_records` checks --holdout against the data)."""
+    if template is not None and template not in ("chat", "alpaca"):
+        raise SortedChatError(f"--template: {template!r} is not one of chat, alpaca")
+    if holdout < 0 or limit < 0:
+        raise SortedChatError("--holdout/--limit: must not be negative")
+    check_output_file(json_out, "--json")
+    if plot is not None:
+        check_output_file(plot, "--plot")
 
 
 def score_models(specs: list[str], opts, steps, score) -> list[dict]:

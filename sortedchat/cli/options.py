@@ -107,18 +107,16 @@ class ModeFlags:
             raise SortedChatError(f"--depth {self.depth}: the model has {num_layers} layers")
 
     def mode(self, sm):
-        """The engine's `Mode` for the loaded model `sm`."""
-        from sortedchat.engine import Mode
+        """The engine's `Mode` for the loaded model `sm` (the `ChatSession` it goes to validates it)."""
+        from sortedchat.engine.modes import Mode
 
         self.check(sm.num_layers)
         if self.auto:
-            mode = Mode.auto(self.threshold, kv=self.kv)
-        elif self.speculative is not None:
-            mode = Mode.speculative(self.speculative, draft_len=self.draft_len, draft_stop=self.draft_stop,
+            return Mode.auto(self.threshold, kv=self.kv)
+        if self.speculative is not None:
+            return Mode.speculative(self.speculative, draft_len=self.draft_len, draft_stop=self.draft_stop,
                                     pace=not self.always_draft)
-        else:
-            mode = Mode.fixed(self.depth, kv=self.kv)
-        return mode.validate(sm.num_layers)
+        return Mode.fixed(self.depth, kv=self.kv)
 
 
 @dataclass
