@@ -62,12 +62,13 @@ def ask_on_thread(sm, mode: Mode, sampling: SamplingConfig) -> float:
 
 
 async def app_run(app: SortedChatApp, pilot) -> float:
-    await app.action_new_chat()
-    app.chat.prompt.text = PROMPT
+    chat = app.get_screen("chat")
+    await chat.action_new_chat()
+    chat.prompt.text = PROMPT
     await pilot.press("enter")
-    while app.generating or app.stats is None:
+    while chat.dialogue.generating or chat.dialogue.stats is None:
         await pilot.pause(0.1)
-    return app.stats.tokens_per_second
+    return chat.dialogue.stats.tokens_per_second
 
 
 async def rounds_of_all(sm, mode: Mode, sampling: SamplingConfig, rounds: int, workdir: Path) -> dict[str, list]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from test_tui_app import ask, wait_for
+from test_tui_app import ask, dialogue, wait_for
 from test_tui_app import make_app as base_app
 
 from sortedchat import SortedChatError
@@ -103,13 +103,13 @@ def _(tiny, tmp_path):
 
     async def script(pilot):
         await ask(pilot, app, "Hello there")
-        first = app.chat_id
+        first = dialogue(app).chat_id
         await pilot.press("ctrl+l", "d")
         assert [c.id for c in store.chats()] == [first]  # one `d` only asks
         await pilot.press("d", "escape")
         assert store.chats() == []
         await ask(pilot, app, "Again")
-        assert app.history[0] == {"role": "user", "content": "Again"}  # a new conversation
+        assert dialogue(app).history[0] == {"role": "user", "content": "Again"}  # a new conversation
         [saved] = store.chats()
         assert [m.role for m in store.load(saved.id).messages] == ["user", "assistant"]
         assert store.load(saved.id).messages[0].content == "Again"
@@ -169,7 +169,7 @@ def _(tiny, tmp_path):
 
     async def script(pilot):
         await ask(pilot, app, "Hello there")
-        (tmp_path / app.store.export_name(app.chat_id)).mkdir()
+        (tmp_path / app.store.export_name(dialogue(app).chat_id)).mkdir()
         await pilot.press("ctrl+l", "e")
         assert any(n.startswith("export failed: ") and "Is a directory" in n for n in app.notes), app.notes
         assert isinstance(app.screen, ChatListScreen)

@@ -11,6 +11,7 @@ from sortedchat.config import SortedConfig
 from sortedchat.engine import ChatSession, Mode, SamplingConfig
 from sortedchat.sorted_model import SortedModel
 from sortedchat.tui.app import SortedChatApp
+from sortedchat.tui.dialogue import Dialogue
 from sortedchat.tui.screens.chat import ChatScreen
 from sortedchat.tui.screens.chats import ChatListScreen
 from sortedchat.tui.screens.loading import LoadingScreen
@@ -34,6 +35,16 @@ def make_app(tiny, tmp_path, max_new_tokens=12, **kwargs) -> SortedChatApp:
     return SortedChatApp(model=named(tiny), show_speed=False, export_dir=tmp_path, **kwargs)
 
 
+def chat(app: SortedChatApp) -> ChatScreen:
+    """The app's chat screen, once the model is loaded."""
+    return app.get_screen("chat")
+
+
+def dialogue(app: SortedChatApp) -> Dialogue:
+    """The conversation the chat screen shows."""
+    return chat(app).dialogue
+
+
 def expected_answer(tiny, messages, max_new_tokens=12, mode=None):
     events = list(ChatSession(tiny, mode).generate(messages, SamplingConfig(max_new_tokens=max_new_tokens)))
     return "".join(e.text for e in events), events
@@ -49,23 +60,23 @@ async def wait_for(pilot, condition, timeout=20.0):
 
 async def ask(pilot, app, text=PROMPT):
     """Send `text` and wait for the whole answer."""
-    before = app.answer
-    app.chat.prompt.focus()
-    app.chat.prompt.text = text
+    before = chat(app).answer
+    chat(app).prompt.focus()
+    chat(app).prompt.text = text
     await pilot.press("enter")
-    await wait_for(pilot, lambda: app.answer is not before and not app.generating)
+    await wait_for(pilot, lambda: chat(app).answer is not before and not dialogue(app).generating)
 
 
 def status(app) -> str:
-    return str(app.chat.status.render())
+    return str(chat(app).status.render())
 
 
 class Gate:
-    """Holds the engine right after token `after` until released, so a test can act mid-answer."""
+    """Holds `session`'s engine right after token `after` until released, so a test can act mid-answer."""
 
-    def __init__(self, app, after):
+    def __init__(self, session: ChatSession, after: int):
         self.reached, self.release = threading.Event(), threading.Event()
-        inner = app.session.generate
+        inner = session.generate
 
         def generate(*args, **kwargs):
             for ev in inner(*args, **kwargs):
@@ -74,10 +85,10 @@ class Gate:
                     self.reached.set()
                     self.release.wait(20)
 
-        app.session.generate = generate
+        session.generate = generate
 
     async def start(self, pilot, app, text=PROMPT):
-        app.chat.prompt.text = text
+        chat(app).prompt.text = text
         await pilot.press("enter")
         await wait_for(pilot, self.reached.is_set)
 
@@ -90,11 +101,11 @@ def test_a_message_is_sent_and_answered(tiny, tmp_path):
             await ask(pilot, app)
             assert [str(w.render()) for w in app.screen.query(UserMessage)] == [PROMPT]
             text, events = expected_answer(tiny, [{"role": "user", "content": PROMPT}])
-            assert app.answer.text == text and text
-            assert [e.token_id for e in app.events] == [e.token_id for e in events]
-            assert app.chat.prompt.text == ""
+            assert chat(app).answer.text == text and text
+            assert [e.token_id for e in dialogue(app).events] == [e.token_id for e in events]
+            assert chat(app).prompt.text == ""
             assert status(app) == f"Depth 6/6 · {len(events)} tokens · mean exit 6.0/6 · compute saved 0% · tiny"
-            assert app.history[-1] == {"role": "assistant", "content": text}
+            assert dialogue(app).history[-1] == {"role": "assistant", "content": text}
 
     asyncio.run(run())
 
@@ -104,21 +115,21 @@ def test_depth_keys_change_the_depth_of_the_following_tokens(tiny, tmp_path):
 
     async def run():
         async with app.run_test(size=SIZE) as pilot:
-            gate = Gate(app, after=3)
+            gate = Gate(dialogue(app).session, after=3)
             await gate.start(pilot, app)
             await pilot.press("f2")  # shallower: 6 -> 4, mid-answer
             assert "Depth 4/6" in status(app)
             gate.release.set()
-            await wait_for(pilot, lambda: not app.generating)
-            assert [e.exit_layer for e in app.events] == [6] * 4 + [4] * 6
+            await wait_for(pilot, lambda: not dialogue(app).generating)
+            assert [e.exit_layer for e in dialogue(app).events] == [6] * 4 + [4] * 6
             assert status(app).startswith("Depth 4/6 · 10 tokens · mean exit 4.8/6")
 
             await pilot.press("f2", "f2")  # 4 -> 2, then already at the shallowest exit
             assert "Depth 2/6" in status(app)
             await ask(pilot, app, "Again")
-            assert {e.exit_layer for e in app.events} == {2}
+            assert {e.exit_layer for e in dialogue(app).events} == {2}
             await pilot.press("f3")
-            assert "Depth 4/6" in status(app) and app.session.mode == Mode.fixed(4)
+            assert "Depth 4/6" in status(app) and dialogue(app).session.mode == Mode.fixed(4)
 
     asyncio.run(run())
 
@@ -129,19 +140,19 @@ def test_auto_mode_toggle_and_thresholds(tiny, tmp_path):
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("f4")
-            assert app.session.mode.kind == "auto" and status(app).startswith("Auto · ")
+            assert dialogue(app).session.mode.kind == "auto" and status(app).startswith("Auto · ")
             for _ in range(20):  # lower every threshold to 0: every token leaves at the first exit
                 await pilot.press("f6")
             assert "Auto, thresholds -1.00" in status(app)  # every per-exit threshold shifted down to 0
             await ask(pilot, app)
-            assert app.events and {e.exit_layer for e in app.events} == {2}
+            assert dialogue(app).events and {e.exit_layer for e in dialogue(app).events} == {2}
             assert "mean exit 2.0/6" in status(app)
             for _ in range(20):  # threshold 1: no early exit is ever confident enough
                 await pilot.press("f7")
             await ask(pilot, app, "Again")
-            assert {e.exit_layer for e in app.events} == {6}
+            assert {e.exit_layer for e in dialogue(app).events} == {6}
             await pilot.press("f4")
-            assert app.session.mode == Mode.fixed(6) and "Depth 6/6" in status(app)
+            assert dialogue(app).session.mode == Mode.fixed(6) and "Depth 6/6" in status(app)
 
     asyncio.run(run())
 
@@ -153,18 +164,19 @@ def test_speculative_toggle_drafts_at_the_current_depth_and_matches_full_depth(t
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("f2")  # depth 4
             await pilot.press("f5")  # speculative, drafting at depth 4
-            assert app.session.mode == Mode.speculative(4) and "Speculative 4" in status(app)
+            assert dialogue(app).session.mode == Mode.speculative(4) and "Speculative 4" in status(app)
             await ask(pilot, app)
             full, _ = expected_answer(tiny, [{"role": "user", "content": PROMPT}])
-            assert app.answer.text == full  # greedy speculative output is the full model's
-            assert {e.exit_layer for e in app.events} <= {4, 6} and app.session.last_stats.drafted > 0
+            assert chat(app).answer.text == full  # greedy speculative output is the full model's
+            d = dialogue(app)
+            assert {e.exit_layer for e in d.events} <= {4, 6} and d.session.last_stats.drafted > 0
             assert "drafts accepted " in status(app)
             await pilot.press("f3")  # the draft depth stays below the last layer
-            assert app.session.mode == Mode.speculative(4)
+            assert dialogue(app).session.mode == Mode.speculative(4)
             await pilot.press("f5")
-            assert app.session.mode == Mode.fixed(4)
+            assert dialogue(app).session.mode == Mode.fixed(4)
             await pilot.press("f3", "f5")  # at full depth, speculative falls back to the default draft exit
-            assert app.session.mode == Mode.speculative(tiny.default_draft_exit)
+            assert dialogue(app).session.mode == Mode.speculative(tiny.default_draft_exit)
 
     asyncio.run(run())
 
@@ -175,16 +187,16 @@ def test_escape_stops_and_keeps_the_partial_answer(tiny, tmp_path):
 
     async def run():
         async with app.run_test(size=SIZE) as pilot:
-            gate = Gate(app, after=4)
+            gate = Gate(dialogue(app).session, after=4)
             await gate.start(pilot, app)
             await pilot.press("escape")
             gate.release.set()
-            await wait_for(pilot, lambda: not app.generating)
-            assert len(app.events) == 5
-            partial = "".join(e.text for e in app.events)
-            assert app.answer.text == partial
-            assert app.history[-1] == {"role": "assistant", "content": partial}
-            assert store.load(app.chat_id).messages[-1].content == partial
+            await wait_for(pilot, lambda: not dialogue(app).generating)
+            assert len(dialogue(app).events) == 5
+            partial = "".join(e.text for e in dialogue(app).events)
+            assert chat(app).answer.text == partial
+            assert dialogue(app).history[-1] == {"role": "assistant", "content": partial}
+            assert store.load(dialogue(app).chat_id).messages[-1].content == partial
             assert " · stopped · " in status(app)
 
     asyncio.run(run())
@@ -195,17 +207,18 @@ def test_keys_are_handled_while_the_model_generates(tiny, tmp_path):
 
     async def run():
         async with app.run_test(size=SIZE) as pilot:
-            gate = Gate(app, after=2)
+            gate = Gate(dialogue(app).session, after=2)
             await gate.start(pilot, app)
             await pilot.press("f8")  # rendered Markdown view
             await pilot.press("f4")  # auto mode
             await pilot.press(*"next")  # typing the next message
-            assert app.generating and app.markdown and app.answer.markdown_view.display
-            assert app.session.mode.kind == "auto" and app.chat.prompt.text == "next"
+            screen = chat(app)
+            assert screen.dialogue.generating and screen.conversation.markdown and screen.answer.markdown_view.display
+            assert dialogue(app).session.mode.kind == "auto" and chat(app).prompt.text == "next"
             await pilot.press("enter")  # refused while answering: the text stays
-            assert app.chat.prompt.text == "next"
+            assert chat(app).prompt.text == "next"
             gate.release.set()
-            await wait_for(pilot, lambda: not app.generating)
+            await wait_for(pilot, lambda: not dialogue(app).generating)
             assert len(app.screen.query(AnswerView)) == 1
 
     asyncio.run(run())
@@ -225,7 +238,7 @@ def test_a_saved_chat_reopens_with_the_same_content(tiny, tmp_path):
             await pilot.press("f2")
             await ask(pilot, first, "Tell me more")
             shown["before"] = snapshot(first)
-            shown["history"] = list(first.history)
+            shown["history"] = list(dialogue(first).history)
 
     async def reopen():
         second = make_app(tiny, tmp_path)
@@ -233,15 +246,15 @@ def test_a_saved_chat_reopens_with_the_same_content(tiny, tmp_path):
             await pilot.press("ctrl+l")
             assert isinstance(second.screen, ChatListScreen)
             await pilot.press("enter")
-            await wait_for(pilot, lambda: isinstance(second.screen, ChatScreen) and second.chat_id)
+            await wait_for(pilot, lambda: isinstance(second.screen, ChatScreen) and dialogue(second).chat_id)
             await pilot.pause()
             assert snapshot(second) == shown["before"]
-            assert second.history == shown["history"]
+            assert dialogue(second).history == shown["history"]
             await ask(pilot, second, "And then?")  # the reopened chat goes on
-            assert len(second.store.load(second.chat_id).messages) == 6
+            assert len(second.store.load(dialogue(second).chat_id).messages) == 6
 
             await pilot.press("ctrl+s")
-            exported = (tmp_path / second.store.export_name(second.chat_id)).read_text()
+            exported = (tmp_path / second.store.export_name(dialogue(second).chat_id)).read_text()
             assert "## You\n\nHello there\n" in exported and "## You\n\nAnd then?\n" in exported
 
             await pilot.press("ctrl+l", "d", "d")  # asked twice
@@ -258,11 +271,11 @@ def test_layer_lens_shows_one_row_per_exit_for_the_selected_token(tiny, tmp_path
         async with app.run_test(size=SIZE) as pilot:
             await ask(pilot, app)
             await pilot.press("f9")  # focuses the answer and selects its last token
-            await wait_for(pilot, lambda: len(app.chat.lens.query(".lens-row")) == 3)
+            await wait_for(pilot, lambda: len(chat(app).lens.query(".lens-row")) == 3)
             await pilot.press("home")
-            await wait_for(pilot, lambda: "token 0 " in str(app.chat.lens.header.render()))
-            await wait_for(pilot, lambda: len(app.chat.lens.query(".lens-row")) == 3 and not app.chat.lens.loading)
-            rows = [str(w.render()) for w in app.chat.lens.query(".lens-row")]
+            await wait_for(pilot, lambda: "token 0 " in str(chat(app).lens.header.render()))
+            await wait_for(pilot, lambda: len(chat(app).lens.query(".lens-row")) == 3 and not chat(app).lens.loading)
+            rows = [str(w.render()) for w in chat(app).lens.query(".lens-row")]
             assert [int(r.split()[0]) for r in rows] == [2, 4, 6]
             assert "◀" in rows[2] and "◀" not in rows[0] + rows[1]  # token 0 left at exit 6
             from sortedchat.engine.session import encode_chat
@@ -273,9 +286,9 @@ def test_layer_lens_shows_one_row_per_exit_for_the_selected_token(tiny, tmp_path
                 tid, p = preds[e][0]
                 assert f"{show_piece(tiny.tokenizer.decode([tid]))} {p:.0%}" in row
             # the chosen token (greedy at full depth) is the full exit's top prediction
-            assert app.answer.tokens[0].token_id == preds[6][0][0]
+            assert chat(app).answer.tokens[0].token_id == preds[6][0][0]
 
-            view = app.answer.depth_view
+            view = chat(app).answer.depth_view
             await pilot.click(TokenText, offset=(0, 0))
             await pilot.pause()
             assert view.cursor == 0
@@ -289,11 +302,11 @@ def test_remapped_keys_from_the_settings(tiny, tmp_path):
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("f2")  # no longer bound
-            assert app.session.mode.label(6) == "Depth 6/6"
+            assert dialogue(app).session.mode.label(6) == "Depth 6/6"
             await pilot.press("ctrl+down")
-            assert app.session.mode == Mode.fixed(4)
+            assert dialogue(app).session.mode == Mode.fixed(4)
             await pilot.press("ctrl+up")
-            assert app.session.mode == Mode.fixed(6)
+            assert dialogue(app).session.mode == Mode.fixed(6)
 
     asyncio.run(run())
 
@@ -317,8 +330,8 @@ def test_settings_screen_checks_and_saves(tiny, tmp_path):
             saved = load_settings()
             assert saved.max_new_tokens == 3 and saved.system_prompt == "Be brief." and saved.seed is None
             await ask(pilot, app)
-            assert len(app.events) == 3
-            assert app.history[0] == {"role": "system", "content": "Be brief."}
+            assert len(dialogue(app).events) == 3
+            assert dialogue(app).history[0] == {"role": "system", "content": "Be brief."}
 
     asyncio.run(run())
 
@@ -403,7 +416,7 @@ def test_command_palette_offers_the_chat_commands(tiny, tmp_path):
                     "Toggle auto mode", "Toggle speculative mode", "Layer lens", "Quit"} <= set(titles)
             titles["Toggle auto mode"].callback()
             await pilot.pause()
-            assert app.session.mode.kind == "auto"
+            assert dialogue(app).session.mode.kind == "auto"
 
     asyncio.run(run())
 

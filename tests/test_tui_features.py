@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from test_tui_app import PROMPT, SIZE, ask, expected_answer, make_app, wait_for
+from test_tui_app import PROMPT, SIZE, ask, chat, dialogue, expected_answer, make_app, wait_for
 
 from sortedchat.engine import Mode
 from sortedchat.tui.screens.chat import ChatScreen
@@ -32,7 +32,7 @@ def test_rename_the_open_chat_and_one_in_the_saved_list(tiny, tmp_path):
             field.value = ""
             await pilot.press(*"Greetings", "enter")
             await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen))
-            assert app.store.load(app.chat_id).title == "Greetings"
+            assert app.store.load(dialogue(app).chat_id).title == "Greetings"
 
             await pilot.press("ctrl+l")
             await wait_for(pilot, lambda: isinstance(app.screen, ChatListScreen))
@@ -45,12 +45,12 @@ def test_rename_the_open_chat_and_one_in_the_saved_list(tiny, tmp_path):
             from textual.widgets import DataTable
 
             assert app.screen.query_one(DataTable).get_row_at(0)[0] == "Renamed in the list"
-            assert app.store.load(app.chat_id).title == "Renamed in the list"
+            assert app.store.load(dialogue(app).chat_id).title == "Renamed in the list"
             await pilot.press("r")
             await wait_for(pilot, lambda: isinstance(app.screen, RenameScreen))
             await pilot.press("escape")  # cancelled: the title stays
             await wait_for(pilot, lambda: isinstance(app.screen, ChatListScreen))
-            assert app.store.load(app.chat_id).title == "Renamed in the list"
+            assert app.store.load(dialogue(app).chat_id).title == "Renamed in the list"
 
     asyncio.run(run())
 
@@ -61,21 +61,21 @@ def test_regenerate_replaces_the_last_answer_in_the_current_mode(tiny, tmp_path)
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("ctrl+r")  # nothing to regenerate yet
-            assert app.chat_id is None
+            assert dialogue(app).chat_id is None
             await ask(pilot, app)
             await ask(pilot, app, "Tell me more")
-            first_answer = app.answer
+            first_answer = chat(app).answer
             await pilot.press("f2", "f2")  # depth 2
             await pilot.press("ctrl+r")
-            await wait_for(pilot, lambda: app.answer is not first_answer and not app.generating)
+            await wait_for(pilot, lambda: chat(app).answer is not first_answer and not dialogue(app).generating)
             users = [str(w.render()) for w in app.screen.query(UserMessage)]
             assert users == [PROMPT, "Tell me more"] and len(app.screen.query(AnswerView)) == 2
-            assert {e.exit_layer for e in app.events} == {2}
-            context = app.history[:3]
+            assert {e.exit_layer for e in dialogue(app).events} == {2}
+            context = dialogue(app).history[:3]
             text, _ = expected_answer(tiny, context, mode=Mode.fixed(2))
-            assert app.answer.text == text and app.history[-1] == {"role": "assistant", "content": text}
-            saved = app.store.load(app.chat_id).messages
-            assert [(m.role, m.content) for m in saved] == [(m["role"], m["content"]) for m in app.history]
+            assert chat(app).answer.text == text and dialogue(app).history[-1] == {"role": "assistant", "content": text}
+            saved = app.store.load(dialogue(app).chat_id).messages
+            assert [(m.role, m.content) for m in saved] == [(m["role"], m["content"]) for m in dialogue(app).history]
             assert saved[-1].mode == "Depth 2/6"
 
     asyncio.run(run())
@@ -91,17 +91,17 @@ def test_up_and_down_walk_through_earlier_messages_across_launches(tiny, tmp_pat
             await ask(pilot, first, "second question\nin two lines")
             await pilot.press(*"draft")
             await pilot.press("up")  # on the only line: the newest earlier message
-            assert first.chat.prompt.text == "second question\nin two lines"
+            assert chat(first).prompt.text == "second question\nin two lines"
             await pilot.press("up")  # now on its second line: up moves the cursor first
-            assert first.chat.prompt.text == "second question\nin two lines"
+            assert chat(first).prompt.text == "second question\nin two lines"
             await pilot.press("up")
-            assert first.chat.prompt.text == "first question"
+            assert chat(first).prompt.text == "first question"
             await pilot.press("up")  # the oldest stays
-            assert first.chat.prompt.text == "first question"
+            assert chat(first).prompt.text == "first question"
             await pilot.press("down")
-            assert first.chat.prompt.text == "second question\nin two lines"
+            assert chat(first).prompt.text == "second question\nin two lines"
             await pilot.press("down")
-            assert first.chat.prompt.text == "draft"  # past the newest: what was being typed
+            assert chat(first).prompt.text == "draft"  # past the newest: what was being typed
 
     asyncio.run(run_first())
     second = make_app(tiny, tmp_path, max_new_tokens=2, store=ChatStore(store_path))
@@ -109,7 +109,7 @@ def test_up_and_down_walk_through_earlier_messages_across_launches(tiny, tmp_pat
     async def run_second():
         async with second.run_test(size=SIZE) as pilot:
             await pilot.press("up")
-            assert second.chat.prompt.text == "second question\nin two lines"
+            assert chat(second).prompt.text == "second question\nin two lines"
 
     asyncio.run(run_second())
 
@@ -140,7 +140,7 @@ def test_code_blocks_in_the_markdown_view_are_highlighted(tiny, tmp_path):
 
     async def run():
         async with app.run_test(size=SIZE) as pilot:
-            await app.open_chat(chat_id)
+            await chat(app).open_chat(chat_id)
             await pilot.press("f8")
             await wait_for(pilot, lambda: app.screen.query(CodeFence))
             fence = app.screen.query_one(CodeFence)
@@ -162,6 +162,6 @@ def test_copy_the_last_answer_with_one_key(tiny, tmp_path):
             assert app.clipboard == ""
             await ask(pilot, app)
             await pilot.press("f10")
-            assert app.clipboard == app.answer.text and app.clipboard
+            assert app.clipboard == chat(app).answer.text and app.clipboard
 
     asyncio.run(run())

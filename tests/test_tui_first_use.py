@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 
-from test_tui_app import PROMPT, SIZE, ask, expected_answer, make_app, named, wait_for
+from test_tui_app import PROMPT, SIZE, ask, chat, expected_answer, make_app, named, wait_for
 
 from sortedchat.tui.app import SortedChatApp
 from sortedchat.tui.screens.chat import ChatScreen
@@ -74,7 +74,7 @@ def test_the_model_warms_up_behind_the_loading_screen(tiny_dir, tmp_path):
             assert stages[-1] == "warming up" and sm.head_product._copies
             await ask(pilot, app)
             text, _ = expected_answer(sm, [{"role": "user", "content": PROMPT}])
-            assert app.answer.text == text
+            assert chat(app).answer.text == text
 
     asyncio.run(run())
 

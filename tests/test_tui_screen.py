@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from test_tui_app import PROMPT, SIZE, Gate, ask, make_app, status, wait_for
+from test_tui_app import SIZE, Gate, ask, chat, dialogue, make_app, status, wait_for
 from textual.app import App
 from textual.theme import BUILTIN_THEMES
 from textual.widgets import DataTable, TextArea
@@ -97,15 +97,15 @@ def test_the_lens_goes_under_the_chat_when_narrow_and_esc_closes_it(tiny, tmp_pa
         async with app.run_test(size=SMALL) as pilot:
             await ask(pilot, app)
             await pilot.press("f9")
-            await wait_for(pilot, lambda: app.chat.lens.query(".lens-row"))
-            conversation, lens = app.chat.conversation.region, app.chat.lens.region
+            await wait_for(pilot, lambda: chat(app).lens.query(".lens-row"))
+            conversation, lens = chat(app).conversation.region, chat(app).lens.region
             assert conversation.width == 80 and lens.width == 80 and lens.y >= conversation.bottom
             await pilot.press("escape")
-            assert not app.chat.lens.display and app.focused is app.chat.prompt
+            assert not chat(app).lens.display and app.focused is chat(app).prompt
             await pilot.resize_terminal(130, 40)
             await pilot.press("f9")
             await pilot.pause()
-            assert app.chat.lens.region.x >= app.chat.conversation.region.right  # beside it when wide
+            assert chat(app).lens.region.x >= chat(app).conversation.region.right  # beside it when wide
 
     asyncio.run(run())
 
@@ -115,20 +115,20 @@ def test_a_mid_answer_mode_change_shows_in_the_answer_header_and_the_saved_chat(
 
     async def run():
         async with app.run_test(size=SIZE) as pilot:
-            gate = Gate(app, after=3)
+            gate = Gate(dialogue(app).session, after=3)
             await gate.start(pilot, app)
             await pilot.press("f2")
             gate.release.set()
-            await wait_for(pilot, lambda: not app.generating)
-            assert app.answer.border_title == "assistant · Depth 6/6 → Depth 4/6"
-            assert app.store.load(app.chat_id).messages[-1].mode == "Depth 6/6 → Depth 4/6"
+            await wait_for(pilot, lambda: not dialogue(app).generating)
+            assert chat(app).answer.border_title == "assistant · Depth 6/6 → Depth 4/6"
+            assert app.store.load(dialogue(app).chat_id).messages[-1].mode == "Depth 6/6 → Depth 4/6"
             await pilot.press("f4")  # Auto
-            gate = Gate(app, after=1)
+            gate = Gate(dialogue(app).session, after=1)
             await gate.start(pilot, app, "Again")
             await pilot.press("f6", "f3")
             gate.release.set()
-            await wait_for(pilot, lambda: not app.generating)
-            assert app.answer.border_title == "assistant · mixed: Auto → … → Depth 6/6"
+            await wait_for(pilot, lambda: not dialogue(app).generating)
+            assert chat(app).answer.border_title == "assistant · mixed: Auto → … → Depth 6/6"
             assert "Auto, thresholds -0.05" not in status(app)  # left auto with F3
 
     asyncio.run(run())
@@ -156,10 +156,10 @@ def test_page_up_from_the_message_box_scrolls_the_conversation(tiny, tmp_path):
         async with app.run_test(size=SMALL) as pilot:
             for text in ("one", "two", "three"):
                 await ask(pilot, app, text)
-            conversation = app.chat.conversation
+            conversation = chat(app).conversation
             await pilot.pause()
             assert conversation.max_scroll_y > 0 and conversation.scroll_y == conversation.max_scroll_y
-            assert app.focused is app.chat.prompt
+            assert app.focused is chat(app).prompt
             await pilot.press("pageup")
             await pilot.pause()
             assert conversation.scroll_y < conversation.max_scroll_y
@@ -181,10 +181,10 @@ def test_releasing_a_mouse_selection_does_not_open_the_lens(tiny, tmp_path):
             await pilot.mouse_down(TokenText, offset=(0, 0))
             await pilot.mouse_up(TokenText, offset=(4, 0))
             await pilot.pause()
-            assert not app.chat.lens.display
+            assert not chat(app).lens.display
             await pilot.click(TokenText, offset=(0, 0))
             await pilot.pause()
-            assert app.chat.lens.display
+            assert chat(app).lens.display
 
     asyncio.run(run())
 
@@ -197,9 +197,9 @@ def test_new_chat_clears_the_draft_and_up_brings_it_back(tiny, tmp_path):
             await ask(pilot, app)
             await pilot.press(*"half a thought")
             await pilot.press("ctrl+n")
-            assert app.chat.prompt.text == "" and app.chat_id is None
+            assert chat(app).prompt.text == "" and dialogue(app).chat_id is None
             await pilot.press("up")
-            assert app.chat.prompt.text == "half a thought"
+            assert chat(app).prompt.text == "half a thought"
 
     asyncio.run(run())
 
@@ -249,7 +249,7 @@ def test_the_light_theme_recolours_the_answer_and_is_remembered(tiny, tmp_path):
     light = hex_rgb("#E0E0E0")  # textual-light's background
 
     def token_colours(app):
-        view = app.answer.depth_view
+        view = chat(app).answer.depth_view
         return [span.style.foreground.hex for block in view.blocks for span in block.spans]
 
     async def run():

@@ -8,7 +8,7 @@ a fixed model name and config path. Update after an intended change with `pytest
 from __future__ import annotations
 
 import pytest
-from test_tui_app import ask, make_app, wait_for
+from test_tui_app import ask, chat, make_app, wait_for
 
 from sortedchat.engine import Mode
 from sortedchat.tui.screens.help import HelpScreen
@@ -90,7 +90,7 @@ def test_small_layer_lens_under_the_chat(snap_compare, tiny, tmp_path):
         await steady_cursor(pilot)
         await ask(pilot, app)
         await pilot.press("f9")
-        await wait_for(pilot, lambda: len(app.chat.lens.query(".lens-row")) == 3 and not app.chat.lens.loading)
+        await wait_for(pilot, lambda: len(chat(app).lens.query(".lens-row")) == 3 and not chat(app).lens.loading)
         await steady_cursor(pilot)
 
     assert snap_compare(app, terminal_size=SMALL, run_before=lens)

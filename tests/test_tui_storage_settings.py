@@ -120,7 +120,8 @@ def test_bare_command_and_chat_open_the_app_with_the_given_options(tiny_dir, mon
                     if isinstance(self.screen, ChatScreen) or self.error:
                         break
                     await pilot.pause(0.02)
-                seen.append((self.session and self.session.mode, self.settings, self.sm and self.sm.exits, self.error))
+                session = self.screen.dialogue.session if isinstance(self.screen, ChatScreen) else None
+                seen.append((session and session.mode, self.settings, self.sm and self.sm.exits, self.error))
 
         asyncio.run(drive())
 

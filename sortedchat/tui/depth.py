@@ -24,7 +24,7 @@ class DepthControl:
     exits: list[int]
     num_layers: int
     default_draft: int
-    kind: str = "depth"
+    kind: str = "depth"  # a ModeKind name (equal to its member); the engine, which imports torch, loads later
     depth: int = 0
     threshold: float | None = None
     shift: float = 0.0
@@ -115,3 +115,10 @@ class DepthControl:
             self.shift = round(min(1.0, max(-1.0, self.shift + direction * THRESHOLD_STEP)), 2)
             what = f"auto thresholds {self.shift:+.2f}"
         return None if self.kind == "auto" else f"{what} (used in auto mode)"
+
+
+def mode_range(modes: list[str]) -> str:
+    """An answer's modes, in order: "Depth 30/30", "Depth 30/30 → Depth 15/30", or "mixed: A → … → Z"."""
+    if len(modes) <= 2:
+        return " → ".join(modes)
+    return f"mixed: {modes[0]} → … → {modes[-1]}"

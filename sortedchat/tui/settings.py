@@ -243,3 +243,14 @@ def save_settings(settings: Settings, path: Path | None = None) -> Path:
         except ValueError as exc:
             raise SortedChatError(f"setting {f.name} {exc}, got {value!r}") from None
     return atomic_write_text(path or settings_path(), dump_settings(settings))
+
+
+def save_changes(changed: dict) -> Path | None:
+    """Write `changed` over what the settings file holds; its path, or None when nothing changed. Values given
+    on the command line (`-n 40`) apply to one run: only what the user changed in the app reaches the file."""
+    if not changed:
+        return None
+    on_file = load_settings()
+    for name, value in changed.items():
+        setattr(on_file, name, value)
+    return save_settings(on_file)

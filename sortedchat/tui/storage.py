@@ -6,7 +6,8 @@ the text of an answer that never finished is rebuilt from its tokens. The file r
 The generation thread writes tokens while the UI thread reads the chat list, so one lock serialises
 access to the single connection. A write of several rows is one transaction, rolled back if any part
 fails. A damaged file is never written to again: it is renamed aside (`chats.sqlite3.damaged-...`),
-an empty history takes its place, and the error says so, so the user can go on.
+an empty history takes its place, and the error says so, so the user can go on. Opening a file brings its
+tables up to date (`schema`).
 """
 
 from __future__ import annotations
@@ -21,36 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sortedchat import SortedChatError
+from sortedchat.config import atomic_write_text
 from sortedchat.paths import data_dir
+from sortedchat.tui import schema
 
 DB_NAME = "chats.sqlite3"
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS chats (
-    id INTEGER PRIMARY KEY,
-    title TEXT NOT NULL,
-    model TEXT NOT NULL,
-    created REAL NOT NULL,
-    updated REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY,
-    chat_id INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
-    role TEXT NOT NULL,
-    content TEXT,            -- NULL while an answer is being generated
-    mode TEXT NOT NULL DEFAULT '',
-    stats TEXT               -- JSON of the engine's GenerationStats
-);
-CREATE TABLE IF NOT EXISTS tokens (
-    message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
-    idx INTEGER NOT NULL,
-    token_id INTEGER NOT NULL,
-    text TEXT NOT NULL,
-    exit_layer INTEGER NOT NULL,
-    confidence REAL NOT NULL,
-    PRIMARY KEY (message_id, idx)
-);
-"""
 
 
 @dataclass
@@ -122,11 +98,13 @@ class ChatStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         try:
+            version = schema.checked_version(self.db, self.path)  # a newer file: refused before anything is written
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA foreign_keys=ON")
-            self.db.executescript(SCHEMA)
-        except sqlite3.Error:
+            if version < len(schema.UPGRADES):  # an up-to-date file is not written to (a damaged one must not be)
+                schema.bring_up_to_date(self.db, self.path)
+        except (sqlite3.Error, SortedChatError):
             self.db.close()
             raise
 
@@ -292,6 +270,10 @@ class ChatStore:
         if row is None:
             raise ChatGone(f"chat {chat_id} is no longer in {self.path.name}")
         return f"sortedchat-{time.strftime('%Y%m%d-%H%M%S', time.localtime(row[0]))}-{chat_id}.md"
+
+    def export_to(self, chat_id: int, folder: Path) -> Path:
+        """Write the chat as Markdown into `folder`; the file's path."""
+        return atomic_write_text(folder / self.export_name(chat_id), self.export_markdown(chat_id))
 
     def export_markdown(self, chat_id: int) -> str:
         """The chat as Markdown: a heading per turn, the mode and summary of each answer under it."""

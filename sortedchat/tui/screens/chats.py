@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from textual.binding import Binding
@@ -34,10 +33,10 @@ class ChatListScreen(ModalScreen[int | None]):
             super().__init__()
             self.chat_id = chat_id
 
-    def __init__(self, store: ChatStore, export: Callable[[int], Path]):
+    def __init__(self, store: ChatStore, export_dir: Path):
         super().__init__()
         self.store = store
-        self.export = export
+        self.export_dir = export_dir  # where exports go
         self.armed: int | None = None  # the chat the next `d` deletes
 
     def compose(self):
@@ -129,7 +128,7 @@ class ChatListScreen(ModalScreen[int | None]):
         if chat_id is None:
             return
         try:
-            self.notify(f"exported to {self.export(chat_id)}")
+            self.notify(f"exported to {self.store.export_to(chat_id, self.export_dir)}")
         except (OSError, SortedChatError) as exc:
             self.notify(f"export failed: {exc}", severity="error", timeout=10)
 

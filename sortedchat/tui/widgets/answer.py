@@ -21,6 +21,7 @@ from textual.style import Style
 from textual.widget import Widget
 
 from sortedchat.tui.colours import themed_exit_colour
+from sortedchat.tui.depth import mode_range
 from sortedchat.tui.widgets.code import AnswerMarkdown
 from sortedchat.tui.storage import StoredToken
 
@@ -197,13 +198,6 @@ class TokenText(Vertical, can_focus=True):
         shown = self.shown_indices()
         if shown:
             self.select(shown[-1] if last else shown[0])
-
-
-def mode_range(modes: list[str]) -> str:
-    """An answer's modes, in order: "Depth 30/30", "Depth 30/30 → Depth 15/30", or "mixed: A → … → Z"."""
-    if len(modes) <= 2:
-        return " → ".join(modes)
-    return f"mixed: {modes[0]} → … → {modes[-1]}"
 
 
 class AnswerView(Vertical):

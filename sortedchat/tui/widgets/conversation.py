@@ -1,12 +1,17 @@
-"""The scrolling conversation: the user's messages and the assistant's answers, in order; a welcome while empty."""
+"""The scrolling conversation: the user's messages and the assistant's answers, in order; a welcome while empty.
+
+It owns what it shows: its answers, the Markdown or depth view of all of them, and where the view follows."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from rich.table import Table
 from rich.text import Text
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
+from sortedchat.tui.storage import StoredMessage, StoredToken
 from sortedchat.tui.widgets.answer import AnswerView
 
 # (action, what it does) in the welcome, two to a row; the keys are the user's (remapped) ones.
@@ -53,9 +58,15 @@ class UserMessage(Static):
 
 
 class Conversation(VerticalScroll):
-    """Follows the newest text while the view is at the bottom; leaves a reader scrolled up alone."""
+    """Follows the newest text while the view is at the bottom; leaves a reader scrolled up alone. Every answer
+    shows in depth colours, or all as rendered Markdown (`markdown`)."""
 
     welcome_keys: dict[str, str] | None = None  # action -> key as shown; set by the screen
+
+    def __init__(self, num_layers: int, first_exit: int, **kwargs):
+        super().__init__(**kwargs)
+        self.num_layers, self.first_exit = num_layers, first_exit
+        self.markdown = False
 
     def show_welcome(self) -> None:
         if self.welcome_keys is not None and not self.children:
@@ -71,22 +82,52 @@ class Conversation(VerticalScroll):
         self.scroll_end(animate=False)
         return message
 
-    def add_answer(self, answer: AnswerView) -> AnswerView:
+    def add_answer(self, context: list[dict], mode_label: str) -> AnswerView:
+        """A new answer to `context`, generated in the mode `mode_label` names; it takes tokens as they come."""
         self._leave_welcome()
+        answer = AnswerView(context, self.num_layers, self.first_exit, mode_label, markdown=self.markdown)
         self.mount(answer)
         self.scroll_end(animate=False)
         return answer
 
-    def follow(self, was_at_bottom: bool) -> None:
-        if was_at_bottom:
+    def add_tokens(self, tokens: Iterable[StoredToken]) -> None:
+        """Add to the last answer; the view follows it only if it was at the bottom."""
+        at_bottom = self.scroll_y >= self.max_scroll_y - 1
+        self.last_answer.add_tokens(tokens)
+        if at_bottom:
             self.scroll_end(animate=False)
 
-    @property
-    def at_bottom(self) -> bool:
-        return self.scroll_y >= self.max_scroll_y - 1
+    def show_chat(self, messages: list[StoredMessage]) -> None:
+        """A saved chat's messages, each answer with the conversation it answered (the layer lens needs it)."""
+        context: list[dict] = []
+        for m in messages:
+            if m.role == "user":
+                self.add_user(m.content)
+            elif m.role == "assistant":
+                self.add_answer(list(context), m.mode).add_tokens(m.tokens)
+            context.append({"role": m.role, "content": m.content})
 
     def answers(self) -> list[AnswerView]:
         return list(self.query(AnswerView))
+
+    @property
+    def last_answer(self) -> AnswerView | None:
+        answers = self.answers()
+        return answers[-1] if answers else None
+
+    def set_markdown(self, on: bool) -> None:
+        self.markdown = on
+        for answer in self.answers():
+            answer.set_markdown(on)
+
+    def recolour(self) -> None:
+        """Draw every answer again in the current theme's exit colours."""
+        for answer in self.answers():
+            answer.depth_view.recolour()
+
+    async def remove_last_turn(self) -> None:
+        await self.query(UserMessage).last().remove()
+        await self.answers()[-1].remove()
 
     async def clear(self) -> None:
         await self.remove_children()

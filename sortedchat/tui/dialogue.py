@@ -1,0 +1,159 @@
+"""One conversation with the model, apart from any screen: its messages, the mode, the answer being generated,
+and what the chat store keeps of them.
+
+The chat screen calls it and shows what it returns; tests drive it with no app at all. `send` saves the user's
+message and an empty answer; `generate`, run on a worker thread, streams the answer into the store (one row
+per token, so a kill loses at most one) and into a queue, and never touches a widget; `take_tokens` hands the
+UI thread what arrived since its last call; `finish` saves the answer's text and adds it to the messages.
+`apply_mode` gives the session the mode the depth keys chose: the engine reads it before every token, so a
+change applies to the next token even in the middle of an answer.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from sortedchat import SortedChatError
+from sortedchat.tui.depth import DepthControl, mode_range
+from sortedchat.tui.storage import ChatStore, StoredChat
+
+if TYPE_CHECKING:
+    from sortedchat.engine import ChatSession, GenerationStats, SamplingConfig, TokenEvent
+
+
+@dataclass
+class Answer:
+    """The answer being generated, or the last one: what it answers, the modes it was generated in, in order,
+    and the tokens handed to the UI so far."""
+
+    message_id: int
+    context: list[dict]
+    modes: list[str]
+    events: list[TokenEvent] = field(default_factory=list)
+    error: str | None = None
+
+
+class Dialogue:
+    def __init__(self, session: ChatSession, store: ChatStore, model_name: str):
+        self.session, self.store, self.model_name = session, store, model_name
+        self.control = DepthControl.for_model(session.sm, session.mode)
+        self.history: list[dict] = []  # the conversation as the engine takes it
+        self.chat_id: int | None = None  # None until the first message is saved
+        self.answer: Answer | None = None
+        self.generating = False
+        self._pending: deque[TokenEvent] = deque()
+        self._stop = threading.Event()
+
+    @property
+    def events(self) -> list[TokenEvent]:
+        """The running (or last) answer's tokens, as taken by the UI."""
+        return self.answer.events if self.answer else []
+
+    @property
+    def stats(self) -> GenerationStats | None:
+        """The running (or last) answer's figures, once it has a token to show."""
+        return self.session.last_stats if self.events else None
+
+    # -- an answer, from the UI thread's side and the worker's ------------------------------------------
+    def send(self, text: str, system_prompt: str = "") -> str | None:
+        """Save `text` as the next user message and an empty answer after it, ready for `generate`. Returns a
+        warning when the chat is no longer in the store (deleted elsewhere, or its file set aside): then a new
+        chat holds the whole conversation."""
+        if self.chat_id is None and system_prompt:
+            self.history.append({"role": "system", "content": system_prompt})
+        self.history.append({"role": "user", "content": text})
+        label, warning = self.control.label(), None
+        try:
+            self.chat_id, message_id = self.store.start_answer(self.chat_id, self.history, label, self.model_name)
+        except SortedChatError as exc:
+            warning = f"{exc}; saving this conversation as a new chat"
+            self.chat_id, message_id = self.store.start_answer(None, self.history, label, self.model_name)
+        self.answer = Answer(message_id, list(self.history), [label])
+        self._stop.clear()
+        self.generating = True
+        return warning
+
+    def generate(self, sampling: SamplingConfig) -> None:
+        """The worker's part: answer until the engine stops or `stop()` is called; every token goes to the store
+        and the queue `take_tokens` empties. An engine error is kept for `finish`."""
+        answer = self.answer
+        try:
+            for ev in self.session.generate(answer.context, sampling, should_stop=self._stop.is_set):
+                self.store.add_token(answer.message_id, ev.index, ev.token_id, ev.text, ev.exit_layer, ev.confidence)
+                self._pending.append(ev)
+        except SortedChatError as exc:
+            answer.error = str(exc)
+
+    def take_tokens(self) -> list[TokenEvent]:
+        """The tokens generated since the last call, oldest first."""
+        batch = []
+        while self._pending:
+            batch.append(self._pending.popleft())
+        if self.answer:
+            self.answer.events.extend(batch)
+        return batch
+
+    def finish(self) -> list[str]:
+        """After `generate` returned: save the answer's text, figures and modes and add it to the messages.
+        Returns what went wrong, for the user (the tokens are saved even when the rest could not be)."""
+        self.take_tokens()
+        self.generating = False
+        answer, errors = self.answer, []
+        content = "".join(e.text for e in answer.events)
+        stats = self.stats
+        try:
+            self.store.finish_message(answer.message_id, content, stats.to_dict() if stats else None)
+            if len(answer.modes) > 1:
+                self.store.set_message_mode(answer.message_id, mode_range(answer.modes))
+        except SortedChatError as exc:  # a damaged file was set aside
+            errors.append(str(exc))
+        self.history.append({"role": "assistant", "content": content})
+        if answer.error:
+            errors.append(answer.error)
+        return errors
+
+    def stop(self) -> None:
+        """Let the running answer end at its next token."""
+        self._stop.set()
+
+    def apply_mode(self) -> bool:
+        """Give the session the mode `control` now describes; True when that adds a mode to the running answer."""
+        self.session.mode = self.control.mode()
+        label = self.control.label()
+        if self.generating and label != self.answer.modes[-1]:
+            self.answer.modes.append(label)
+            return True
+        return False
+
+    # -- the chat as a whole ------------------------------------------------------------------------
+    def new_chat(self) -> None:
+        """Start an empty conversation; the next message is saved as a new chat. Not while an answer is generated:
+        the engine's state is reset."""
+        self.history, self.chat_id, self.answer = [], None, None
+        self.session.reset()
+
+    def open(self, chat_id: int) -> StoredChat:
+        """Continue a saved chat; returns it, for the screen to show."""
+        chat = self.store.load(chat_id)
+        self.new_chat()
+        self.chat_id = chat_id
+        self.history = chat.conversation()
+        return chat
+
+    def take_back_last_turn(self) -> str | None:
+        """Drop the last question and its answer, from the store and the messages, so the question can be sent
+        again: returns the question, or None when no answer is there to take back."""
+        if self.chat_id is None or len(self.history) < 2 or self.history[-1]["role"] != "assistant":
+            return None
+        self.store.drop_last_turn(self.chat_id)
+        self.history.pop()
+        return self.history.pop()["content"]
+
+    def title(self) -> str:
+        return self.store.load(self.chat_id).title
+
+    def rename(self, title: str) -> None:
+        self.store.rename_chat(self.chat_id, title)
