@@ -25,15 +25,14 @@ def register(app: typer.Typer) -> None:
 
 def _flag(option: dataclasses.Field) -> tuple[str, object, None]:
     """One field of `TrainOptions` as a field of `TrainFlags`: its flag, typed as the command line gives it."""
-    flag, kind = "--" + option.name.replace("_", "-"), value_type(option.name)
-    help, default = option.metadata["help"], option.default
-    if kind is bool and option.metadata["negatable"]:
-        flag += f"/--no-{flag[2:]}"
-    elif kind is not bool:
-        kind = str if typing.get_origin(kind) is list else kind  # '9,12,15', parsed by `coerce_option`
-    if default not in (None, "") and option.metadata["negatable"]:
-        help += f" (default: {default})"
-    return option.name, Annotated[Optional[kind], typer.Option(flag, help=help, show_default=False)], None
+    flag, kind, help = "--" + option.name.replace("_", "-"), value_type(option.name), option.metadata["help"]
+    if kind is bool and not option.metadata["negatable"]:  # a switch that is only ever turned on
+        decl = flag
+    else:
+        decl = f"{flag}/--no-{flag[2:]}" if kind is bool else flag
+        help += "" if option.default in (None, "") else f" (default: {option.default})"
+    kind = str if typing.get_origin(kind) is list else kind  # '9,12,15', parsed by `coerce_option`
+    return option.name, Annotated[Optional[kind], typer.Option(decl, help=help, show_default=False)], None
 
 
 # The flags of `train`: every `TrainOptions` field that has a help text (all but `recipe`).
