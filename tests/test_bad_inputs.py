@@ -11,7 +11,6 @@ import asyncio
 import inspect
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import time

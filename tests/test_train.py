@@ -728,7 +728,6 @@ def test_training_curves_by_exit_draw_one_panel_per_exit_and_one_line_per_run(tm
 
 
 def test_layer_dropout_skips_the_drawn_layers_for_one_step_and_exits_see_the_passed_state(tiny_dir, alpaca_file, tmp_path):
-    from sortedchat.training.objectives import skipped
     from sortedchat.training.trainer import Trainer
 
     sm, objective = objective_for(tiny_dir)
