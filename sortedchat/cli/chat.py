@@ -36,7 +36,7 @@ def chat(
     sampling: o.SamplingFlags,
     max_new_tokens: o.MaxTokensOpt = 512,
     load: o.LoadFlags,
-    debug: DebugOpt = False,
+    debug: DebugOpt = False,  # acted on by its own callback (`cli.debug`), never passed here
 ) -> None:
     """Chat with the model in the full-screen app (Textual); F1 there lists the keys."""
     if ctx.invoked_subcommand is not None:  # `sortedchat <command>`: the command runs on its own

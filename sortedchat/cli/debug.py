@@ -23,9 +23,10 @@ def _enable(value: bool) -> None:
 
 
 # Never passed to the command (expose_value=False): setting it is all it does, and `report` reads it.
-DebugOpt = Annotated[bool, typer.Option("--debug", envvar=ENV, expose_value=False, is_eager=True, callback=_enable,
-                                        help="On an error, also print its traceback and the exception it "
-                                        "replaced (give it before the command: sortedchat --debug ask ...)")]
+DebugOpt = Annotated[bool, typer.Option("--debug", expose_value=False, is_eager=True, callback=_enable,
+                                        help=f"On an error, also print its traceback and the exception it "
+                                        f"replaced (give it before the command: sortedchat --debug ask ...; or "
+                                        f"set {ENV}=1)")]
 
 
 def debugging() -> bool:
