@@ -56,6 +56,17 @@ def test_an_answer_streams_into_the_store_token_by_token(tiny, tmp_path):
     assert [t.token_id for t in last.tokens] == [e.token_id for e in events]
 
 
+def test_a_line_based_front_end_streams_on_its_own_thread(tiny, tmp_path):
+    d = make_dialogue(tiny, tmp_path, Mode.fixed(4))
+    d.send(PROMPT)
+    saved_before_shown = []
+    for ev in d.stream(SamplingConfig(max_new_tokens=6)):
+        saved_before_shown.append(len(d.store.load(d.chat_id).messages[-1].tokens) == ev.index + 1)
+    assert saved_before_shown == [True] * 6 and d.take_tokens() == []  # nothing queued for a UI thread
+    assert d.finish() == [] and d.store.load(d.chat_id).messages[-1].content == d.history[-1]["content"]
+    assert d.stats.tokens == 6 and {e.exit_layer for e in d.events} == {4}
+
+
 def test_a_mode_change_applies_to_the_next_token_and_is_saved(tiny, tmp_path):
     d = make_dialogue(tiny, tmp_path)
     changed = []

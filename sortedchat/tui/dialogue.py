@@ -2,9 +2,10 @@
 and what the chat store keeps of them.
 
 The chat screen calls it and shows what it returns; tests drive it with no app at all. `send` saves the user's
-message and an empty answer; `generate`, run on a worker thread, streams the answer into the store (one row
-per token, so a kill loses at most one) and into a queue, and never touches a widget; `take_tokens` hands the
-UI thread what arrived since its last call; `finish` saves the answer's text and adds it to the messages.
+message and an empty answer; `stream` generates the answer, saving each token as it comes (one row per token,
+so a kill loses at most one). The app runs `generate` on a worker thread: it queues the streamed tokens and
+never touches a widget, and `take_tokens` hands the UI thread what arrived since its last call. `finish` saves
+the answer's text and adds it to the messages.
 `apply_mode` gives the session the mode the depth keys chose: the engine reads it before every token, so a
 change applies to the next token even in the middle of an answer.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
 @dataclass
 class Answer:
     """The answer being generated, or the last one: what it answers, the modes it was generated in, in order,
-    and the tokens handed to the UI so far."""
+    and its tokens so far."""
 
     message_id: int
     context: list[dict]
@@ -49,7 +51,7 @@ class Dialogue:
 
     @property
     def events(self) -> list[TokenEvent]:
-        """The running (or last) answer's tokens, as taken by the UI."""
+        """The running (or last) answer's tokens so far."""
         return self.answer.events if self.answer else []
 
     @property
@@ -72,34 +74,38 @@ class Dialogue:
             warning = f"{exc}; saving this conversation as a new chat"
             self.chat_id, message_id = self.store.start_answer(None, self.history, label, self.model_name)
         self.answer = Answer(message_id, list(self.history), [label])
+        self._pending.clear()
         self._stop.clear()
         self.generating = True
         return warning
 
-    def generate(self, sampling: SamplingConfig) -> None:
-        """The worker's part: answer until the engine stops or `stop()` is called; every token goes to the store
-        and the queue `take_tokens` empties. An engine error is kept for `finish`."""
+    def stream(self, sampling: SamplingConfig) -> Iterator[TokenEvent]:
+        """Answer the message `send` saved, until the engine stops or `stop()` is called: each token is saved,
+        then yielded. An engine error ends the stream and is kept for `finish`."""
         answer = self.answer
         try:
             for ev in self.session.generate(answer.context, sampling, should_stop=self._stop.is_set):
                 self.store.add_token(answer.message_id, ev.index, ev.token_id, ev.text, ev.exit_layer, ev.confidence)
-                self._pending.append(ev)
+                answer.events.append(ev)
+                yield ev
         except SortedChatError as exc:
             answer.error = str(exc)
 
+    def generate(self, sampling: SamplingConfig) -> None:
+        """A worker thread's part: `stream` into the queue that `take_tokens` empties."""
+        for ev in self.stream(sampling):
+            self._pending.append(ev)
+
     def take_tokens(self) -> list[TokenEvent]:
-        """The tokens generated since the last call, oldest first."""
+        """The tokens `generate` queued since the last call, oldest first."""
         batch = []
         while self._pending:
             batch.append(self._pending.popleft())
-        if self.answer:
-            self.answer.events.extend(batch)
         return batch
 
     def finish(self) -> list[str]:
-        """After `generate` returned: save the answer's text, figures and modes and add it to the messages.
+        """Once the stream has ended: save the answer's text, figures and modes and add it to the messages.
         Returns what went wrong, for the user (the tokens are saved even when the rest could not be)."""
-        self.take_tokens()
         self.generating = False
         answer, errors = self.answer, []
         content = "".join(e.text for e in answer.events)

@@ -272,14 +272,12 @@ class ChatScreen(Screen):
 
     def action_chats(self) -> None:
         if not self._busy():
-            self.app.push_screen(ChatListScreen(self.dialogue.store, self.export_dir), self._open_chosen)
+            self.app.push_screen(ChatListScreen(self.dialogue.store, self.export_dir), self.open_chat)
 
-    async def _open_chosen(self, chat_id: int | None) -> None:
-        if chat_id is not None:
-            await self.open_chat(chat_id)
-
-    async def open_chat(self, chat_id: int) -> None:
-        """Show a saved chat and continue it."""
+    async def open_chat(self, chat_id: int | None) -> None:
+        """Show a saved chat and continue it (None: the saved-chats list closed with no choice)."""
+        if chat_id is None:
+            return
         chat = self.dialogue.open(chat_id)
         await self._clear_view()
         self.conversation.show_chat(chat.messages)
