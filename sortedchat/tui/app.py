@@ -158,7 +158,9 @@ class SortedChatApp(App):
             return
         changed = {f: getattr(settings, f) for f in vars(settings) if getattr(settings, f) != getattr(self.settings, f)}
         self.settings = settings
-        self._save(changed, "settings saved to {}")
+        path = self._save(changed)
+        if path is not None:
+            self.notify(f"settings saved to {path}")
 
     def _theme_changed(self, theme) -> None:
         """The theme the user picks is kept for the next run."""
@@ -166,15 +168,14 @@ class SortedChatApp(App):
             self.settings.theme = theme.name
             self._save({"theme": theme.name})
 
-    def _save(self, changed: dict, done: str | None = None) -> None:
-        """Write the changed settings (only those: command-line values stay out of the file); `done` says where."""
+    def _save(self, changed: dict) -> Path | None:
+        """Write the changed settings over the file (values from the command line stay out of it); the file's
+        path, or None when nothing was written."""
         try:
-            path = save_changes(changed)
+            return save_changes(changed)
         except (SortedChatError, OSError) as exc:
             self.notify(f"settings not saved: {exc}", severity="error")
-            return
-        if path is not None and done:
-            self.notify(done.format(path))
+            return None
 
     def action_screenshot(self, filename: str | None = None, path: str | None = None) -> None:
         """Textual saves screenshots to ~/Downloads and fails without a word when it is missing: then they go

@@ -66,6 +66,8 @@ class GenerationDone(Message, bubble=False):
 
 
 class ChatScreen(Screen):
+    """One `Dialogue` on screen; the keys act on it, dialogs (saved chats, rename, settings) open over it."""
+
     # Priority: these keys act wherever the focus is (the message box would otherwise take F6/F7).
     BINDINGS = [Binding(KEY_ACTIONS[a][0], f"app.{a}" if a in APP_ACTIONS else a, label, id=a, priority=True,
                         show=a not in HIDDEN) for a, label in FOOTER.items()] + [
