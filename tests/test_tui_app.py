@@ -72,10 +72,11 @@ def status(app) -> str:
 
 
 class Gate:
-    """Holds `session`'s engine right after token `after` until released, so a test can act mid-answer."""
+    """Holds `session`'s engine right after token `after` until released, so a test can act mid-answer;
+    `finished` is set when the engine has ended the answer."""
 
     def __init__(self, session: ChatSession, after: int):
-        self.reached, self.release = threading.Event(), threading.Event()
+        self.reached, self.release, self.finished = threading.Event(), threading.Event(), threading.Event()
         inner = session.generate
 
         def generate(*args, **kwargs):
@@ -84,6 +85,7 @@ class Gate:
                 if ev.index == after:
                     self.reached.set()
                     self.release.wait(20)
+            self.finished.set()
 
         session.generate = generate
 
@@ -200,6 +202,23 @@ def test_escape_stops_and_keeps_the_partial_answer(tiny, tmp_path):
             assert " · stopped · " in status(app)
 
     asyncio.run(run())
+
+
+def test_quitting_mid_answer_stops_the_engine_at_its_next_token(tiny, tmp_path):
+    app = make_app(tiny, tmp_path, max_new_tokens=100)
+    opened = []
+
+    async def run():
+        async with app.run_test(size=SIZE) as pilot:
+            opened.append((dialogue(app), Gate(dialogue(app).session, after=2)))
+            await opened[0][1].start(pilot, app)
+            await pilot.press("ctrl+q")
+
+    asyncio.run(run())  # the app is gone while the engine is held after its third token
+    d, gate = opened[0]
+    gate.release.set()
+    assert gate.finished.wait(20)
+    assert len(d.store.load(d.chat_id).messages[-1].tokens) == 3  # not the 100 asked for
 
 
 def test_keys_are_handled_while_the_model_generates(tiny, tmp_path):
