@@ -67,6 +67,7 @@ class Conversation(VerticalScroll):
         super().__init__(**kwargs)
         self.num_layers, self.first_exit = num_layers, first_exit
         self.markdown = False
+        self.last_answer: AnswerView | None = None  # the one tokens go to (kept: a query per batch would walk them all)
 
     def show_welcome(self) -> None:
         if self.welcome_keys is not None and not self.children:
@@ -85,7 +86,8 @@ class Conversation(VerticalScroll):
     def add_answer(self, context: list[dict], mode_label: str) -> AnswerView:
         """A new answer to `context`, generated in the mode `mode_label` names; it takes tokens as they come."""
         self._leave_welcome()
-        answer = AnswerView(context, self.num_layers, self.first_exit, mode_label, markdown=self.markdown)
+        answer = self.last_answer = AnswerView(context, self.num_layers, self.first_exit, mode_label,
+                                               markdown=self.markdown)
         self.mount(answer)
         self.scroll_end(animate=False)
         return answer
@@ -108,12 +110,7 @@ class Conversation(VerticalScroll):
             context.append({"role": m.role, "content": m.content})
 
     def answers(self) -> list[AnswerView]:
-        return list(self.query(AnswerView))
-
-    @property
-    def last_answer(self) -> AnswerView | None:
-        answers = self.answers()
-        return answers[-1] if answers else None
+        return list(self.query_children(AnswerView))
 
     def set_markdown(self, on: bool) -> None:
         self.markdown = on
@@ -126,9 +123,11 @@ class Conversation(VerticalScroll):
             answer.depth_view.recolour()
 
     async def remove_last_turn(self) -> None:
-        await self.query(UserMessage).last().remove()
+        await self.query_children(UserMessage).last().remove()
         await self.answers()[-1].remove()
+        self.last_answer = (self.answers() or [None])[-1]
 
     async def clear(self) -> None:
         await self.remove_children()
+        self.last_answer = None
         self.show_welcome()
