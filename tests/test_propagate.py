@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache
 
 from sortedchat import SortedChatError
-from sortedchat.engine import ChatSession, Mode, SamplingConfig
+from sortedchat.engine import ChatSession, Mode, ModeKind, SamplingConfig
 from sortedchat.engine.layer_call import cache_keyword
 from sortedchat.engine.state import LayeredState
 
@@ -279,27 +279,28 @@ def test_calibrate_kv_must_be_exact_or_propagate():
 def test_app_kv_key_switches_propagation_and_the_status_shows_it(tiny, tmp_path):
     import asyncio
 
-    from test_tui_app import SIZE, ask, make_app, status
+    from test_tui_app import SIZE, ask, dialogue, make_app, status
 
     app = make_app(tiny, tmp_path)
 
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("f4", "f12")  # auto, propagated K/V
-            assert app.session.mode.kind == "auto" and app.session.mode.kv == "propagate"
+            talk = dialogue(app)
+            assert talk.session.mode.kind is ModeKind.AUTO and talk.session.mode.kv == "propagate"
             assert "Auto · propagated KV" in status(app)
             for _ in range(20):  # every threshold to 0: every token leaves at exit 2, layers 3..6 propagated
                 await pilot.press("f6")
             await ask(pilot, app)
-            assert app.events and {e.exit_layer for e in app.events} == {2}
-            assert app.session.last_stats.kv_fills == 4 * len(app.events)
-            assert 2 in app.session.state.filled_by
+            assert talk.events and {e.exit_layer for e in talk.events} == {2}
+            assert talk.session.last_stats.kv_fills == 4 * len(talk.events)
+            assert 2 in talk.session.state.filled_by
             await pilot.press("f5")  # speculative keeps exact K/V; the choice comes back with fixed depth
-            assert app.session.mode.kind == "speculative" and app.session.mode.kv == "exact"
+            assert talk.session.mode.kind is ModeKind.SPECULATIVE and talk.session.mode.kv == "exact"
             assert "propagated KV" not in status(app)
             await pilot.press("f5")
-            assert app.session.mode == Mode.fixed(2, kv="propagate") and "Depth 2/6 · propagated KV" in status(app)
+            assert talk.session.mode == Mode.fixed(2, kv="propagate") and "Depth 2/6 · propagated KV" in status(app)
             await pilot.press("f12")
-            assert app.session.mode == Mode.fixed(2) and "propagated KV" not in status(app)
+            assert talk.session.mode == Mode.fixed(2) and "propagated KV" not in status(app)
 
     asyncio.run(run())
