@@ -1,8 +1,23 @@
-"""The decoding engine: one layered KV state, three modes (fixed depth, auto exit, self-speculative)."""
+"""The decoding engine: one layered KV state, three modes (fixed depth, auto exit, self-speculative).
 
-from sortedchat.engine.events import GenerationStats, TokenEvent
-from sortedchat.engine.modes import Mode, ModeKind
-from sortedchat.engine.sampling import SamplingConfig
-from sortedchat.engine.session import ChatSession
+The names load on first use (PEP 562), so a front end can import `sortedchat.engine.modes` (the `Mode` and
+`ModeKind` its options build) without loading torch, which the session needs.
+"""
 
-__all__ = ["ChatSession", "GenerationStats", "Mode", "ModeKind", "SamplingConfig", "TokenEvent"]
+from importlib import import_module
+
+_HOME = {
+    "ChatSession": "session",
+    "GenerationStats": "events",
+    "Mode": "modes",
+    "ModeKind": "modes",
+    "SamplingConfig": "sampling",
+    "TokenEvent": "events",
+}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"sortedchat.engine.{_HOME[name]}"), name)
