@@ -7,10 +7,8 @@ Kept apart from the widgets so the rules are plain code: the app turns `DepthCon
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from sortedchat.engine import Mode
+from sortedchat.engine.modes import Mode, ModeKind  # no torch: the app imports this before its loading screen shows
 
 THRESHOLD_STEP = 0.05
 
@@ -24,7 +22,7 @@ class DepthControl:
     exits: list[int]
     num_layers: int
     default_draft: int
-    kind: str = "depth"  # a ModeKind name (equal to its member); the engine, which imports torch, loads later
+    kind: ModeKind = ModeKind.DEPTH
     depth: int = 0
     threshold: float | None = None
     shift: float = 0.0
@@ -38,7 +36,7 @@ class DepthControl:
             num_layers=sm.num_layers,
             default_draft=sm.default_draft_exit,
             kind=mode.kind,
-            depth=mode.depth or (sm.default_draft_exit if mode.kind == "speculative" else sm.num_layers),
+            depth=mode.depth or (sm.default_draft_exit if mode.kind is ModeKind.SPECULATIVE else sm.num_layers),
             threshold=mode.threshold,
             shift=mode.shift,
             kv=mode.kv,
@@ -46,19 +44,17 @@ class DepthControl:
         )
 
     def mode(self) -> Mode:
-        from sortedchat.engine import Mode  # torch: the app imports it only once the model is loading
-
-        if self.kind == "auto":
+        if self.kind is ModeKind.AUTO:
             return Mode.auto(self.threshold, shift=self.shift, kv=self.kv)
-        if self.kind == "speculative":
-            return replace(self.options or Mode(), kind="speculative", depth=self.depth, threshold=None, shift=0.0,
-                           kv="exact")
+        if self.kind is ModeKind.SPECULATIVE:
+            return replace(self.options or Mode(), kind=ModeKind.SPECULATIVE, depth=self.depth, threshold=None,
+                           shift=0.0, kv="exact")
         return Mode.fixed(self.depth, kv=self.kv)
 
     def label(self) -> str:
         """The mode as the status line and an answer's header show it; a threshold shift is named as one."""
         text = self.mode().label(self.num_layers)
-        if self.kind == "auto" and self.threshold is None and self.shift:
+        if self.kind is ModeKind.AUTO and self.threshold is None and self.shift:
             text = text.replace(f"Auto {self.shift:+.2f}", f"Auto, thresholds {self.shift:+.2f}", 1)
         return text
 
@@ -66,40 +62,40 @@ class DepthControl:
     def step(self, direction: int) -> str | None:
         """One exit shallower (-1) or deeper (+1). Leaves auto mode for a fixed depth; in speculative
         mode moves the draft depth, which stays below the last layer."""
-        top = self.num_layers - 1 if self.kind == "speculative" else self.num_layers
+        top = self.num_layers - 1 if self.kind is ModeKind.SPECULATIVE else self.num_layers
         candidates = [e for e in self.exits if e <= top]
         if direction > 0:
             nxt = next((e for e in candidates if e > self.depth), None)
         else:
             nxt = next((e for e in reversed(candidates) if e < self.depth), None)
-        was_auto = self.kind == "auto"
+        was_auto = self.kind is ModeKind.AUTO
         if was_auto:
-            self.kind = "depth"
+            self.kind = ModeKind.DEPTH
         if nxt is None:
             if was_auto:
                 return None
-            if self.kind == "speculative" and direction > 0:
+            if self.kind is ModeKind.SPECULATIVE and direction > 0:
                 return f"the draft depth must stay below {self.num_layers}"
             return "already at the deepest exit" if direction > 0 else "already at the shallowest exit"
         self.depth = nxt
         return None
 
     def toggle_auto(self) -> None:
-        self.kind = "depth" if self.kind == "auto" else "auto"
+        self.kind = ModeKind.DEPTH if self.kind is ModeKind.AUTO else ModeKind.AUTO
 
     def toggle_kv(self) -> str | None:
         """Exact K/V (skipped layers computed when a deeper token needs them) or propagated (at once,
         approximate). Speculative decoding stays exact; the choice applies when auto or fixed depth returns."""
         self.kv = "propagate" if self.kv == "exact" else "exact"
-        if self.kind == "speculative":
+        if self.kind is ModeKind.SPECULATIVE:
             return f"{self.kv} K/V from auto or fixed depth on (speculative decoding keeps exact K/V)"
         return None
 
     def toggle_speculative(self) -> str | None:
-        if self.kind == "speculative":
-            self.kind = "depth"
+        if self.kind is ModeKind.SPECULATIVE:
+            self.kind = ModeKind.DEPTH
             return None
-        self.kind = "speculative"
+        self.kind = ModeKind.SPECULATIVE
         if self.depth >= self.num_layers:
             self.depth = self.default_draft
             return f"a draft needs a depth below {self.num_layers}: drafting at {self.depth}"
@@ -114,7 +110,7 @@ class DepthControl:
         else:
             self.shift = round(min(1.0, max(-1.0, self.shift + direction * THRESHOLD_STEP)), 2)
             what = f"auto thresholds {self.shift:+.2f}"
-        return None if self.kind == "auto" else f"{what} (used in auto mode)"
+        return None if self.kind is ModeKind.AUTO else f"{what} (used in auto mode)"
 
 
 def mode_range(modes: list[str]) -> str:
