@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from sortedchat import SortedChatError
 from sortedchat.cli import options as o
 from sortedchat.cli.debug import DebugOpt
 from sortedchat.cli.option_groups import takes_groups
@@ -75,7 +76,6 @@ def _settings(ctx: typer.Context, values: dict, system: str | None):
 
 
 def run_app(spec, options, initial_mode, settings) -> None:
-    from sortedchat import SortedChatError
     from sortedchat.tui.app import SortedChatApp
 
     def loader(progress):
@@ -107,25 +107,21 @@ def plain_chat(sm, mode, sampling, system: str = "", console: Console | None = N
                store=None) -> None:
     """A line-based multi-turn chat. Empty line or /quit ends it; /reset starts over.
 
-    Like the app, it saves every turn (token by token) to the chat history in `store` (default: the
-    user's), so the app's saved-chats list reopens it.
+    It drives the same `Dialogue` as the app's chat screen, so it saves every turn (token by token) to the
+    chat history in `store` (default: the user's) the same way, and the app's saved-chats list reopens it.
     """
-    from sortedchat import SortedChatError
     from sortedchat.engine import ChatSession
     from sortedchat.tui.app import model_label
+    from sortedchat.tui.dialogue import Dialogue
     from sortedchat.tui.storage import ChatStore
 
     console = console or Console(highlight=False)
-    store = store or ChatStore()
-    session = ChatSession(sm, mode)
-    base = [{"role": "system", "content": system}] if system else []
-    messages, chat_id = list(base), None
-    label, name = mode.label(sm.num_layers), model_label(sm)
+    dialogue = Dialogue(ChatSession(sm, mode), store or ChatStore(), model_label(sm))
     printer = AnswerPrinter(sm.num_layers, sm.exits[0], console=console)
-    console.print(f"[dim]{sm.source} · {label} · saved to the chat history · /reset new chat · "
+    console.print(f"[dim]{sm.source} · {dialogue.control.label()} · saved to the chat history · /reset new chat · "
                   f"/quit or Ctrl+D ends[/dim]")
-    if store.notice:
-        console.print(f"[yellow]{store.notice}[/yellow]")
+    if dialogue.store.notice:
+        console.print(f"[yellow]{dialogue.store.notice}[/yellow]")
     while True:
         try:
             line = read("you> ")
@@ -134,35 +130,32 @@ def plain_chat(sm, mode, sampling, system: str = "", console: Console | None = N
         if line.strip() in ("", "/quit", "/exit"):
             break
         if line.strip() == "/reset":
-            messages, chat_id = list(base), None
-            session.reset()
+            dialogue.new_chat()
             continue
         try:
             o.unicode_text(line, "that line")
         except SortedChatError as exc:
             console.print(f"[red]{exc}; nothing was sent[/red]")
             continue
-        messages.append({"role": "user", "content": line})
-        try:
-            chat_id, message_id = store.start_answer(chat_id, messages, label, name)
-        except SortedChatError as exc:  # a damaged history file was set aside: go on in a fresh one
-            console.print(f"[yellow]{exc}[/yellow]")
-            chat_id, message_id = store.start_answer(None, messages, label, name)
-        messages.append({"role": "assistant", "content": _stream_answer(session, messages, sampling, store,
-                                                                        message_id, printer)})
+        warning = dialogue.send(line, system)  # the chat left the store (its file set aside): a new chat holds it
+        if warning:
+            console.print(f"[yellow]{warning}[/yellow]")
+        _stream_answer(dialogue, sampling, printer)
 
 
-def _stream_answer(session, messages, sampling, store, message_id, printer) -> str:
-    """Print and save one answer token by token; Ctrl+C stops it, keeping what came."""
-    answer = []
+def _stream_answer(dialogue, sampling, printer) -> None:
+    """Print one answer as the dialogue saves it; Ctrl+C stops it, keeping what came. An engine or store error
+    ends the chat, as a one-line error (the tokens that came are saved)."""
+    tokens = dialogue.stream(sampling)
     try:
-        for ev in session.generate(messages, sampling):
-            answer.append(ev.text)
-            store.add_token(message_id, ev.index, ev.token_id, ev.text, ev.exit_layer, ev.confidence)
+        for ev in tokens:
             printer.token(ev)
     except KeyboardInterrupt:
         printer.console.print("\n[dim](stopped)[/dim]")
-    stats = session.last_stats
-    store.finish_message(message_id, "".join(answer), stats.to_dict() if stats else None)
-    printer.summary(stats)
-    return "".join(answer)
+    finally:
+        tokens.close()  # the engine stops here, not whenever the abandoned stream is collected
+    errors = dialogue.finish()
+    if errors:
+        raise SortedChatError("; ".join(errors))
+    if dialogue.stats:  # none when Ctrl+C came before the first token
+        printer.summary(dialogue.stats)
