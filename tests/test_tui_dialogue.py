@@ -67,6 +67,18 @@ def test_a_line_based_front_end_streams_on_its_own_thread(tiny, tmp_path):
     assert d.stats.tokens == 6 and {e.exit_layer for e in d.events} == {4}
 
 
+def test_a_stream_left_mid_answer_finishes_with_what_came(tiny, tmp_path):
+    d = make_dialogue(tiny, tmp_path)  # the line-based chat on Ctrl+C: it stops reading and closes the stream
+    d.send(PROMPT)
+    tokens = d.stream(SamplingConfig(max_new_tokens=30))
+    came = [next(tokens).text for _ in range(3)]
+    tokens.close()
+    assert d.finish() == [] and d.stats.tokens == 3
+    assert d.history[-1] == {"role": "assistant", "content": "".join(came)}
+    saved = d.store.load(d.chat_id).messages[-1]
+    assert saved.content == "".join(came) and len(saved.tokens) == 3 and saved.stats["tokens"] == 3
+
+
 def test_a_mode_change_applies_to_the_next_token_and_is_saved(tiny, tmp_path):
     d = make_dialogue(tiny, tmp_path)
     changed = []
