@@ -5,6 +5,7 @@ Nothing is downloaded. The model is saved as a plain HF directory so loading cod
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -15,6 +16,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers.data import alpaca_records  # noqa: E402
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -99,6 +101,13 @@ def isolated_dirs(tmp_path, monkeypatch):
         monkeypatch.setenv(f"SORTEDCHAT_{name}_DIR", str(tmp_path / name.lower()))
     if not os.environ.get("SORTEDCHAT_TEST_REAL_CACHE"):
         monkeypatch.setenv("SORTEDCHAT_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def alpaca_file(tmp_path):
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(alpaca_records(), indent=1))
+    return path
 
 
 EXIT_GRACE_S = 120

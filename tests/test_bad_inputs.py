@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from test_tui_app import ask, dialogue, wait_for
-from test_tui_app import make_app as base_app
+from helpers.tui import ask, dialogue, wait_for
+from helpers.tui import make_app as base_app
 
 from sortedchat import SortedChatError
 from sortedchat.config import SortedConfig

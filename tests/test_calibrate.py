@@ -19,12 +19,8 @@ from sortedchat.engine.confidence import CLASSIFIER_NAME
 from sortedchat.engine.session import encode_chat
 from sortedchat.loading import LoadOptions, load_sorted_model
 
-RECORDS = [
-    {"instruction": "What is the capital of France?", "input": "", "output": "Paris is the capital of France."},
-    {"instruction": "Say hello.", "input": "", "output": "Hello! How are you today?"},
-    {"instruction": "Describe a fox.", "input": "", "output": "The quick brown fox jumps over the lazy dog."},
-    {"instruction": "Translate", "input": "Tokens exit early.", "output": "Tokens exit early when confident."},
-] * 3
+from helpers.data import CALIBRATION_RECORDS
+
 
 
 def run_cli(monkeypatch, capsys, *args):
@@ -51,7 +47,7 @@ def model_dir(tiny_dir, tmp_path):
 @pytest.fixture
 def data(tmp_path):
     path = tmp_path / "held_out.json"
-    path.write_text(json.dumps(RECORDS))
+    path.write_text(json.dumps(CALIBRATION_RECORDS))
     return path
 
 
@@ -165,7 +161,7 @@ def test_draining_the_backlog_shrinks_what_an_early_exit_saves():
 
 def test_too_little_data_is_refused(tiny, tmp_path):
     small = tmp_path / "small.json"
-    small.write_text(json.dumps(RECORDS[:2]))
+    small.write_text(json.dumps(CALIBRATION_RECORDS[:2]))
     with pytest.raises(SortedChatError, match="2 usable examples; calibration needs at least 4"):
         cal.reference_sequences(tiny, str(small), max_examples=10)
 

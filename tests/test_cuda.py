@@ -24,8 +24,8 @@ import os
 import pytest
 import torch
 from rich.console import Console
-from test_engine import PROMPTS, fresh_prefill_kv, hf_greedy, no_stop, prompt_ids, run
-from test_train import alpaca_file, options  # noqa: F401 (alpaca_file is a fixture)
+from helpers.engine import PROMPTS, fresh_prefill_kv, hf_greedy, no_stop, prompt_ids, run
+from helpers.training import options
 
 from sortedchat.engine import ChatSession, Mode, SamplingConfig
 from sortedchat.head_product import HeadProduct
@@ -235,7 +235,7 @@ def test_bf16_training_steps_lower_every_exit_and_the_result_generates(device, k
 @pytest.mark.cuda
 @NO_CUDA
 def test_the_app_answers_on_cuda_and_says_so(tiny_dir, tmp_path):
-    from test_tui_app import ask, expected_answer, make_app, status
+    from helpers.tui import ask, expected_answer, make_app, status
 
     on_gpu = load_sorted_model(str(tiny_dir), LoadOptions(device="cuda", exits=[2, 4, 6]))
     app = make_app(on_gpu, tmp_path)

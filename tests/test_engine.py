@@ -7,41 +7,21 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 from sortedchat import SortedChatError
 from sortedchat.engine import ChatSession, Mode, ModeKind, SamplingConfig
-from sortedchat.engine.layer_call import cache_keyword
 from sortedchat.engine.state import LayeredState
 
-PROMPTS = [
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "user", "content": "Hello! How are you today?"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sorted fine-tuning?"}],
-]
+from helpers.engine import PROMPTS, fresh_prefill_kv, hf_greedy, no_stop, prompt_ids, run
 
 
-def hf_greedy(sm, prompt_ids, n):
-    ids = torch.tensor([prompt_ids], device=sm.device)
-    out = sm.model.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
-    )
-    return out[0, len(prompt_ids) :].tolist()
 
 
-def run(session, prompt_ids, n=24, **kw):
-    return [ev.token_id for ev in session.generate_ids(prompt_ids, SamplingConfig(max_new_tokens=n, **kw))]
 
 
-def no_stop(session):
-    session.stop_ids = set()  # random weights: let every answer run to max_new_tokens
-    return session
 
 
-def prompt_ids(sm, messages):
-    from sortedchat.engine.session import encode_chat
 
-    return encode_chat(sm, messages)
 
 
 @pytest.mark.parametrize("messages", PROMPTS)
@@ -201,11 +181,6 @@ def test_auto_threshold_zero_equals_first_exit(tiny):
     assert {e.exit_layer for e in events} == {2}
 
 
-def fresh_prefill_kv(sm, tokens):
-    cache = DynamicCache(config=sm.model.config)
-    sm.model(input_ids=torch.tensor([tokens], device=sm.device), use_cache=True,
-             **{cache_keyword(type(sm.model)): cache})  # as each transformers version names it
-    return cache
 
 
 def test_mixed_depths_then_drain_matches_fresh_prefill(tiny):

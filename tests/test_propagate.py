@@ -12,7 +12,7 @@ from sortedchat.engine import ChatSession, Mode, ModeKind, SamplingConfig
 from sortedchat.engine.layer_call import cache_keyword
 from sortedchat.engine.state import LayeredState
 
-from test_engine import PROMPTS, hf_greedy, no_stop, prompt_ids, run
+from helpers.engine import PROMPTS, hf_greedy, no_stop, prompt_ids, run
 
 
 @torch.inference_mode()
@@ -246,11 +246,11 @@ def test_calibrate_kv_propagate_writes_figures_measured_under_propagation(monkey
     import sys
 
     from sortedchat.cli import main
-    from test_calibrate import RECORDS
+    from helpers.data import CALIBRATION_RECORDS
 
     model_dir, data = tmp_path / "tiny", tmp_path / "held_out.json"
     shutil.copytree(tiny_dir, model_dir)
-    data.write_text(json.dumps(RECORDS))
+    data.write_text(json.dumps(CALIBRATION_RECORDS))
     monkeypatch.setattr(sys, "argv", ["sortedchat", "calibrate", "--model", str(model_dir), "--data", str(data),
                                       "--device", "cpu", "--exits", "2,4,6", "--measure", "subset", "--kv", "propagate"])
     with pytest.raises(SystemExit) as exc:
@@ -279,7 +279,7 @@ def test_calibrate_kv_must_be_exact_or_propagate():
 def test_app_kv_key_switches_propagation_and_the_status_shows_it(tiny, tmp_path):
     import asyncio
 
-    from test_tui_app import SIZE, ask, dialogue, make_app, status
+    from helpers.tui import SIZE, ask, dialogue, make_app, status
 
     app = make_app(tiny, tmp_path)
 

@@ -19,6 +19,9 @@ from typer.testing import CliRunner
 from sortedchat import SortedChatError
 from sortedchat.cli import app
 
+from helpers.data import alpaca_records
+from helpers.training import options, run
+
 runner = CliRunner()
 
 
@@ -30,44 +33,14 @@ def one_thread():
     yield
     torch.set_num_threads(before)
 
-QA_PAIRS = [
-    ("What is the capital of France?", "Paris is the capital of France."),
-    ("Hello! How are you today?", "I am fine, thank you."),
-    ("What jumps over the lazy dog?", "The quick brown fox."),
-    ("When do tokens exit early?", "Tokens exit early when the model is confident."),
-]
 
 
-def alpaca_records(n: int = 16) -> list[dict]:
-    out = []
-    for i in range(n):
-        q, a = QA_PAIRS[i % len(QA_PAIRS)]
-        out.append({"instruction": q, "input": "" if i % 3 else "Sorted fine-tuning", "output": a})
-    return out
 
 
-@pytest.fixture
-def alpaca_file(tmp_path):
-    path = tmp_path / "alpaca.json"
-    path.write_text(json.dumps(alpaca_records(), indent=1))
-    return path
 
 
-def options(tiny_dir, data, out, **kw):
-    from sortedchat.training.recipe import resolve_options
-
-    base = dict(model=str(tiny_dir), data=str(data), out=str(out), exits=[2, 4, 6], max_steps=4, batch_size=2,
-                lr=1e-2, warmup_steps=0, log_interval=1, device="cpu", max_length=64)
-    base.update(kw)
-    return resolve_options(base)
 
 
-def run(opts, callback=None):
-    from rich.console import Console
-
-    from sortedchat.training.trainer import train
-
-    return train(opts, Console(file=open(os.devnull, "w")), callback)
 
 
 def objective_for(tiny_dir, **kw):

@@ -7,11 +7,8 @@ import threading
 
 import pytest
 
-from sortedchat.config import SortedConfig
-from sortedchat.engine import ChatSession, Mode, SamplingConfig
-from sortedchat.sorted_model import SortedModel
+from sortedchat.engine import Mode
 from sortedchat.tui.app import SortedChatApp
-from sortedchat.tui.dialogue import Dialogue
 from sortedchat.tui.screens.chat import ChatScreen
 from sortedchat.tui.screens.chats import ChatListScreen
 from sortedchat.tui.screens.loading import LoadingScreen
@@ -20,79 +17,27 @@ from sortedchat.tui.storage import ChatStore
 from sortedchat.tui.widgets.answer import AnswerView, TokenText
 from sortedchat.tui.widgets.conversation import UserMessage
 
-SIZE = (110, 34)
-PROMPT = "Hello there"
+from helpers.tui import (Gate, PROMPT, SIZE, ask, chat, dialogue, expected_answer, make_app, named, status,
+                         wait_for)
 
 
-def named(sm: SortedModel) -> SortedModel:
-    """The shared tiny model under a fixed name (its directory name varies between runs)."""
-    return SortedModel(sm.model, sm.tokenizer, SortedConfig(exits=list(sm.exits)), source="tiny")
 
 
-def make_app(tiny, tmp_path, max_new_tokens=12, **kwargs) -> SortedChatApp:
-    kwargs.setdefault("settings", Settings(max_new_tokens=max_new_tokens))
-    kwargs.setdefault("store", ChatStore(tmp_path / "chats.sqlite3"))
-    return SortedChatApp(model=named(tiny), show_speed=False, export_dir=tmp_path, **kwargs)
 
 
-def chat(app: SortedChatApp) -> ChatScreen:
-    """The app's chat screen, once the model is loaded."""
-    return app.get_screen("chat")
 
 
-def dialogue(app: SortedChatApp) -> Dialogue:
-    """The conversation the chat screen shows."""
-    return chat(app).dialogue
 
 
-def expected_answer(tiny, messages, max_new_tokens=12, mode=None):
-    events = list(ChatSession(tiny, mode).generate(messages, SamplingConfig(max_new_tokens=max_new_tokens)))
-    return "".join(e.text for e in events), events
 
 
-async def wait_for(pilot, condition, timeout=20.0):
-    for _ in range(int(timeout / 0.02)):
-        if condition():
-            return
-        await pilot.pause(0.02)
-    raise AssertionError("timed out waiting for the app")
 
 
-async def ask(pilot, app, text=PROMPT):
-    """Send `text` and wait for the whole answer."""
-    before = chat(app).answer
-    chat(app).prompt.focus()
-    chat(app).prompt.text = text
-    await pilot.press("enter")
-    await wait_for(pilot, lambda: chat(app).answer is not before and not dialogue(app).generating)
 
 
-def status(app) -> str:
-    return str(chat(app).status.render())
 
 
-class Gate:
-    """Holds `session`'s engine right after token `after` until released, so a test can act mid-answer;
-    `finished` is set when the engine has ended the answer."""
 
-    def __init__(self, session: ChatSession, after: int):
-        self.reached, self.release, self.finished = threading.Event(), threading.Event(), threading.Event()
-        inner = session.generate
-
-        def generate(*args, **kwargs):
-            for ev in inner(*args, **kwargs):
-                yield ev
-                if ev.index == after:
-                    self.reached.set()
-                    self.release.wait(20)
-            self.finished.set()
-
-        session.generate = generate
-
-    async def start(self, pilot, app, text=PROMPT):
-        chat(app).prompt.text = text
-        await pilot.press("enter")
-        await wait_for(pilot, self.reached.is_set)
 
 
 def test_a_message_is_sent_and_answered(tiny, tmp_path):

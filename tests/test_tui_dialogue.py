@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 
-from test_tui_app import PROMPT, Gate, expected_answer, named
+from helpers.tui import Gate, PROMPT, expected_answer, named
 
 from sortedchat.engine import ChatSession, Mode, SamplingConfig
 from sortedchat.tui.dialogue import Dialogue

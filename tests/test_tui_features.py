@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from test_tui_app import PROMPT, SIZE, ask, chat, dialogue, expected_answer, make_app, wait_for
+from helpers.tui import PROMPT, SIZE, ask, chat, dialogue, expected_answer, make_app, wait_for
 
 from sortedchat.engine import Mode
 from sortedchat.tui.screens.chat import ChatScreen

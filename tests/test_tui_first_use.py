@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 
-from test_tui_app import PROMPT, SIZE, ask, chat, expected_answer, make_app, named, wait_for
+from helpers.tui import PROMPT, SIZE, ask, chat, expected_answer, make_app, named, wait_for
 
 from sortedchat.tui.app import SortedChatApp
 from sortedchat.tui.screens.chat import ChatScreen

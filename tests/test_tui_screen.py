@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from test_tui_app import SIZE, Gate, ask, chat, dialogue, make_app, status, wait_for
+from helpers.tui import Gate, SIZE, ask, chat, dialogue, make_app, status, wait_for
 from textual.app import App
 from textual.theme import BUILTIN_THEMES
 from textual.widgets import DataTable, TextArea

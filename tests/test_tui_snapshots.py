@@ -8,7 +8,7 @@ a fixed model name and config path. Update after an intended change with `pytest
 from __future__ import annotations
 
 import pytest
-from test_tui_app import ask, chat, make_app, wait_for
+from helpers.tui import ask, chat, make_app, wait_for
 
 from sortedchat.engine import Mode
 from sortedchat.tui.screens.help import HelpScreen
