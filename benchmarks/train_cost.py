@@ -25,7 +25,6 @@ import os
 import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Annotated, Optional
 
 import torch

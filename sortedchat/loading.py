@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from sortedchat import SortedChatError
-from sortedchat.config import CONFIG_NAME, EXIT_HEADS_NAME, SortedConfig, validate_exits
+from sortedchat.config import CONFIG_NAME, SortedConfig, validate_exits
 from sortedchat.paths import cache_dir
 from sortedchat.progress import Progress, quiet
 from sortedchat.sorted_model import ExitHeads, ExitLenses, SortedModel

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from sortedchat.engine import Mode
+from sortedchat.engine import Mode, ModeKind
 from sortedchat.tui.app import SortedChatApp
 from sortedchat.tui.screens.chat import ChatScreen
 from sortedchat.tui.screens.chats import ChatListScreen
@@ -87,7 +87,7 @@ def test_auto_mode_toggle_and_thresholds(tiny, tmp_path):
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("f4")
-            assert dialogue(app).session.mode.kind == "auto" and status(app).startswith("Auto · ")
+            assert dialogue(app).session.mode.kind is ModeKind.AUTO and status(app).startswith("Auto · ")
             for _ in range(20):  # lower every threshold to 0: every token leaves at the first exit
                 await pilot.press("f6")
             assert "Auto, thresholds -1.00" in status(app)  # every per-exit threshold shifted down to 0
@@ -178,7 +178,7 @@ def test_keys_are_handled_while_the_model_generates(tiny, tmp_path):
             await pilot.press(*"next")  # typing the next message
             screen = chat(app)
             assert screen.dialogue.generating and screen.conversation.markdown and screen.answer.markdown_view.display
-            assert dialogue(app).session.mode.kind == "auto" and chat(app).prompt.text == "next"
+            assert dialogue(app).session.mode.kind is ModeKind.AUTO and chat(app).prompt.text == "next"
             await pilot.press("enter")  # refused while answering: the text stays
             assert chat(app).prompt.text == "next"
             gate.release.set()
@@ -380,7 +380,7 @@ def test_command_palette_offers_the_chat_commands(tiny, tmp_path):
                     "Toggle auto mode", "Toggle speculative mode", "Layer lens", "Quit"} <= set(titles)
             titles["Toggle auto mode"].callback()
             await pilot.pause()
-            assert dialogue(app).session.mode.kind == "auto"
+            assert dialogue(app).session.mode.kind is ModeKind.AUTO
 
     asyncio.run(run())
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from sortedchat import SortedChatError
 from sortedchat.cli import app as cli_app
-from sortedchat.engine import Mode
+from sortedchat.engine import Mode, ModeKind
 from sortedchat.tui.depth import DepthControl
 from sortedchat.tui.settings import Settings, load_settings, save_settings, settings_path
 from sortedchat.tui.storage import ChatStore
@@ -154,7 +154,7 @@ def test_plain_flag_still_runs_the_line_chat(tiny_dir, monkeypatch):
                                        "-n", "7", "--system", "Terse."])
     assert res.exit_code == 0, res.output
     mode, sampling, system = calls[0]
-    assert mode.kind == "auto" and sampling.max_new_tokens == 7 and system == "Terse."
+    assert mode.kind is ModeKind.AUTO and sampling.max_new_tokens == 7 and system == "Terse."
 
 
 def test_depth_control_steps_over_the_exits():

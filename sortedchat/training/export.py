@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from sortedchat.config import CONFIG_NAME, EXIT_HEADS_NAME, EXIT_LENSES_NAME, SortedConfig
+from sortedchat.config import EXIT_HEADS_NAME, EXIT_LENSES_NAME, SortedConfig
 
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
                "adapter_config.json", "adapter_model.safetensors", EXIT_HEADS_NAME, EXIT_LENSES_NAME)
