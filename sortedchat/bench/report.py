@@ -9,19 +9,21 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from sortedchat.bench.runner import Row
+from sortedchat.bench.runner import Row, RowKind
 from sortedchat.config import atomic_write_text
 
+AUTO_PROPAGATE = "auto:propagate"  # the plot's own style for auto mode with propagated K/V
 KIND_STYLE = {  # kind -> (matplotlib colour, marker, legend)
-    "hf": ("black", "s", "transformers generate (baseline)"),
-    "hf-ee": ("tab:gray", "^", "transformers assistant_early_exit=k"),
-    "full": ("tab:blue", "D", "sortedchat full depth"),
-    "depth": ("tab:blue", "o", "sortedchat fixed depth k"),
-    "auto": ("tab:red", "*", "sortedchat auto (exact K/V)"),
-    "auto:propagate": ("tab:purple", "P", "sortedchat auto (propagated K/V)"),
-    "spec": ("tab:green", "v", "sortedchat speculative, draft k (paced)"),
-    "draft": ("tab:olive", "<", "sortedchat speculative, draft k, always drafting"),
+    RowKind.HF: ("black", "s", "transformers generate (baseline)"),
+    RowKind.HF_EE: ("tab:gray", "^", "transformers assistant_early_exit=k"),
+    RowKind.FULL: ("tab:blue", "D", "sortedchat full depth"),
+    RowKind.DEPTH: ("tab:blue", "o", "sortedchat fixed depth k"),
+    RowKind.AUTO: ("tab:red", "*", "sortedchat auto (exact K/V)"),
+    AUTO_PROPAGATE: ("tab:purple", "P", "sortedchat auto (propagated K/V)"),
+    RowKind.SPEC: ("tab:green", "v", "sortedchat speculative, draft k (paced)"),
+    RowKind.DRAFT: ("tab:olive", "<", "sortedchat speculative, draft k, always drafting"),
 }
+PER_EXIT = (RowKind.DEPTH, RowKind.SPEC, RowKind.DRAFT, RowKind.HF_EE)  # one point per exit, joined and labelled
 
 
 def _num(value, fmt: str, empty: str = "–") -> str:
@@ -32,8 +34,8 @@ def of_ideal_ratio(row: Row, rows: list[Row]) -> float | None:
     """A fixed depth's achieved speed-up over our full depth, as a share of the ideal one (`ideal_ratio`,
     from the measured layer and head costs: also relative to full depth, so overhead shared with full depth
     cancels)."""
-    full = next((r for r in rows if r.kind == "full"), None)
-    if row.kind != "depth" or not row.ideal_ratio or full is None or not full.ratio:
+    full = next((r for r in rows if r.kind == RowKind.FULL), None)
+    if row.kind != RowKind.DEPTH or not row.ideal_ratio or full is None or not full.ratio:
         return None
     return row.ratio / full.ratio / row.ideal_ratio
 
@@ -74,7 +76,7 @@ AGREEMENTS = {"agreement": "free-running", "forced_agreement": "teacher-forced"}
 def fixed_depth_line(rows: list[Row], ratio: float, attr: str) -> float | None:
     """The agreement the fixed-depth modes reach at speed `ratio`: fixed depths and full depth joined by
     straight lines in order of speed (beyond either end, the end point's agreement)."""
-    pts = sorted((r.ratio, getattr(r, attr)) for r in rows if r.kind in ("full", "depth") and getattr(r, attr) is not None)
+    pts = sorted((r.ratio, getattr(r, attr)) for r in rows if r.kind in (RowKind.FULL, RowKind.DEPTH) and getattr(r, attr) is not None)
     if not pts:
         return None
     if ratio <= pts[0][0]:
@@ -90,7 +92,7 @@ def auto_vs_fixed(rows: list[Row]) -> dict[str, dict[str, dict]]:
     measure: auto's agreement against the fixed-depth line's at auto's speed (auto dominates when it is
     higher: better agreement at equal speed)."""
     out = {}
-    for auto in (r for r in rows if r.kind == "auto"):
+    for auto in (r for r in rows if r.kind == RowKind.AUTO):
         verdicts = {}
         for attr, name in AGREEMENTS.items():
             line = fixed_depth_line(rows, auto.ratio, attr)
@@ -152,19 +154,19 @@ def write_plot(path: str | Path, rows: list[Row], title: str) -> Path:
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
     def style(r: Row) -> str:
-        return "auto:propagate" if r.kind == "auto" and r.kv == "propagate" else r.kind
+        return AUTO_PROPAGATE if r.kind == RowKind.AUTO and r.kv == "propagate" else r.kind
 
     for ax, (attr, name) in zip(axes, AGREEMENTS.items()):
         for kind, (colour, marker, legend) in KIND_STYLE.items():
             pts = [r for r in rows if style(r) == kind and getattr(r, attr) is not None]
             if not pts:
                 continue
-            if kind in ("depth", "spec", "draft", "hf-ee"):
+            if kind in PER_EXIT:
                 ordered = sorted(pts, key=lambda r: r.exit)
                 ax.plot([getattr(r, attr) for r in ordered], [r.ratio for r in ordered], color=colour, alpha=0.35, lw=1)
             ax.scatter([getattr(r, attr) for r in pts], [r.ratio for r in pts], c=colour, marker=marker,
-                       s=140 if kind.startswith("auto") else 45, label=legend, zorder=3)
-            if kind in ("depth", "spec", "draft", "hf-ee"):
+                       s=140 if kind in (RowKind.AUTO, AUTO_PROPAGATE) else 45, label=legend, zorder=3)
+            if kind in PER_EXIT:
                 for r in pts:
                     ax.annotate(str(r.exit), (getattr(r, attr), r.ratio), textcoords="offset points", xytext=(4, 4),
                                 fontsize=7, color=colour)

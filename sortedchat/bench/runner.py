@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
 
 import torch
 
@@ -47,11 +48,31 @@ PROTOCOL = (
 )
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
+
+class RowKind(str, Enum):
+    """What a row runs: transformers' `generate` (HF, and HF_EE with its early-exit assistant) or our engine
+    (FULL depth, a fixed DEPTH, AUTO, SPEC as users get it, DRAFT drafting always). A `str` enum like
+    `engine.modes.ModeKind`, so the JSON and the table show the plain names: "hf-ee"."""
+
+    HF = "hf"
+    HF_EE = "hf-ee"
+    FULL = "full"
+    DEPTH = "depth"
+    AUTO = "auto"
+    SPEC = "spec"
+    DRAFT = "draft"
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+
 @dataclass
 class ModeSpec:
     key: str  # "hf", "hf-ee:15", "full", "depth:15", "auto", "auto:propagate", "spec:15", "draft:15"
     label: str
-    kind: str  # hf | hf-ee | full | depth | auto | spec | draft
+    kind: RowKind
     exit: int | None = None
     mode: Mode | None = None
 
@@ -81,7 +102,7 @@ class Tally:
 class Row:
     key: str
     label: str
-    kind: str
+    kind: RowKind
     exit: int | None
     clock: str
     tokens_per_second: float  # by `clock`
@@ -114,16 +135,16 @@ def bench_modes(sm: SortedModel, only: list[str] | None = None) -> list[ModeSpec
     `only` keeps the named keys (e.g. ["spec:24", "auto"]) besides the baseline and full depth, in the
     usual order; an unknown key is an error that lists the valid ones."""
     L, drafts = sm.num_layers, sm.exits[:-1]
-    specs = [ModeSpec("hf", "hf generate", "hf", L)]
-    specs += [ModeSpec(f"hf-ee:{k}", f"hf early-exit {k}", "hf-ee", k) for k in drafts]
-    specs.append(ModeSpec("full", f"depth {L}", "full", L, Mode.fixed(L)))
-    specs += [ModeSpec(f"depth:{k}", f"depth {k}", "depth", k, Mode.fixed(k)) for k in drafts]
-    specs.append(ModeSpec("auto", f"auto ({sm.config.confidence})", "auto", None, Mode.auto()))
-    specs.append(ModeSpec("auto:propagate", f"auto ({sm.config.confidence}), propagated KV", "auto", None,
+    specs = [ModeSpec("hf", "hf generate", RowKind.HF, L)]
+    specs += [ModeSpec(f"hf-ee:{k}", f"hf early-exit {k}", RowKind.HF_EE, k) for k in drafts]
+    specs.append(ModeSpec("full", f"depth {L}", RowKind.FULL, L, Mode.fixed(L)))
+    specs += [ModeSpec(f"depth:{k}", f"depth {k}", RowKind.DEPTH, k, Mode.fixed(k)) for k in drafts]
+    specs.append(ModeSpec("auto", f"auto ({sm.config.confidence})", RowKind.AUTO, None, Mode.auto()))
+    specs.append(ModeSpec("auto:propagate", f"auto ({sm.config.confidence}), propagated KV", RowKind.AUTO, None,
                           Mode.auto(kv="propagate")))
-    specs += [ModeSpec(f"spec:{k}", f"speculative {k}", "spec", k, Mode.speculative(k)) for k in drafts]
-    specs += [ModeSpec(f"draft:{k}", f"speculative {k}, always drafting", "draft", k, Mode.speculative(k, pace=False))
-              for k in drafts]
+    specs += [ModeSpec(f"spec:{k}", f"speculative {k}", RowKind.SPEC, k, Mode.speculative(k)) for k in drafts]
+    specs += [ModeSpec(f"draft:{k}", f"speculative {k}, always drafting", RowKind.DRAFT, k,
+                       Mode.speculative(k, pace=False)) for k in drafts]
     if only is None:
         return specs
     known = [s.key for s in specs]
@@ -229,10 +250,11 @@ class Bench:
     def generate(self, spec: ModeSpec, prompt_index: int, tally: Tally) -> tuple[list[int], dict[str, float]]:
         """The answer's tokens and the seconds it took by each clock."""
         ids = self.prompts[prompt_index]
-        if spec.kind in ("hf", "hf-ee"):
+        if spec.kind in (RowKind.HF, RowKind.HF_EE):
             x = torch.tensor([ids], device=self.sm.device)
-            extra = {"assistant_early_exit": spec.exit} if spec.kind == "hf-ee" else {}
-            guard = record_hf_acceptance(tally) if spec.kind == "hf-ee" else contextlib.nullcontext()
+            early_exit = spec.kind == RowKind.HF_EE
+            extra = {"assistant_early_exit": spec.exit} if early_exit else {}
+            guard = record_hf_acceptance(tally) if early_exit else contextlib.nullcontext()
             with guard, quiet_transformers():
                 t = {c: clock() for c, clock in CLOCKS.items()}
                 out = self.sm.model.generate(
@@ -304,7 +326,7 @@ class Bench:
         often does the mode pick the baseline's next token? (Free-running agreement says less about
         that: after one different token the rest of the answer differs.)"""
         for spec in self.specs:
-            if spec.kind not in ("full", "depth", "auto"):
+            if spec.kind not in (RowKind.FULL, RowKind.DEPTH, RowKind.AUTO):
                 continue
             progress(f"teacher-forced: {spec.label}")
             session, tally = self.sessions[spec.key], self.tallies[spec.key]
@@ -338,19 +360,19 @@ class Bench:
                     "per_repeat": tps,
                 }
             total_tokens = sum(tally.tokens)
-            if spec.kind == "hf":
+            if spec.kind == RowKind.HF:
                 mean_exit = float(L)
-            elif spec.kind == "hf-ee":
+            elif spec.kind == RowKind.HF_EE:
                 mean_exit = (tally.accepted * spec.exit + (total_tokens - tally.accepted) * L) / total_tokens
             else:
                 mean_exit = tally.exit_sum / tally.exit_tokens if tally.exit_tokens else None
             ideal = None
-            if spec.kind in ("full", "depth"):
+            if spec.kind in (RowKind.FULL, RowKind.DEPTH):
                 ideal = costs.ideal_ratio(spec.exit, L)
-            elif spec.kind == "auto" and mean_exit is not None:
+            elif spec.kind == RowKind.AUTO and mean_exit is not None:
                 saving = replace(costs, kv=spec.mode.kv).early_exit_saving(mean_exit, L)
                 ideal = costs.token(L) / (costs.token(L) - saving)
-            auto = spec.kind == "auto"
+            auto = spec.kind == RowKind.AUTO
             rows.append(
                 Row(
                     key=spec.key,
@@ -365,7 +387,7 @@ class Bench:
                     mean_exit=mean_exit,
                     acceptance=tally.accepted / tally.drafted if tally.drafted else None,
                     accepted_per_verification=tally.accepted / tally.verifications if tally.verifications else None,
-                    paced_share=tally.paced / tally.exit_tokens if spec.kind == "spec" and tally.exit_tokens else None,
+                    paced_share=tally.paced / tally.exit_tokens if spec.kind == RowKind.SPEC and tally.exit_tokens else None,
                     peak_memory_mib=tally.peak_bytes / 2**20 if tally.peak_bytes else None,
                     ideal_ratio=ideal,
                     check_share=tally.check_seconds / total_tokens / full_token_seconds if auto else None,
