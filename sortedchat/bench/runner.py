@@ -341,59 +341,82 @@ class Bench:
     def rows(self, costs: Costs, clock: str = "wall") -> list[Row]:
         """One row per mode; `costs` give the ideal ratios, `clock` the column the table shows."""
         L = self.sm.num_layers
-
-        def per_repeat(tally: Tally, c: str) -> list[float]:
-            return [t / s if s > 0 else 0.0 for t, s in zip(tally.tokens, tally.seconds[c])]
-
-        base = {c: per_repeat(self.tallies["hf"], c) for c in CLOCKS}
-        full = self.tallies["full"]
-        full_token_seconds = statistics.median(s / t for t, s in zip(full.tokens, full.seconds["wall"]))
+        base = {c: speeds_per_repeat(self.tallies["hf"], c) for c in CLOCKS}
+        full_token_seconds = seconds_per_token(self.tallies["full"])
         rows = []
         for spec in self.specs:
             tally = self.tallies[spec.key]
-            by_clock = {}
-            for c in CLOCKS:
-                tps = per_repeat(tally, c)
-                by_clock[c] = {
-                    "tokens_per_second": statistics.median(tps),
-                    "ratio": statistics.median(a / b if b else 0.0 for a, b in zip(tps, base[c])),
-                    "per_repeat": tps,
-                }
-            total_tokens = sum(tally.tokens)
-            if spec.kind == RowKind.HF:
-                mean_exit = float(L)
-            elif spec.kind == RowKind.HF_EE:
-                mean_exit = (tally.accepted * spec.exit + (total_tokens - tally.accepted) * L) / total_tokens
-            else:
-                mean_exit = tally.exit_sum / tally.exit_tokens if tally.exit_tokens else None
-            ideal = None
-            if spec.kind in (RowKind.FULL, RowKind.DEPTH):
-                ideal = costs.ideal_ratio(spec.exit, L)
-            elif spec.kind == RowKind.AUTO and mean_exit is not None:
-                saving = replace(costs, kv=spec.mode.kv).early_exit_saving(mean_exit, L)
-                ideal = costs.token(L) / (costs.token(L) - saving)
-            auto = spec.kind == RowKind.AUTO
+            by_clock = speeds_by_clock(tally, base)
+            exit_mean = mean_exit(spec, tally, L)
             rows.append(
-                Row(
-                    key=spec.key,
-                    label=spec.label,
-                    kind=spec.kind,
-                    exit=spec.exit,
-                    clock=clock,
-                    tokens_per_second=by_clock[clock]["tokens_per_second"],
-                    ratio=by_clock[clock]["ratio"],
-                    agreement=tally.agree / tally.compared if tally.compared else 0.0,
-                    forced_agreement=tally.forced_agree / tally.forced_compared if tally.forced_compared else None,
-                    mean_exit=mean_exit,
-                    acceptance=tally.accepted / tally.drafted if tally.drafted else None,
-                    accepted_per_verification=tally.accepted / tally.verifications if tally.verifications else None,
-                    paced_share=tally.paced / tally.exit_tokens if spec.kind == RowKind.SPEC and tally.exit_tokens else None,
-                    peak_memory_mib=tally.peak_bytes / 2**20 if tally.peak_bytes else None,
-                    ideal_ratio=ideal,
-                    check_share=tally.check_seconds / total_tokens / full_token_seconds if auto else None,
-                    checks_per_token=tally.checks / total_tokens if auto else None,
-                    by_clock=by_clock,
-                    kv=spec.mode.kv if spec.mode is not None else None,
-                )
+                Row(key=spec.key, label=spec.label, kind=spec.kind, exit=spec.exit, clock=clock,
+                    tokens_per_second=by_clock[clock]["tokens_per_second"], ratio=by_clock[clock]["ratio"],
+                    mean_exit=exit_mean, ideal_ratio=ideal_ratio(spec, costs, exit_mean, L), by_clock=by_clock,
+                    kv=spec.mode.kv if spec.mode is not None else None, **shares(spec, tally, full_token_seconds))
             )
         return rows
+
+
+def speeds_per_repeat(tally: Tally, clock: str) -> list[float]:
+    """Tokens/s of each repeat by `clock` (0 for a repeat the clock saw no time pass in)."""
+    return [t / s if s > 0 else 0.0 for t, s in zip(tally.tokens, tally.seconds[clock])]
+
+
+def speeds_by_clock(tally: Tally, base: dict[str, list[float]]) -> dict[str, dict]:
+    """Per clock: the median tokens/s, the median of the per-repeat ratios to the baseline's tokens/s `base`
+    (each repeat against the baseline of the same repeat, robust to load that comes and goes), the per-repeat
+    tokens/s."""
+    by_clock = {}
+    for c in CLOCKS:
+        tps = speeds_per_repeat(tally, c)
+        by_clock[c] = {
+            "tokens_per_second": statistics.median(tps),
+            "ratio": statistics.median(a / b if b else 0.0 for a, b in zip(tps, base[c])),
+            "per_repeat": tps,
+        }
+    return by_clock
+
+
+def seconds_per_token(tally: Tally) -> float:
+    """The median wall seconds per token over the repeats: for our full depth, the unit of the check share."""
+    return statistics.median(s / t for t, s in zip(tally.tokens, tally.seconds["wall"]))
+
+
+def mean_exit(spec: ModeSpec, tally: Tally, num_layers: int) -> float | None:
+    """The mean layer a token left at. transformers reports no exits: its baseline runs every layer, and with
+    the early-exit assistant an accepted draft counts as leaving at the draft exit, every other token at full
+    depth. Our engine counts the exits (None where it counted none)."""
+    if spec.kind == RowKind.HF:
+        return float(num_layers)
+    if spec.kind == RowKind.HF_EE:
+        total_tokens = sum(tally.tokens)
+        return (tally.accepted * spec.exit + (total_tokens - tally.accepted) * num_layers) / total_tokens
+    return tally.exit_sum / tally.exit_tokens if tally.exit_tokens else None
+
+
+def ideal_ratio(spec: ModeSpec, costs: Costs, exit_mean: float | None, num_layers: int) -> float | None:
+    """The speed-up over our full depth that the measured costs allow with no overhead: a fixed depth's, and
+    auto mode's at its mean exit (less what skipped layers still cost with its K/V way); None for the others."""
+    if spec.kind in (RowKind.FULL, RowKind.DEPTH):
+        return costs.ideal_ratio(spec.exit, num_layers)
+    if spec.kind == RowKind.AUTO and exit_mean is not None:
+        saving = replace(costs, kv=spec.mode.kv).early_exit_saving(exit_mean, num_layers)
+        return costs.token(num_layers) / (costs.token(num_layers) - saving)
+    return None
+
+
+def shares(spec: ModeSpec, tally: Tally, full_token_seconds: float) -> dict[str, float | None]:
+    """The row's fields that are a tally's counts as shares; None where the mode counted none (the
+    confidence-check figures are auto mode's only, the paced share speculative mode's as users get it)."""
+    total_tokens = sum(tally.tokens)
+    auto = spec.kind == RowKind.AUTO
+    return {
+        "agreement": tally.agree / tally.compared if tally.compared else 0.0,
+        "forced_agreement": tally.forced_agree / tally.forced_compared if tally.forced_compared else None,
+        "acceptance": tally.accepted / tally.drafted if tally.drafted else None,
+        "accepted_per_verification": tally.accepted / tally.verifications if tally.verifications else None,
+        "paced_share": tally.paced / tally.exit_tokens if spec.kind == RowKind.SPEC and tally.exit_tokens else None,
+        "peak_memory_mib": tally.peak_bytes / 2**20 if tally.peak_bytes else None,
+        "check_share": tally.check_seconds / total_tokens / full_token_seconds if auto else None,
+        "checks_per_token": tally.checks / total_tokens if auto else None,
+    }
