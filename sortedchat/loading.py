@@ -20,6 +20,7 @@ from sortedchat.progress import Progress, quiet
 from sortedchat.sorted_model import ExitHeads, ExitLenses, SortedModel
 
 DEFAULT_BASE = "default"  # the value of `base_model` that names the built-in SmolLM2 base
+DEFAULT_LABEL = "SmolLM2-135M-Instruct (default)"  # the source a user sees when no --model was given
 
 
 @dataclass
@@ -173,12 +174,17 @@ def _load_exit_parts(directory: Path, name: str | None, what: str, build, device
     return module.to(device=device, dtype=dtype).eval()
 
 
-def _load_base_only(directory: Path, cfg: SortedConfig, opts: LoadOptions, device, dtype, progress: Progress):
-    """A checkpoint that trained only per-exit parts (lenses) on a frozen model: its base, as it is."""
-    base_dir = _resolve_base(cfg.base_model, progress)
-    if Path(base_dir).is_dir():
-        _check_weights(Path(base_dir), opts.allow_pickle)
-    return _from_pretrained(base_dir, opts, device, dtype), _tokenizer(base_dir, opts)
+def _load_checked(source: str, opts: LoadOptions, device, dtype):
+    """A local directory's weights are checked (safetensors unless --allow-pickle) before they load."""
+    if Path(source).is_dir():
+        _check_weights(Path(source), opts.allow_pickle)
+    return _from_pretrained(source, opts, device, dtype)
+
+
+def _load_base(base: str, opts: LoadOptions, device, dtype, progress: Progress):
+    """The base model a checkpoint names (`default`: the built-in one), and where it was loaded from."""
+    base_dir = _resolve_base(base, progress)
+    return _load_checked(base_dir, opts, device, dtype), base_dir
 
 
 def _resolve_base(base: str, progress: Progress) -> str:
@@ -194,65 +200,80 @@ def load_sorted_model(spec: str | None = None, opts: LoadOptions | None = None, 
     opts = opts or LoadOptions()
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
+    directory = _locate(spec, progress)
+    progress("loading weights", None)
+    if directory is None:
+        model, tokenizer, cfg = _load_hub_model(spec, opts, device, dtype)
+    else:
+        model, tokenizer, cfg = _load_directory(directory, opts, device, dtype, progress)
+    if opts.exits is not None:
+        cfg.exits = validate_exits(opts.exits, model.config.num_hidden_layers, "--exits")
+    heads, lenses = (None, None) if directory is None else _load_exit_modules(directory, cfg, model, device, dtype)
+    progress("model ready", 1.0)
+    return SortedModel(model=model, tokenizer=tokenizer, config=cfg, source=DEFAULT_LABEL if spec is None else spec,
+                       weights_path=spec if directory is None else str(directory), exit_heads=heads, exit_lenses=lenses)
 
+
+def _locate(spec: str | None, progress: Progress) -> Path | None:
+    """The directory `spec` names (a GGUF converts into the cache here, once); None for a hub id."""
     if spec is None:
         from sortedchat.default_model import default_model_dir
 
-        directory = default_model_dir(progress)
-        label = "SmolLM2-135M-Instruct (default)"
+        return default_model_dir(progress)
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        return _converted_gguf(spec, path, progress)
+    if path.exists():
+        if not path.is_dir():
+            raise SortedChatError(f"--model {spec}: not a model directory or .gguf file")
+        return path
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec:
+        raise SortedChatError(f"--model {spec}: no such file or directory")
+    return None
+
+
+def _converted_gguf(spec: str, path: Path, progress: Progress) -> Path:
+    if not path.is_file():
+        raise SortedChatError(f"--model {spec}: no such file")
+    directory = gguf_cache_dir(path)
+    if not (directory / "model.safetensors").is_file():
+        from sortedchat.convert import convert_gguf
+
+        convert_gguf(path, directory, progress)
+    return directory
+
+
+def _load_hub_model(repo_id: str, opts: LoadOptions, device, dtype):
+    """A hub id loads from the local hub cache only (`sortedchat pull` downloads); it has no sortedchat.json."""
+    _check_hub_cache(repo_id)
+    model = _from_pretrained(repo_id, opts, device, dtype)
+    return model, _tokenizer(repo_id, opts), SortedConfig()
+
+
+def _load_directory(directory: Path, opts: LoadOptions, device, dtype, progress: Progress):
+    """A model directory, a checkpoint (`sortedchat.json` beside it), an adapter, or lenses alone on a base."""
+    cfg = SortedConfig.read(directory) if (directory / CONFIG_NAME).is_file() else SortedConfig()
+    if (directory / "adapter_config.json").is_file():
+        model, tokenizer = _load_adapter(directory, cfg, opts, device, dtype, progress)
+    elif (directory / "config.json").is_file():
+        model, tokenizer = _load_checked(str(directory), opts, device, dtype), _tokenizer(directory, opts)
+    elif cfg.base_model and cfg.exit_lenses:
+        # only per-exit parts (lenses) were trained on a frozen model: its base, as it is
+        model, base_dir = _load_base(cfg.base_model, opts, device, dtype, progress)
+        tokenizer = _tokenizer(base_dir, opts)
     else:
-        path = Path(spec).expanduser()
-        label = spec
-        if path.suffix == ".gguf":
-            if not path.is_file():
-                raise SortedChatError(f"--model {spec}: no such file")
-            directory = gguf_cache_dir(path)
-            if not (directory / "model.safetensors").is_file():
-                from sortedchat.convert import convert_gguf
+        raise SortedChatError(f"{directory}: not a model directory (no config.json or adapter_config.json)")
+    return model, tokenizer, cfg
 
-                convert_gguf(path, directory, progress)
-        elif path.exists():
-            if not path.is_dir():
-                raise SortedChatError(f"--model {spec}: not a model directory or .gguf file")
-            directory = path
-        elif spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec:
-            raise SortedChatError(f"--model {spec}: no such file or directory")
-        else:
-            directory = None  # a hub id
 
-    progress("loading weights", None)
-    if directory is None:
-        _check_hub_cache(spec)
-        model = _from_pretrained(spec, opts, device, dtype)
-        cfg = SortedConfig()
-        tokenizer = _tokenizer(spec, opts)
-        weights = spec
-    else:
-        cfg = SortedConfig.read(directory) if (directory / CONFIG_NAME).is_file() else SortedConfig()
-        if (directory / "adapter_config.json").is_file():
-            model, tokenizer = _load_adapter(directory, cfg, opts, device, dtype, progress)
-        elif (directory / "config.json").is_file():
-            _check_weights(directory, opts.allow_pickle)
-            model = _from_pretrained(str(directory), opts, device, dtype)
-            tokenizer = _tokenizer(directory, opts)
-        elif cfg.base_model and cfg.exit_lenses:
-            model, tokenizer = _load_base_only(directory, cfg, opts, device, dtype, progress)
-        else:
-            raise SortedChatError(f"{directory}: not a model directory (no config.json or adapter_config.json)")
-        weights = str(directory)
-
-    if opts.exits is not None:
-        cfg.exits = validate_exits(opts.exits, model.config.num_hidden_layers, "--exits")
-    heads = lenses = None
-    if directory is not None:
-        hidden = model.config.hidden_size
-        heads = _load_exit_parts(directory, cfg.exit_heads, "exit heads", lambda exits: ExitHeads(
-            exits, hidden, model.config.vocab_size, model.model.norm), device, dtype)
-        lenses = _load_exit_parts(directory, cfg.exit_lenses, "exit lenses",
-                                  lambda exits: ExitLenses(exits, hidden), device, dtype)
-    progress("model ready", 1.0)
-    return SortedModel(model=model, tokenizer=tokenizer, config=cfg, source=label, weights_path=weights, exit_heads=heads,
-                       exit_lenses=lenses)
+def _load_exit_modules(directory: Path, cfg: SortedConfig, model, device, dtype):
+    """The checkpoint's ICT exit heads and exit lenses (each None when it has none)."""
+    hidden = model.config.hidden_size
+    heads = _load_exit_parts(directory, cfg.exit_heads, "exit heads", lambda exits: ExitHeads(
+        exits, hidden, model.config.vocab_size, model.model.norm), device, dtype)
+    lenses = _load_exit_parts(directory, cfg.exit_lenses, "exit lenses",
+                              lambda exits: ExitLenses(exits, hidden), device, dtype)
+    return heads, lenses
 
 
 def _load_adapter(directory: Path, cfg: SortedConfig, opts: LoadOptions, device, dtype, progress: Progress):
@@ -268,10 +289,7 @@ def _load_adapter(directory: Path, cfg: SortedConfig, opts: LoadOptions, device,
     base = cfg.base_model or adapter_cfg.get("base_model_name_or_path")
     if not base:
         raise SortedChatError(f"{directory}: adapter names no base model (set base_model in {CONFIG_NAME})")
-    base_dir = _resolve_base(base, progress)
-    if Path(base_dir).is_dir():
-        _check_weights(Path(base_dir), opts.allow_pickle)
-    model = _from_pretrained(base_dir, opts, device, dtype)
+    model, base_dir = _load_base(base, opts, device, dtype, progress)
     try:
         peft_model = PeftModel.from_pretrained(model, str(directory))
     except Exception as exc:
