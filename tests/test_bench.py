@@ -138,6 +138,16 @@ def test_percent_of_ideal_is_the_speed_up_over_our_full_depth_against_the_ideal_
     assert of_ideal_ratio(full, [full, depth]) is None
 
 
+def test_mean_exit_counts_an_accepted_early_exit_draft_at_its_exit_and_other_hf_tokens_at_full_depth():
+    from sortedchat.bench.runner import ModeSpec, RowKind, Tally, mean_exit
+
+    tally = Tally(tokens=[6, 4], accepted=4)
+    assert mean_exit(ModeSpec("hf-ee:2", "", RowKind.HF_EE, 2), tally, 6) == (4 * 2 + 6 * 6) / 10
+    assert mean_exit(ModeSpec("hf", "", RowKind.HF, 6), tally, 6) == 6.0
+    auto = ModeSpec("auto", "", RowKind.AUTO)
+    assert mean_exit(auto, Tally(exit_sum=9, exit_tokens=3), 6) == 3.0 and mean_exit(auto, Tally(), 6) is None
+
+
 def test_bench_modes_keeps_the_baseline_and_full_depth_and_names_unknown_modes(tiny_dir, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("Hello!\n")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -26,6 +27,8 @@ from sortedchat import SortedChatError
 from sortedchat.engine.confidence import MEASURES, make_measure
 from sortedchat.engine.state import LayeredState
 from sortedchat.sorted_model import SortedModel
+
+Timer = Callable[[Callable[[], object]], float]  # the median seconds of a call, as `measure_costs` times it
 
 
 @dataclass
@@ -95,51 +98,80 @@ def measure_costs(
     `measures` (name -> measure) are the confidence measures to time; by default every registered one
     this model can build (a classifier needs its calibrated file). `clock` is the benchmark's clock."""
 
-    def median_seconds(fn):
+    def median_seconds(fn: Callable[[], object]) -> float:
         return _median_seconds(fn, inner, rounds, clock, device_sync(sm.device))
 
-    L = sm.num_layers
-    context = max(2, min(context, (sm.max_positions or context + 2) - 2))
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, sm.model.config.vocab_size, (context + 2,), generator=g).tolist()
-    state = LayeredState(sm)
-    state.run(L, ids[:context])
+    probe = CostProbe(sm, max(2, min(context, (sm.max_positions or context + 2) - 2)))
+    layers = time_layers(probe, median_seconds)
+    hidden = probe.next_hidden()
+    costs = Costs(head=median_seconds(lambda: sm.head(hidden, sm.num_layers)), context=probe.context, **layers)
+    time_checks(costs, probe, hidden, buildable_measures(sm) if measures is None else measures, median_seconds)
+    return costs
 
-    def step(depth: int, positions: int = 1, propagate: bool = False):
+
+class CostProbe:
+    """What the costs are timed on: a state holding `context` positions of random token ids (seeded, so every
+    run times the same work), and two more ids to decode next."""
+
+    def __init__(self, sm: SortedModel, context: int):
+        self.sm, self.context = sm, context
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, sm.model.config.vocab_size, (context + 2,), generator=g).tolist()
+        self.state = LayeredState(sm)
+        self.state.run(sm.num_layers, self.ids[:context])
+
+    def step(self, depth: int, positions: int = 1, propagate: bool = False) -> Callable[[], None]:
+        """A call that runs the next `positions` ids through `depth` layers (then, with `propagate`, stores
+        the skipped layers' K/V) and crops the state back to `context` positions, so it can run again."""
+
         def run():
-            state.run(depth, ids[context : context + positions])
+            self.state.run(depth, self.ids[self.context : self.context + positions])
             if propagate:
-                state.propagate()
-            state.crop(context)
+                self.state.propagate()
+            self.state.crop(self.context)
 
         return run
 
-    low, high = 1, L
-    for d, n in ((low, 1), (high, 1), (high, 2)):
-        step(d, n)()  # warm-up
-    t_low = median_seconds(step(low))
-    t_high = median_seconds(step(high))
-    t_two = median_seconds(step(high, 2))
-    layer = max(t_high - t_low, 0.0) / max(high - low, 1)
-    drain = min(max((t_two - t_high) / (L * layer), 0.0), 1.0) if layer > 0 else 0.0
-    kv_fill = max(median_seconds(step(low, propagate=True)) - t_low, 0.0) / max(L - low, 1)
-    hidden = state.run(L, [ids[context]])[:, -1]
-    state.crop(context)
-    head = median_seconds(lambda: sm.head(hidden, L))
-    costs = Costs(layer=layer, head=head, step=max(t_low - layer, 0.0), context=context, drain=drain,
-                  kv_fill=kv_fill)
+    def next_hidden(self) -> torch.Tensor:
+        """The last layer's hidden state of the next id, which the head and the checks are timed on."""
+        hidden = self.state.run(self.sm.num_layers, [self.ids[self.context]])[:, -1]
+        self.state.crop(self.context)
+        return hidden
 
-    if measures is None:
-        measures = {}
-        for name in MEASURES:
-            try:
-                measures[name] = make_measure(name, sm)
-            except SortedChatError:  # e.g. no trained classifier for this model
-                pass
-    exit_layer = sm.exits[0] if len(sm.exits) > 1 else L
-    logits = sm.head(hidden, L)[0]
+
+def time_layers(probe: CostProbe, median_seconds: Timer) -> dict[str, float]:
+    """The `Costs` fields of the engine's steps: `layer` (depth L against depth 1, per layer), `step` (the rest
+    of a step but the head), `drain` (one more position at full depth), `kv_fill` (propagating at depth 1)."""
+    L, low = probe.sm.num_layers, 1
+    for d, n in ((low, 1), (L, 1), (L, 2)):
+        probe.step(d, n)()  # warm-up
+    t_low = median_seconds(probe.step(low))
+    t_high = median_seconds(probe.step(L))
+    t_two = median_seconds(probe.step(L, 2))
+    layer = max(t_high - t_low, 0.0) / max(L - low, 1)
+    drain = min(max((t_two - t_high) / (L * layer), 0.0), 1.0) if layer > 0 else 0.0
+    kv_fill = max(median_seconds(probe.step(low, propagate=True)) - t_low, 0.0) / max(L - low, 1)
+    return {"layer": layer, "step": max(t_low - layer, 0.0), "drain": drain, "kv_fill": kv_fill}
+
+
+def buildable_measures(sm: SortedModel) -> dict:
+    """Every registered confidence measure this model can build, by name."""
+    measures = {}
+    for name in MEASURES:
+        try:
+            measures[name] = make_measure(name, sm)
+        except SortedChatError:  # e.g. no trained classifier for this model
+            pass
+    return measures
+
+
+def time_checks(costs: Costs, probe: CostProbe, hidden: torch.Tensor, measures: dict, median_seconds: Timer) -> None:
+    """Per measure, into `costs`: what it does once per token (`per_token`: prepare + observe) and one check
+    at the first exit (`check`)."""
+    sm, ids, context = probe.sm, probe.ids, probe.context
+    exit_layer = sm.exits[0] if len(sm.exits) > 1 else sm.num_layers
+    logits = sm.head(hidden, sm.num_layers)[0]
     for name, measure in measures.items():
         measure.observe(ids[context], logits)
         costs.per_token[name] = median_seconds(lambda m=measure: (m.prepare(ids), m.observe(ids[context], logits)))
         costs.check[name] = median_seconds(lambda m=measure: m(hidden, exit_layer))
-    return costs
