@@ -465,58 +465,75 @@ class Trainer:
 
     def run(self, callback=None) -> TrainResult:
         """Train to the last step (or until Ctrl+C), checkpointing and logging on the way; then export."""
-        o = self.opts
         self.out.mkdir(parents=True, exist_ok=True)
-        step = self._resume() if o.resume else 0
-        previous = None
-        if threading.current_thread() is threading.main_thread():
-            previous = signal.getsignal(signal.SIGINT)
-            signal.signal(signal.SIGINT, self._on_interrupt(previous))
-        window: dict = {"ce": {}, "n": {}, "loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
-        last_train: dict[int, float] = {}
-        interrupted = False
+        step = self._resume() if self.opts.resume else 0
+        previous = self._catch_interrupt()
         try:
-            with TrainProgress(self.total_steps, step, self.console, self.main, o.log_interval) as progress:
-                while step < self.total_steps:
-                    t0 = time.perf_counter()
-                    stats = self.train_step(step)
-                    step += 1
-                    seconds = time.perf_counter() - t0
-                    self.elapsed += seconds
-                    self.tokens_seen += stats["tokens"]
-                    _accumulate(window, stats, seconds)
-                    means = {e: window["ce"][e] / window["n"][e] for e in window["ce"]}
-                    rate = window["tokens"] / max(window["seconds"], 1e-9)
-                    progress.update(step, window["loss"] / window["steps"], means, rate, stats["lr"])
-                    if step % o.log_interval == 0 or step == self.total_steps:
-                        last_train = means
-                        self._record({"step": step, "loss": window["loss"] / window["steps"], "lr": stats["lr"],
-                                      "exit_ce": means, "tokens": self.tokens_seen, "tokens_per_second": rate,
-                                      "seconds": self.elapsed})
-                        window = {"ce": {}, "n": {}, "loss": 0.0, "steps": 0, "tokens": 0, "seconds": 0.0}
-                    if o.eval_interval and step % o.eval_interval == 0 and step < self.total_steps:
-                        ev = self.evaluate()
-                        self._record({"step": step, "eval": ev})
-                        progress.print(f"eval @ {step}: " + format_exit_losses({e: m["ce"] for e, m in ev.items()}))
-                    if o.save_interval and step % o.save_interval == 0 and step < self.total_steps:
-                        self.save_checkpoint(step)
-                    if callback is not None:
-                        callback(step)
-                    if self._stop_agreed():
-                        interrupted = step < self.total_steps
-                        break
+            step, last_train, interrupted = self._train_steps(step, callback)
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
-        if interrupted:
-            path = self.save_checkpoint(step)
-            return TrainResult(self.out, step, self.total_steps, True, path)
         path = self.save_checkpoint(step)
+        if interrupted:
+            return TrainResult(self.out, step, self.total_steps, True, path)
         metrics = {"train": last_train, "eval": self.evaluate()}
         if metrics["eval"]:
             self._record({"step": step, "eval": metrics["eval"]})
         self.export(step, metrics)
         return TrainResult(self.out, step, self.total_steps, False, path, metrics)
+
+    def _catch_interrupt(self):
+        """Ctrl+C finishes the step instead of raising; the handler it replaces (None off the main thread,
+        where Python cannot install one)."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        previous = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self._on_interrupt(previous))
+        return previous
+
+    def _train_steps(self, step: int, callback) -> tuple[int, dict[int, float], bool]:
+        """Steps from `step` until the last one or an agreed stop: the step reached, the exit CEs logged last,
+        and whether the run stopped before its last step."""
+        o = self.opts
+        window, last_train = _LogWindow(), {}
+        with TrainProgress(self.total_steps, step, self.console, self.main, o.log_interval) as progress:
+            while step < self.total_steps:
+                stats, seconds = self._timed_step(step)
+                step += 1
+                window.add(stats, seconds)
+                means = window.exit_means()
+                progress.update(step, window.mean_loss(), means, window.rate(), stats["lr"])
+                if step % o.log_interval == 0 or step == self.total_steps:
+                    last_train = means
+                    self._record({"step": step, "loss": window.mean_loss(), "lr": stats["lr"], "exit_ce": means,
+                                  "tokens": self.tokens_seen, "tokens_per_second": window.rate(),
+                                  "seconds": self.elapsed})
+                    window = _LogWindow()
+                self._evaluate_and_save_at_intervals(step, progress)
+                if callback is not None:
+                    callback(step)
+                if self._stop_agreed():
+                    return step, last_train, step < self.total_steps
+        return step, last_train, False
+
+    def _timed_step(self, step: int) -> tuple[dict, float]:
+        """One optimizer step, added to the run's time and token count: its stats and its seconds."""
+        t0 = time.perf_counter()
+        stats = self.train_step(step)
+        seconds = time.perf_counter() - t0
+        self.elapsed += seconds
+        self.tokens_seen += stats["tokens"]
+        return stats, seconds
+
+    def _evaluate_and_save_at_intervals(self, step: int, progress: TrainProgress) -> None:
+        """Mid-run evaluation and checkpoints; the last step gets both from `run`."""
+        o = self.opts
+        if o.eval_interval and step % o.eval_interval == 0 and step < self.total_steps:
+            ev = self.evaluate()
+            self._record({"step": step, "eval": ev})
+            progress.print(f"eval @ {step}: " + format_exit_losses({e: m["ce"] for e, m in ev.items()}))
+        if o.save_interval and step % o.save_interval == 0 and step < self.total_steps:
+            self.save_checkpoint(step)
 
     def export(self, step: int, metrics: dict) -> None:
         from accelerate.utils import DistributedType
@@ -553,15 +570,35 @@ class Trainer:
         }
 
 
-def _accumulate(window: dict, stats: dict, seconds: float) -> None:
-    """Running sums over a log interval; an exit's CE is averaged over the steps that trained it."""
-    for e, v in stats["exit_ce"].items():
-        window["ce"][e] = window["ce"].get(e, 0.0) + v
-        window["n"][e] = window["n"].get(e, 0) + 1
-    window["loss"] += stats["loss"]
-    window["steps"] += 1
-    window["tokens"] += stats["tokens"]
-    window["seconds"] += seconds
+@dataclass
+class _LogWindow:
+    """Running sums over one log interval; an exit's CE is averaged over the steps that trained it."""
+
+    ce: dict[int, float] = field(default_factory=dict)
+    n: dict[int, int] = field(default_factory=dict)
+    loss: float = 0.0
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, stats: dict, seconds: float) -> None:
+        for e, v in stats["exit_ce"].items():
+            self.ce[e] = self.ce.get(e, 0.0) + v
+            self.n[e] = self.n.get(e, 0) + 1
+        self.loss += stats["loss"]
+        self.steps += 1
+        self.tokens += stats["tokens"]
+        self.seconds += seconds
+
+    def mean_loss(self) -> float:
+        return self.loss / self.steps
+
+    def exit_means(self) -> dict[int, float]:
+        return {e: self.ce[e] / self.n[e] for e in self.ce}
+
+    def rate(self) -> float:
+        """Tokens per second over the window."""
+        return self.tokens / max(self.seconds, 1e-9)
 
 
 def train(opts: TrainOptions, console: Console | None = None, callback=None) -> TrainResult:
