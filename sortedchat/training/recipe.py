@@ -185,27 +185,51 @@ def _choice(value, allowed, flag):
 
 
 def validate(o: TrainOptions) -> None:
-    """Refuse impossible combinations before anything is loaded, naming the flag."""
+    """Refuse impossible combinations before anything is loaded, naming the flag (the first problem found, in
+    this order)."""
+    _check_given(o)
+    _check_choices(o)
+    _check_ranges(o)
+    _check_method_combinations(o)
+    _check_distillation(o)
+    _check_per_layer_settings(o)
+
+
+def _check_given(o: TrainOptions) -> None:
     if not o.data:
         raise SortedChatError("--data: no training data given (on the command line or in the recipe)")
     if not o.out:
         raise SortedChatError("--out: no output directory given")
+
+
+def _check_choices(o: TrainOptions) -> None:
     _choice(o.method, METHODS, "--method")
     _choice(o.objective, OBJECTIVES, "--objective")
     _choice(o.template, TEMPLATES, "--template")
     _choice(o.schedule, SCHEDULES, "--schedule")
     if o.mixed_precision is not None:
         _choice(o.mixed_precision, PRECISIONS, "--mixed-precision")
-    for name in ("batch_size", "grad_accum", "max_length", "epochs", "log_interval", "keep_checkpoints"):
-        if getattr(o, name) < 1:
-            raise SortedChatError(f"--{name.replace('_', '-')}: must be at least 1")
-    for name in ("max_steps", "holdout", "eval_interval", "save_interval", "warmup_steps", "exits_per_step"):
-        if getattr(o, name) < 0:
-            raise SortedChatError(f"--{name.replace('_', '-')}: must not be negative")
+
+
+def _at_least(o: TrainOptions, names: tuple[str, ...], low: int, words: str) -> None:
+    for name in names:
+        if getattr(o, name) < low:
+            raise SortedChatError(f"--{name.replace('_', '-')}: {words}")
+
+
+def _check_ranges(o: TrainOptions) -> None:
+    _at_least(o, ("batch_size", "grad_accum", "max_length", "epochs", "log_interval", "keep_checkpoints"), 1,
+              "must be at least 1")
+    _at_least(o, ("max_steps", "holdout", "eval_interval", "save_interval", "warmup_steps", "exits_per_step"), 0,
+              "must not be negative")
     if o.lr <= 0:
         raise SortedChatError("--lr: must be positive")
     if not 0 <= o.warmup_ratio < 1:
         raise SortedChatError("--warmup-ratio: must be in [0, 1)")
+
+
+def _check_method_combinations(o: TrainOptions) -> None:
+    """Flags that exclude each other, or that one --method does not take."""
     if o.holdout and o.eval_data:
         raise SortedChatError("--holdout and --eval-data exclude each other")
     if o.load_in_4bit and o.load_in_8bit:
@@ -222,17 +246,23 @@ def validate(o: TrainOptions) -> None:
         raise SortedChatError(f"--lenses: --method {o.method} trains its own per-exit parts; lenses go with soft or sft")
     if o.method == "lens" and (o.lora or o.merge):
         raise SortedChatError("--method lens trains per-exit lenses on a frozen model; it takes no --lora")
+
+
+def _check_distillation(o: TrainOptions) -> None:
     if o.kd_top_k < 0 or o.kd_negatives < 1:
         raise SortedChatError("--kd-top-k must not be negative and --kd-negatives must be at least 1")
     if o.kd_top_k and o.method == "ict":
         raise SortedChatError("--kd-top-k: ICT trains new full heads; use the exact losses (--kd-top-k 0)")
     if o.kd_top_k and o.objective == "ce":
         raise SortedChatError("--kd-top-k distils from the teacher: use --objective kd or ce+kd")
+
+
+def _check_per_layer_settings(o: TrainOptions) -> None:
+    """Layer dropout, and the lenses' and exits' own settings."""
     if not 0 <= o.layer_dropout < 1:
         raise SortedChatError("--layer-dropout: must be in [0, 1)")
     if o.layer_dropout and o.method in ("lens", "ict"):
         raise SortedChatError(f"--layer-dropout trains the layers; --method {o.method} keeps them frozen")
-    if o.lens_lr < 0:
-        raise SortedChatError("--lens-lr: must not be negative")
+    _at_least(o, ("lens_lr",), 0, "must not be negative")
     if o.exit_weights and any(w < 0 for w in o.exit_weights):
         raise SortedChatError("--exit-weights: weights must not be negative")
