@@ -29,13 +29,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from enum import Enum
 
 import torch
 
 from sortedchat import SortedChatError
 from sortedchat.bench.costs import Costs
 from sortedchat.engine import ChatSession, Mode, SamplingConfig
+from sortedchat.engine.modes import NameEnum
 from sortedchat.engine.session import encode_chat
 from sortedchat.sorted_model import SortedModel
 
@@ -49,10 +49,9 @@ PROTOCOL = (
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-class RowKind(str, Enum):
+class RowKind(NameEnum):
     """What a row runs: transformers' `generate` (HF, and HF_EE with its early-exit assistant) or our engine
-    (FULL depth, a fixed DEPTH, AUTO, SPEC as users get it, DRAFT drafting always). A `str` enum like
-    `engine.modes.ModeKind`, so the JSON and the table show the plain names: "hf-ee"."""
+    (FULL depth, a fixed DEPTH, AUTO, SPEC as users get it, DRAFT drafting always)."""
 
     HF = "hf"
     HF_EE = "hf-ee"
@@ -61,11 +60,6 @@ class RowKind(str, Enum):
     AUTO = "auto"
     SPEC = "spec"
     DRAFT = "draft"
-
-    def __str__(self) -> str:
-        return self.value
-
-    __format__ = str.__format__
 
 
 @dataclass

@@ -10,18 +10,22 @@ from sortedchat import SortedChatError
 KV_WAYS = ("exact", "propagate")  # see `Mode.kv`
 
 
-class ModeKind(str, Enum):
-    """The three ways of choosing a token's depth. A `str` enum (what `enum.StrEnum` is from Python 3.11 on;
-    sortedchat still runs on 3.10), so a kind equals, formats and serialises as its plain name: "auto"."""
-
-    DEPTH = "depth"
-    AUTO = "auto"
-    SPECULATIVE = "speculative"
+class NameEnum(str, Enum):
+    """A `str` enum (what `enum.StrEnum` is from Python 3.11 on; sortedchat still runs on 3.10): a member
+    equals, formats and serialises as its plain name ("auto"), so tables and JSON show the names."""
 
     def __str__(self) -> str:
         return self.value
 
     __format__ = str.__format__
+
+
+class ModeKind(NameEnum):
+    """The three ways of choosing a token's depth."""
+
+    DEPTH = "depth"
+    AUTO = "auto"
+    SPECULATIVE = "speculative"
 
 
 @dataclass(frozen=True)
