@@ -175,7 +175,7 @@ class Trainer:
             raise SortedChatError("--exits-per-step 1 would train the last exit only (that is --method sft); use 2 or more")
 
     def _build_objective(self) -> None:
-        from sortedchat.sorted_model import ExitHeads, ExitLenses
+        from sortedchat.sorted_model import ExitLenses
 
         o, model = self.opts, self.sm.model
         model.config.use_cache = False
@@ -187,40 +187,58 @@ class Trainer:
             model.eval()
         elif o.method == "ict":
             model.requires_grad_(False)
-            cfg = model.config
-            heads = ExitHeads(self.loss_exits, cfg.hidden_size, cfg.vocab_size, decoder_of(model).norm)
-            with torch.no_grad():
-                for e in self.loss_exits:  # start each exit's head from the shared one
-                    heads.heads[str(e)].weight.copy_(lm_head_of(model).weight)
-            heads.to(device=self.acc.device, dtype=torch.float32)
+            heads = self._new_exit_heads(model)
             teacher = model if o.objective != "ce" else None
         else:
-            if o.objective != "ce" and not o.lora and not o.kd_top_k:
-                teacher = copy.deepcopy(model).requires_grad_(False).eval()
-            if o.load_in_4bit or o.load_in_8bit:
-                from peft import prepare_model_for_kbit_training
-
-                model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=o.gradient_checkpointing)
-            if o.gradient_checkpointing:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if o.lora:
-                from peft import LoraConfig, get_peft_model
-
-                targets = o.lora_targets if o.lora_targets == "all-linear" else [t.strip() for t in o.lora_targets.split(",")]
-                keep = [m.strip() for m in o.lora_modules_to_save.split(",") if m.strip()] or None
-                config = LoraConfig(r=o.lora_rank, lora_alpha=o.lora_alpha, lora_dropout=o.lora_dropout,
-                                    target_modules=targets, modules_to_save=keep, task_type="CAUSAL_LM")
-                try:
-                    with warnings.catch_warnings():  # peft calls a transformers API deprecated in 5.x
-                        warnings.simplefilter("ignore", FutureWarning)
-                        model = get_peft_model(model, config)
-                except ValueError as exc:
-                    raise SortedChatError(f"--lora-targets {o.lora_targets}: {exc}") from None
-            model.train()
+            model, teacher = self._trainable_decoder(model)
         ds = self.acc.state.deepspeed_plugin
         impl = "module" if ds is not None and ds.zero_stage == 3 else "fused"
         self.objective = SortedObjective(model, self.sm.num_layers, o.objective, heads, teacher, impl, lenses,
                                          freeze_decoder=o.method == "lens", top_k=o.kd_top_k)
+
+    def _new_exit_heads(self, model):
+        """ICT: one head per trained exit, each starting as a copy of the shared LM head (float32)."""
+        from sortedchat.sorted_model import ExitHeads
+
+        cfg = model.config
+        heads = ExitHeads(self.loss_exits, cfg.hidden_size, cfg.vocab_size, decoder_of(model).norm)
+        with torch.no_grad():
+            for e in self.loss_exits:
+                heads.heads[str(e)].weight.copy_(lm_head_of(model).weight)
+        return heads.to(device=self.acc.device, dtype=torch.float32)
+
+    def _trainable_decoder(self, model):
+        """SoFT/SFT: the model made trainable (k-bit preparation, gradient checkpointing, LoRA), and the frozen
+        copy of the start that KD distils from (None when there is none to keep: CE, LoRA, cached top-K)."""
+        o = self.opts
+        teacher = None
+        if o.objective != "ce" and not o.lora and not o.kd_top_k:
+            teacher = copy.deepcopy(model).requires_grad_(False).eval()
+        if o.load_in_4bit or o.load_in_8bit:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=o.gradient_checkpointing)
+        if o.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if o.lora:
+            model = self._with_lora(model)
+        model.train()
+        return model, teacher
+
+    def _with_lora(self, model):
+        from peft import LoraConfig, get_peft_model
+
+        o = self.opts
+        targets = o.lora_targets if o.lora_targets == "all-linear" else [t.strip() for t in o.lora_targets.split(",")]
+        keep = [m.strip() for m in o.lora_modules_to_save.split(",") if m.strip()] or None
+        config = LoraConfig(r=o.lora_rank, lora_alpha=o.lora_alpha, lora_dropout=o.lora_dropout,
+                            target_modules=targets, modules_to_save=keep, task_type="CAUSAL_LM")
+        try:
+            with warnings.catch_warnings():  # peft calls a transformers API deprecated in 5.x
+                warnings.simplefilter("ignore", FutureWarning)
+                return get_peft_model(model, config)
+        except ValueError as exc:
+            raise SortedChatError(f"--lora-targets {o.lora_targets}: {exc}") from None
 
     def _encode(self) -> None:
         o = self.opts
