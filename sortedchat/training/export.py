@@ -30,9 +30,6 @@ def export_model(out: Path, model, tokenizer, config: SortedConfig, full_state: 
 
     `weights=False` (lenses trained on a frozen model) writes no model weights: `sortedchat.json` names the
     base, and the directory holds only what was trained."""
-    from safetensors.torch import save_file
-    from transformers.utils import logging as hf_logging
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out, prefix=".export-"))
@@ -40,38 +37,54 @@ def export_model(out: Path, model, tokenizer, config: SortedConfig, full_state: 
         state = _strip(full_state, "model.")
         is_adapter = hasattr(model, "peft_config")
         if is_adapter and merge:  # single process or DDP: the adapter weights are all here
-            model = model.merge_and_unload()
-            state = None
-            is_adapter = False
-        bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # our own status line is showing
-        try:
-            if weights:
-                model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        finally:
-            if bars:
-                hf_logging.enable_progress_bar()
+            model, state, is_adapter = model.merge_and_unload(), None, False
+        if weights:
+            _save_weights(tmp, model, state)
         tokenizer.save_pretrained(tmp)
         if exit_heads is not None:
-            heads_state = _strip(full_state, "exit_heads.") if full_state is not None else exit_heads.state_dict()
-            save_file({k: v.detach().contiguous().cpu() for k, v in heads_state.items()}, str(tmp / EXIT_HEADS_NAME))
+            _save_exit_part(tmp / EXIT_HEADS_NAME, exit_heads, full_state, "exit_heads.", to_float32=False)
             config.exit_heads = EXIT_HEADS_NAME
         if exit_lenses is not None:
-            lens_state = _strip(full_state, "exit_lenses.") if full_state is not None else exit_lenses.state_dict()
-            save_file({k: v.detach().float().contiguous().cpu() for k, v in lens_state.items()},
-                      str(tmp / EXIT_LENSES_NAME))
+            _save_exit_part(tmp / EXIT_LENSES_NAME, exit_lenses, full_state, "exit_lenses.", to_float32=True)
             config.exit_lenses = EXIT_LENSES_NAME
         if not is_adapter and weights:
             config.base_model = None
-        # An earlier finished export in OUT may hold files this one does not write (adapter vs full).
-        for stale in MODEL_FILES:
-            if (out / stale).exists() and not (tmp / stale).exists():
-                (out / stale).unlink()
-        for item in sorted(tmp.iterdir()):
-            os.replace(item, out / item.name)
-        config.write(out)
+        _move_into_place(tmp, out, config)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_weights(tmp: Path, model, state: dict | None) -> None:
+    """The model's (or adapter's) safetensors, without transformers' progress bar: our own status line shows."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _save_exit_part(path: Path, module, full_state: dict | None, prefix: str, to_float32: bool) -> None:
+    """Exit heads or lenses in their own file, from the gathered state when the run was sharded."""
+    from safetensors.torch import save_file
+
+    state = _strip(full_state, prefix) if full_state is not None else module.state_dict()
+    save_file({k: (v.detach().float() if to_float32 else v.detach()).contiguous().cpu() for k, v in state.items()},
+              str(path))
+
+
+def _move_into_place(tmp: Path, out: Path, config: SortedConfig) -> None:
+    """Files move into `out` one by one, `sortedchat.json` last (see the module doc)."""
+    # An earlier finished export in OUT may hold files this one does not write (adapter vs full).
+    for stale in MODEL_FILES:
+        if (out / stale).exists() and not (tmp / stale).exists():
+            (out / stale).unlink()
+    for item in sorted(tmp.iterdir()):
+        os.replace(item, out / item.name)
+    config.write(out)
 
 
 def base_model_name(spec: str) -> str:
