@@ -195,6 +195,28 @@ def _sha256(path: Path) -> str:
 
 def load_records(spec: str, skip_bad: bool = False, flag: str = "--data") -> RecordSet:
     """Read and validate every record of `spec` (a file, or `hub/id[:config][@split]`)."""
+    rows, unit, source, sha = _open_rows(spec, flag)
+    examples, kind, skipped = [], None, 0
+    for number, record in rows:
+        where = f"{source}: {unit} {number}"
+        try:
+            kind = _kind_in_file(record, where, kind)
+            try:
+                examples.append(PARSERS[kind](record, where))
+            except ValueError as exc:
+                raise SortedChatError(f"{where}: {exc}") from None
+        except SortedChatError:
+            if not skip_bad:
+                raise
+            skipped += 1
+    if not examples:
+        raise SortedChatError(f"{flag} {spec}: no usable records" + (f" ({skipped} skipped)" if skipped else ""))
+    return RecordSet(examples, source, kind, sha, skipped)
+
+
+def _open_rows(spec: str, flag: str):
+    """`spec`'s (number, record) pairs, what a number counts ("line" or "row"), the source errors name, and
+    the file's SHA-256 (None for a hub dataset)."""
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_dir():
@@ -207,37 +229,24 @@ def load_records(spec: str, skip_bad: bool = False, flag: str = "--data") -> Rec
             except (OSError, UnicodeDecodeError) as exc:
                 raise SortedChatError(f"{flag} {spec}: cannot read ({exc})") from None
             rows, unit = _json_records(path, text), "line"
-        source, sha = str(path), _sha256(path)
-    elif spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        return rows, unit, str(path), _sha256(path)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise SortedChatError(f"{flag} {spec}: no such file")
-    else:
-        rows, unit, source, sha = _dataset_rows(spec, None), "row", spec, None
+    return _dataset_rows(spec, None), "row", spec, None
 
-    examples, kind, skipped = [], None, 0
-    for number, record in rows:
-        where = f"{source}: {unit} {number}"
-        try:
-            if isinstance(record, SortedChatError):
-                raise record
-            this = _kind_of(record)
-            if this is None:
-                found = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
-                raise SortedChatError(
-                    f"{where}: not a record: expected instruction/output (Alpaca), messages (chat) or "
-                    f"question/answer (QA) fields, found {found or 'nothing'}"
-                )
-            if kind is None:
-                kind = this
-            elif this != kind:
-                raise SortedChatError(f"{where}: a {this} record in a file of {kind} records")
-            try:
-                examples.append(PARSERS[kind](record, where))
-            except ValueError as exc:
-                raise SortedChatError(f"{where}: {exc}") from None
-        except SortedChatError:
-            if not skip_bad:
-                raise
-            skipped += 1
-    if not examples:
-        raise SortedChatError(f"{flag} {spec}: no usable records" + (f" ({skipped} skipped)" if skipped else ""))
-    return RecordSet(examples, source, kind, sha, skipped)
+
+def _kind_in_file(record, where: str, kind: str | None) -> str:
+    """The record's kind, which must be the file's `kind` (None before the first record); a row that could not
+    be read arrives as its error."""
+    if isinstance(record, SortedChatError):
+        raise record
+    this = _kind_of(record)
+    if this is None:
+        found = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
+        raise SortedChatError(
+            f"{where}: not a record: expected instruction/output (Alpaca), messages (chat) or "
+            f"question/answer (QA) fields, found {found or 'nothing'}"
+        )
+    if kind is not None and this != kind:
+        raise SortedChatError(f"{where}: a {this} record in a file of {kind} records")
+    return this
