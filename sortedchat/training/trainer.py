@@ -345,18 +345,29 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         """One optimizer step over the global batch of `step`; returns its losses and token count."""
         o, acc = self.opts, self.acc
-        W, rank = acc.num_processes, acc.process_index
+        W = acc.num_processes
         mbs = self._micro_batches(step)
         normalizer = sum(self.train_enc[i].targets for mb in mbs for row in mb for i in row)
         exits, coefs = self.exits_for_step(step)
         # accelerate divides by the accumulation steps and DDP averages over processes: undo both, so the
         # gradient is that of the mean over every response token of the global batch.
         scale = torch.tensor(coefs, dtype=torch.float32, device=acc.device) * (W * o.grad_accum / normalizer)
+        sums = self._forward_backward(step, mbs[acc.process_index::W], exits, scale)
+        if not acc.optimizer_step_was_skipped:
+            self.scheduler.step()
+        if W > 1:
+            sums = acc.reduce(sums, "sum")
+        return self._step_stats(sums, exits, coefs, normalizer)
+
+    def _forward_backward(self, step: int, mbs: list, exits: list[int], scale: torch.Tensor) -> torch.Tensor:
+        """This process's micro-batches of `step` through the objective, the optimizer stepping as accelerate
+        accumulates: the summed CE per exit, KL per exit, and the token count, in one tensor."""
+        o, acc = self.opts, self.acc
         ce_sums = torch.zeros(len(exits), device=acc.device)
         kl_sums = torch.zeros(len(exits), device=acc.device)
         tokens = torch.zeros((), device=acc.device)
         skip = self.dropped_layers(step)
-        for mb in mbs[rank::W]:
+        for mb in mbs:
             batch = self._batch(self.train_enc, mb, step) | {"skip_layers": skip}
             tokens += sum(len(self.train_enc[i].input_ids) for row in mb for i in row)
             with acc.accumulate(self.objective):
@@ -368,13 +379,13 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
             ce_sums += ce.detach()
             kl_sums += kl.detach()
-        if not acc.optimizer_step_was_skipped:
-            self.scheduler.step()
-        sums = torch.cat([ce_sums, kl_sums, tokens[None]])
-        if W > 1:
-            sums = acc.reduce(sums, "sum")
-        ce_mean = (sums[: len(exits)] / normalizer).tolist()
-        kl_mean = (sums[len(exits) : 2 * len(exits)] / normalizer).tolist()
+        return torch.cat([ce_sums, kl_sums, tokens[None]])
+
+    def _step_stats(self, sums: torch.Tensor, exits: list[int], coefs: list[float], normalizer: int) -> dict:
+        """The step's loss, mean CE per exit (over the global batch's response tokens), tokens and lr."""
+        n = len(exits)
+        ce_mean = (sums[:n] / normalizer).tolist()
+        kl_mean = (sums[n : 2 * n] / normalizer).tolist()
         alpha = self.objective_alpha
         loss = sum(c * (alpha * ce + (1 - alpha) * kl) for c, ce, kl in zip(coefs, ce_mean, kl_mean))
         return {"loss": loss, "exit_ce": dict(zip(exits, ce_mean)), "tokens": int(sums[-1].item()),
