@@ -334,7 +334,7 @@ def test_a_failed_load_ends_the_app_with_the_reason(tmp_path):
             await wait_for(pilot, lambda: app.error is not None)
 
     asyncio.run(run())
-    assert app.error == "--model nowhere: no such file or directory" and app.return_code == 1
+    assert str(app.error) == "--model nowhere: no such file or directory" and app.return_code == 1
 
 
 def test_answer_paragraphs_read_as_one_text_and_the_cursor_crosses_them():

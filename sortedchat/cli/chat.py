@@ -100,7 +100,7 @@ def run_app(spec, options, initial_mode, settings) -> None:
     )
     app.run()
     if app.error:
-        raise SortedChatError(app.error)
+        raise app.error
 
 
 def plain_chat(sm, mode, sampling, system: str = "", console: Console | None = None, read=input,

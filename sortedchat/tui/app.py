@@ -47,7 +47,7 @@ class SortedChatApp(App):
 
     `initial_mode(sm)` builds the starting mode once the model is known (the session checks its depths against
     the model); `show_speed=False` leaves tokens/s out of the status line (for repeatable screenshots).
-    After `run()`, `error` holds the reason the app could not start, if any.
+    After `run()`, `error` holds the error the app could not start for, if any (its cause kept for `--debug`).
     """
 
     CSS_PATH = "app.tcss"
@@ -79,7 +79,7 @@ class SortedChatApp(App):
         self.show_speed = show_speed
         self.export_dir = export_dir or Path.cwd()
         self.loading_label = loading_label
-        self.error: str | None = None
+        self.error: SortedChatError | None = None
         self._stop_loading = threading.Event()
 
     # -- start-up -----------------------------------------------------------------------------------
@@ -107,7 +107,7 @@ class SortedChatApp(App):
         try:
             sm = self.loader(lambda stage, fraction=None: report(screen.set_progress, stage, fraction))
         except SortedChatError as exc:
-            report(self._fail, str(exc))
+            report(self._fail, exc)
             return
         report(screen.set_progress, "warming up", None)
         try:
@@ -117,8 +117,8 @@ class SortedChatApp(App):
         warm_up(sm, mode, should_stop=self._stop_loading.is_set)
         report(self._model_ready, sm)
 
-    def _fail(self, reason: str) -> None:
-        self.error = reason
+    def _fail(self, error: SortedChatError) -> None:
+        self.error = error
         self.exit(return_code=1)
 
     def _model_ready(self, sm: SortedModel) -> None:
@@ -128,7 +128,7 @@ class SortedChatApp(App):
             session = ChatSession(sm, self.initial_mode(sm) if self.initial_mode else None)
             self.store = self.store or ChatStore()
         except SortedChatError as exc:
-            self._fail(str(exc))
+            self._fail(exc)
             return
         self.sm = sm
         self.install_screen(ChatScreen(Dialogue(session, self.store, model_label(sm)), self.show_speed,
