@@ -169,4 +169,7 @@ def test_auto_mode_checks_the_confidences_calibrate_computes(calibrated, monkeyp
     obs = cal.observe(sm, [(prompt + answer, len(prompt) - 1)])
     assert obs.exits == [2, 4]
     batch = cal.confidences(obs, name, seen[0][0].net if name == "classifier" else None)
-    torch.testing.assert_close(auto, batch, rtol=0, atol=1e-6)
+    # The classifier reads its input rounded to float16 (as it was trained): a last-bit difference between the
+    # batched and the one-position hidden state (thread count, summation order) can round one input element
+    # the other way, which moves the score by a few 1e-6. Scoring its unrounded input, as before, was 2.3e-5 off.
+    torch.testing.assert_close(auto, batch, rtol=0, atol=1e-5 if name == "classifier" else 1e-6)
