@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Issue 11's tries for the default model, all at one small budget so that they compare (the model card's
+# Issue 11's five tries for the default model, all at one small budget so that they compare (the model card's
 # "Why lenses alone, and what was tried" holds the results): the same 480 records (a seeded sample of the
 # corpus build-default.sh writes), the same steps, batch and learning-rate schedule, held-out agreement on the
 # first 50 held-out records every EVAL steps, then the card's evaluation (first 100 held-out records, up to
 # 256 tokens) of each try and one plot of agreement at exits 21/24/27 against training tokens.
 #   lens             lenses only, frozen model (the shipped method)
+#   lens-seed1       the same with seed 1 (another data order): how much the figures move by chance
 #   soft-lens        SoFT (LoRA) + lenses, KD from the cached top-64, last exit weighted 3 of 9.5
 #   soft-kd          the same without lenses (KD-only SoFT, the last exit anchored to the teacher)
 #   soft-lens-ld     soft-lens with LayerSkip layer dropout (rate rising with depth to 0.2)
@@ -34,12 +35,13 @@ COMMON="--data $OUT/train480.jsonl --eval-data $OUT/heldout50.json --max-steps $
 SOFT="--recipe training/recipes/smollm2-135m-soft-lens.toml"
 declare -A ARGS=(
   [lens]="--recipe training/recipes/smollm2-135m-default.toml"
+  [lens-seed1]="--recipe training/recipes/smollm2-135m-default.toml --seed 1"
   [soft-lens]="$SOFT"
   [soft-kd]="$SOFT --no-lenses"
   [soft-lens-ld]="$SOFT --layer-dropout 0.2"
   [soft-lens-last8]="$SOFT --exit-weights 0.5,0.5,1,1,1,1,1,8"
 )
-[ $# -gt 0 ] || set -- lens soft-lens soft-kd soft-lens-ld soft-lens-last8
+[ $# -gt 0 ] || set -- lens lens-seed1 soft-lens soft-kd soft-lens-ld soft-lens-last8
 for t in "$@"; do
   [ -n "${ARGS[$t]:-}" ] || { echo "tries.sh: unknown try '$t' (known: ${!ARGS[*]})" >&2; exit 2; }
 done
