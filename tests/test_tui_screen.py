@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 from helpers.tui import Gate, SIZE, ask, chat, dialogue, make_app, status, wait_for
@@ -307,9 +308,16 @@ def test_a_screenshot_without_a_downloads_folder_goes_to_the_export_folder(tiny,
 
     async def run():
         async with app.run_test(size=SMALL) as pilot:
-            app.action_screenshot()
+            await pilot.press("ctrl+p")  # the command palette's "Screenshot" takes the same way as the action
+            await pilot.press(*"screenshot", "enter")
             await wait_for(pilot, lambda: list(tmp_path.glob("*.svg")))
+            app.action_screenshot(filename="second.svg")  # written before the call returns
+            assert "<svg" in (tmp_path / "second.svg").read_text()
+            said = f"Saved screenshot to {tmp_path / 'second.svg'}"
+            await wait_for(pilot, lambda: said in [n.message for n in app._notifications])
 
     asyncio.run(run())
-    [svg] = tmp_path.glob("*.svg")
-    assert "<svg" in svg.read_text()
+    assert {p.name for p in tmp_path.glob("*.svg")} >= {"second.svg"} and len(list(tmp_path.glob("*.svg"))) == 2
+    assert all("<svg" in p.read_text() for p in tmp_path.glob("*.svg"))
+    # No file delivery thread is left behind: it is what kept a test run from exiting after an early quit.
+    assert not [t for t in threading.enumerate() if "save_file_thread" in t.name]

@@ -177,12 +177,23 @@ class SortedChatApp(App):
             self.notify(f"settings not saved: {exc}", severity="error")
             return None
 
-    def action_screenshot(self, filename: str | None = None, path: str | None = None) -> None:
-        """Textual saves screenshots to ~/Downloads and fails without a word when it is missing: then they go
-        where exports go, and the notification says where."""
-        if path is None and not user_downloads_path().is_dir():
-            path = str(self.export_dir)
-        self.deliver_screenshot(filename, path)
+    def deliver_screenshot(self, filename: str | None = None, path: str | None = None,
+                           time_format: str | None = None) -> None:
+        """Save the screen as SVG here and now, to ~/Downloads or, without one, where exports go.
+
+        Textual's own delivery writes the file on a non-daemon thread that then waits, with no timeout, for
+        the app's event loop to take its "saved" message. Quit right after a screenshot and that loop has
+        stopped: the thread waits forever and Python never exits (a test run hung this way after its last
+        test). The SVG is small, so it is written synchronously. The action key and the command palette's
+        "Screenshot" both come here."""
+        if path is None:
+            path = str(user_downloads_path() if user_downloads_path().is_dir() else self.export_dir)
+        try:
+            saved = self.save_screenshot(filename, path, time_format)
+        except OSError as exc:
+            self.notify(f"screenshot not saved: {exc}", title="Screenshot", severity="error")
+            return
+        self.notify(f"Saved screenshot to {saved}", title="Screenshot")
 
     def get_system_commands(self, screen):
         yield from super().get_system_commands(screen)
