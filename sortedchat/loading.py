@@ -174,6 +174,22 @@ def _load_exit_parts(directory: Path, name: str | None, what: str, build, device
     return module.to(device=device, dtype=dtype).eval()
 
 
+def load_exit_lenses(source: str, hidden_size: int) -> ExitLenses:
+    """The lenses a trained model stores, to start new ones from (`sortedchat train --init-lenses`): a model
+    directory whose `sortedchat.json` names them, or "default" for the shipped default's."""
+    if source == "default":
+        from sortedchat.default_model import SHIPPED_ADAPTER as directory
+    else:
+        directory = Path(source).expanduser()
+    if not (directory / CONFIG_NAME).is_file():
+        raise SortedChatError(f"--init-lenses {source}: no {CONFIG_NAME} there (a model directory with lenses)")
+    name = SortedConfig.read(directory).exit_lenses
+    if not name:
+        raise SortedChatError(f"--init-lenses {source}: its {CONFIG_NAME} names no exit lenses")
+    return _load_exit_parts(directory, name, "exit lenses", lambda exits: ExitLenses(exits, hidden_size), "cpu",
+                            torch.float32)
+
+
 def _load_checked(source: str, opts: LoadOptions, device, dtype):
     """A local directory's weights are checked (safetensors unless --allow-pickle) before they load."""
     if Path(source).is_dir():

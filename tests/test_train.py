@@ -662,6 +662,33 @@ def test_lens_training_leaves_the_model_and_full_depth_untouched_and_the_engine_
     assert steps and steps == ids[len(prompt):]
 
 
+def test_soft_with_lenses_can_start_from_a_trained_models_lenses(tiny_dir, alpaca_file, tmp_path, monkeypatch):
+    """--init-lenses: SoFT + lenses on top of a lens-only model starts from its lenses, not the identity."""
+    monkeypatch.setenv("SORTEDCHAT_CACHE_DIR", str(tmp_path / "cache"))
+    lens_run = tmp_path / "lens"
+    run(options(tiny_dir, alpaca_file, lens_run, method="lens", objective="kd", kd_top_k=16, kd_negatives=32,
+                max_steps=4, lr=3e-2))
+    trained = load_file(str(lens_run / "exit_lenses.safetensors"))
+    assert not torch.equal(trained["lenses.2.weight"], torch.eye(64))
+    # every weight's step is lr-sized (AdamW): at 1e-7 the lenses stay where they started, within float32 noise
+    out = tmp_path / "soft"
+    run(options(tiny_dir, alpaca_file, out, method="soft", objective="kd", kd_top_k=16, lenses=True, lora=True,
+                lora_rank=4, max_steps=1, lr=1e-7, init_lenses=str(lens_run)))
+    continued = load_file(str(out / "exit_lenses.safetensors"))
+    assert sorted(continued) == sorted(trained)
+    for k in trained:
+        torch.testing.assert_close(continued[k], trained[k], atol=1e-6, rtol=0)
+    assert json.loads((out / "sortedchat.json").read_text())["training"]["options"]["init_lenses"] == str(lens_run)
+
+    with pytest.raises(SortedChatError, match="--init-lenses: this run trains no lenses"):
+        run(options(tiny_dir, alpaca_file, tmp_path / "x", method="sft", init_lenses=str(lens_run)))
+    with pytest.raises(SortedChatError, match=r"--init-lenses .*: no sortedchat.json there"):
+        run(options(tiny_dir, alpaca_file, tmp_path / "y", method="lens", objective="kd", init_lenses=str(tmp_path)))
+    with pytest.raises(SortedChatError, match="has lenses at exits 4, which this run does not train"):
+        run(options(tiny_dir, alpaca_file, tmp_path / "z", method="lens", objective="kd", exits=[2, 6],
+                    init_lenses=str(lens_run)))
+
+
 def test_training_curves_table_and_plot_from_metrics(tmp_path):
     from sortedchat.training import curves
 

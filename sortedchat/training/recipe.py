@@ -51,6 +51,8 @@ class TrainOptions:
     exits_per_step: int = _option(0, "Sample N exits per step, always with the last (0 = all)")
     lenses: bool = _option(False, "Train a per-exit affine lens (before the shared norm and head) with the model")
     lens_lr: float = _option(0.0, "Learning rate of the lenses (0 = --lr)")
+    init_lenses: str | None = _option(None, "Start the lenses from a trained model's instead of the identity: "
+                                      "its directory, or 'default' for the shipped default's")
     kd_top_k: int = _option(0, "Distil from the teacher's cached top-K ids (candidate-set losses; 0 = exact "
                             "full-vocabulary losses)")
     kd_negatives: int = _option(256, "Sampled ids per step for the rest of the vocabulary (with --kd-top-k)")
@@ -244,6 +246,8 @@ def _check_method_combinations(o: TrainOptions) -> None:
         raise SortedChatError("--method sft trains the last exit only; --exit-weights/--exits-per-step do not apply")
     if o.method in ("lens", "ict") and o.lenses:
         raise SortedChatError(f"--lenses: --method {o.method} trains its own per-exit parts; lenses go with soft or sft")
+    if o.init_lenses and not (o.method == "lens" or o.lenses):
+        raise SortedChatError("--init-lenses: this run trains no lenses (use --method lens or --lenses)")
     if o.method == "lens" and (o.lora or o.merge):
         raise SortedChatError("--method lens trains per-exit lenses on a frozen model; it takes no --lora")
 

@@ -181,7 +181,10 @@ class Trainer:
         model.config.use_cache = False
         teacher, heads, lenses = None, None, None
         if o.method == "lens" or o.lenses:
-            lenses = ExitLenses(self.exits[:-1], model.config.hidden_size).to(self.acc.device)
+            lenses = ExitLenses(self.exits[:-1], model.config.hidden_size)
+            if o.init_lenses:
+                self._start_lenses_from(lenses, o.init_lenses, model.config.hidden_size)
+            lenses = lenses.to(self.acc.device)
         if o.method == "lens":
             model.requires_grad_(False)
             model.eval()
@@ -195,6 +198,21 @@ class Trainer:
         impl = "module" if ds is not None and ds.zero_stage == 3 else "fused"
         self.objective = SortedObjective(model, self.sm.num_layers, o.objective, heads, teacher, impl, lenses,
                                          freeze_decoder=o.method == "lens", top_k=o.kd_top_k)
+
+    def _start_lenses_from(self, lenses, source: str, hidden_size: int) -> None:
+        """--init-lenses: a trained model's lenses at the exits both have; an exit it has no lens for starts
+        as the identity, and a lens at an exit this run does not train is an error (it would be dropped)."""
+        from sortedchat.loading import load_exit_lenses
+
+        trained = load_exit_lenses(source, hidden_size)
+        extra = [e for e in trained.exits if not lenses.has(e)]
+        if extra:
+            raise SortedChatError(f"--init-lenses {source}: has lenses at exits {','.join(map(str, extra))}, which this "
+                                  f"run does not train (its exits: {','.join(map(str, self.exits[:-1]))})")
+        with torch.no_grad():
+            for e in trained.exits:
+                lenses.lenses[str(e)].load_state_dict(trained.lenses[str(e)].state_dict())
+        self._say(f"lenses at exits {','.join(map(str, trained.exits))} start from {source}")
 
     def _new_exit_heads(self, model):
         """ICT: one head per trained exit, each starting as a copy of the shared LM head (float32)."""
@@ -435,8 +453,8 @@ class Trainer:
             "holdout": o.holdout, "template": o.template, "max_length": o.max_length, "method": o.method,
             "objective": o.objective, "exits": self.exits, "exit_weights": o.exit_weights,
             "exits_per_step": o.exits_per_step, "total_steps": self.total_steps, "lr": o.lr,
-            "lenses": o.method == "lens" or o.lenses, "lens_lr": o.lens_lr, "kd_top_k": o.kd_top_k,
-            "kd_negatives": o.kd_negatives, "pack": o.pack, "layer_dropout": o.layer_dropout,
+            "lenses": o.method == "lens" or o.lenses, "lens_lr": o.lens_lr, "init_lenses": o.init_lenses,
+            "kd_top_k": o.kd_top_k, "kd_negatives": o.kd_negatives, "pack": o.pack, "layer_dropout": o.layer_dropout,
             "schedule": o.schedule, "warmup_steps": self.warmup, "weight_decay": o.weight_decay,
             "global_batch": self.global_batch, "seed": o.seed, "lora": self._lora_settings(),
         }
