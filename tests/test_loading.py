@@ -160,8 +160,11 @@ def test_real_default_model_converts_once_and_answers(monkeypatch):
     sm = load_sorted_model(None, CPU)
     assert sm.num_layers == 30 and sm.exits == [9, 12, 15, 18, 21, 24, 27, 30]
     assert (default_model.cache_dir() / "models" / default_model.BASE_DIRNAME / "model.safetensors").is_file()
-    # The default is the base + the shipped per-exit lenses, with their calibrated auto thresholds.
-    assert sm.config.training["method"] == "lens" and sm.config.calibration["target_agreement"] > 0
+    # The default is the base with the shipped SoFT adapter merged into a cached copy, plus the per-exit
+    # lenses trained with it, with their calibrated auto thresholds.
+    assert sm.config.training["method"] == "soft" and sm.config.training["options"]["lenses"]
+    assert sm.config.calibration["target_agreement"] > 0
+    assert (default_model.cache_dir() / "models" / f"{default_model.BASE_DIRNAME}-soft" / "model.safetensors").is_file()
     assert sm.exit_lenses is not None and sm.exit_lenses.exits == sm.exits[:-1]
     assert set(sm.config.thresholds) == set(sm.exits[:-1])
 

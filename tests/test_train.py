@@ -727,6 +727,21 @@ def test_training_curves_by_exit_draw_one_panel_per_exit_and_one_line_per_run(tm
         curves.main([str(tmp_path / "a"), "--exits", "21,x", "--png", str(tmp_path / "t.png")])
 
 
+def test_training_curves_draw_a_continued_run_after_the_run_it_started_from(tmp_path, capsys):
+    from sortedchat.training import curves
+
+    for name, rows in (("lens", [(60, 1000, 0.25), (120, 2000, 0.4)]), ("soft", [(50, 900, 0.45), (100, 1800, 0.5)])):
+        (tmp_path / name).mkdir()
+        lines = [x for step, tokens, agree in rows
+                 for x in ({"step": step, "loss": 1.0, "tokens": tokens}, {"step": step, "eval": {"2": {"agree": agree}}})]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    chain = curves.read_chain(f"{tmp_path / 'lens'}+{tmp_path / 'soft'}")
+    assert [(r["step"], r["tokens"], r["eval"][2]["agree"]) for r in chain] == [
+        (60, 1000, 0.25), (120, 2000, 0.4), (170, 2900, 0.45), (220, 3800, 0.5)]
+    curves.main([f"{tmp_path / 'lens'}+{tmp_path / 'soft'}", "--label", "lens, then soft"])
+    assert "| 220 | 3,800 | 50.0% |" in capsys.readouterr().out
+
+
 def test_layer_dropout_skips_the_drawn_layers_for_one_step_and_exits_see_the_passed_state(tiny_dir, alpaca_file, tmp_path):
     from sortedchat.training.trainer import Trainer
 

@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # Rebuild the default model that sortedchat ships (sortedchat/assets/smollm2-135m-soft): per-exit lenses on
-# the frozen base (or, with another recipe, a SoFT adapter and lenses), from ../shared/data/ (see the model card):
+# the frozen base, then a SoFT adapter trained with them, from ../shared/data/ (see the model card):
 #   1. the model's own sampled replies to Alpaca instructions, TriviaQA questions and Wikipedia passages
 #      (resumable; SELFGEN_ALPACA/..._QA/..._PASSAGES cap how many prompts, 0 skips that source),
 #   2. the training corpus (Alpaca but its last 200 records, questions with answers, passage continuations,
 #      the replies) and the held-out set (the last 200 Alpaca records),
-#   3. training with the recipe (skipped when RUN already holds a finished run; --resume continues one),
-#   4. the lenses (and an adapter, if the recipe trains one) copied into the package in float16,
+#   3. the lenses alone (RECIPE) into RUN-lens, then SoFT + lenses (CONTINUE, lenses starting from RUN-lens)
+#      into RUN; CONTINUE= (empty) ships the lenses alone from RUN. A finished run is skipped, an interrupted
+#      one resumes,
+#   4. the lenses (and the adapter, if the recipe trains one) copied into the package in float16,
 #   5. auto-mode thresholds calibrated on the held-out records (written into the shipped sortedchat.json).
 # Usage: training/build-default.sh [RUN_DIR]   (default runs/smollm2-default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RECIPE=${RECIPE:-training/recipes/smollm2-135m-default.toml}
+CONTINUE=${CONTINUE-training/recipes/smollm2-135m-soft-lens-continued.toml}
 RUN=${1:-runs/smollm2-default}
 SHARED=${SHARED:-../shared/data}
 ASSET=sortedchat/assets/smollm2-135m-soft
@@ -26,9 +29,18 @@ python -m sortedchat.training.selfgen --model "$BASE" --out runs/data/replies.js
   --alpaca "$SHARED/alpaca_1800.json" --alpaca-holdout 200 --questions "$SHARED/triviaqa_dev_1000.jsonl" \
   --passages "$SHARED/wiki_20.txt" --corpus runs/data/train.jsonl --heldout runs/data/heldout.json
 
-if [ ! -f "$RUN/sortedchat.json" ]; then
-  if [ -d "$RUN/checkpoints" ]; then resume=--resume; else resume=; fi
-  sortedchat train --recipe "$RECIPE" --out "$RUN" $resume
+train() {  # train RECIPE OUT [FLAGS...]: skipped when OUT holds a finished run, resumed when it holds a checkpoint
+  local recipe=$1 out=$2
+  shift 2
+  [ -f "$out/sortedchat.json" ] && return
+  if [ -d "$out/checkpoints" ]; then set -- "$@" --resume; fi
+  sortedchat train --recipe "$recipe" --out "$out" "$@"
+}
+if [ -n "$CONTINUE" ]; then
+  train "$RECIPE" "$RUN-lens"
+  train "$CONTINUE" "$RUN" --init-lenses "$RUN-lens"
+else
+  train "$RECIPE" "$RUN"
 fi
 
 python - "$RUN" "$ASSET" <<'PY'
@@ -59,5 +71,5 @@ size = sum(p.stat().st_size for p in asset.glob("*.safetensors")) / 1e6
 print(f"{asset}: {size:.1f} MB of weights")
 PY
 
-# subset: at 95% it lets 42% of held-out tokens leave early; saturation (equal expected speed-up) let 19%.
+# subset: at 95% it lets 44.5% of held-out tokens leave early (the lens-only default: 42%; saturation let 19%).
 sortedchat calibrate --model "$ASSET" --data runs/data/heldout.json --measure subset

@@ -3,10 +3,12 @@
 Every `--eval-interval` steps a run logs each exit's held-out CE and top-1 agreement with the full depth;
 this draws them (one panel per run, one line per exit) so a model card can show where returns flatten, and
 prints the same figures as a Markdown table. With `--exits`, one panel per named exit and one line per run
-instead, so tries trained at the same budget compare on one figure.
+instead, so tries trained at the same budget compare on one figure. `A+B` draws run B as the continuation of
+run A (B started from A's weights, e.g. `--init-lenses A`): one line, B's steps and tokens counted after A's.
 
     python -m sortedchat.training.curves runs/a runs/b --label "SoFT + lens" --label "lens only" --png curves.png
     python -m sortedchat.training.curves runs/a runs/b --exits 21,24,27 --png tries.png
+    python -m sortedchat.training.curves runs/lens+runs/soft-lens --label "lenses, then SoFT + lenses" --png c.png
 """
 
 from __future__ import annotations
@@ -28,6 +30,15 @@ def read_evals(run: Path) -> list[dict]:
         if "eval" in row:
             seen = max((t for s, t in tokens.items() if s <= row["step"]), default=0)
             out.append({"step": row["step"], "tokens": seen, "eval": {int(e): v for e, v in row["eval"].items()}})
+    return out
+
+
+def read_chain(spec: str) -> list[dict]:
+    """`A+B+...`: each run's evals after the previous run's, its steps and tokens counted from where that one ended."""
+    out: list[dict] = []
+    for part in spec.split("+"):
+        step0, tokens0 = (out[-1]["step"], out[-1]["tokens"]) if out else (0, 0)
+        out += [r | {"step": r["step"] + step0, "tokens": r["tokens"] + tokens0} for r in read_evals(Path(part))]
     return out
 
 
@@ -81,15 +92,15 @@ def exit_list(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("runs", nargs="+", type=Path, help="run directories (each with metrics.jsonl)")
+    ap.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl); A+B: B continues A")
     ap.add_argument("--label", action="append", help="one per run (default: the directory name)")
     ap.add_argument("--png", type=Path, help="write the plot here")
     ap.add_argument("--exits", help="plot one panel per exit (e.g. 21,24,27) with one line per run")
     args = ap.parse_args(argv)
-    labels = args.label or [r.name for r in args.runs]
+    labels = args.label or [Path(r).name for r in args.runs]
     if len(labels) != len(args.runs):
         raise SystemExit(f"--label: {len(labels)} labels for {len(args.runs)} runs")
-    runs = {label: read_evals(run) for label, run in zip(labels, args.runs)}
+    runs = {label: read_chain(run) for label, run in zip(labels, args.runs)}
     for label, evals in runs.items():
         print(table(label, evals) + "\n")
     if args.png:
