@@ -738,6 +738,9 @@ def test_training_curves_draw_a_continued_run_after_the_run_it_started_from(tmp_
     chain = curves.read_chain(f"{tmp_path / 'lens'}+{tmp_path / 'soft'}")
     assert [(r["step"], r["tokens"], r["eval"][2]["agree"]) for r in chain] == [
         (60, 1000, 0.25), (120, 2000, 0.4), (170, 2900, 0.45), (220, 3800, 0.5)]
+    (tmp_path / "lens+soft").mkdir()  # a run whose own name has a "+" is one run
+    (tmp_path / "lens+soft" / "metrics.jsonl").write_text((tmp_path / "soft" / "metrics.jsonl").read_text())
+    assert [r["step"] for r in curves.read_chain(str(tmp_path / "lens+soft"))] == [50, 100]
     curves.main([f"{tmp_path / 'lens'}+{tmp_path / 'soft'}", "--label", "lens, then soft"])
     assert "| 220 | 3,800 | 50.0% |" in capsys.readouterr().out
 

@@ -36,7 +36,7 @@ def read_evals(run: Path) -> list[dict]:
 def read_chain(spec: str) -> list[dict]:
     """`A+B+...`: each run's evals after the previous run's, its steps and tokens counted from where that one ended."""
     out: list[dict] = []
-    for part in spec.split("+"):
+    for part in [spec] if Path(spec).is_dir() else spec.split("+"):  # a directory may have "+" in its name
         step0, tokens0 = (out[-1]["step"], out[-1]["tokens"]) if out else (0, 0)
         out += [r | {"step": r["step"] + step0, "tokens": r["tokens"] + tokens0} for r in read_evals(Path(part))]
     return out
