@@ -689,6 +689,61 @@ def test_soft_with_lenses_can_start_from_a_trained_models_lenses(tiny_dir, alpac
                     init_lenses=str(lens_run)))
 
 
+def test_soft_can_continue_a_saved_lora_adapter(tiny_dir, alpaca_file, tmp_path, monkeypatch):
+    """--init-adapter: a second run continues the first's adapter (not a fresh one), and its KD teacher is
+    still the base with the adapter off, so the cached top-K of the first run is the one it reads."""
+    from sortedchat.training import teacher_cache
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    kd = dict(method="soft", objective="kd", kd_top_k=16, kd_negatives=32, lora=True, lora_rank=4, lora_alpha=8)
+    run(options(tiny_dir, alpaca_file, first, max_steps=3, lr=3e-2, **kd))
+    trained = load_file(str(first / "adapter_model.safetensors"))
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in trained.items())
+    teacher_files = sorted((tmp_path / "cache" / "teacher-top-k").iterdir())
+    assert len(teacher_files) == 1
+    base_top = teacher_cache.load(teacher_files[0])
+
+    # a fresh cache: the second run computes its teacher again, with the (non-zero) adapter switched off
+    monkeypatch.setenv("SORTEDCHAT_CACHE_DIR", str(tmp_path / "cache2"))
+    computed = []
+    real = teacher_cache.compute_top_k
+    monkeypatch.setattr(teacher_cache, "compute_top_k", lambda *a, **k: computed.append(1) or real(*a, **k))
+    run(options(tiny_dir, alpaca_file, second, max_steps=1, lr=1e-7, init_adapter=str(first), **kd))
+    assert computed == [1]
+    (again,) = (tmp_path / "cache2" / "teacher-top-k").iterdir()
+    assert again.name == teacher_files[0].name
+    second_top = teacher_cache.load(again)
+    for a, b in zip(base_top.ids + base_top.logp, second_top.ids + second_top.logp):
+        torch.testing.assert_close(a, b)
+    # every weight's step is lr-sized (AdamW): at 1e-7 the adapter stays where the first run left it
+    continued = load_file(str(second / "adapter_model.safetensors"))
+    assert sorted(continued) == sorted(trained)
+    for k in trained:
+        torch.testing.assert_close(continued[k], trained[k], atol=1e-6, rtol=0)
+    assert json.loads((second / "sortedchat.json").read_text())["training"]["options"]["init_adapter"] == str(first)
+
+    with pytest.raises(SortedChatError, match="--init-adapter continues a LoRA adapter: add --lora"):
+        run(options(tiny_dir, alpaca_file, tmp_path / "a", init_adapter=str(first)))
+    with pytest.raises(SortedChatError, match=r"--init-adapter .*: no adapter_config.json there"):
+        run(options(tiny_dir, alpaca_file, tmp_path / "b", init_adapter=str(tmp_path), **kd))
+    with pytest.raises(SortedChatError, match=r"a LoRA adapter of rank 4, alpha 8; this run asks for "
+                                              r"--lora-rank 8 --lora-alpha 8"):
+        run(options(tiny_dir, alpaca_file, tmp_path / "c", init_adapter=str(first), **(kd | {"lora_rank": 8})))
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    deeper = tmp_path / "deeper-base"
+    LlamaForCausalLM(AutoConfig.from_pretrained(tiny_dir, num_hidden_layers=8)).save_pretrained(deeper)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(deeper)
+    deep_run = tmp_path / "deep"
+    run(options(deeper, alpaca_file, deep_run, exits=[4, 8], max_steps=1, **kd))
+    with pytest.raises(SortedChatError, match=r"--init-adapter .*: does not fit --model .*: \d+ of its weights "
+                                              r"have no place in the model"):
+        run(options(tiny_dir, alpaca_file, tmp_path / "d", init_adapter=str(deep_run), **kd))
+    with pytest.raises(SortedChatError, match=r"--resume: .* was trained with init_adapter=None, this run has "
+                                              r"init_adapter="):
+        run(options(tiny_dir, alpaca_file, first, max_steps=3, lr=3e-2, resume=True, init_adapter=str(first), **kd))
+
+
 def test_training_curves_table_and_plot_from_metrics(tmp_path):
     from sortedchat.training import curves
 

@@ -53,6 +53,10 @@ class TrainOptions:
     lens_lr: float = _option(0.0, "Learning rate of the lenses (0 = --lr)")
     init_lenses: str | None = _option(None, "Start the lenses from a trained model's instead of the identity: "
                                       "its directory, or 'default' for the shipped default's")
+    init_adapter: str | None = _option(None, "Continue a saved LoRA adapter instead of a fresh one: a PEFT adapter "
+                                       "directory (an earlier run), or 'default' for the shipped default's. Its "
+                                       "rank and alpha must match --lora-rank/--lora-alpha; KD still distils the "
+                                       "base with the adapter off")
     kd_top_k: int = _option(0, "Distil from the teacher's cached top-K ids (candidate-set losses; 0 = exact "
                             "full-vocabulary losses)")
     kd_negatives: int = _option(256, "Sampled ids per step for the rest of the vocabulary (with --kd-top-k)")
@@ -248,6 +252,8 @@ def _check_method_combinations(o: TrainOptions) -> None:
         raise SortedChatError(f"--lenses: --method {o.method} trains its own per-exit parts; lenses go with soft or sft")
     if o.init_lenses and not (o.method == "lens" or o.lenses):
         raise SortedChatError("--init-lenses: this run trains no lenses (use --method lens or --lenses)")
+    if o.init_adapter and not o.lora:
+        raise SortedChatError("--init-adapter continues a LoRA adapter: add --lora")
     if o.method == "lens" and (o.lora or o.merge):
         raise SortedChatError("--method lens trains per-exit lenses on a frozen model; it takes no --lora")
 

@@ -251,12 +251,52 @@ class Trainer:
         keep = [m.strip() for m in o.lora_modules_to_save.split(",") if m.strip()] or None
         config = LoraConfig(r=o.lora_rank, lora_alpha=o.lora_alpha, lora_dropout=o.lora_dropout,
                             target_modules=targets, modules_to_save=keep, task_type="CAUSAL_LM")
+        if o.init_adapter:
+            return self._continue_adapter(model, o.init_adapter)
         try:
             with warnings.catch_warnings():  # peft calls a transformers API deprecated in 5.x
                 warnings.simplefilter("ignore", FutureWarning)
                 return get_peft_model(model, config)
         except ValueError as exc:
             raise SortedChatError(f"--lora-targets {o.lora_targets}: {exc}") from None
+
+    def _continue_adapter(self, model, source: str):
+        """--init-adapter: a saved adapter, trainable, so a run continues where an earlier one stopped (one
+        more epoch without a new adapter stacked on a merged copy). Its rank and alpha must be the ones this
+        run records; its own target modules are kept."""
+        from peft import PeftConfig, get_peft_model
+        from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+        from sortedchat.default_model import SHIPPED_ADAPTER
+
+        o = self.opts
+        directory = SHIPPED_ADAPTER if source == "default" else Path(source).expanduser()
+        if not (directory / "adapter_config.json").is_file():
+            raise SortedChatError(f"--init-adapter {source}: no adapter_config.json there (a PEFT adapter directory)")
+        saved = PeftConfig.from_pretrained(str(directory))
+        kind = getattr(saved.peft_type, "value", saved.peft_type)
+        if kind != "LORA":
+            raise SortedChatError(f"--init-adapter {source}: a {kind} adapter; only LoRA adapters can be continued")
+        if (saved.r, saved.lora_alpha) != (o.lora_rank, o.lora_alpha):
+            raise SortedChatError(f"--init-adapter {source}: a LoRA adapter of rank {saved.r}, alpha {saved.lora_alpha}; "
+                                  f"this run asks for --lora-rank {o.lora_rank} --lora-alpha {o.lora_alpha}")
+        saved.inference_mode = False
+        try:  # another base's adapter: modules it targets are missing, or shapes differ
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                model = get_peft_model(model, saved)
+                loaded = set_peft_model_state_dict(model, load_peft_weights(str(directory), device="cpu"))
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise SortedChatError(f"--init-adapter {source}: does not fit --model {o.model}: {first}") from None
+        missing = [k for k in loaded.missing_keys if "lora_" in k]
+        if loaded.unexpected_keys or missing:
+            name = (loaded.unexpected_keys or missing)[0]
+            raise SortedChatError(f"--init-adapter {source}: does not fit --model {o.model}: "
+                                  f"{len(loaded.unexpected_keys)} of its weights have no place in the model and "
+                                  f"{len(missing)} of the model's adapter weights are not in it (e.g. {name})")
+        self._say(f"LoRA adapter starts from {source}")
+        return model
 
     def _encode(self) -> None:
         o = self.opts
@@ -278,13 +318,14 @@ class Trainer:
         self.teacher_top = None
         # A trained decoder needs the teacher's top-K cached (else a teacher pass every step); a frozen one
         # (--method lens) is its own teacher: each step's forward yields the top-K at no extra pass.
-        if o.kd_top_k and o.method != "lens":  # still the frozen start here (LoRA B = 0, lenses = identity)
+        if o.kd_top_k and o.method != "lens":  # the base's full depth: a fresh LoRA's B = 0, a continued one is off
             from sortedchat.training.teacher_cache import model_identity, teacher_top_k
 
             identity = model_identity(self.sm.weights_path) if Path(self.sm.weights_path).is_dir() else self.sm.weights_path
-            with self.acc.main_process_first():
-                self.teacher_top = teacher_top_k(self.objective.model, identity, self.train_enc, o.kd_top_k,
-                                                 self.acc.device, self._say)
+            model = self.objective.model
+            base_only = model.disable_adapter() if o.init_adapter else contextlib.nullcontext()
+            with self.acc.main_process_first(), base_only:
+                self.teacher_top = teacher_top_k(model, identity, self.train_enc, o.kd_top_k, self.acc.device, self._say)
 
     def _build_optimizer(self) -> None:
         from transformers import get_scheduler
@@ -454,6 +495,7 @@ class Trainer:
             "objective": o.objective, "exits": self.exits, "exit_weights": o.exit_weights,
             "exits_per_step": o.exits_per_step, "total_steps": self.total_steps, "lr": o.lr,
             "lenses": o.method == "lens" or o.lenses, "lens_lr": o.lens_lr, "init_lenses": o.init_lenses,
+            "init_adapter": o.init_adapter,
             "kd_top_k": o.kd_top_k, "kd_negatives": o.kd_negatives, "pack": o.pack, "layer_dropout": o.layer_dropout,
             "schedule": o.schedule, "warmup_steps": self.warmup, "weight_decay": o.weight_decay,
             "global_batch": self.global_batch, "seed": o.seed, "lora": self._lora_settings(),
