@@ -744,6 +744,42 @@ def test_soft_can_continue_a_saved_lora_adapter(tiny_dir, alpaca_file, tmp_path,
         run(options(tiny_dir, alpaca_file, first, max_steps=3, lr=3e-2, resume=True, init_adapter=str(first), **kd))
 
 
+def test_drift_measures_how_far_a_models_full_depth_moved_from_a_reference(tiny_dir, alpaca_file, tmp_path, capsys,
+                                                                          monkeypatch):
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    from sortedchat.training import drift
+
+    other = tmp_path / "other"
+    torch.manual_seed(1)
+    LlamaForCausalLM(AutoConfig.from_pretrained(tiny_dir, initializer_range=0.2)).save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(other)
+    drift.main([str(tiny_dir), str(other), "--reference", str(tiny_dir), "--data", str(alpaca_file), "--limit", "3",
+                "--max-length", "64"])
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0] == "| model | top-1 same as reference | KL(reference ‖ model) | first answer token same |"
+    assert rows[2] == f"| {tiny_dir} | 100.0% | 0.0000 | 100% |"
+    name, top1, kl, _ = [c.strip() for c in rows[3].strip("|").split("|")]
+    assert name == str(other) and float(top1.rstrip("%")) < 50 and float(kl) > 0.1
+
+    reference = [torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0]])]
+    model = [torch.tensor([[2.0, 1.0, 0.0], [3.0, 0.0, 1.0]])]
+    d = drift.drift(reference, model)
+    assert (d["top1"], d["first"], d["positions"]) == (0.5, 1.0, 2)
+    p, q = reference[0][1].log_softmax(-1), model[0][1].log_softmax(-1)
+    assert d["kl"] == pytest.approx(float((p.exp() * (p - q)).sum()) / 2)
+    with pytest.raises(SystemExit, match=r"error: --data .*missing.json"):
+        drift.main([str(tiny_dir), "--reference", str(tiny_dir), "--data", str(tmp_path / "missing.json")])
+
+    from sortedchat import loading
+
+    asked, real = [], loading.load_sorted_model
+    monkeypatch.setattr(loading, "load_sorted_model", lambda spec, o: asked.append(spec) or real(spec or str(tiny_dir), o))
+    drift.main(["default", "--reference", "default", "--data", str(alpaca_file), "--limit", "1", "--max-length", "64"])
+    assert asked == [None, None]  # "default" is the built-in model, never a hub id
+    assert capsys.readouterr().out.splitlines()[2] == "| default | 100.0% | 0.0000 | 100% |"
+
+
 def test_training_curves_table_and_plot_from_metrics(tmp_path):
     from sortedchat.training import curves
 
@@ -782,7 +818,7 @@ def test_training_curves_by_exit_draw_one_panel_per_exit_and_one_line_per_run(tm
         curves.main([str(tmp_path / "a"), "--exits", "21,x", "--png", str(tmp_path / "t.png")])
 
 
-def test_training_curves_draw_a_continued_run_after_the_run_it_started_from(tmp_path, capsys):
+def test_training_curves_draw_a_continued_run_after_the_run_it_started_from(tmp_path, capsys, monkeypatch):
     from sortedchat.training import curves
 
     for name, rows in (("lens", [(60, 1000, 0.25), (120, 2000, 0.4)]), ("soft", [(50, 900, 0.45), (100, 1800, 0.5)])):
@@ -796,8 +832,16 @@ def test_training_curves_draw_a_continued_run_after_the_run_it_started_from(tmp_
     (tmp_path / "lens+soft").mkdir()  # a run whose own name has a "+" is one run
     (tmp_path / "lens+soft" / "metrics.jsonl").write_text((tmp_path / "soft" / "metrics.jsonl").read_text())
     assert [r["step"] for r in curves.read_chain(str(tmp_path / "lens+soft"))] == [50, 100]
-    curves.main([f"{tmp_path / 'lens'}+{tmp_path / 'soft'}", "--label", "lens, then soft"])
+    assert [r.get("continues_at") for r in chain] == [None, None, 2000, None]
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt.Figure, "savefig", lambda fig, path, **kw: figures.append(fig))
+    curves.main([f"{tmp_path / 'lens'}+{tmp_path / 'soft'}", "--label", "lens, then soft", "--exits", "2",
+                 "--png", str(tmp_path / "c.png")])
     assert "| 220 | 3,800 | 50.0% |" in capsys.readouterr().out
+    (ax,) = figures[0].axes  # the agreement line, and a dotted mark where the soft run starts (2,000 tokens)
+    assert [list(ln.get_xdata()) for ln in ax.get_lines()] == [[1.0, 2.0, 2.9, 3.8], [2.0, 2.0]]
 
 
 def test_layer_dropout_skips_the_drawn_layers_for_one_step_and_exits_see_the_passed_state(tiny_dir, alpaca_file, tmp_path):

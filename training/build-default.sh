@@ -6,8 +6,10 @@
 #   2. the training corpus (Alpaca but its last 200 records, questions with answers, passage continuations,
 #      the replies) and the held-out set (the last 200 Alpaca records),
 #   3. the lenses alone (RECIPE) into RUN-lens, then SoFT + lenses (CONTINUE, lenses starting from RUN-lens)
-#      into RUN; CONTINUE= (empty) ships the lenses alone from RUN. A finished run is skipped, an interrupted
-#      one resumes,
+#      into RUN; CONTINUE= (empty) ships the lenses alone from RUN. EPOCH2=<recipe> (opt-in, e.g.
+#      training/recipes/smollm2-135m-soft-lens-epoch2.toml) adds a second epoch continuing RUN's adapter and
+#      lenses into RUN-epoch2 and ships that (measured and not shipped by default: see the model card).
+#      A finished run is skipped, an interrupted one resumes,
 #   4. the lenses (and the adapter, if the recipe trains one) copied into the package in float16,
 #   5. auto-mode thresholds calibrated on the held-out records (written into the shipped sortedchat.json).
 # Usage: training/build-default.sh [RUN_DIR]   (default runs/smollm2-default)
@@ -15,6 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RECIPE=${RECIPE:-training/recipes/smollm2-135m-default.toml}
 CONTINUE=${CONTINUE-training/recipes/smollm2-135m-soft-lens-continued.toml}
+EPOCH2=${EPOCH2:-}
 RUN=${1:-runs/smollm2-default}
 SHARED=${SHARED:-../shared/data}
 ASSET=sortedchat/assets/smollm2-135m-soft
@@ -36,14 +39,19 @@ train() {  # train RECIPE OUT [FLAGS...]: skipped when OUT holds a finished run,
   if [ -d "$out/checkpoints" ]; then set -- "$@" --resume; fi
   sortedchat train --recipe "$recipe" --out "$out" "$@"
 }
+SHIP=$RUN
 if [ -n "$CONTINUE" ]; then
   train "$RECIPE" "$RUN-lens"
   train "$CONTINUE" "$RUN" --init-lenses "$RUN-lens"
+  if [ -n "$EPOCH2" ]; then
+    train "$EPOCH2" "$RUN-epoch2" --init-adapter "$RUN" --init-lenses "$RUN"
+    SHIP=$RUN-epoch2
+  fi
 else
   train "$RECIPE" "$RUN"
 fi
 
-python - "$RUN" "$ASSET" <<'PY'
+python - "$SHIP" "$ASSET" <<'PY'
 import json, sys
 from pathlib import Path
 

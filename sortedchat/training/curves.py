@@ -38,7 +38,10 @@ def read_chain(spec: str) -> list[dict]:
     out: list[dict] = []
     for part in [spec] if Path(spec).is_dir() else spec.split("+"):  # a directory may have "+" in its name
         step0, tokens0 = (out[-1]["step"], out[-1]["tokens"]) if out else (0, 0)
-        out += [r | {"step": r["step"] + step0, "tokens": r["tokens"] + tokens0} for r in read_evals(Path(part))]
+        evals = [r | {"step": r["step"] + step0, "tokens": r["tokens"] + tokens0} for r in read_evals(Path(part))]
+        if out and evals:
+            evals[0]["continues_at"] = tokens0  # where the plot marks the start of a continuing run
+        out += evals
     return out
 
 
@@ -62,6 +65,9 @@ def plot(runs: dict[str, list[dict]], png: Path, exits: list[int] | None = None)
         rows = [r for r in evals if e in r["eval"]]
         ax.plot([r["tokens"] / 1e3 for r in rows], [100 * r["eval"][e].get("agree", 0) for r in rows],
                 marker="o", label=label)
+        for r in rows:
+            if "continues_at" in r:
+                ax.axvline(r["continues_at"] / 1e3, color="grey", linestyle=":", linewidth=1)
 
     if exits:
         panels = [(f"exit {e}", [(evals, e, label) for label, evals in runs.items()]) for e in exits]
@@ -76,10 +82,10 @@ def plot(runs: dict[str, list[dict]], png: Path, exits: list[int] | None = None)
         ax.set_xlabel("training tokens (thousands)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("held-out top-1 agreement with full depth (%)")
-    axes[0][-1].legend(fontsize=8, loc="lower right")
+    axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the lines, never on them
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=110, bbox_inches="tight")
 
 
 def exit_list(text: str) -> list[int]:
