@@ -247,12 +247,12 @@ class Trainer:
         from peft import LoraConfig, get_peft_model
 
         o = self.opts
+        if o.init_adapter:
+            return self._continue_adapter(model, o.init_adapter)
         targets = o.lora_targets if o.lora_targets == "all-linear" else [t.strip() for t in o.lora_targets.split(",")]
         keep = [m.strip() for m in o.lora_modules_to_save.split(",") if m.strip()] or None
         config = LoraConfig(r=o.lora_rank, lora_alpha=o.lora_alpha, lora_dropout=o.lora_dropout,
                             target_modules=targets, modules_to_save=keep, task_type="CAUSAL_LM")
-        if o.init_adapter:
-            return self._continue_adapter(model, o.init_adapter)
         try:
             with warnings.catch_warnings():  # peft calls a transformers API deprecated in 5.x
                 warnings.simplefilter("ignore", FutureWarning)
