@@ -1,4 +1,9 @@
-"""Where sortedchat keeps converted models, chats and settings (platformdirs, overridable for tests)."""
+"""Where sortedchat keeps converted models, chats and settings (platformdirs, overridable for tests).
+
+A folder that is a file (`SORTEDCHAT_CACHE_DIR=~/notes.txt`) is refused with the variable and the path named:
+left alone, the cache would fail with a traceback deep in a conversion, and the settings would be silently
+ignored (a missing `config.toml` means "defaults").
+"""
 
 from __future__ import annotations
 
@@ -7,16 +12,28 @@ from pathlib import Path
 
 import platformdirs
 
+from sortedchat import SortedChatError
+
 APP = "sortedchat"
 
 
+def _folder(variable: str, default: str) -> Path:
+    """The folder `variable` names (else `default`), checked not to be a file."""
+    given = os.environ.get(variable)
+    path = Path(given or default).expanduser()
+    if path.exists() and not path.is_dir():
+        where = f"{variable}={given}" if given else f"{path} (the default for {variable})"
+        raise SortedChatError(f"{where}: is a file, not a folder")
+    return path
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("SORTEDCHAT_CACHE_DIR") or platformdirs.user_cache_dir(APP))
+    return _folder("SORTEDCHAT_CACHE_DIR", platformdirs.user_cache_dir(APP))
 
 
 def data_dir() -> Path:
-    return Path(os.environ.get("SORTEDCHAT_DATA_DIR") or platformdirs.user_data_dir(APP))
+    return _folder("SORTEDCHAT_DATA_DIR", platformdirs.user_data_dir(APP))
 
 
 def config_dir() -> Path:
-    return Path(os.environ.get("SORTEDCHAT_CONFIG_DIR") or platformdirs.user_config_dir(APP))
+    return _folder("SORTEDCHAT_CONFIG_DIR", platformdirs.user_config_dir(APP))

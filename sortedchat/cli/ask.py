@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from sortedchat import SortedChatError
 from sortedchat.cli import options as o
 from sortedchat.cli.option_groups import takes_groups
 from sortedchat.cli.prechecks import check_before_loading
@@ -30,6 +31,8 @@ def ask(
 ) -> None:
     """Answer one prompt, streaming tokens coloured by the layer they exited at."""
     o.unicode_text(prompt, "the prompt")
+    if not prompt.strip():  # the model would answer a question nobody asked
+        raise SortedChatError("the prompt is empty; give a question, e.g. sortedchat ask \"What is SoFT?\"")
     o.unicode_text(system, "--system")
     check_before_loading(model, load, mode)
     from sortedchat.engine import ChatSession  # torch: after the checks that need none

@@ -7,6 +7,7 @@ so a typo in a recipe never silently trains with a default.
 
 from __future__ import annotations
 
+import math
 import tomllib
 import types
 import typing
@@ -223,7 +224,16 @@ def _at_least(o: TrainOptions, names: tuple[str, ...], low: int, words: str) -> 
             raise SortedChatError(f"--{name.replace('_', '-')}: {words}")
 
 
+def _check_finite(o: TrainOptions) -> None:
+    """`--lr nan` or `inf` compares false with every bound below, so it is refused first."""
+    for name, value in asdict(o).items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise SortedChatError(f"--{name.replace('_', '-')}: must be a finite number, got {v}")
+
+
 def _check_ranges(o: TrainOptions) -> None:
+    _check_finite(o)
     _at_least(o, ("batch_size", "grad_accum", "max_length", "epochs", "log_interval", "keep_checkpoints"), 1,
               "must be at least 1")
     _at_least(o, ("max_steps", "holdout", "eval_interval", "save_interval", "warmup_steps", "exits_per_step"), 0,

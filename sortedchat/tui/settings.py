@@ -6,6 +6,7 @@ that names the file, the line and the key, so the command prints one line instea
 
 from __future__ import annotations
 
+import math
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -119,6 +120,8 @@ def check_value(name: str, value):
     if name in ("temperature", "top_p"):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError("must be a number")
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
         if name == "temperature" and value < 0:
             raise ValueError("must be >= 0 (0 = greedy)")
         if name == "top_p" and not 0 < value <= 1:
