@@ -50,11 +50,51 @@ def test_always_draft_needs_speculative(tiny_dir):
 
 
 def test_summary_says_how_many_tokens_pacing_decoded_at_full_depth():
-    from sortedchat.cli.render import summary_line
+    from sortedchat.cli.render import summary_parts
     from sortedchat.engine.events import GenerationStats
 
     stats = GenerationStats(num_layers=6, tokens=10, drafted=4, accepted=2, verifications=2, paced=5, decode_seconds=1.0)
-    assert "accepted 50% of drafts (1.00/verify) · 5 at full depth (drafting was slower)" in summary_line(stats)
+    assert summary_parts(stats)[-2:] == ["accepted 50% of drafts (1.00/verify)", "5 at full depth (drafting was slower)"]
+
+
+def test_the_summary_breaks_lines_between_items_never_inside_one():
+    from rich.console import Console
+
+    from sortedchat.cli.render import AnswerPrinter
+    from sortedchat.engine.events import GenerationStats
+
+    stats = GenerationStats(num_layers=30, tokens=49, drafted=20, accepted=5, verifications=5, paced=44,
+                            exit_sum=49 * 30, decode_seconds=8.6, layer_evals=49 * 35)
+    console = Console(record=True, width=80)
+    AnswerPrinter(30, 9, console=console).summary(stats)
+    assert console.export_text().strip().splitlines() == [
+        "49 tokens · 5.7 tok/s · mean exit 30.0/30 · layer compute saved -17%",
+        "accepted 25% of drafts (1.00/verify) · 44 at full depth (drafting was slower)",
+    ]
+
+
+@pytest.mark.parametrize("command", [[], *([c] for c in
+                                           ["chat", "ask", "info", "pull", "train", "eval", "bench", "calibrate"])])
+def test_help_shows_flags_as_flags_arguments_in_capitals_and_every_help_text(command):
+    res = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "80", "NO_COLOR": "1"})
+    assert res.exit_code == 0, res.output
+    assert "<bool>" not in res.stdout and "{" not in res.stdout
+    assert all(len(line) <= 80 for line in res.stdout.splitlines())
+
+
+def test_ask_help_reads_as_the_command_is_typed():
+    text = runner.invoke(app, ["ask", "--help"], env={"COLUMNS": "80", "NO_COLOR": "1"}).stdout
+    assert "Usage: sortedchat ask [OPTIONS] PROMPT" in text
+    [json_row] = [line for line in text.splitlines() if "--json" in line]
+    assert json_row.split() == ["│", "--json", "Print", "one", "JSON", "event", "per", "line", "│"]
+    assert "Usage: sortedchat pull [OPTIONS] [MODEL]" in runner.invoke(app, ["pull", "--help"]).stdout
+
+
+def test_help_texts_in_brackets_and_docstrings_over_two_lines_show_whole():
+    bench = " ".join(runner.invoke(app, ["bench", "--help"], env={"COLUMNS": "200"}).stdout.split())
+    assert ".json [default: the built-in set]" in bench
+    top = " ".join(runner.invoke(app, ["--help"], env={"COLUMNS": "200"}).stdout.split())
+    assert "for a target agreement; write them into the model's sortedchat.json." in top
 
 
 def test_info_lists_layers_exits_and_weights(tiny_dir):

@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib
 import sys
 
-import typer
+from sortedchat.cli.help_format import SortedChatTyper
 
-app = typer.Typer(
+app = SortedChatTyper(
     name="sortedchat",
     help="Chat with a Sorted Fine-Tuned model whose depth adapts per token, and train one.",
     no_args_is_help=False,
