@@ -60,17 +60,16 @@ def test_summary_says_how_many_tokens_pacing_decoded_at_full_depth():
 def test_the_summary_breaks_lines_between_items_never_inside_one():
     from rich.console import Console
 
-    from sortedchat.cli.render import AnswerPrinter
+    from sortedchat.cli.render import AnswerPrinter, summary_parts
     from sortedchat.engine.events import GenerationStats
 
     stats = GenerationStats(num_layers=30, tokens=49, drafted=20, accepted=5, verifications=5, paced=44,
                             exit_sum=49 * 30, decode_seconds=8.6, layer_evals=49 * 35)
     console = Console(record=True, width=80)
     AnswerPrinter(30, 9, console=console).summary(stats)
-    assert console.export_text().strip().splitlines() == [
-        "49 tokens · 5.7 tok/s · mean exit 30.0/30 · layer compute saved -17%",
-        "accepted 25% of drafts (1.00/verify) · 44 at full depth (drafting was slower)",
-    ]
+    lines = console.export_text().strip().splitlines()
+    assert len(lines) > 1 and all(len(line) <= 80 for line in lines)
+    assert [item for line in lines for item in line.split(" · ")] == summary_parts(stats)
 
 
 @pytest.mark.parametrize("command", [[], *([c] for c in
@@ -86,7 +85,7 @@ def test_ask_help_reads_as_the_command_is_typed():
     text = runner.invoke(app, ["ask", "--help"], env={"COLUMNS": "80", "NO_COLOR": "1"}).stdout
     assert "Usage: sortedchat ask [OPTIONS] PROMPT" in text
     [json_row] = [line for line in text.splitlines() if "--json" in line]
-    assert json_row.split() == ["│", "--json", "Print", "one", "JSON", "event", "per", "line", "│"]
+    assert json_row.split()[1:4] == ["--json", "Print", "one"]  # a flag: no value type between
     assert "Usage: sortedchat pull [OPTIONS] [MODEL]" in runner.invoke(app, ["pull", "--help"]).stdout
 
 
