@@ -21,7 +21,7 @@ LAYERS = [
     {"engine"},  # decoding, all three modes
     {"bench", "training"},  # tools on the model and the engine
     {"calibrate"},  # uses the bench's costs and the training data readers
-    {"tui"},  # the chat app
+    {"tui", "server"},  # the front ends beside the command line: the chat app, the OpenAI-compatible server
     {"cli", "__main__"},  # the command line, which also starts the app
 ]
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}

@@ -34,7 +34,8 @@ _quiet_libraries()
 
 # Modules that define `register(app)`; each adds its own commands.
 COMMAND_MODULES = ["sortedchat.cli.chat", "sortedchat.cli.ask", "sortedchat.cli.info", "sortedchat.cli.pull",
-                   "sortedchat.cli.train", "sortedchat.cli.eval", "sortedchat.cli.bench", "sortedchat.cli.calibrate"]
+                   "sortedchat.cli.train", "sortedchat.cli.eval", "sortedchat.cli.bench", "sortedchat.cli.calibrate",
+                   "sortedchat.cli.serve"]
 
 for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(app)

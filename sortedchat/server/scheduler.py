@@ -1,0 +1,188 @@
+"""One engine thread runs every request's generation, token by token in turn, so that no request starves.
+
+`ChatSession` is not thread-safe and the requests share one `SortedModel`, so the HTTP side never touches the
+engine: it `submit`s a `Job` and reads the job's events from its `outbox` (an asyncio queue the engine thread
+fills through the event loop). Up to `slots` jobs generate at once, each on its own session from the
+`SessionPool`; up to `queue` more wait for a slot, and a request beyond that is refused (`Busy`, a 503). Before
+every step the engine admits waiting jobs into free slots, so a new request's prompt is read after at most one
+step of each running answer. A job the client gave up on (`cancel`) is ended before its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sortedchat import SortedChatError
+from sortedchat.engine.events import GenerationStats, TokenEvent
+from sortedchat.engine.modes import Mode
+from sortedchat.engine.sampling import SamplingConfig
+from sortedchat.server.sessions import SessionPool
+
+
+def check_capacity(slots: int, queue: int) -> None:
+    if slots < 1 or queue < 0:
+        raise SortedChatError(f"--slots must be at least 1 and --queue at least 0, got {slots} and {queue}")
+
+
+class Busy(Exception):
+    """Every slot and every place in the queue is taken."""
+
+
+@dataclass(frozen=True)
+class Done:
+    """The last item of a job's outbox: the answer's stats, or the error that ended it."""
+
+    stats: GenerationStats | None
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's generation. `deliver` is called on the engine thread with each `TokenEvent`, then a `Done`."""
+
+    prompt: list[int]
+    mode: Mode
+    sampling: SamplingConfig
+    deliver: Callable[[TokenEvent | Done], None]
+    cancelled: bool = False  # the client left before the answer ended
+    ended: bool = False
+    stats: GenerationStats | None = None
+    generation: object = field(default=None, repr=False)  # the session's event iterator, once admitted
+    session: object = field(default=None, repr=False)
+
+    @classmethod
+    def to_loop(cls, loop: asyncio.AbstractEventLoop, outbox: asyncio.Queue, **fields) -> "Job":
+        """A job whose events land in `outbox`, an asyncio queue served by `loop`."""
+        def deliver(item):
+            loop.call_soon_threadsafe(outbox.put_nowait, item)
+
+        return cls(deliver=deliver, **fields)
+
+
+class Scheduler:
+    """The engine thread and its jobs: `start`, `submit`, `cancel`, `stop`; `counts` tells what it holds.
+
+    Slots are handed out under the lock, by whichever thread frees or asks for one (`_fill`): a request that finds
+    a free slot holds it at once, and runs right after the step in progress. `active` is the round-robin order;
+    `_turn` is the index of the job that steps next."""
+
+    def __init__(self, sm, slots: int = 4, queue: int = 16, spare_sessions: int = 4):
+        check_capacity(slots, queue)
+        self.sm, self.slots, self.queue_size = sm, slots, queue
+        self.pool = SessionPool(sm, slots + spare_sessions)  # touched by the engine thread only
+        self.waiting: collections.deque[Job] = collections.deque()
+        self.active: list[Job] = []
+        self.ended: collections.deque[Job] = collections.deque(maxlen=64)  # the last jobs ended, newest last
+        self.finished = self.interrupted = 0  # jobs ended, however; of them, those their client left
+        self._wake = threading.Condition()  # guards the lists, the counters and `_turn` (re-entrant)
+        self._turn = 0
+        self._stepping: Job | None = None
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="sortedchat-engine", daemon=True)
+
+    # -- any thread ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self._wake:
+            if self._stopping or len(self.waiting) + len(self.active) >= self.slots + self.queue_size:
+                raise Busy
+            self.waiting.append(job)
+            self._fill()
+            self._wake.notify()
+
+    def cancel(self, job: Job) -> None:
+        """The client is gone: the job ends before its next step (at once if it still waits for a slot)."""
+        with self._wake:
+            job.cancelled = not job.ended
+            if job in self.waiting:  # its place in the queue is free now
+                self.waiting.remove(job)
+                self._end(job)
+            self._wake.notify()
+
+    def counts(self) -> dict[str, int]:
+        with self._wake:
+            return {"active": len(self.active), "waiting": len(self.waiting), "slots": self.slots,
+                    "queue": self.queue_size, "finished": self.finished, "interrupted": self.interrupted}
+
+    def stop(self) -> None:
+        """End every job and the engine thread (the server is shutting down)."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _fill(self) -> None:
+        """Waiting jobs into free slots (under the lock), placed to step next: right after the job stepping now."""
+        while self.waiting and len(self.active) < self.slots:
+            at = self.active.index(self._stepping) + 1 if self._stepping in self.active else self._turn
+            self.active.insert(min(at, len(self.active)), self.waiting.popleft())
+
+    # -- the engine thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._stopping or self.active):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                self._turn %= len(self.active)
+                job = self._stepping = self.active[self._turn]
+            self._step(job)
+            with self._wake:
+                if job in self.active:  # else it left, and the job after it moved into its place
+                    self._turn = self.active.index(job) + 1
+                self._stepping = None
+        for job in list(self.waiting) + self.active:
+            job.cancelled = True
+            self._end(job)
+
+    def _step(self, job: Job) -> None:
+        """One token of `job` (the first step also reads its prompt); a job that is over leaves its slot."""
+        if job.cancelled:
+            self._end(job)
+            return
+        try:
+            if job.generation is None:
+                job.session = self.pool.take(job.prompt)
+                job.session.mode = job.mode
+                job.session.draft_len = job.mode.draft_len  # each request starts drafting as it asked
+                job.generation = job.session.generate_ids(job.prompt, job.sampling, lambda: job.cancelled)
+            event = next(job.generation)
+            job.stats = job.session.last_stats
+            job.deliver(event)
+        except StopIteration:
+            job.stats = job.session.last_stats
+            self._end(job)
+        except Exception as exc:  # noqa: BLE001 - a failed answer ends that request, never the server
+            self._end(job, Done(job.stats, str(exc) if isinstance(exc, SortedChatError)
+                                else f"{type(exc).__name__}: {exc}"))
+
+    def _end(self, job: Job, done: Done | None = None) -> None:
+        """Close the job's generation, return its session, free its slot, tell the client (if still there)."""
+        if job.generation is not None:
+            job.generation.close()
+        if job.cancelled and job.stats is not None and not job.stats.stopped:
+            job.stats.stopped = "interrupted"
+        if job.session is not None:
+            self.pool.give_back(job.session, usable=done is None or done.error is None)
+            job.session = None
+        with self._wake:
+            if job in self.active:
+                self.active.remove(job)
+            job.ended = True
+            self.finished += 1
+            self.interrupted += job.cancelled
+            self.ended.append(job)
+            if not self._stopping:
+                self._fill()
+        try:
+            job.deliver(done or Done(job.stats))
+        except RuntimeError:  # the event loop has closed: nobody is listening any more
+            pass
