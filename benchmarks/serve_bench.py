@@ -1,0 +1,161 @@
+"""`sortedchat serve` against the engine driven directly, in one process, on one loaded model.
+
+The server is the real one (uvicorn on a thread of this process, a free port of 127.0.0.1), reached with the
+official `openai` client, streamed; the baseline is what `sortedchat ask` runs: a fresh `ChatSession` streaming
+its events on the main thread. Every answer runs to exactly `-n` tokens (`ignore_eos`), greedy.
+
+1. One streamed full-depth answer: tokens/s through the server / tokens/s direct (decode: first token to last,
+   as the client sees it). Rounds alternate, medians.
+2. Four concurrent streams (four prompts, each at its own mode): their total tokens/s / one stream's
+   (the same prompts one at a time, through the server); each concurrent answer must equal its own single run.
+3. Time to first token of a ~100-token prompt while three other streams run / the same when the server is idle.
+
+The machine may be shared: the load average is printed before and after.
+
+    python benchmarks/serve_bench.py                 # default model, 96 tokens, 3 rounds
+    python benchmarks/serve_bench.py -n 64 --rounds 2 --model path/to/checkpoint
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Optional
+
+import openai
+import typer
+
+from sortedchat.cli.serve import build_app
+from sortedchat.engine import ChatSession, Mode, SamplingConfig
+from sortedchat.engine.session import encode_chat
+from sortedchat.loading import LoadOptions, load_sorted_model
+from sortedchat.server.running import in_background
+
+PROMPTS = ["Explain how a bicycle stays upright.", "Write a short poem about the sea.",
+           "List five uses of a paper clip.", "What makes bread rise?"]
+LONG_PROMPT_TOKENS = 100
+FILLER = ("Summarise the following notes in two sentences. The committee met on Monday to discuss the budget for "
+          "the new library wing, the schedule of the building works, the choice of furniture, the opening hours "
+          "during the holidays, the hiring of two more librarians and a plan to lend laptops to students who need "
+          "them for their studies at home, as well as the reading club and the children's corner. ") * 4
+
+
+def messages(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def long_prompt(sm) -> str:
+    """The filler cut to the longest prefix whose chat prompt is at most LONG_PROMPT_TOKENS tokens."""
+    words = FILLER.split()
+    while len(encode_chat(sm, messages(" ".join(words)))) > LONG_PROMPT_TOKENS:
+        words.pop()
+    return " ".join(words)
+
+
+class Stream:
+    """One streamed answer through the server: its text, exit layers and clocks (request, first and last token)."""
+
+    def __init__(self, url: str, prompt: str, tokens: int, fields: dict):
+        self.text, self.exits = "", []
+        self.start = time.perf_counter()
+        self.first = self.last = None
+        api = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+        for chunk in api.chat.completions.create(model="bench", messages=messages(prompt), max_tokens=tokens,
+                                                 stream=True, extra_body={"ignore_eos": True, **fields}):
+            for choice in chunk.choices:
+                if "exit_layer" in (choice.model_extra or {}):
+                    self.last = time.perf_counter()
+                    self.first = self.first or self.last
+                    self.text += choice.delta.content or ""
+                    self.exits.append(choice.model_extra["exit_layer"])
+
+    @property
+    def decode_rate(self) -> float:
+        return (len(self.exits) - 1) / (self.last - self.first)
+
+    @property
+    def ttft(self) -> float:
+        return self.first - self.start
+
+
+def direct_rate(sm, prompt: str, tokens: int) -> float:
+    """`sortedchat ask`'s loop: a fresh session streaming on this thread; decode tokens/s, first token to last."""
+    stamps = [time.perf_counter() for _ in ChatSession(sm, Mode.fixed()).generate(
+        messages(prompt), SamplingConfig(max_new_tokens=tokens, stop_at_end_of_turn=False))]
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def decoding(scheduler, count: int, polls: int = 60_000) -> None:
+    """Wait until `count` answers have read their prompts and are decoding."""
+    for _ in range(polls):
+        active = list(scheduler.active)
+        if len(active) >= count and all(job.stats is not None for job in active):
+            return
+        time.sleep(0.01)
+    raise SystemExit(f"the {count} background answers never started")
+
+
+def main(
+    model: Annotated[Optional[str], typer.Option(help="--model as for sortedchat (default: built-in)")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 96,
+    rounds: Annotated[int, typer.Option(help="Rounds of each measure (medians)")] = 3,
+    device: Annotated[str, typer.Option()] = "cpu",
+) -> None:
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} CPUs)")
+    sm = load_sorted_model(model, LoadOptions(device=device))
+    n, L = max_new_tokens, sm.num_layers
+    modes = [{"mode": "full"}, {"mode": "depth", "depth": sm.exits[len(sm.exits) // 2]}, {"mode": "auto"},
+             {"mode": "speculative", "depth": sm.default_draft_exit}]
+    app = build_app(sm, "bench", Mode.fixed(), SamplingConfig(), None, slots=4, queue=4)
+    scheduler = app.state.scheduler
+    with in_background(app) as url:
+        Stream(url, PROMPTS[0], 8, {})  # warm-up: the first request pays one-time costs
+        direct_rate(sm, PROMPTS[0], 8)
+
+        served, direct = [], []
+        for _ in range(rounds):
+            served.append(Stream(url, PROMPTS[0], n, {"mode": "full"}).decode_rate)
+            direct.append(direct_rate(sm, PROMPTS[0], n))
+        s, d = statistics.median(served), statistics.median(direct)
+        print(f"1. full depth, streamed, {n} tokens: server {s:.1f} tok/s, direct {d:.1f} tok/s, "
+              f"ratio {s / d:.3f} (target >= 0.95)")
+
+        singles = [Stream(url, p, n, f) for p, f in zip(PROMPTS, modes)]
+        one = statistics.median(len(x.exits) / (x.last - x.start) for x in singles)
+        totals, identical = [], True
+        for _ in range(rounds):
+            start = time.perf_counter()
+            with ThreadPoolExecutor(4) as pool:
+                together = list(pool.map(lambda pf: Stream(url, pf[0], n, pf[1]), zip(PROMPTS, modes)))
+            totals.append(sum(len(x.exits) for x in together) / (max(x.last for x in together) - start))
+            identical &= all((x.text, x.exits) == (y.text, y.exits) for x, y in zip(together, singles))
+        total = statistics.median(totals)
+        print(f"2. 4 concurrent streams ({', '.join(f.get('mode') for f in modes)}), {n} tokens each: total "
+              f"{total:.1f} tok/s, one stream {one:.1f} tok/s (request to last token), ratio {total / one:.2f} "
+              f"(target >= 2.5); each answer identical to its single run: {identical}")
+
+        prompt = long_prompt(sm)
+        size = len(encode_chat(sm, messages(prompt)))
+        idle, loaded = [], []
+        for r in range(rounds):
+            # Each prompt starts differently, so none reuses another's K/V beyond the chat template's start.
+            idle.append(Stream(url, f"(idle {r}) {prompt}", 1, {"mode": "full"}).ttft)
+            with ThreadPoolExecutor(3) as pool:
+                others = [pool.submit(Stream, url, PROMPTS[i], 4 * n, {"mode": "full"}) for i in range(3)]
+                decoding(scheduler, 3)
+                loaded.append(Stream(url, f"(busy {r}) {prompt}", 1, {"mode": "full"}).ttft)
+                for job in list(scheduler.active):
+                    scheduler.cancel(job)
+                for other in others:
+                    other.result()
+        i, b = statistics.median(idle), statistics.median(loaded)
+        print(f"3. time to first token, {size}-token prompt: idle {i * 1000:.0f} ms, with 3 streams running "
+              f"{b * 1000:.0f} ms, ratio {b / i:.2f} (target <= 2)")
+    print(f"model: {sm.source} ({L} layers); load average after: "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    typer.run(main)
