@@ -21,6 +21,8 @@ EXIT_HEADS_NAME = "exit_heads.safetensors"
 EXIT_LENSES_NAME = "exit_lenses.safetensors"  # per-exit affine lenses (`sortedchat train --method lens / --lenses`)
 CLASSIFIER_NAME = "exit_classifier.safetensors"  # the `classifier` confidence measure's weights
 FORMAT_VERSION = 1
+# The names of `engine.confidence.MEASURES`, which a file is checked against before anything loads.
+CONFIDENCE_MEASURES = ("maxprob", "subset", "classifier", "saturation")
 
 
 def default_exits(num_layers: int, count: int = 8) -> list[int]:
@@ -91,6 +93,7 @@ class SortedConfig:
         exits = raw.get("exits")
         if exits is not None and (not isinstance(exits, list) or not all(isinstance(e, int) for e in exits)):
             raise SortedChatError(f"{path}: 'exits' must be a list of layer numbers")
+        _check_meaning(raw, path)
         return cls(**raw)
 
     def write(self, directory: str | os.PathLike) -> Path:
@@ -98,6 +101,27 @@ class SortedConfig:
         data = asdict(self)
         data["thresholds"] = {str(k): v for k, v in sorted(self.thresholds.items())}
         return atomic_write_text(Path(directory) / CONFIG_NAME, json.dumps(data, indent=2) + "\n")
+
+
+def _check_meaning(raw: dict, path: Path) -> None:
+    """What the fields say must make sense together: a format this version reads, exits to exit at, thresholds
+    only for them, a confidence measure that exists."""
+    version = raw.get("format", FORMAT_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+        raise SortedChatError(f"{path}: 'format' {version!r} is not one this sortedchat reads (1..{FORMAT_VERSION}; "
+                              "a newer sortedchat may have written it)")
+    exits = raw.get("exits")
+    if exits is not None and not exits:
+        raise SortedChatError(f"{path}: 'exits' is empty (list the exit layers, or leave the field out for the "
+                              "default exits)")
+    strays = sorted(set(raw["thresholds"]) - set(exits or raw["thresholds"]))
+    if strays:
+        raise SortedChatError(f"{path}: 'thresholds' {strays[0]}: layer {strays[0]} is not one of the exits "
+                              f"{', '.join(map(str, exits))}")
+    confidence = raw.get("confidence", "maxprob")
+    if confidence not in CONFIDENCE_MEASURES:
+        raise SortedChatError(f"{path}: 'confidence' {confidence!r} is not a confidence measure (choose "
+                              f"{', '.join(CONFIDENCE_MEASURES)})")
 
 
 def atomic_write_text(path: Path, text: str) -> Path:

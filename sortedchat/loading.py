@@ -8,6 +8,7 @@ Safe by default: safetensors only unless `--allow-pickle`, no remote code unless
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,10 @@ from sortedchat.sorted_model import ExitHeads, ExitLenses, SortedModel
 
 DEFAULT_BASE = "default"  # the value of `base_model` that names the built-in SmolLM2 base
 DEFAULT_LABEL = "SmolLM2-135M-Instruct (default)"  # the source a user sees when no --model was given
+
+# bitsandbytes (imported by peft, which applies the default's adapter) warns on the terminal at import about an
+# optional CPU kernel package we do not use.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 @dataclass
@@ -100,7 +105,9 @@ def _from_pretrained(source: str, opts: LoadOptions, device: torch.device, dtype
     from transformers import AutoModelForCausalLM
 
     quant = _quantization(opts, dtype)
-    kwargs = dict(dtype=dtype, trust_remote_code=opts.trust_remote_code, use_safetensors=not opts.allow_pickle or None)
+    # local_files_only: only `sortedchat pull` reaches the network (a hub id not cached is refused before this)
+    kwargs = dict(dtype=dtype, trust_remote_code=opts.trust_remote_code, use_safetensors=not opts.allow_pickle or None,
+                  local_files_only=True)
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": str(device)})
     try:
@@ -118,7 +125,8 @@ def _tokenizer(source: str | Path, opts: LoadOptions):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=opts.trust_remote_code)
+        return AutoTokenizer.from_pretrained(str(source), trust_remote_code=opts.trust_remote_code,
+                                             local_files_only=True)
     except Exception as exc:
         raise SortedChatError(f"{source}: cannot load tokenizer ({_first_line(exc)})") from None
 
@@ -138,13 +146,12 @@ def pull_hub_model(repo_id: str) -> str:
 
 
 def _check_hub_cache(repo_id: str) -> None:
-    from huggingface_hub import constants, try_to_load_from_cache
+    """A hub id must be in the local hub cache, whatever HF_HUB_OFFLINE says: only `pull` downloads."""
+    from huggingface_hub import try_to_load_from_cache
 
-    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
-        raise SortedChatError(
-            f"--model {repo_id}: not a local path, and not in the local hub cache "
-            f"(run `sortedchat pull {repo_id}` to download it)"
-        )
+    if not isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        raise SortedChatError(f"--model {repo_id}: not a local path, and not in the local hub cache "
+                              f"(run `sortedchat pull {repo_id}` to download it)")
 
 
 def gguf_cache_dir(gguf: Path) -> Path:
@@ -208,6 +215,8 @@ def _resolve_base(base: str, progress: Progress) -> str:
         from sortedchat.default_model import base_model_dir
 
         return str(base_model_dir(progress))
+    if not Path(base).expanduser().exists():
+        _check_hub_cache(base)
     return base
 
 
@@ -251,10 +260,10 @@ def _locate(spec: str | None, progress: Progress) -> Path | None:
 def _converted_gguf(spec: str, path: Path, progress: Progress) -> Path:
     if not path.is_file():
         raise SortedChatError(f"--model {spec}: no such file")
-    directory = gguf_cache_dir(path)
-    if not (directory / "model.safetensors").is_file():
-        from sortedchat.convert import convert_gguf
+    from sortedchat.convert import convert_gguf, incomplete
 
+    directory = gguf_cache_dir(path)
+    if incomplete(directory) is not None:
         convert_gguf(path, directory, progress)
     return directory
 
@@ -306,8 +315,9 @@ def _load_adapter(directory: Path, cfg: SortedConfig, opts: LoadOptions, device,
     if not base:
         raise SortedChatError(f"{directory}: adapter names no base model (set base_model in {CONFIG_NAME})")
     model, base_dir = _load_base(base, opts, device, dtype, progress)
+    progress(f"applying the adapter in {directory.name}", None)
     try:
-        peft_model = PeftModel.from_pretrained(model, str(directory))
+        peft_model = PeftModel.from_pretrained(model, str(directory), local_files_only=True)
     except Exception as exc:
         raise SortedChatError(f"{directory}: cannot apply adapter ({_first_line(exc)})") from None
     quantized = opts.load_in_4bit or opts.load_in_8bit

@@ -9,6 +9,7 @@ the results go to the user data dir and the error says where.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -51,12 +52,28 @@ def check_output_dir(path: Path | str, flag: str) -> Path:
     return path
 
 
+def write_error(exc: BaseException) -> str | None:
+    """Why a write failed ("No space left on device"), when `exc` is a failed write; None for anything else.
+
+    safetensors reports a full disk as its own `SafetensorError` ("... I/O error: No space left on device (os
+    error 28)"), not as an OSError, so both are recognised here."""
+    if isinstance(exc, OSError):
+        if exc.strerror:
+            return exc.strerror
+        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else exc.errno
+        return os.strerror(code) if code else str(exc) or type(exc).__name__
+    found = re.search(r"I/O error: (.+?)(?: \(os error \d+\))?$", str(exc).strip())
+    return found.group(1) if type(exc).__name__ == "SafetensorError" and found else None
+
+
 def write_or_rescue(path: Path, flag: str, write: Callable[[Path], Path]) -> Path:
     """`write(path)`; if that fails, `write` into the user data dir and raise an error saying where."""
     try:
         return write(path)
-    except OSError as exc:
+    except Exception as exc:
+        reason = write_error(exc)
+        if reason is None:
+            raise
         rescue = data_dir() / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}-{path.name}"
         write(rescue)
-        raise SortedChatError(f"{flag} {path}: cannot write ({exc.strerror or exc}); the results are in {rescue}") \
-            from None
+        raise SortedChatError(f"{flag} {path}: cannot write ({reason}); the results are in {rescue}") from None

@@ -114,10 +114,12 @@ def _tiny_adapter(tiny_dir, path):
     return peft_model
 
 
-def test_shipped_adapter_is_merged_once_and_rebuilt_when_any_shipped_file_changes(tiny_dir, tmp_path, monkeypatch):
-    """The default model is base + the adapter in sortedchat/assets: merged into the cache on first use,
-    loaded from there afterwards, merged again when the weights, thresholds or classifier change."""
-    from sortedchat import convert, default_model
+def test_shipped_adapter_is_copied_once_merged_as_it_loads_and_copied_again_when_any_shipped_file_changes(
+        tiny_dir, tmp_path, monkeypatch):
+    """The default model is base + the adapter in sortedchat/assets: its files are copied into the cache on first
+    use (no second copy of the weights: the adapter merges as it loads), loaded from there afterwards, copied
+    again when the weights, thresholds or classifier change, or when the copy lost a file."""
+    from sortedchat import default_model
 
     shipped = tmp_path / "assets" / "soft"
     peft_model = _tiny_adapter(tiny_dir, shipped)
@@ -126,26 +128,71 @@ def test_shipped_adapter_is_merged_once_and_rebuilt_when_any_shipped_file_change
     monkeypatch.setattr(default_model, "SHIPPED_ADAPTER", shipped)
     monkeypatch.setattr(default_model, "base_model_dir", lambda progress=None: tiny_dir)
 
-    merges = []
-    real_merge = convert.merge_adapter
-    monkeypatch.setattr(convert, "merge_adapter", lambda *a: merges.append(a) or real_merge(*a))
+    copies = []
+    real_copy = default_model._copy_shipped
+    monkeypatch.setattr(default_model, "_copy_shipped", lambda *a: copies.append(a) or real_copy(*a))
     sm = load_sorted_model(None, CPU)
-    assert len(merges) == 1
+    cached = default_model.default_model_dir()
+    assert len(copies) == 1 and not (cached / "model.safetensors").exists()
     assert sm.exits == [2, 4, 6] and sm.thresholds()[2] == 0.8
-    assert (default_model.default_model_dir() / "exit_classifier.safetensors").read_bytes() == b"classifier v1"
+    assert (cached / "exit_classifier.safetensors").read_bytes() == b"classifier v1"
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         torch.testing.assert_close(sm.model(input_ids=ids).logits, peft_model(input_ids=ids).logits,
                                    atol=1e-5, rtol=1e-5)
 
     load_sorted_model(None, CPU)
-    assert len(merges) == 1  # cached
+    assert len(copies) == 1  # cached
     SortedConfig(exits=[2, 4, 6], thresholds={2: 0.5}, base_model="default").write(shipped)
     assert load_sorted_model(None, CPU).thresholds()[2] == 0.5
-    assert len(merges) == 2
+    assert len(copies) == 2
     (shipped / "exit_classifier.safetensors").write_bytes(b"classifier v2")
     assert (default_model.default_model_dir() / "exit_classifier.safetensors").read_bytes() == b"classifier v2"
-    assert len(merges) == 3
+    assert len(copies) == 3
+    (cached / "adapter_model.safetensors").unlink()  # a broken cache is built again, not loaded
+    assert load_sorted_model(None, CPU).thresholds()[2] == 0.5 and len(copies) == 4
+    assert (cached / "adapter_model.safetensors").read_bytes() == (shipped / "adapter_model.safetensors").read_bytes()
+
+
+def test_an_older_caches_merged_copy_of_the_default_is_removed(tiny_dir, tmp_path, monkeypatch):
+    """An older version merged the adapter into a second float32 copy in the cache: the next start replaces
+    that directory with the shipped files alone."""
+    from sortedchat import default_model
+
+    shipped = tmp_path / "assets" / "soft"
+    _tiny_adapter(tiny_dir, shipped)
+    SortedConfig(exits=[2, 4, 6], base_model="default").write(shipped)
+    monkeypatch.setattr(default_model, "SHIPPED_ADAPTER", shipped)
+    monkeypatch.setattr(default_model, "base_model_dir", lambda progress=None: tiny_dir)
+    old = default_model.cache_dir() / "models" / f"{default_model.BASE_DIRNAME}-soft"
+    shutil.copytree(tiny_dir, old)  # the merged weights, as the old version left them
+    (old / default_model.BUILT_FROM).write_text(default_model.shipped_fingerprint())
+    assert default_model.default_model_dir() == old
+    assert not (old / "model.safetensors").exists() and (old / "adapter_model.safetensors").is_file()
+
+
+def test_a_converted_model_that_lost_a_file_is_converted_again(tmp_path, monkeypatch):
+    """The default base (converted from its GGUF) with its weights deleted: the next use converts it again,
+    instead of loading a directory without weights."""
+    from sortedchat import convert, default_model
+
+    gguf = tmp_path / default_model.GGUF_NAME
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(default_model, "locate_gguf", lambda progress=None: gguf)
+    conversions = []
+
+    def fake_convert(source, target, progress):  # the real one takes half a minute: its output, in small
+        conversions.append(source)
+        return convert.build_dir(target, lambda tmp: (tmp / "model.safetensors").write_bytes(b"w" * 10))
+
+    monkeypatch.setattr(convert, "convert_gguf", fake_convert)
+    base = default_model.base_model_dir()
+    assert default_model.base_model_dir() == base and len(conversions) == 1
+    (base / "model.safetensors").write_bytes(b"w" * 4)  # cut short
+    default_model.base_model_dir()
+    (base / "model.safetensors").unlink()
+    assert (default_model.base_model_dir() / "model.safetensors").read_bytes() == b"w" * 10
+    assert len(conversions) == 3
 
 
 @pytest.mark.slow
@@ -160,11 +207,12 @@ def test_real_default_model_converts_once_and_answers(monkeypatch):
     sm = load_sorted_model(None, CPU)
     assert sm.num_layers == 30 and sm.exits == [9, 12, 15, 18, 21, 24, 27, 30]
     assert (default_model.cache_dir() / "models" / default_model.BASE_DIRNAME / "model.safetensors").is_file()
-    # The default is the base with the shipped SoFT adapter merged into a cached copy, plus the per-exit
+    # The default is the base with the shipped SoFT adapter merged as it loads, plus the per-exit
     # lenses trained with it, with their calibrated auto thresholds.
     assert sm.config.training["method"] == "soft" and sm.config.training["options"]["lenses"]
     assert sm.config.calibration["target_agreement"] > 0
-    assert (default_model.cache_dir() / "models" / f"{default_model.BASE_DIRNAME}-soft" / "model.safetensors").is_file()
+    soft = default_model.cache_dir() / "models" / f"{default_model.BASE_DIRNAME}-soft"
+    assert (soft / "adapter_model.safetensors").is_file() and not (soft / "model.safetensors").exists()  # one copy
     assert sm.exit_lenses is not None and sm.exit_lenses.exits == sm.exits[:-1]
     assert set(sm.config.thresholds) == set(sm.exits[:-1])
 
