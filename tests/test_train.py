@@ -351,6 +351,86 @@ def test_checkpoint_publish_is_atomic(tiny_dir, alpaca_file, tmp_path):
     assert checkpoint_dirs(out)[-1][0] == 4
 
 
+def _disk_full_at(steps, real):
+    """accelerate's save_state that fills the disk at the given steps: a first file is written, then ENOSPC."""
+    import errno
+    from pathlib import Path
+
+    def save_state(acc, output_dir, **kw):
+        step = int(Path(output_dir).name.rsplit("-", 1)[1])
+        if step in steps:
+            (Path(output_dir) / "model.safetensors").write_bytes(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(acc, output_dir, **kw)
+
+    return save_state
+
+
+def test_a_periodic_checkpoint_on_a_full_disk_is_a_warning_and_the_run_goes_on(tiny_dir, alpaca_file, tmp_path,
+                                                                                  monkeypatch):
+    import io
+
+    from accelerate import Accelerator
+    from rich.console import Console
+
+    from sortedchat.training.trainer import train
+
+    monkeypatch.setattr(Accelerator, "save_state", _disk_full_at({2}, Accelerator.save_state))
+    out, said = tmp_path / "full", io.StringIO()
+    result = train(options(tiny_dir, alpaca_file, out, max_steps=4, save_interval=1, keep_checkpoints=5),
+                   Console(file=said, width=400))
+    assert not result.interrupted and result.step == 4 and (out / "sortedchat.json").is_file()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001", "step-00000003",
+                                                                        "step-00000004"]  # no .tmp-step left
+    assert (f"warning: could not write the checkpoint of step 2 into {out / 'checkpoints'} (No space left on device); "
+            f"the newest checkpoint is still {out / 'checkpoints' / 'step-00000001'}; training goes on") in said.getvalue()
+
+
+def test_a_full_disk_at_the_end_writes_the_model_first_and_says_what_was_saved(tiny_dir, alpaca_file, tmp_path,
+                                                                                 monkeypatch):
+    from accelerate import Accelerator
+
+    out, ckpts = tmp_path / "end", tmp_path / "end" / "checkpoints"
+    monkeypatch.setattr(Accelerator, "save_state", _disk_full_at({2}, Accelerator.save_state))
+    with pytest.raises(SortedChatError) as err:
+        run(options(tiny_dir, alpaca_file, out, max_steps=2, save_interval=1))
+    assert str(err.value) == (f"the model is saved in {out}, but could not write the checkpoint of step 2 into {ckpts} "
+                              f"(No space left on device); the newest checkpoint is still {ckpts / 'step-00000001'}")
+    assert load_sorted_model_exits(out) == [2, 4, 6]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000001"]
+
+
+def test_a_model_that_does_not_fit_leaves_the_final_checkpoint_to_resume_from(tiny_dir, alpaca_file, tmp_path,
+                                                                              monkeypatch):
+    import errno
+
+    from sortedchat.training import export
+
+    def disk_full(tmp, model, state):
+        (tmp / "model.safetensors").write_bytes(b"the start of the weights")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "end"
+    real = export._save_weights
+    monkeypatch.setattr(export, "_save_weights", disk_full)
+    with pytest.raises(SortedChatError) as err:
+        run(options(tiny_dir, alpaca_file, out, max_steps=2))
+    final = out / "checkpoints" / "step-00000002"
+    assert str(err.value) == (f"could not write the model into {out} (No space left on device); the final checkpoint "
+                              f"is saved in {final}: free some space and run the same command with --resume to "
+                              "write the model")
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl"]  # no half-written export
+    monkeypatch.setattr(export, "_save_weights", real)
+    resumed = run(options(tiny_dir, alpaca_file, out, max_steps=2, resume=True))
+    assert resumed.step == 2 and load_sorted_model_exits(out) == [2, 4, 6]
+
+
+def load_sorted_model_exits(directory) -> list[int]:
+    from sortedchat.loading import LoadOptions, load_sorted_model
+
+    return load_sorted_model(str(directory), LoadOptions(device="cpu")).exits
+
+
 def test_two_processes_give_the_losses_of_one(tiny_dir, alpaca_file, tmp_path):
     one = tmp_path / "one"
     run(options(tiny_dir, alpaca_file, one, batch_size=4))

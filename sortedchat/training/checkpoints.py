@@ -6,6 +6,9 @@ renamed into place. A directory named `step-*` is therefore always complete, and
 to a hidden name before deleting it, so a kill during the delete leaves nothing that looks like a checkpoint.
 `trainer_state.json` lists every file with its size; resuming checks them first. Only trainable weights are
 stored: a LoRA checkpoint holds the adapter, not the frozen base.
+
+A write that fails (a full disk) removes the temporary directory, keeps the older checkpoints and raises
+`NotSaved`, one line that names the newest checkpoint still there; the trainer decides what follows.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 
 from sortedchat import SortedChatError
 from sortedchat.config import atomic_write_text
+from sortedchat.outputs import write_error
 
 CHECKPOINTS = "checkpoints"
 STATE_NAME = "trainer_state.json"
@@ -42,6 +46,43 @@ def keep_only_trainable(models, weights, output_dir) -> None:
                 del state[key]
 
 
+class NotSaved(SortedChatError):
+    """A checkpoint could not be written: its temporary directory is gone, the older checkpoints are kept."""
+
+
+def _write_failure(write) -> str | None:
+    """Run `write()`; why it failed when it is a failed write (a full disk), None when it worked."""
+    try:
+        write()
+    except Exception as exc:
+        reason = write_error(exc)
+        if reason is None:
+            raise
+        return reason
+    return None
+
+
+def _agreed(accelerator, reason: str | None) -> str | None:
+    """Whether a write failed on any process (each calls this): its reason, as this process knows it."""
+    if getattr(accelerator, "num_processes", 1) == 1:
+        return reason
+    import torch
+
+    flag = accelerator.reduce(torch.tensor([float(reason is not None)], device=accelerator.device), "sum")
+    return reason or ("a write failed on another process" if flag.item() > 0 else None)
+
+
+def _fresh(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+
+def _publish(tmp: Path, final: Path, trainer_state: dict) -> None:
+    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    atomic_write_text(tmp / STATE_NAME, json.dumps(dict(trainer_state, files=files), indent=2) + "\n")
+    tmp.rename(final)
+
+
 def save_checkpoint(accelerator, out: Path, step: int, trainer_state: dict, keep: int) -> Path:
     """Save on every process, publish atomically from the main one, then drop all but the newest `keep`."""
     root = Path(out) / CHECKPOINTS
@@ -49,16 +90,22 @@ def save_checkpoint(accelerator, out: Path, step: int, trainer_state: dict, keep
     if final.is_dir():  # already saved at this step (e.g. Ctrl+C right after a scheduled save)
         return final
     tmp = root / f".tmp-step-{step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    main = accelerator.is_main_process
+    reason = _write_failure(lambda: _fresh(tmp)) if main else None
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    reason = reason or _write_failure(lambda: accelerator.save_state(str(tmp)))
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        atomic_write_text(tmp / STATE_NAME, json.dumps(dict(trainer_state, files=files), indent=2) + "\n")
-        tmp.rename(final)
+    if main and reason is None:
+        reason = _write_failure(lambda: _publish(tmp, final, trainer_state))
+    reason = _agreed(accelerator, reason)
+    if reason is not None:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        older = checkpoint_dirs(out)
+        kept = f"the newest checkpoint is still {older[-1][1]}" if older else "no earlier checkpoint was saved"
+        raise NotSaved(f"could not write the checkpoint of step {step} into {root} ({reason}); {kept}")
+    if main:
         for left in root.glob(".pruned-step-*"):  # a kill interrupted an earlier prune
             shutil.rmtree(left, ignore_errors=True)
         for _, old in checkpoint_dirs(out)[:-keep]:

@@ -7,6 +7,10 @@ Design points, each for a reason:
 - Ctrl+C only raises a flag: the current step finishes, a checkpoint is saved, and the run stops cleanly
   (a second Ctrl+C aborts at once). With several processes the flag is agreed on before acting on it.
 - The same `SortedObjective` computes the training loss and the per-exit evaluation CE.
+- A full disk loses as little as it can. A periodic checkpoint that cannot be written is a warning: the run
+  goes on (its state is in memory, the previous checkpoint stays, the next interval tries again). At the end
+  the model is written before the final checkpoint (it is the smaller and the one the user wants), and a
+  write that fails ends the run with one line saying what was saved and where.
 """
 
 from __future__ import annotations
@@ -510,9 +514,14 @@ class Trainer:
                 "quantized": "4bit" if o.load_in_4bit else "8bit" if o.load_in_8bit else None}
 
     def _record(self, line: dict) -> None:
+        """One line of metrics.jsonl; a full disk costs the line (with a warning), not the run."""
         if self.main:
-            with open(self.out / METRICS_NAME, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(line) + "\n")
+            try:
+                with open(self.out / METRICS_NAME, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(line) + "\n")
+            except OSError as exc:
+                self._say(f"[yellow]warning: could not add step {line.get('step')} to {self.out / METRICS_NAME} "
+                          f"({exc.strerror or exc})[/yellow]")
 
     def _resume(self) -> int:
         found = ckpt.checkpoint_dirs(self.out)
@@ -562,13 +571,21 @@ class Trainer:
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
-        path = self.save_checkpoint(step)
         if interrupted:
-            return TrainResult(self.out, step, self.total_steps, True, path)
+            return TrainResult(self.out, step, self.total_steps, True, self.save_checkpoint(step))
         metrics = {"train": last_train, "eval": self.evaluate()}
         if metrics["eval"]:
             self._record({"step": step, "eval": metrics["eval"]})
-        self.export(step, metrics)
+        not_exported = self.export(step, metrics)
+        try:
+            path = self.save_checkpoint(step)
+        except ckpt.NotSaved as exc:
+            if not_exported:
+                raise SortedChatError(f"{not_exported}, and {exc}") from None
+            raise SortedChatError(f"the model is saved in {self.out}, but {exc}") from None
+        if not_exported:
+            raise SortedChatError(f"{not_exported}; the final checkpoint is saved in {path}: free some space and run "
+                                  "the same command with --resume to write the model")
         return TrainResult(self.out, step, self.total_steps, False, path, metrics)
 
     def _catch_interrupt(self):
@@ -622,10 +639,17 @@ class Trainer:
             self._record({"step": step, "eval": ev})
             progress.print(f"eval @ {step}: " + format_exit_losses({e: m["ce"] for e, m in ev.items()}))
         if o.save_interval and step % o.save_interval == 0 and step < self.total_steps:
-            self.save_checkpoint(step)
+            try:
+                self.save_checkpoint(step)
+            except ckpt.NotSaved as exc:
+                if self.main:
+                    progress.print(f"[yellow]warning: {exc}; training goes on[/yellow]")
 
-    def export(self, step: int, metrics: dict) -> None:
+    def export(self, step: int, metrics: dict) -> str | None:
+        """Write the model into OUT; why it could not be written (a full disk), None once it is there."""
         from accelerate.utils import DistributedType
+
+        from sortedchat.outputs import write_error
 
         o, acc = self.opts, self.acc
         acc.wait_for_everyone()
@@ -636,11 +660,18 @@ class Trainer:
             adapter = (o.lora and not o.merge) or o.method == "lens"  # lens: only the lenses, on the named base
             config = SortedConfig(exits=self.exits, base_model=base_model_name(o.model) if adapter else None,
                                   training=self._training_record(step, metrics))
-            with self.console.status("writing the model", spinner="dots"):
-                export_model(self.out, inner.model, self.tokenizer, config, full_state, inner.exit_heads, o.merge,
-                             inner.exit_lenses, weights=o.method != "lens")
+            try:
+                with self.console.status("writing the model", spinner="dots"):
+                    export_model(self.out, inner.model, self.tokenizer, config, full_state, inner.exit_heads,
+                                 o.merge, inner.exit_lenses, weights=o.method != "lens")
+            except Exception as exc:
+                if write_error(exc) is None:
+                    raise
+                acc.wait_for_everyone()
+                return f"could not write the model into {self.out} ({write_error(exc)})"
             self.console.print(f"saved to {self.out}")
         acc.wait_for_everyone()
+        return None
 
     def _training_record(self, step: int, metrics: dict) -> dict:
         o = self.opts
