@@ -430,13 +430,15 @@ def propagated_plan(sm: SortedModel, sequences: list[tuple[list[int], int]], sta
 
 def checkpoint_dir(sm: SortedModel) -> Path:
     """Where calibration writes: the model's own directory (the cached copy for the default model)."""
+    from sortedchat.outputs import check_output_dir
+
     directory = Path(sm.weights_path)
     if not directory.is_dir():
         raise SortedChatError(
             f"{sm.source}: calibration writes {CONFIG_NAME} beside the weights, and this model has no local "
             "directory (download it with `sortedchat pull` or save it first)"
         )
-    return directory
+    return check_output_dir(directory, f"calibration writes {CONFIG_NAME} into")  # before the long part
 
 
 def write(sm: SortedModel, result: Calibration, target: float) -> list[Path]:
@@ -468,3 +470,26 @@ def write(sm: SortedModel, result: Calibration, target: float) -> list[Path]:
     }
     written.append(cfg.write(directory))
     return written
+
+
+def write_or_rescue(sm: SortedModel, result: Calibration, target: float) -> list[Path]:
+    """`write`; should the model's directory refuse the files at the end (a full disk, a mount gone read-only),
+    they go into the user data dir, beside a copy of its `sortedchat.json`, and the error says where."""
+    import copy
+    import shutil
+
+    from sortedchat.outputs import write_or_rescue as rescued
+
+    directory = Path(sm.weights_path)
+
+    def write_into(folder: Path) -> list[Path]:
+        there = sm
+        if folder != directory:
+            folder.mkdir(parents=True, exist_ok=True)
+            if (directory / CONFIG_NAME).is_file():
+                shutil.copy2(directory / CONFIG_NAME, folder / CONFIG_NAME)
+            there = copy.copy(sm)
+            there.weights_path = str(folder)
+        return write(there, result, target)
+
+    return rescued(directory, "--model", write_into)

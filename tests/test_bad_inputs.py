@@ -517,6 +517,77 @@ def _(tmp_path):
     assert one_error_line(res) == "error: --depth 8: the model has 7 layers"
 
 
+# -- issue 21: faults that lost work or crashed ---------------------------------------------------------------
+def _in_process(*args):
+    """`sortedchat ARGS` in this process (so a test can simulate a fault): the result, its error as a string."""
+    from typer.testing import CliRunner
+
+    from sortedchat.cli import app
+
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    error = res.exception
+    assert error is None or isinstance(error, SortedChatError), res.output  # never a traceback
+    return res, str(error) if error else ""
+
+
+def _calibrate(tiny_dir, tmp_path):
+    import shutil
+
+    from helpers.data import CALIBRATION_RECORDS
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    data = tmp_path / "held_out.json"
+    data.write_text(json.dumps(CALIBRATION_RECORDS))
+    return model, ["calibrate", "--model", model, "--data", data, "--device", "cpu", "--exits", "2,4,6",
+                   "--measure", "maxprob"]
+
+
+@case("21a-calibrate-read-only-model-refused-before-the-work")
+def _(tiny_dir, tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    from sortedchat import outputs
+
+    model, args = _calibrate(tiny_dir, tmp_path)
+    real = tempfile.mkstemp
+
+    def read_only(dir=None, **kw):  # as a read-only mount answers (root ignores permission bits, so simulated)
+        if Path(dir) == model:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(dir=dir, **kw)
+
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", read_only)
+    res, error = _in_process(*args)
+    assert res.exit_code == 1 and error == f"calibration writes sortedchat.json into {model}: cannot write there " \
+                                           "(Read-only file system)"
+    assert res.stdout == ""  # refused before the calibration ran and printed
+
+
+@case("21b-calibrate-thresholds-rescued-when-writing-fails-at-the-end")
+def _(tiny_dir, tmp_path, monkeypatch):
+    import errno
+
+    from sortedchat import config
+
+    model, args = _calibrate(tiny_dir, tmp_path)
+    write = config.atomic_write_text
+
+    def disk_full(path, text):  # the check before the work passed; the disk filled up during it
+        if Path(path).parent == model:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(path, text)
+
+    monkeypatch.setattr(config, "atomic_write_text", disk_full)
+    res, error = _in_process(*args)
+    assert res.exit_code == 1 and error.startswith(f"--model {model}: cannot write (No space left on device); "
+                                                   "the results are in ")
+    rescued = SortedConfig.read(error.rsplit("the results are in ", 1)[1])
+    assert rescued.confidence == "maxprob" and set(rescued.thresholds) == {2, 4}
+    assert not (model / "sortedchat.json").exists()
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input(name, request):
     fn = CASES[name]

@@ -46,7 +46,7 @@ def calibrate(
         result = cal.calibrate(sm, data, target_agreement, measure, limit, holdout,
                                progress=lambda stage, frac=None: status.update(stage), kv=kv)
     print_result(sm, result, target_agreement, kv)
-    for path in cal.write(sm, result, target_agreement):
+    for path in cal.write_or_rescue(sm, result, target_agreement):
         Console().print(f"wrote {path}")
 
 
