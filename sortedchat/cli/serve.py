@@ -29,6 +29,8 @@ def serve(
     slots: Annotated[int, typer.Option("--slots", help="Answers generated at once (in turn, token by token)")] = 4,
     queue: Annotated[int, typer.Option("--queue", help="Requests that may wait for a slot; beyond them the server "
                                        "answers 503")] = 16,
+    batch: Annotated[bool, typer.Option("--batch/--no-batch", help="Run the fixed-depth steps of concurrent "
+                                        "answers as one batch (the layers they share read their weights once)")] = True,
     mode: o.ModeFlags,
     sampling: o.SamplingFlags,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Answer length of a request that "
@@ -54,7 +56,7 @@ def serve(
                       "machine can use the model[/yellow]")
     o.set_threads(threads)
     sm = o.load_model(model, load.load_options(), console)
-    app = build_app(sm, served_name(model), mode.mode(sm), config, api_key, slots, queue)
+    app = build_app(sm, served_name(model), mode.mode(sm), config, api_key, slots, queue, batch)
     console.print(f"serving {served_name(model)} ({sm.num_layers} layers, exits {', '.join(map(str, sm.exits))}) "
                   f"at http://{host if ':' not in host else f'[{host}]'}:{sock.getsockname()[1]}/v1")
     from sortedchat.server.running import serve as run
@@ -73,10 +75,10 @@ def served_name(spec: str | None) -> str:
     return path.name if path.exists() else spec
 
 
-def build_app(sm, model_id, mode, sampling, api_key=None, slots=4, queue=16):
+def build_app(sm, model_id, mode, sampling, api_key=None, slots=4, queue=16, batch=True):
     """The server's ASGI app over the loaded model (the engine thread starts with it)."""
     from sortedchat.server.app import create_app
     from sortedchat.server.requests import Defaults
     from sortedchat.server.scheduler import Scheduler
 
-    return create_app(Scheduler(sm, slots, queue), sm, Defaults(model_id, mode, sampling), api_key)
+    return create_app(Scheduler(sm, slots, queue, batch), sm, Defaults(model_id, mode, sampling), api_key)

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 
 from sortedchat import SortedChatError
 from sortedchat.engine.events import GenerationStats, TokenEvent
-from sortedchat.engine.modes import Mode
+from sortedchat.engine.session import ChatSession
+from sortedchat.engine.modes import Mode, ModeKind
 from sortedchat.engine.sampling import SamplingConfig
+from sortedchat.server.batching import BatchedSession, can_batch, prefetch
 from sortedchat.server.sessions import SessionPool
 
 
@@ -52,6 +54,7 @@ class Job:
     ended: bool = False
     stats: GenerationStats | None = None
     generation: object = field(default=None, repr=False)  # the session's event iterator, once admitted
+    last: TokenEvent | None = None  # the last token delivered
     session: object = field(default=None, repr=False)
 
     @classmethod
@@ -70,10 +73,12 @@ class Scheduler:
     a free slot holds it at once, and runs right after the step in progress. `active` is the round-robin order;
     `_turn` is the index of the job that steps next."""
 
-    def __init__(self, sm, slots: int = 4, queue: int = 16, spare_sessions: int = 4):
+    def __init__(self, sm, slots: int = 4, queue: int = 16, batch: bool = True, spare_sessions: int = 4):
         check_capacity(slots, queue)
-        self.sm, self.slots, self.queue_size = sm, slots, queue
-        self.pool = SessionPool(sm, slots + spare_sessions)  # touched by the engine thread only
+        self.sm, self.slots, self.queue_size, self.batch = sm, slots, queue, batch
+        self.batched_steps = 0  # fixed-depth steps computed in a batch of several requests
+        # Touched by the engine thread only.
+        self.pool = SessionPool(sm, slots + spare_sessions, BatchedSession if batch else ChatSession)
         self.waiting: collections.deque[Job] = collections.deque()
         self.active: list[Job] = []
         self.ended: collections.deque[Job] = collections.deque(maxlen=64)  # the last jobs ended, newest last
@@ -134,7 +139,10 @@ class Scheduler:
                     break
                 self._turn %= len(self.active)
                 job = self._stepping = self.active[self._turn]
-            self._step(job)
+            if self.batch and self._batchable(job):
+                self._prefetch()
+            if not job.ended:  # (a failed batch ends its requests)
+                self._step(job)
             with self._wake:
                 if job in self.active:  # else it left, and the job after it moved into its place
                     self._turn = self.active.index(job) + 1
@@ -154,7 +162,7 @@ class Scheduler:
                 job.session.mode = job.mode
                 job.session.draft_len = job.mode.draft_len  # each request starts drafting as it asked
                 job.generation = job.session.generate_ids(job.prompt, job.sampling, lambda: job.cancelled)
-            event = next(job.generation)
+            event = job.last = next(job.generation)
             job.stats = job.session.last_stats
             job.deliver(event)
         except StopIteration:
@@ -163,6 +171,28 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 - a failed answer ends that request, never the server
             self._end(job, Done(job.stats, str(exc) if isinstance(exc, SortedChatError)
                                 else f"{type(exc).__name__}: {exc}"))
+
+    def _batchable(self, job: Job) -> bool:
+        """Whether the job's next step is a fixed-depth one that a batch can compute ahead."""
+        last, session = job.last, job.session
+        return (last is not None and session is not None and not job.cancelled and not last.is_stop
+                and job.mode.kind is ModeKind.DEPTH and session.ready is None
+                and last.index + 1 < job.sampling.max_new_tokens
+                and can_batch(session, job.mode.depth or session.L))
+
+    def _prefetch(self) -> None:
+        """The next fixed-depth step of every request that takes one, in one batch (`batching`), when several do."""
+        with self._wake:
+            jobs = [job for job in self.active if self._batchable(job)]
+        if len(jobs) < 2:
+            return
+        try:
+            prefetch(self.sm, [job.session for job in jobs], [job.last.token_id for job in jobs],
+                     [job.mode.depth or job.session.L for job in jobs])
+            self.batched_steps += len(jobs)
+        except Exception as exc:  # noqa: BLE001 - their states are part-way through a step: those answers end
+            for job in jobs:
+                self._end(job, Done(job.stats, f"batched step failed: {type(exc).__name__}: {exc}"))
 
     def _end(self, job: Job, done: Done | None = None) -> None:
         """Close the job's generation, return its session, free its slot, tell the client (if still there)."""

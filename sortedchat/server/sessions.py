@@ -31,10 +31,11 @@ def shared(session: ChatSession, prompt: list[int]) -> int:
 
 
 class SessionPool:
-    """Up to `capacity` sessions over one model; `take` lends one to a request, `give_back` returns it."""
+    """Up to `capacity` sessions over one model, made by `make` (a `ChatSession` class); `take` lends one to a
+    request, `give_back` returns it."""
 
-    def __init__(self, sm, capacity: int):
-        self.sm, self.capacity = sm, capacity
+    def __init__(self, sm, capacity: int, make=ChatSession):
+        self.sm, self.capacity, self.make = sm, capacity, make
         self.free: list[ChatSession] = []  # least recently used first
         self.lent = 0
 
@@ -44,7 +45,7 @@ class SessionPool:
         best = max(self.free, key=lambda s: shared(s, prompt), default=None)
         common = shared(best, prompt) if best is not None else 0
         if common == 0 and (best is None or self.lent + len(self.free) < self.capacity):
-            session = ChatSession(self.sm)
+            session = self.make(self.sm)
         else:
             session = best if common else self.free[0]
             self.free.remove(session)
