@@ -588,6 +588,26 @@ def _(tiny_dir, tmp_path, monkeypatch):
     assert not (model / "sortedchat.json").exists()
 
 
+@case("21c-chat-history-deleted-while-the-app-is-open")
+def _(tiny, tmp_path):
+    path = tmp_path / "chats.sqlite3"
+    app = make_app(tiny, ChatStore(path), tmp_path)
+
+    async def script(pilot):
+        await ask(pilot, app, "Hello there")
+        for part in tmp_path.glob("chats.sqlite3*"):
+            part.unlink()
+        await ask(pilot, app, "Again")
+        assert any(n == f"{path} was deleted while the app was open; a new chat history starts there; saving this "
+                   "conversation as a new chat" for n in app.notes), app.notes
+        [saved] = ChatStore(path).chats()
+        messages = ChatStore(path).load(saved.id).messages
+        assert [m.role for m in messages] == ["user", "assistant", "user", "assistant"]
+        assert [m.content for m in messages[::2]] == ["Hello there", "Again"] and all(m.content for m in messages)
+
+    run_app(app, script)
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input(name, request):
     fn = CASES[name]

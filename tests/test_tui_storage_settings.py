@@ -46,6 +46,38 @@ def test_tokens_are_committed_as_they_come_and_an_unfinished_answer_is_rebuilt(t
         store.load(chat)
 
 
+def test_a_history_file_deleted_mid_answer_is_started_again_with_the_open_chat_in_it(tmp_path):
+    """The file is deleted while an answer streams: its tokens went into the deleted file, through the open
+    connection; finishing the answer starts a new file at the path holding that chat, tokens and all, and says so."""
+    from sortedchat.tui.storage import HistoryGone
+
+    path = tmp_path / "chats.sqlite3"
+    store = ChatStore(path)
+    other = store.new_chat("other", "tiny")
+    chat = store.new_chat("Hi", "tiny")
+    store.add_message(chat, "user", "Hi")
+    answer = store.add_message(chat, "assistant", None)
+    store.add_token(answer, 0, 10, "Hel", 6, 0.9)
+    for part in tmp_path.glob("chats.sqlite3*"):  # `rm chats.sqlite3*` while the app runs
+        part.unlink()
+    store.add_token(answer, 1, 11, "lo", 4, 0.8)
+    with pytest.raises(HistoryGone) as gone:
+        store.finish_message(answer, "Hello")
+    assert str(gone.value) == f"{path} was deleted while the app was open; a new chat history starts there; " \
+                              "this chat is saved in it"
+    fresh = ChatStore(path)  # what the next start of the app reads
+    assert [c.id for c in fresh.chats()] == [chat]  # the open chat only: the deleted ones stay deleted
+    loaded = fresh.load(chat)
+    assert loaded.conversation() == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert [(t.text, t.exit_layer) for t in loaded.messages[1].tokens] == [("Hel", 6), ("lo", 4)]
+    store.add_message(chat, "user", "More")  # the chat goes on in the new file
+    assert [m.content for m in ChatStore(path).load(chat).messages] == ["Hi", "Hello", "More"]
+    path.unlink()
+    with pytest.raises(HistoryGone, match="was deleted while the app was open; a new chat history starts there$"):
+        store.chats()
+    assert store.chats() == [] and other not in [c.id for c in store.chats()]
+
+
 def test_a_killed_app_loses_at_most_the_token_in_progress(tmp_path):
     """A child process writes tokens and is killed with SIGKILL mid-answer; every written token survives."""
     db = tmp_path / "chats.sqlite3"

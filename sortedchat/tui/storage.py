@@ -8,11 +8,18 @@ access to the single connection. A write of several rows is one transaction, rol
 fails. A damaged file is never written to again: it is renamed aside (`chats.sqlite3.damaged-...`),
 an empty history takes its place, and the error says so, so the user can go on. Opening a file brings its
 tables up to date (`schema`).
+
+A file deleted while the app is open would go on taking writes through the open connection, into a file no
+longer there. Every use but a token's checks that the path still names the file that was opened; when it does
+not, a new history starts there and the error says so (`HistoryGone`). Finishing an answer first copies its chat,
+read from the deleted file, into the new one (the tokens of that answer went there); otherwise the chat is gone
+from the store, and the dialogue saves the conversation as a new chat.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -73,6 +80,10 @@ class ChatGone(SortedChatError):
     """The chat was deleted (or its file set aside) while it was open."""
 
 
+class HistoryGone(ChatGone):
+    """The history file was deleted (or replaced) while it was open: a new one was started in its place."""
+
+
 def _is_damage(exc: sqlite3.Error) -> bool:
     """SQLite says the file is corrupt or not a database at all (extended codes keep the low byte)."""
     return (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
@@ -107,6 +118,7 @@ class ChatStore:
         except (sqlite3.Error, SortedChatError):
             self.db.close()
             raise
+        self.identity = self._file_identity()  # the file itself, which a deletion or replacement changes
 
     def _set_aside(self, exc: sqlite3.Error) -> str:
         """Rename the damaged file (and its WAL) aside, start an empty history; say what happened."""
@@ -126,10 +138,58 @@ class ChatStore:
             raise SortedChatError(f"{self.path}: cannot start a new chat history ({again})") from None
         return f"{self.path}: the chat history is damaged ({exc}); kept it as {aside.name}, starting a fresh one"
 
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _reopen_if_deleted(self, keep_message: int | None) -> str | None:
+        """If the file was deleted (or replaced) since it was opened: a new history at the path, holding the chat
+        of `keep_message` read from the deleted file; what happened, for the user. None when the file is there."""
+        if self.identity is not None and self._file_identity() == self.identity:
+            return None
+        kept = self._read_chat_of(keep_message) if keep_message is not None else None
+        self.db.close()  # the last connection to the deleted file: SQLite removes its -wal and -shm
+        if not self.path.exists():
+            for suffix in ("-wal", "-shm"):  # left by another process; they belong to the deleted file
+                self.path.with_name(self.path.name + suffix).unlink(missing_ok=True)
+        try:
+            self._connect()
+        except (OSError, sqlite3.Error) as again:
+            raise SortedChatError(f"{self.path}: the chat history was deleted and cannot start again ({again})") \
+                from None
+        if kept:
+            self.db.execute("BEGIN")
+            for table, rows in kept.items():
+                self.db.executemany(f"INSERT INTO {table} VALUES ({', '.join('?' * len(rows[0]))})", rows)
+            self.db.execute("COMMIT")
+        return (f"{self.path} was deleted while the app was open; a new chat history starts there"
+                + ("; this chat is saved in it" if kept else ""))
+
+    def _read_chat_of(self, message_id: int) -> dict[str, list[tuple]]:
+        """The rows of the chat that holds `message_id`, per table (the open connection still reads a deleted
+        file)."""
+        row = self.db.execute("SELECT chat_id FROM messages WHERE id = ?", (message_id,)).fetchone()
+        if row is None:
+            return {}
+        where = {"chats": "id = ?", "messages": "chat_id = ?",
+                 "tokens": "message_id IN (SELECT id FROM messages WHERE chat_id = ?)"}
+        rows = {table: self.db.execute(f"SELECT * FROM {table} WHERE {cond}", (row[0],)).fetchall()
+                for table, cond in where.items()}
+        return {table: found for table, found in rows.items() if found}
+
     @contextmanager
-    def _use(self, write: bool = False) -> Iterator[sqlite3.Connection]:
-        """The connection, locked; with `write`, one transaction that a failure rolls back."""
+    def _use(self, write: bool = False, check: bool = True, keep_message: int | None = None
+             ) -> Iterator[sqlite3.Connection]:
+        """The connection, locked; with `write`, one transaction that a failure rolls back. With `check`, a file
+        deleted since it was opened is noticed first (`HistoryGone`): before the work, or with `keep_message`
+        after it, once that message's chat is in the new file."""
         with self.lock:
+            gone = self._reopen_if_deleted(keep_message) if check else None
+            if gone and keep_message is None:
+                raise HistoryGone(gone)
             try:
                 if write:
                     self.db.execute("BEGIN")
@@ -145,6 +205,8 @@ class ChatStore:
                 if _is_damage(exc):
                     raise SortedChatError(self._set_aside(exc)) from None
                 raise SortedChatError(f"{self.path}: {exc}") from None
+        if gone:
+            raise HistoryGone(gone)
 
     def close(self) -> None:
         with self.lock:
@@ -190,14 +252,15 @@ class ChatStore:
         return int(cur.lastrowid)
 
     def add_token(self, message_id: int, index: int, token_id: int, text: str, exit_layer: int, confidence: float):
-        with self._use() as db:
+        """One token of an answer (not checked for a deleted file: `finish_message` is, and keeps them)."""
+        with self._use(check=False) as db:
             db.execute(
                 "INSERT OR REPLACE INTO tokens VALUES (?, ?, ?, ?, ?, ?)",
                 (message_id, index, token_id, text, exit_layer, confidence),
             )
 
     def finish_message(self, message_id: int, content: str, stats: dict | None = None) -> None:
-        with self._use() as db:
+        with self._use(keep_message=message_id) as db:
             db.execute(
                 "UPDATE messages SET content = ?, stats = ? WHERE id = ?",
                 (content, json.dumps(stats) if stats is not None else None, message_id),
@@ -219,7 +282,7 @@ class ChatStore:
 
     def set_message_mode(self, message_id: int, mode: str) -> None:
         """The mode label of an answer whose mode changed while it was generated."""
-        with self._use() as db:
+        with self._use(keep_message=message_id) as db:
             db.execute("UPDATE messages SET mode = ? WHERE id = ?", (mode, message_id))
 
     def recent_prompts(self, limit: int = 500) -> list[str]:
