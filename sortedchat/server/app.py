@@ -67,27 +67,20 @@ def create_app(scheduler: Scheduler, sm, defaults: Defaults, api_key: str | None
             return StreamingResponse(stream(job, outbox, reply, request), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            async for item in until_done(outbox, request):
-                if isinstance(item, Done):
-                    if item.error:
-                        raise ApiError(500, f"the answer failed: {item.error}", code="engine_error")
-                    return JSONResponse(reply.completion(item.stats))
-                reply.events.append(item)
+            async for items in until_done(outbox, request):
+                reply.events += [item for item in items if not isinstance(item, Done)]
+                if isinstance(items[-1], Done):
+                    if items[-1].error:
+                        raise ApiError(500, f"the answer failed: {items[-1].error}", code="engine_error")
+                    return JSONResponse(reply.completion(items[-1].stats))
         finally:
             scheduler.cancel(job)  # the client left (nothing if the answer is complete)
 
     async def stream(job: Job, outbox: asyncio.Queue, reply: Reply, request: Request):
         try:
             yield sse(reply.opening())
-            async for item in until_done(outbox, request):
-                if not isinstance(item, Done):
-                    yield sse(reply.chunk(item))
-                elif item.error:
-                    yield sse(ApiError(500, f"the answer failed: {item.error}", code="engine_error").body())
-                else:
-                    for chunk in reply.closing(item.stats):
-                        yield sse(chunk)
-                    yield "data: [DONE]\n\n"
+            async for items in until_done(outbox, request):
+                yield "".join(sse_lines(reply, items))
         finally:
             scheduler.cancel(job)
 
@@ -137,31 +130,45 @@ async def read_json(request: Request, limit: int) -> object:
                        code="invalid_json") from None
 
 
+GONE = object()  # put in a job's outbox when its client disconnects
+
+
 async def until_done(outbox: asyncio.Queue, request: Request):
-    """A job's events up to its `Done`; ends early, without one, when the client disconnects."""
-    gone = asyncio.ensure_future(disconnected(request))
+    """A job's events up to its `Done`, as lists of all that came since the last one (one write each when the
+    client reads slower than the engine writes); ends early, without a `Done`, when the client disconnects."""
+    watcher = asyncio.ensure_future(watch_disconnect(request, outbox))
     try:
         while True:
-            if outbox.empty():
-                get = asyncio.ensure_future(outbox.get())
-                await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
-                if not get.done():
-                    get.cancel()
-                    return
-                item = get.result()
-            else:
-                item = outbox.get_nowait()
-            yield item
-            if isinstance(item, Done):
+            items = [await outbox.get()]
+            while not outbox.empty():
+                items.append(outbox.get_nowait())
+            if any(item is GONE for item in items):
+                return
+            yield items
+            if isinstance(items[-1], Done):
                 return
     finally:
-        gone.cancel()
+        watcher.cancel()
 
 
-async def disconnected(request: Request) -> None:
-    """Returns when the client has gone (the body is read by then, so `receive` has nothing else to say)."""
+async def watch_disconnect(request: Request, outbox: asyncio.Queue) -> None:
+    """Tell the outbox when the client has gone (the body is read by then: `receive` has nothing else to say)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+    outbox.put_nowait(GONE)
+
+
+def sse_lines(reply: Reply, items: list):
+    """The server-sent events of a list of a job's items: a chunk per token; after the `Done`, the closing chunks
+    and `[DONE]`, or the error that ended the answer."""
+    for item in items:
+        if not isinstance(item, Done):
+            yield sse(reply.chunk(item))
+        elif item.error:
+            yield sse(ApiError(500, f"the answer failed: {item.error}", code="engine_error").body())
+        else:
+            yield from map(sse, reply.closing(item.stats))
+            yield "data: [DONE]\n\n"
 
 
 def sse(payload: dict) -> str:
