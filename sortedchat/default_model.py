@@ -103,18 +103,36 @@ def default_model_dir(progress: Progress = quiet) -> Path:
     """The directory that `sortedchat` loads with no `--model`: the base, or the shipped files (adapter, lenses,
     `sortedchat.json`) copied into the cache, which load on the base."""
     from sortedchat.config import CONFIG_NAME
-    from sortedchat.convert import incomplete
 
     base = base_model_dir(progress)
     if not (SHIPPED_ADAPTER / CONFIG_NAME).is_file():
         return base
     target = cache_dir() / "models" / f"{BASE_DIRNAME}-soft"
-    stamp = shipped_fingerprint()
-    marker = target / BUILT_FROM
-    if incomplete(target) is None and marker.read_text() == stamp:
-        return target
-    _copy_shipped(target, stamp)
+    if not _copy_is_current(target):
+        _copy_shipped(target, shipped_fingerprint())
     return target
+
+
+def prepared_default_dir() -> Path | None:
+    """What `default_model_dir` returns when the cache holds it complete and up to date (nothing to convert or
+    copy); None when it would have work to do."""
+    from sortedchat.config import CONFIG_NAME
+    from sortedchat.convert import incomplete
+
+    base = cache_dir() / "models" / BASE_DIRNAME
+    if incomplete(base) is not None:
+        return None
+    if not (SHIPPED_ADAPTER / CONFIG_NAME).is_file():
+        return base
+    target = cache_dir() / "models" / f"{BASE_DIRNAME}-soft"
+    return target if _copy_is_current(target) else None
+
+
+def _copy_is_current(target: Path) -> bool:
+    """The cached copy of the shipped files is complete and made from the files shipped now."""
+    from sortedchat.convert import incomplete
+
+    return incomplete(target) is None and (target / BUILT_FROM).read_text() == shipped_fingerprint()
 
 
 def _copy_shipped(target: Path, stamp: str) -> None:

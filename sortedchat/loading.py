@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from sortedchat import SortedChatError
-from sortedchat.config import CONFIG_NAME, SortedConfig, validate_exits
+from sortedchat.config import CONFIG_NAME, SortedConfig, default_exits, validate_exits
 from sortedchat.paths import cache_dir
 from sortedchat.progress import Progress, quiet
 from sortedchat.sorted_model import ExitHeads, ExitLenses, SortedModel
@@ -325,3 +326,117 @@ def _load_adapter(directory: Path, cfg: SortedConfig, opts: LoadOptions, device,
     model = peft_model.base_model.model if quantized else peft_model.merge_and_unload()
     tok_source = directory if (directory / "tokenizer_config.json").is_file() else base_dir
     return model.eval(), _tokenizer(tok_source, opts)
+
+
+@dataclass
+class ModelFacts:
+    """What `sortedchat info` shows about a model, as loading it would give it, read from its small files."""
+
+    source: str
+    class_name: str
+    num_layers: int
+    exits: list[int]
+    config: SortedConfig
+    exit_heads: bool
+    lens_exits: list[int] | None
+    parameters: int
+    dtype: torch.dtype
+    device: torch.device
+    weights_path: str
+
+    thresholds = SortedModel.thresholds  # the loaded model's rule, over the same fields
+
+
+def read_model_facts(spec: str | None, opts: LoadOptions) -> ModelFacts | None:
+    """`spec`'s facts from config.json, sortedchat.json and the safetensors headers, without loading a weight;
+    None where only loading would tell (a hub id, a model still to be converted, quantized or pickled weights)."""
+    if opts.load_in_4bit or opts.load_in_8bit:
+        return None
+    directory = _prepared_directory(spec)
+    if directory is None:
+        return None
+    cfg = SortedConfig.read(directory) if (directory / CONFIG_NAME).is_file() else SortedConfig()
+    import json
+
+    try:
+        weights = _weights_directory(directory, cfg)
+        if weights is None or not (weights / "config.json").is_file():
+            return None
+        hf = json.loads((weights / "config.json").read_text(encoding="utf-8"))
+        layers = hf.get("num_hidden_layers") or (hf.get("text_config") or {}).get("num_hidden_layers")
+        parameters, lens_exits = _stored_parameters(weights), _lens_exits(directory, cfg)
+    except Exception:  # a damaged file (bad JSON, a safetensors header that is not one): loading names it
+        return None
+    if not layers or not hf.get("architectures") or parameters is None:
+        return None
+    exits = validate_exits(list(opts.exits or cfg.exits or default_exits(layers)), layers,
+                           "--exits" if opts.exits else f"exits of {spec or DEFAULT_LABEL}")
+    cfg.exits = exits
+    device = resolve_device(opts.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return ModelFacts(DEFAULT_LABEL if spec is None else spec, hf["architectures"][0], layers, exits, cfg,
+                      bool(cfg.exit_heads), lens_exits, parameters,
+                      resolve_dtype(opts.dtype, device), device, str(directory))
+
+
+def _prepared_directory(spec: str | None) -> Path | None:
+    """The directory `_locate` would give, when it needs no conversion first."""
+    from sortedchat.convert import incomplete
+
+    if spec is None:
+        from sortedchat.default_model import prepared_default_dir
+
+        return prepared_default_dir()
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        return gguf_cache_dir(path) if path.is_file() and incomplete(gguf_cache_dir(path)) is None else None
+    return path if path.is_dir() else None
+
+
+def _weights_directory(directory: Path, cfg: SortedConfig) -> Path | None:
+    """Where the model's own weights and config.json are: the directory, or the local base it names."""
+    import json
+
+    if (directory / "config.json").is_file():
+        return directory
+    base = cfg.base_model
+    if (directory / "adapter_config.json").is_file():
+        base = base or json.loads((directory / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if base == DEFAULT_BASE:
+        from sortedchat.convert import incomplete
+        from sortedchat.default_model import BASE_DIRNAME
+
+        base_dir = cache_dir() / "models" / BASE_DIRNAME
+        return base_dir if incomplete(base_dir) is None else None
+    return Path(base) if base and Path(base).is_dir() else None
+
+
+def _stored_parameters(weights: Path) -> int | None:
+    """The number of weights the safetensors files hold, from their headers (tied weights are stored once, as
+    the loaded model counts them)."""
+    import json
+
+    from safetensors import safe_open
+
+    index = weights / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+        else ["model.safetensors"] if (weights / "model.safetensors").is_file() else []
+    if not files:
+        return None
+    total = 0
+    for name in files:
+        with safe_open(str(weights / name), framework="pt") as f:
+            for key in f.keys():
+                total += math.prod(f.get_slice(key).get_shape())
+    return total
+
+
+def _lens_exits(directory: Path, cfg: SortedConfig) -> list[int] | None:
+    """The exits the checkpoint's lenses are for, from their file's keys (`lenses.21.weight`)."""
+    if not cfg.exit_lenses:
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(directory / cfg.exit_lenses), framework="pt") as f:
+        return sorted({int(k.split(".")[1]) for k in f.keys()})

@@ -279,3 +279,37 @@ def test_shipped_lenses_without_an_adapter_load_on_the_base_from_a_cache_copy(ti
     SortedConfig(exits=[2, 4, 6], thresholds={2: 0.5}, base_model="default",
                  exit_lenses="exit_lenses.safetensors").write(shipped)
     assert load_sorted_model(None, CPU).thresholds()[2] == 0.5  # a new shipped file is copied again
+
+
+def test_info_reads_the_small_files_and_prints_what_loading_would(tiny_dir, tmp_path, monkeypatch):
+    """`sortedchat info` without loading a weight: the same table as from the loaded model, for a plain directory,
+    a LoRA adapter on a local base with calibrated thresholds, and lenses on a frozen base."""
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from sortedchat import loading
+    from sortedchat.cli import app
+    from sortedchat.sorted_model import ExitLenses
+
+    adapter = tmp_path / "adapter"
+    _tiny_adapter(tiny_dir, adapter)
+    SortedConfig(exits=[2, 4, 6], thresholds={2: 0.8}, base_model=str(tiny_dir), training={"method": "soft"}).write(
+        adapter)
+    lenses = tmp_path / "lenses"
+    lenses.mkdir()
+    save_file(ExitLenses([2, 4], 64).state_dict(), str(lenses / "exit_lenses.safetensors"))
+    SortedConfig(exits=[2, 4, 6], base_model=str(tiny_dir), exit_lenses="exit_lenses.safetensors").write(lenses)
+
+    def info(*args):
+        res = CliRunner().invoke(app, ["info", *map(str, args), "--device", "cpu"])
+        assert res.exit_code == 0, res.output
+        return res.stdout
+
+    for args in ([tiny_dir], [tiny_dir, "--exits", "3,5"], [adapter], [lenses]):
+        with monkeypatch.context() as m:
+            m.setattr(loading, "_from_pretrained", lambda *a: pytest.fail("info loaded the weights"))
+            light = info("--model", *args)
+        with monkeypatch.context() as m:
+            m.setattr(loading, "read_model_facts", lambda *a: None)
+            assert info("--model", *args) == light
+    assert "2:0.80, 4:0.90" in info("--model", adapter) and "lenses at 2, 4" in info("--model", lenses)
