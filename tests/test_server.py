@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -289,6 +290,25 @@ def test_a_client_that_disconnects_frees_its_slot_at_once(server, tiny):
         assert later.result().choices[0].message.content == direct(tiny, Mode.fixed(), max_new_tokens=5)[0]
     wait_for(lambda: scheduler.counts()["active"] == 0, "the gate job ends")
     assert gate.items[-1].error is None and gate.items[-1].stats.tokens == 50
+
+
+def test_a_client_that_leaves_before_a_whole_answer_is_cancelled(server, tiny):
+    url, scheduler = server
+    interrupted = scheduler.counts()["interrupted"]
+    gate = Gate(tiny, tokens=2)
+    scheduler.submit(gate.job)
+    wait_for(lambda: len(gate.items) == 1, "the gate job holds the engine")
+    body = json.dumps({"model": "tiny", "messages": HELLO, "max_tokens": 50}).encode()
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode()
+                     + b"\r\n\r\n" + body)
+        wait_for(lambda: scheduler.counts()["active"] == 2, "the request holds a slot")
+    wait_for(lambda: scheduler.counts()["interrupted"] == interrupted + 1, "the request is cancelled")
+    assert scheduler.counts()["active"] == 1  # it never took a step: the gate still holds the engine
+    gate.let(1000)
+    wait_for(lambda: scheduler.counts()["active"] == 0, "the gate job ends")
 
 
 def test_a_full_queue_answers_503_with_retry_after(server, tiny):

@@ -15,7 +15,7 @@ import json
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from sortedchat.server.errors import ApiError
@@ -73,6 +73,7 @@ def create_app(scheduler: Scheduler, sm, defaults: Defaults, api_key: str | None
                     if items[-1].error:
                         raise ApiError(500, f"the answer failed: {items[-1].error}", code="engine_error")
                     return JSONResponse(reply.completion(items[-1].stats))
+            return Response(status_code=499)  # the client left before the answer was whole: nobody reads this
         finally:
             scheduler.cancel(job)  # the client left (nothing if the answer is complete)
 
@@ -86,6 +87,9 @@ def create_app(scheduler: Scheduler, sm, defaults: Defaults, api_key: str | None
 
     async def refused(request: Request, exc: ApiError) -> JSONResponse:
         return exc.response()
+
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error").response()
 
     async def openai_http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
@@ -102,7 +106,7 @@ def create_app(scheduler: Scheduler, sm, defaults: Defaults, api_key: str | None
     app = Starlette(
         routes=[Route("/health", health), Route("/v1/models", models),
                 Route("/v1/chat/completions", chat_completions, methods=["POST"])],
-        exception_handlers={ApiError: refused, HTTPException: openai_http_error},
+        exception_handlers={ApiError: refused, HTTPException: openai_http_error, Exception: internal_error},
         lifespan=lifespan,
     )
     app.state.scheduler = scheduler

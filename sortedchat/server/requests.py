@@ -132,7 +132,11 @@ def _prompt(body: dict, sm) -> list[int]:
         raise ApiError(400, "messages must be a non-empty list of {role, content} objects", "messages",
                        "invalid_value")
     plain = [_message(m, i) for i, m in enumerate(messages)]
-    prompt = encode_chat(sm, plain)
+    try:
+        prompt = encode_chat(sm, plain)
+    except Exception as exc:  # noqa: BLE001 - the model's chat template refuses these messages (its own words)
+        raise ApiError(400, f"messages: the model's chat template refused them: {exc}", "messages",
+                       "invalid_value") from None
     limit = sm.max_positions
     if limit and len(prompt) >= limit:
         raise ApiError(400, f"the prompt is {len(prompt)} tokens; the model's context holds {limit} (with room for "

@@ -102,11 +102,14 @@ class Scheduler:
             self._wake.notify()
 
     def cancel(self, job: Job) -> None:
-        """The client is gone: the job ends before its next step (at once if it still waits for a slot)."""
+        """The client is gone: the job ends before its next step, at once if it has not started (waiting for a
+        slot, or holding one it has not stepped in yet: nothing of the engine's to close)."""
         with self._wake:
             job.cancelled = not job.ended
-            if job in self.waiting:  # its place in the queue is free now
+            if job in self.waiting:
                 self.waiting.remove(job)
+                self._end(job)
+            elif job in self.active and job.generation is None and job is not self._stepping:
                 self._end(job)
             self._wake.notify()
 
@@ -205,6 +208,8 @@ class Scheduler:
             job.session = None
         with self._wake:
             if job in self.active:
+                if self.active.index(job) < self._turn:  # the jobs after it move up: so does the turn
+                    self._turn -= 1
                 self.active.remove(job)
             job.ended = True
             self.finished += 1
