@@ -209,7 +209,7 @@ def _(tiny_dir):
     out = res.stdout.decode()
     assert res.returncode == 0, res.stderr
     assert "that line: not valid UTF-8 (byte 0xff at character 7); nothing was sent" in out
-    assert out.count("tok/s") == 1  # the session went on and answered "Hi"
+    assert out.count("mean exit") == 1  # the session went on and answered "Hi"
     [saved] = ChatStore().chats()
     assert [m.content for m in ChatStore().load(saved.id).messages][:1] == ["Hi"]
 
@@ -606,6 +606,105 @@ def _(tiny, tmp_path):
         assert [m.content for m in messages[::2]] == ["Hello there", "Again"] and all(m.content for m in messages)
 
     run_app(app, script)
+
+
+@case("21d-first-conversion-on-a-full-disk")
+def _(tmp_path):
+    from safetensors import SafetensorError
+
+    from sortedchat import convert
+
+    target = tmp_path / "cache" / "models" / "model"
+
+    def fill(tmp):  # what save_pretrained raises when the disk fills up under it
+        (tmp / "model.safetensors").write_bytes(b"the first megabytes")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with pytest.raises(SortedChatError) as err:
+        convert.build_dir(target, fill, needs="538 MB")
+    assert str(err.value) == (f"cannot write model into {target.parent} (No space left on device); it needs about "
+                              "538 MB there: free some space, or set SORTEDCHAT_CACHE_DIR to a folder with room")
+    assert list(target.parent.iterdir()) == []  # no half-written copy, not even hidden
+
+
+@case("21e-cache-or-config-folder-is-a-file")
+def _(tiny_dir, tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    res = cli("ask", "Hi", "-m", tiny_dir, "--device", "cpu", env={"SORTEDCHAT_CACHE_DIR": str(a_file)})
+    assert res.returncode == 0  # a plain directory needs no cache
+    res = cli("ask", "Hi", env={"SORTEDCHAT_CACHE_DIR": str(a_file)})
+    assert one_error_line(res) == f"error: SORTEDCHAT_CACHE_DIR={a_file}: is a file, not a folder"
+    res = cli("chat", "--plain", "-m", tiny_dir, "--device", "cpu", env={"SORTEDCHAT_CONFIG_DIR": str(a_file)},
+              stdin=b"Hi\n")
+    assert one_error_line(res) == f"error: SORTEDCHAT_CONFIG_DIR={a_file}: is a file, not a folder"
+    assert a_file.read_text() == "mine"
+
+
+@case("21f-non-finite-numbers")
+def _(tiny_dir, tmp_path):
+    for value in ("nan", "inf"):
+        res = cli("ask", "Hi", "-m", tiny_dir, "--device", "cpu", "--temperature", value)
+        assert one_error_line(res) == f"error: --temperature must be a finite number >= 0, got {value}"
+    res = cli("train", "--model", tiny_dir, "--data", tmp_path / "none.jsonl", "--out", tmp_path / "run", "--lr", "nan")
+    assert one_error_line(res) == "error: --lr: must be a finite number, got nan"
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "config.toml").write_text("[chat]\ntemperature = nan\n")
+    res = cli("chat", "--plain", "-m", tiny_dir, "--device", "cpu", env={"SORTEDCHAT_CONFIG_DIR": str(config)},
+              stdin=b"Hi\n")
+    assert one_error_line(res) == f"error: {config / 'config.toml'}: line 2: [chat] temperature must be a finite " \
+                                  "number, got nan"
+    assert ChatStore().chats() == []  # refused before anything was saved
+
+
+@case("21g-ask-an-empty-prompt")
+def _(tiny_dir):
+    for prompt in ("", "   "):
+        res = cli("ask", prompt, "-m", tiny_dir, "--device", "cpu")
+        assert one_error_line(res) == 'error: the prompt is empty; give a question, e.g. sortedchat ask "What is SoFT?"'
+        assert res.stdout == b""
+
+
+@case("21h-sortedchat-json-that-makes-no-sense")
+def _(tiny_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    path = model / "sortedchat.json"
+    for fields, message in [
+        ({"format": 99}, "'format' 99 is not one this sortedchat reads (1..1; a newer sortedchat may have written it)"),
+        ({"exits": []}, "'exits' is empty (list the exit layers, or leave the field out for the default exits)"),
+        ({"exits": [2, 4, 6], "thresholds": {"3": 0.5}}, "'thresholds' 3: layer 3 is not one of the exits 2, 4, 6"),
+        ({"confidence": "vibes"}, "'confidence' 'vibes' is not a confidence measure (choose maxprob, subset, "
+                                  "classifier, saturation)"),
+    ]:
+        path.write_text(json.dumps(fields))
+        res = cli("ask", "Hi", "--model", model, "--device", "cpu")
+        assert one_error_line(res) == f"error: {path}: {message}"
+
+
+@case("21i-an-uncached-hub-id-never-reaches-the-network")
+def _():
+    res = cli("ask", "Hi", "--model", "someone/not-cached", env={"HF_HUB_OFFLINE": ""})
+    assert one_error_line(res) == ("error: --model someone/not-cached: not a local path, and not in the local hub "
+                                   "cache (run `sortedchat pull someone/not-cached` to download it)")
+
+
+@case("21j-the-gguf-conversion-reports-progress-and-prints-no-bar")
+def _(capfd):
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from sortedchat.convert import _tensor_progress
+
+    seen, real = [], gguf_utils.tqdm
+    with _tensor_progress(lambda stage, fraction: seen.append((stage, fraction)), "dequantizing tensor", 0.1, 0.7):
+        assert list(gguf_utils.tqdm(["a", "b", "c"], desc="Converting and de-quantizing GGUF tensors...")) == \
+            ["a", "b", "c"]  # the loop transformers runs over a GGUF's tensors
+    assert seen == [("dequantizing tensor 1/3", pytest.approx(0.3)), ("dequantizing tensor 2/3", pytest.approx(0.5)),
+                    ("dequantizing tensor 3/3", pytest.approx(0.7))]
+    assert gguf_utils.tqdm is real and capfd.readouterr().err == ""
 
 
 @pytest.mark.parametrize("name", list(CASES))

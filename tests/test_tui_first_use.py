@@ -107,3 +107,27 @@ def test_an_empty_chat_shows_a_welcome_with_the_main_keys(tiny, tmp_path):
             assert "every key" in welcome_text(app)
 
     asyncio.run(run())
+
+
+def test_a_long_loading_stage_keeps_to_one_line_at_80_columns(tmp_path):
+    """The first start's stages name the GGUF file and count its tensors: at 80x24 the line is cut, not wrapped."""
+    release = threading.Event()
+    stage = "dequantizing tensor 17/272 of SmolLM2-135M-Instruct.Q4_1.gguf into the cache (one-time conversion)"
+
+    def loader(progress):
+        progress(stage, 0.3)
+        release.wait(20)
+        raise SystemExit  # never gets a model: the test ends first
+
+    app = SortedChatApp(loader=loader, store=ChatStore(tmp_path / "c.sqlite3"))
+
+    async def run():
+        async with app.run_test(size=(80, 24)) as pilot:
+            await wait_for(pilot, lambda: isinstance(app.screen, LoadingScreen) and app.screen.stage[0] == stage)
+            await pilot.pause()
+            label = app.screen.query_one("#loading-stage")
+            shown = "".join(seg.text for seg in label.render_lines(label.region.reset_offset)[0]).strip()
+            assert label.region.height == 1 and shown.endswith("…") and stage.startswith(shown[:-1])
+            release.set()
+
+    asyncio.run(run())

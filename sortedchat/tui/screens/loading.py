@@ -8,6 +8,15 @@ from textual.widgets import Label, ProgressBar
 
 
 class LoadingScreen(Screen):
+    # A stage wider than the box (a long file name at 80 columns) keeps to one line: wrapped, it would push the
+    # box up and down as the stages change.
+    DEFAULT_CSS = """
+    #loading-stage {
+        text-wrap: nowrap;
+        text-overflow: ellipsis;
+    }
+    """
+
     def __init__(self, what: str):
         super().__init__()
         self.what = what
