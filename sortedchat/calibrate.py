@@ -3,10 +3,11 @@ agreement with the full model, written into the checkpoint's `sortedchat.json`.
 
 Teacher-forced over reference answers: one forward pass with every hidden state gives every exit at every
 position of an answer. For each checked exit (all but the last) we record whether its greedy token equals
-the last exit's and what each confidence measure says. The examples are split three ways: classifier
-training, threshold selection, and a held-out part on which the expected agreement and speed-up are
-reported. Agreement here is per token given the same prefix; in free-running generation one different
-token changes the rest of the answer, so `sortedchat bench` (position-wise agreement) reports less.
+the last exit's and what each confidence measure records. The examples are split three ways: fitting the
+measures that learn (the exit classifier), threshold selection, and a held-out part on which the expected
+agreement and speed-up are reported. Agreement here is per token given the same prefix; in free-running
+generation one different token changes the rest of the answer, so `sortedchat bench` (position-wise
+agreement) reports less.
 
 Thresholds: every exit lets through the tokens it is most confident about as long as they agree with the
 last exit at least a given share p of the time; p is the lowest value whose plan still meets the target
@@ -34,17 +35,7 @@ import torch
 from sortedchat import SortedChatError
 from sortedchat.bench.costs import Costs, measure_costs
 from sortedchat.config import CONFIG_NAME, SortedConfig
-from sortedchat.engine.confidence import (
-    MEASURES,
-    Candidates,
-    Classifier,
-    ExitClassifier,
-    MaxProb,
-    Saturation,
-    SubsetProb,
-    previous_top,
-    subset_features,
-)
+from sortedchat.engine.confidence import MEASURES, Candidates, ExitView, Measure, previous_top
 from sortedchat.progress import Progress, quiet
 from sortedchat.sorted_model import SortedModel
 from sortedchat.training.data import last_records
@@ -52,7 +43,6 @@ from sortedchat.training.data import last_records
 MAX_ANSWER_TOKENS = 256
 SPLITS = ("fit", "select", "report")  # example i goes to SPLITS[SPLIT_OF[i % 4]]
 SPLIT_OF = (0, 0, 1, 2)
-MEASURE_NAMES = tuple(MEASURES)
 
 
 # -- data ----------------------------------------------------------------------------------------------
@@ -113,21 +103,35 @@ def _answers(sm: SortedModel, spec: str, max_examples: int, holdout: int) -> tup
 class Observations:
     exits: list[int]  # the checked exits (all but the last)
     agree: torch.Tensor  # [E, N] bool: the exit's greedy token is the last exit's
-    maxprob: torch.Tensor  # [E, N]
-    subset: torch.Tensor  # [E, N, 3] subset features (see confidence.subset_features)
-    hidden: torch.Tensor  # [E, N, H] float16, normed as the exit's head sees it
     split: torch.Tensor  # [N] index into SPLITS
-    saturation: torch.Tensor  # [E, N] cosine of the raw state with the previous exit's (the embedding's first)
+    records: dict[str, torch.Tensor]  # [E, N, ...] per name: what the measures' `record` kept, on the CPU
     agree_last: torch.Tensor | None = None  # [N] the last exit's token is the reference (None: always, exact K/V)
     exit_at: torch.Tensor | None = None  # [N] propagated runs: where the thresholds of the run made each position leave
 
     def part(self, name: str) -> torch.Tensor:
         return self.split == SPLITS.index(name)
 
+    def at_exit(self, j: int) -> dict[str, torch.Tensor]:
+        """The records of the j-th checked exit ([N, ...] each): what a measure's `score` reads."""
+        return {k: v[j] for k, v in self.records.items()}
+
+    def positions(self, keep: torch.Tensor) -> "Observations":
+        """The observations at the positions `keep` [N] (bool) selects."""
+        return Observations(self.exits, self.agree[:, keep], self.split[keep],
+                            {k: v[:, keep] for k, v in self.records.items()},
+                            None if self.agree_last is None else self.agree_last[keep],
+                            None if self.exit_at is None else self.exit_at[keep])
+
     @classmethod
-    def joined(cls, exits: list[int], runs: list[dict[str, torch.Tensor]]) -> "Observations":
-        """The observations of consecutive runs of positions (per-exit fields [E, n, ...], the others [n])."""
-        return cls(exits, **{k: torch.cat([r[k] for r in runs], dim=1 if runs[0][k].dim() > 1 else 0) for k in runs[0]})
+    def joined(cls, runs: list["Observations"]) -> "Observations":
+        """The observations of consecutive runs of positions."""
+        def cat(field: str, dim: int = 0):
+            parts = [getattr(r, field) for r in runs]
+            return None if parts[0] is None else torch.cat(parts, dim=dim)
+
+        return cls(runs[0].exits, cat("agree", 1), cat("split"),
+                   {k: torch.cat([r.records[k] for r in runs], dim=1) for k in runs[0].records},
+                   cat("agree_last"), cat("exit_at"))
 
 
 def checked_exits(sm: SortedModel) -> list[int]:
@@ -137,28 +141,29 @@ def checked_exits(sm: SortedModel) -> list[int]:
 
 
 def score_exits(sm: SortedModel, raw: list[torch.Tensor], before: list[torch.Tensor], candidates: Candidates,
-                reference: torch.Tensor) -> dict[str, torch.Tensor]:
-    """What each checked exit says at N positions, as auto mode's measures compute it (their `score`): `raw`
-    [N, H] per exit, the state leaving it; `before` the state saturation compares it with; `reference` [N] the
-    token it should agree with. Observations' per-exit fields, [E, N, ...] on the CPU."""
-    columns: dict[str, list] = {k: [] for k in ("agree", "maxprob", "subset", "hidden", "saturation")}
+                reference: torch.Tensor, kinds: list[type[Measure]], split: torch.Tensor) -> Observations:
+    """What each checked exit says at N positions (of the part `split` [N]), as auto mode's measures compute it
+    (their `record`): `raw` [N, H] per exit, the state leaving it; `before` the state it follows; `reference`
+    [N] the token it should agree with; `kinds` the measures whose records are kept."""
+    agree, records = [], {}
     for e, h, b in zip(checked_exits(sm), raw, before):
-        logits = sm.head(h, e)
-        normed, log_probs = candidates.log_probs(sm, h, e)
-        columns["agree"].append(logits.argmax(-1) == reference)
-        columns["maxprob"].append(MaxProb.score(logits))
-        columns["subset"].append(subset_features(log_probs))
-        columns["hidden"].append(normed.to(torch.float16))
-        columns["saturation"].append(Saturation.score(h, b))
-    return {k: torch.stack(v).cpu() for k, v in columns.items()}
+        view = ExitView(sm, e, h, b, candidates)
+        agree.append(view.logits.argmax(-1) == reference)
+        for kind in kinds:
+            for name, value in kind.record(view).items():
+                records.setdefault(name, {})[e] = value
+    return Observations(checked_exits(sm), torch.stack(agree).cpu(), split,
+                        {name: torch.stack(list(per_exit.values())).cpu() for name, per_exit in records.items()})
 
 
 @torch.inference_mode()
-def observe(sm: SortedModel, sequences: list[tuple[list[int], int]], progress: Progress = quiet) -> Observations:
-    """Every checked exit at every answer position, teacher-forced in one forward pass per example. The
-    candidate sets are those auto mode builds when fed the answer in a fresh session: the top of the last
-    exit's head at the position before, none at the first (the prompt is prefilled without a head)."""
-    exits, runs = checked_exits(sm), []
+def observe(sm: SortedModel, sequences: list[tuple[list[int], int]], progress: Progress = quiet,
+            kinds: list[type[Measure]] | None = None) -> Observations:
+    """Every checked exit at every answer position, teacher-forced in one forward pass per example, recorded for
+    the measures `kinds` (default: every registered one). The candidate sets are those auto mode builds when fed
+    the answer in a fresh session: the top of the last exit's head at the position before, none at the first
+    (the prompt is prefilled without a head)."""
+    exits, runs, kinds = checked_exits(sm), [], kinds or list(MEASURES.values())
     for n, (ids, start) in enumerate(sequences):
         progress(f"scoring example {n + 1}/{len(sequences)}", n / len(sequences))
         out = sm.model(input_ids=torch.tensor([ids], device=sm.device), output_hidden_states=True, use_cache=False)
@@ -166,22 +171,23 @@ def observe(sm: SortedModel, sequences: list[tuple[list[int], int]], progress: P
         final = out.logits[0, start : len(ids) - 1]
         positions = range(start, len(ids) - 1)
         candidates = Candidates.of(sm, [ids[: pos + 1] for pos in positions], [[], *previous_top(final[:-1]).tolist()])
-        run = score_exits(sm, [states[e] for e in exits], [states[e] for e in [0, *exits[:-1]]], candidates,
-                          final.argmax(-1))
-        runs.append({**run, "split": torch.full((len(positions),), SPLIT_OF[n % len(SPLIT_OF)])})
-    return Observations.joined(exits, runs)
+        runs.append(score_exits(sm, [states[e] for e in exits], [states[e] for e in [0, *exits[:-1]]], candidates,
+                                final.argmax(-1), kinds, torch.full((len(positions),), SPLIT_OF[n % len(SPLIT_OF)])))
+    return Observations.joined(runs)
 
 
 @torch.inference_mode()
-def observe_propagated(sm: SortedModel, sequences: list[tuple[list[int], int]], measure: str, thresholds: list[float],
-                       classifier: ExitClassifier | None = None, parts: tuple[str, ...] = SPLITS,
-                       progress: Progress = quiet) -> Observations:
+def observe_propagated(sm: SortedModel, sequences: list[tuple[list[int], int]], measure: Measure,
+                       thresholds: list[float], parts: tuple[str, ...] = SPLITS, progress: Progress = quiet,
+                       kinds: list[type[Measure]] | None = None) -> Observations:
     """What every exit says at every answer position when the K/V of earlier positions were propagated from
     where `thresholds` (on `measure`'s recorded confidence, as `simulate` applies them) made them leave; teacher
-    forced, agreement with the exact full model's greedy token. Only the examples of `parts` run."""
+    forced, agreement with the exact full model's greedy token. Only the examples of `parts` run; the records
+    kept are those of `kinds` (default: every registered measure), `measure`'s among them."""
     from sortedchat.engine.state import LayeredState
 
     exits, L, state, runs = checked_exits(sm), sm.num_layers, LayeredState(sm), []
+    kinds = list(dict.fromkeys([type(measure), *(kinds or MEASURES.values())]))
     chosen = [(n, x) for n, x in enumerate(sequences) if SPLITS[SPLIT_OF[n % len(SPLIT_OF)]] in parts]
     for k, (n, (ids, start)) in enumerate(chosen):
         progress(f"propagated K/V: example {k + 1}/{len(chosen)}", k / len(chosen))
@@ -193,52 +199,39 @@ def observe_propagated(sm: SortedModel, sequences: list[tuple[list[int], int]], 
         for pos in range(start, len(ids) - 1):
             raw = [state.run(e, [ids[pos]] if i == 0 else None)[:, -1] for i, e in enumerate(sm.exits)]  # [1, H] each
             before = [sm.embed(torch.tensor([ids[pos]], device=sm.device)), *raw[:-2]]
-            run = score_exits(sm, raw[:-1], before, Candidates.of(sm, [ids[: pos + 1]], [top]), reference[pos : pos + 1])
+            run = score_exits(sm, raw[:-1], before, Candidates.of(sm, [ids[: pos + 1]], [top]), reference[pos : pos + 1],
+                              kinds, torch.tensor([SPLIT_OF[n % len(SPLIT_OF)]]))
             last = sm.head(raw[-1], L)
             top = previous_top(last[0]).tolist()
-            conf = confidences(Observations(exits, split=torch.zeros(1, dtype=torch.long), **run), measure, classifier)
+            conf = confidences(run, measure)
             leave = next((j for j, tau in enumerate(thresholds) if tau < 1.0 and conf[j, 0] >= tau), None)
             if leave is not None:
                 state.refill(exits[leave], raw[leave][:, None])
-            runs.append({**run, "split": torch.tensor([SPLIT_OF[n % len(SPLIT_OF)]]),
-                         "agree_last": (last.argmax(-1) == reference[pos]).cpu(),
-                         "exit_at": torch.tensor([L if leave is None else exits[leave]])})
-    return Observations.joined(exits, runs)
+            runs.append(replace(run, agree_last=(last.argmax(-1) == reference[pos]).cpu(),
+                                exit_at=torch.tensor([L if leave is None else exits[leave]])))
+    return Observations.joined(runs)
 
 
-def train_classifier(obs: Observations, steps: int = 300, width: int = 64, seed: int = 0) -> ExitClassifier:
-    """Fit one small MLP per exit on the `fit` part (full batch, AdamW, binary cross-entropy)."""
-    fit = obs.part("fit")
-    net = ExitClassifier(obs.exits, obs.hidden.shape[-1], width)
-    with torch.random.fork_rng(), torch.enable_grad():
-        torch.manual_seed(seed)
-        for j, e in enumerate(obs.exits):
-            x = ExitClassifier.inputs(obs.hidden[j, fit], obs.subset[j, fit])
-            y = obs.agree[j, fit].float()
-            mlp = net.nets[str(e)]
-            mlp[0].mean.copy_(x.mean(0))
-            mlp[0].std.copy_(x.std(0).nan_to_num(1.0) + 1e-4)
-            opt = torch.optim.AdamW(mlp.parameters(), lr=1e-3, weight_decay=1e-2)
-            for _ in range(steps):
-                opt.zero_grad()
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(mlp(x)[:, 0], y)
-                loss.backward()
-                opt.step()
-    return net.eval()
+def fitted_measures(sm: SortedModel, obs: Observations, names: list[str], progress: Progress = quiet) -> dict[str, Measure]:
+    """The measures `names` as calibrate uses them, those that learn fitted on the `fit` part."""
+    fit, measures = obs.positions(obs.part("fit")), {}
+    for name in names:
+        if MEASURES[name].learns:
+            progress(f"fitting the {name} measure", None)
+        measures[name] = MEASURES[name].fitted(sm, fit.exits, fit.records, fit.agree)
+    return measures
+
+
+def threshold_positions(obs: Observations, measure: Measure) -> torch.Tensor:
+    """The positions a measure's thresholds are chosen on: the select part, and the fit part unless it learned
+    from it."""
+    return obs.part("select") | (obs.part("fit") if not measure.learns else False)
 
 
 @torch.inference_mode()
-def confidences(obs: Observations, name: str, classifier: ExitClassifier | None = None) -> torch.Tensor:
-    """[E, N] what measure `name` says at every exit and position: its `score` (maxprob's and saturation's were
-    taken while observing)."""
-    if name == MaxProb.name:
-        return obs.maxprob
-    if name == SubsetProb.name:
-        return SubsetProb.score(obs.subset)
-    if name == Saturation.name:
-        return obs.saturation
-    classifier = classifier.to(obs.hidden.device)  # timing its checks (`measure_costs`) moved it to the model's
-    return torch.stack([Classifier.score(classifier, e, obs.hidden[j], obs.subset[j]) for j, e in enumerate(obs.exits)])
+def confidences(obs: Observations, measure: Measure) -> torch.Tensor:
+    """[E, N] what `measure` says at every exit and position: its `score` of the records, on the CPU."""
+    return torch.stack([measure.score(obs.at_exit(j), e).cpu() for j, e in enumerate(obs.exits)])
 
 
 # -- thresholds ------------------------------------------------------------------------------------------
@@ -363,8 +356,8 @@ def check_options(target: float, measure: str | None, max_examples: int, kv: str
         raise SortedChatError(f"--kv {kv}: choose exact or propagate")
     if not 0.0 < target <= 1.0:
         raise SortedChatError(f"--target-agreement {target}: must be in (0, 1]")
-    if measure is not None and measure not in MEASURE_NAMES:
-        raise SortedChatError(f"--measure {measure!r}: choose {', '.join(MEASURE_NAMES)}")
+    if measure is not None and measure not in MEASURES:
+        raise SortedChatError(f"--measure {measure!r}: choose {', '.join(MEASURES)}")
     if max_examples < len(SPLIT_OF):
         raise SortedChatError(f"--limit {max_examples}: at least {len(SPLIT_OF)} are needed")
 
@@ -376,54 +369,47 @@ class Calibration:
     costs: Costs
     data: dict
     positions: dict[str, int]
-    classifier: ExitClassifier | None = None
+    measure: Measure | None = None  # the chosen plan's measure, as fitted (`write` saves what it learned)
     kv: str = "exact"
     start: Plan | None = None  # propagated K/V: the one-pass plan the propagated runs started from
 
 
 def calibrate(sm: SortedModel, data: str, target: float = 0.95, measure: str | None = None,
               max_examples: int = 300, holdout: int = 0, progress: Progress = quiet, kv: str = "exact") -> Calibration:
-    """Measure, train (if the classifier is among the measures), choose thresholds; write nothing. With `kv`
-    "propagate", the measure is chosen on the one-pass plans, and its thresholds and figures come from runs
-    under propagation (module docstring)."""
+    """Measure, fit the measures that learn, choose thresholds; write nothing. With `kv` "propagate", the measure
+    is chosen on the one-pass plans, and its thresholds and figures come from runs under propagation (module
+    docstring)."""
     check_options(target, measure, max_examples, kv)
     sequences, described = reference_sequences(sm, data, max_examples, holdout)
-    obs = observe(sm, sequences, progress)
-    names = [measure] if measure else list(MEASURE_NAMES)
-    classifier = None
-    if Classifier.name in names:
-        progress("training the exit classifier", None)
-        classifier = train_classifier(obs)
+    names = [measure] if measure else list(MEASURES)
+    obs = observe(sm, sequences, progress, [MEASURES[n] for n in names])
+    measures = fitted_measures(sm, obs, names, progress)
     progress("timing layers, head and checks", None)
-    instances = {n: Classifier(sm, classifier) if n == Classifier.name else MEASURES[n](sm) for n in names}
     context = sum(len(ids) for ids, _ in sequences) // len(sequences)
-    costs = replace(measure_costs(sm, context=context, measures=instances), kv=kv)
-    # The classifier chooses its thresholds on data it was not trained on; the other measures use both parts.
-    choose_on = {n: obs.part("select") | (obs.part("fit") if n != Classifier.name else False) for n in names}
-    plans = {n: plan(obs, confidences(obs, n, classifier), n, target, costs, sm.num_layers, choose_on[n])
-             for n in names}
+    costs = replace(measure_costs(sm, context=context, measures=measures), kv=kv)
+    plans = {n: plan(obs, confidences(obs, m), n, target, costs, sm.num_layers, threshold_positions(obs, m))
+             for n, m in measures.items()}
     chosen = max(plans.values(), key=lambda p: p.speedup) if measure is None else plans[measure]
     positions = {name: int(obs.part(name).sum()) for name in SPLITS}
     start = None
     if kv == "propagate":
-        start, chosen = chosen, propagated_plan(sm, sequences, chosen, target, costs, classifier, progress)
+        start, chosen = chosen, propagated_plan(sm, sequences, chosen, target, costs, measures[chosen.measure],
+                                                progress)
         plans = {chosen.measure: chosen}
-    return Calibration(plans, chosen, costs, described, positions,
-                       classifier if chosen.measure == Classifier.name else None, kv, start)
+    return Calibration(plans, chosen, costs, described, positions, measures[chosen.measure], kv, start)
 
 
 def propagated_plan(sm: SortedModel, sequences: list[tuple[list[int], int]], start: Plan, target: float, costs: Costs,
-                    classifier: ExitClassifier | None, progress: Progress = quiet) -> Plan:
+                    measure: Measure, progress: Progress = quiet) -> Plan:
     """Thresholds for propagated K/V: a propagated run over the fit and select parts at `start`'s thresholds,
     thresholds chosen again on what it recorded, then judged by a propagated run over the report part."""
-    name, exits, L = start.measure, list(start.thresholds), sm.num_layers
-    first = observe_propagated(sm, sequences, name, list(start.thresholds.values()), classifier, ("fit", "select"),
-                               progress)
-    again = plan(first, confidences(first, name, classifier), name, target, costs, L,
-                 first.part("select") | (first.part("fit") if name != Classifier.name else False))
+    name, exits, L, kinds = start.measure, list(start.thresholds), sm.num_layers, [type(measure)]
+    first = observe_propagated(sm, sequences, measure, list(start.thresholds.values()), ("fit", "select"), progress,
+                               kinds)
+    again = plan(first, confidences(first, measure), name, target, costs, L, threshold_positions(first, measure))
     final = [again.thresholds[e] for e in exits]
-    check = observe_propagated(sm, sequences, name, final, classifier, ("report",), progress)
-    result = simulate(confidences(check, name, classifier), check.agree, exits, final, costs, name, L,
+    check = observe_propagated(sm, sequences, measure, final, ("report",), progress, kinds)
+    result = simulate(confidences(check, measure), check.agree, exits, final, costs, name, L,
                       check.agree_last, check.exit_at)
     return judged(name, final, result, exits)
 
@@ -442,11 +428,9 @@ def checkpoint_dir(sm: SortedModel) -> Path:
 
 
 def write(sm: SortedModel, result: Calibration, target: float) -> list[Path]:
-    """Thresholds, measure and calibration record into `sortedchat.json` (atomic), and the classifier."""
+    """Thresholds, measure and calibration record into `sortedchat.json` (atomic), and what the measure learned."""
     directory = checkpoint_dir(sm)
-    written = []
-    if result.classifier is not None:
-        written.append(result.classifier.save(directory))
+    written = result.measure.save(directory) if result.measure is not None else []
     cfg = SortedConfig.read(directory) if (directory / CONFIG_NAME).is_file() else SortedConfig()
     chosen = result.chosen
     cfg.exits = list(sm.exits)

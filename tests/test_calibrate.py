@@ -15,7 +15,7 @@ from sortedchat import calibrate as cal
 from sortedchat.bench.costs import Costs
 from sortedchat.config import CONFIG_NAME
 from sortedchat.engine import ChatSession, Mode, SamplingConfig
-from sortedchat.engine.confidence import CLASSIFIER_NAME
+from sortedchat.engine.confidence import CLASSIFIER_NAME, Measure
 from sortedchat.engine.session import encode_chat
 from sortedchat.loading import LoadOptions, load_sorted_model
 
@@ -173,9 +173,60 @@ def test_plan_meets_the_target_on_held_out_positions():
     conf = torch.rand(2, n, generator=g)
     agree = torch.rand(2, n, generator=g) < conf
     split = torch.tensor([cal.SPLIT_OF[i % len(cal.SPLIT_OF)] for i in range(n)])
-    obs = cal.Observations([2, 4], agree, conf, torch.zeros(2, n, 3), torch.zeros(2, n, 4), split, torch.zeros(2, n))
+    obs = cal.Observations([2, 4], agree, split, {"m": conf})
     costs = Costs(layer=1.0, head=2.0, step=0.0, context=0, check={"m": 0.01}, per_token={"m": 0.0})
     plan = cal.plan(obs, conf, "m", 0.9, costs, 6, choose_on=obs.part("fit") | obs.part("select"))
     assert plan.agreement == pytest.approx(0.9, abs=0.02)
     assert 0.0 < plan.thresholds[2] < 1.0 and plan.speedup > 1.2
     assert plan.per_exit[2]["share"] > 0.2
+
+
+class Margin(Measure):
+    """A confidence measure defined here only: the gap between the two most likely tokens of the exit's full
+    head. Registered for one test, it must work in calibrate and auto mode with no other module changed."""
+
+    name = "margin"
+
+    @staticmethod
+    def record(view):
+        top2 = torch.softmax(view.logits.float(), dim=-1).topk(2, dim=-1).values
+        return {"margin": top2[..., 0] - top2[..., 1]}
+
+    def score(self, records, exit_layer):
+        return records["margin"]
+
+
+def test_a_measure_registered_in_confidence_alone_is_calibrated_and_used_by_auto_mode(monkeypatch, capsys,
+                                                                                      model_dir, data):
+    from sortedchat import config
+    from sortedchat.engine import confidence as c
+
+    monkeypatch.setitem(c.MEASURES, "margin", Margin)
+    # sortedchat.json's reader (layer 0, below the engine) keeps its own list of the names it accepts.
+    monkeypatch.setattr(config, "CONFIDENCE_MEASURES", (*config.CONFIDENCE_MEASURES, "margin"))
+    costs = Costs(layer=1.0, head=2.0, step=0.0, context=0, check={"margin": 0.0}, per_token={"margin": 0.0})
+    monkeypatch.setattr(cal, "measure_costs", lambda *args, **kwargs: costs)  # whether exits pay is tested above
+    code, _, err = run_cli(monkeypatch, capsys, "calibrate", "--measure", "wrong", "--model", model_dir, "--data", data)
+    assert code == 1 and "--measure 'wrong': choose maxprob, subset, classifier, saturation, margin" in err
+    code, out, err = run_cli(monkeypatch, capsys, "calibrate", "--model", model_dir, "--data", data, "--device", "cpu",
+                             "--exits", "2,4,6", "--target-agreement", "0.05", "--measure", "margin")
+    assert code == 0, err
+    saved = json.loads((model_dir / CONFIG_NAME).read_text())
+    assert saved["confidence"] == "margin" and saved["calibration"]["expected"]["margin"]["agreement"] >= 0.0
+    thresholds = {int(k): v for k, v in saved["thresholds"].items()}
+    assert thresholds[2] < 1.0
+
+    sm = load_sorted_model(str(model_dir), LoadOptions(device="cpu"))
+    checked, call = [], Margin.__call__
+
+    def recorded(measure, hidden, exit_layer):
+        checked.append(exit_layer)
+        return call(measure, hidden, exit_layer)
+
+    monkeypatch.setattr(Margin, "__call__", recorded)
+    exits = auto_exits(sm, Mode.auto())
+    assert 2 in checked and 2 in exits  # auto mode checks the margin, and the calibrated first exit takes tokens
+    prompt = encode_chat(sm, [{"role": "user", "content": "Hello"}])
+    obs = cal.observe(sm, [(prompt + [40, 50, 60], len(prompt) - 1)], kinds=[Margin])
+    assert set(obs.records) == {"margin"} and obs.records["margin"].shape == (2, 3)
+    assert torch.equal(cal.confidences(obs, Margin(sm)), obs.records["margin"])

@@ -19,23 +19,15 @@ MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 @pytest.fixture(scope="module")
 def calibrated(tiny_dir, tmp_path_factory):
     """A copy of the tiny model with a trained exit classifier (so every measure can be built)."""
-    from sortedchat.calibrate import Observations, train_classifier
-
     path = tmp_path_factory.mktemp("calibrated") / "tiny"
     shutil.copytree(tiny_dir, path)
     sm = load_sorted_model(str(path), LoadOptions(device="cpu", exits=[2, 4, 6]))
     g = torch.Generator().manual_seed(0)
     n, hidden = 64, sm.model.config.hidden_size
-    obs = Observations(
-        exits=[2, 4],
-        agree=torch.rand(2, n, generator=g) > 0.5,
-        maxprob=torch.rand(2, n, generator=g),
-        subset=torch.randn(2, n, c.SUBSET_FEATURES, generator=g),
-        hidden=torch.randn(2, n, hidden, generator=g).half(),
-        split=torch.zeros(n, dtype=torch.long),
-        saturation=torch.rand(2, n, generator=g),
-    )
-    train_classifier(obs, steps=5).save(path)
+    agree = torch.rand(2, n, generator=g) > 0.5
+    subset = torch.randn(2, n, c.SUBSET_FEATURES, generator=g)
+    states = torch.randn(2, n, hidden, generator=g).half()
+    c.ExitClassifier.trained([2, 4], states, subset, agree, steps=5).save(path)
     return load_sorted_model(str(path), LoadOptions(device="cpu", exits=[2, 4, 6]))
 
 
@@ -125,6 +117,13 @@ def test_subset_scores_frequent_recent_and_previous_top_tokens(tiny, monkeypatch
         assert measure(h, 2)[0] == pytest.approx(expected, rel=1e-5)
 
 
+def test_sortedchat_json_accepts_the_registered_measures():
+    """The reader of sortedchat.json sits below the engine and lists the names itself: they must not drift."""
+    from sortedchat.config import CONFIDENCE_MEASURES
+
+    assert CONFIDENCE_MEASURES == tuple(c.MEASURES)
+
+
 def test_unknown_measure_is_one_clear_error(tiny):
     with pytest.raises(SortedChatError, match="unknown confidence measure 'entropy'.*maxprob"):
         c.make_measure("entropy", tiny)
@@ -168,7 +167,7 @@ def test_auto_mode_checks_the_confidences_calibrate_computes(calibrated, monkeyp
 
     obs = cal.observe(sm, [(prompt + answer, len(prompt) - 1)])
     assert obs.exits == [2, 4]
-    batch = cal.confidences(obs, name, seen[0][0].net if name == "classifier" else None)
+    batch = cal.confidences(obs, seen[0][0])  # the very measure auto mode checked with
     # The classifier reads its input rounded to float16 (as it was trained): a last-bit difference between the
     # batched and the one-position hidden state (thread count, summation order) can round one input element
     # the other way, which moves the score by a few 1e-6. Scoring its unrounded input, as before, was 2.3e-5 off.

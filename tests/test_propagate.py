@@ -219,10 +219,12 @@ def test_observe_propagated_records_what_a_propagated_run_chooses(tiny):
     propagated K/V, fed the same answer, picks the exact model's token; without early exits it is the one-pass
     (exact) observation, and the last exit always agrees."""
     from sortedchat import calibrate as cal
+    from sortedchat.engine.confidence import make_measure
 
     sequences = [(prompt_ids(tiny, PROMPTS[i % 3]) + [40 + i, 50, 60 + i, 70, 80], len(prompt_ids(tiny, PROMPTS[i % 3])) - 1)
                  for i in range(4)]
-    obs = cal.observe_propagated(tiny, sequences, "maxprob", [0.0, 1.0])
+    maxprob = make_measure("maxprob", tiny)
+    obs = cal.observe_propagated(tiny, sequences, maxprob, [0.0, 1.0])
     assert obs.exit_at.tolist() == [2] * obs.agree.shape[1] and obs.exits == [2, 4]
     expected = []
     for ids, start in sequences:
@@ -232,12 +234,13 @@ def test_observe_propagated_records_what_a_propagated_run_chooses(tiny):
         expected += [a == b for a, b in zip(chosen, reference)]
     assert obs.agree[0].tolist() == expected
 
-    exact, none_leave = cal.observe(tiny, sequences), cal.observe_propagated(tiny, sequences, "maxprob", [1.0, 1.0])
+    exact, none_leave = cal.observe(tiny, sequences), cal.observe_propagated(tiny, sequences, maxprob, [1.0, 1.0])
     assert none_leave.agree_last.all() and none_leave.exit_at.tolist() == [6] * exact.agree.shape[1]
     assert torch.equal(none_leave.agree, exact.agree)
-    torch.testing.assert_close(none_leave.maxprob, exact.maxprob, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(none_leave.saturation, exact.saturation, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(none_leave.subset, exact.subset, rtol=1e-3, atol=1e-4)
+    propagated, one_pass = none_leave.records, exact.records
+    torch.testing.assert_close(propagated["maxprob"], one_pass["maxprob"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(propagated["saturation"], one_pass["saturation"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(propagated["subset"], one_pass["subset"], rtol=1e-3, atol=1e-4)
 
 
 def test_calibrate_kv_propagate_writes_figures_measured_under_propagation(monkeypatch, tiny_dir, tmp_path, capsys):

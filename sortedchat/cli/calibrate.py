@@ -23,7 +23,9 @@ def calibrate(
     data: Annotated[str, typer.Option("--data", help="Held-out reference answers: Alpaca/chat/QA JSON or JSONL, or plain text (.txt)")],
     model: o.ModelOpt = None,
     target_agreement: Annotated[float, typer.Option("--target-agreement", help="Share of tokens auto mode must pick as the full model does (teacher-forced)")] = 0.95,
-    measure: Annotated[Optional[str], typer.Option("--measure", help="maxprob, subset, classifier or saturation [default: the fastest at the target]")] = None,
+    measure: Annotated[Optional[str], typer.Option("--measure", help="A confidence measure of auto mode (a wrong "
+                                                   "name lists them all) [default: every one; the fastest at the "
+                                                   "target is written]")] = None,
     kv: Annotated[str, typer.Option("--kv", help="Calibrate auto mode with exact K/V, or with propagated K/V "
                                     "(agreement measured under propagation, token by token: slower)")] = "exact",
     holdout: o.HoldoutOpt = 0,

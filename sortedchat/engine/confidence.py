@@ -24,15 +24,17 @@ Protocol, per token: `prepare(context)` once (the ids so far, the pending token 
 anyway, so the chosen exit does not pay twice), then `observe(token_id, logits)` with the full logits of the
 exit that chose the token.
 
-Each measure computes its number in one batched method, `score`, over N positions at one exit: auto mode
-calls it for the one position at hand, `sortedchat calibrate` for every answer position of an example at
-once. Thresholds are thus chosen on the very number auto mode compares with them (a test checks the two
-agree position by position).
+Each measure computes its number in two batched steps over N positions at one exit (`Measure.record`, what
+calibrate keeps of a position, from an `ExitView`; `Measure.score`, the confidence from it): auto mode runs
+them for the one position at hand, `sortedchat calibrate` for every answer position of an example at once.
+Thresholds are thus chosen on the very number auto mode compares with them (a test checks the two agree
+position by position). A new measure is one `Measure` subclass added to `MEASURES`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -49,22 +51,82 @@ PREVIOUS_TOP = 64  # top tokens of the previous full head added to the candidate
 SUBSET_FEATURES = 3  # log max-prob, log margin to the runner-up, entropy (over the candidate set)
 
 
+class ExitView:
+    """What a measure may look at for N positions leaving one exit: the raw hidden state [N, H], the state it
+    follows (`before`: the previous exit's, the embedding before the first) and the candidate set. The exit's
+    full-head logits and the candidates' log-probabilities are computed once, when a measure first asks."""
+
+    def __init__(self, sm: SortedModel, exit_layer: int, hidden: torch.Tensor, before: torch.Tensor | None = None,
+                 candidates: "Candidates | None" = None):
+        self.sm, self.exit_layer, self.hidden, self.before, self.candidates = sm, exit_layer, hidden, before, candidates
+
+    @cached_property
+    def logits(self) -> torch.Tensor:
+        """[N, V] the exit's full head."""
+        return self.sm.head(self.hidden, self.exit_layer)
+
+    @cached_property
+    def candidate_log_probs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normed hidden [N, H], log-softmax over each position's candidates [N, C]): `Candidates.log_probs`."""
+        return self.candidates.log_probs(self.sm, self.hidden, self.exit_layer)
+
+    def computed_logits(self) -> torch.Tensor | None:
+        """The full-head logits if a measure computed them (auto mode then does not pay for the head twice)."""
+        return self.__dict__.get("logits")
+
+
 class Measure:
-    """The protocol of the module docstring; a measure overrides the hooks it needs (the rest do nothing)."""
+    """One confidence measure: `record` and `score` are its number, the auto-mode hooks of the module docstring
+    feed it one position at a time, and the calibration hooks fit and save what it learns. A measure overrides
+    what it needs; registering its class in `MEASURES` makes it usable by auto mode, `sortedchat calibrate`
+    (which lists the registry in its errors) and the benchmark's cost model, with no other change."""
 
     name = ""
+    learns = False  # `fitted` trains on calibration's fit part (its thresholds are then chosen on the rest)
 
+    def __init__(self, sm: SortedModel):
+        self.sm = sm
+
+    # -- the number: batched, the same for auto mode and calibrate --------------------------------------
+    @staticmethod
+    def record(view: ExitView) -> dict[str, torch.Tensor]:
+        """What calibrate keeps of N positions at one exit to score them later, by name ([N, ...] each); two
+        measures that record the same name record the same values."""
+        raise NotImplementedError
+
+    def score(self, records: dict[str, torch.Tensor], exit_layer: int) -> torch.Tensor:
+        """[N] confidences in [0, 1] from what `record` kept at `exit_layer`."""
+        raise NotImplementedError
+
+    # -- auto mode: one position, exit by exit ---------------------------------------------------------
     def prepare(self, context: list[int]) -> None:
         pass
 
     def reached(self, hidden: torch.Tensor, exit_layer: int) -> None:
         pass
 
-    def __call__(self, hidden: torch.Tensor, exit_layer: int) -> tuple[float, torch.Tensor | None]:
-        raise NotImplementedError
-
     def observe(self, token_id: int, logits: torch.Tensor) -> None:
         pass
+
+    def view(self, hidden: torch.Tensor, exit_layer: int) -> ExitView:
+        """The token at hand leaving `exit_layer` (what `prepare` and `reached` kept goes with it)."""
+        return ExitView(self.sm, exit_layer, hidden)
+
+    def __call__(self, hidden: torch.Tensor, exit_layer: int) -> tuple[float, torch.Tensor | None]:
+        view = self.view(hidden, exit_layer)
+        return float(self.score(self.record(view), exit_layer)[0]), view.computed_logits()
+
+    # -- calibration -------------------------------------------------------------------------------
+    @classmethod
+    def fitted(cls, sm: SortedModel, exits: list[int], records: dict[str, torch.Tensor],
+               agree: torch.Tensor) -> "Measure":
+        """The measure as calibrate uses it, fitted on the fit part: `records` [E, N, ...] at the checked
+        `exits` and whether each exit agreed with the last [E, N]. Most measures have nothing to fit."""
+        return cls(sm)
+
+    def save(self, directory: str | Path) -> list[Path]:
+        """Write what `fitted` learned beside the weights; the files written."""
+        return []
 
 
 class MaxProb(Measure):
@@ -72,17 +134,12 @@ class MaxProb(Measure):
 
     name = "maxprob"
 
-    def __init__(self, sm: SortedModel):
-        self.sm = sm
-
     @staticmethod
-    def score(logits: torch.Tensor) -> torch.Tensor:
-        """[N, V] logits of the exit's head -> [N]."""
-        return torch.softmax(logits.float(), dim=-1).max(dim=-1).values
+    def record(view: ExitView) -> dict[str, torch.Tensor]:
+        return {"maxprob": torch.softmax(view.logits.float(), dim=-1).max(dim=-1).values}
 
-    def __call__(self, hidden: torch.Tensor, exit_layer: int) -> tuple[float, torch.Tensor | None]:
-        logits = self.sm.head(hidden, exit_layer)
-        return float(self.score(logits)[0]), logits
+    def score(self, records: dict[str, torch.Tensor], exit_layer: int) -> torch.Tensor:
+        return records["maxprob"]
 
 
 def previous_top(logits: torch.Tensor) -> torch.Tensor:
@@ -147,7 +204,7 @@ class CandidateMeasure(Measure):
     full head."""
 
     def __init__(self, sm: SortedModel):
-        self.sm = sm
+        super().__init__(sm)
         self.top: list[int] = []  # the previous full head's top ids (none before the first token)
         self.candidates: Candidates | None = None  # the token at hand's (`prepare`)
 
@@ -157,6 +214,9 @@ class CandidateMeasure(Measure):
     def observe(self, token_id: int, logits: torch.Tensor) -> None:
         self.top = previous_top(logits).tolist()
 
+    def view(self, hidden: torch.Tensor, exit_layer: int) -> ExitView:
+        return ExitView(self.sm, exit_layer, hidden, candidates=self.candidates)
+
 
 class SubsetProb(CandidateMeasure):
     """Maximum softmax probability over the candidate set (see `Candidates`)."""
@@ -164,13 +224,12 @@ class SubsetProb(CandidateMeasure):
     name = "subset"
 
     @staticmethod
-    def score(features: torch.Tensor) -> torch.Tensor:
-        """[N, SUBSET_FEATURES] (`subset_features`) -> [N]."""
-        return features[..., 0].exp()
+    def record(view: ExitView) -> dict[str, torch.Tensor]:
+        """The candidates' `subset_features` [N, SUBSET_FEATURES] (the classifier reads them too)."""
+        return {"subset": subset_features(view.candidate_log_probs[1])}
 
-    def __call__(self, hidden: torch.Tensor, exit_layer: int) -> tuple[float, None]:
-        _, log_probs = self.candidates.log_probs(self.sm, hidden, exit_layer)
-        return float(self.score(subset_features(log_probs))[0]), None
+    def score(self, records: dict[str, torch.Tensor], exit_layer: int) -> torch.Tensor:
+        return records["subset"][..., 0].exp()
 
 
 class Standardize(nn.Module):
@@ -213,8 +272,30 @@ class ExitClassifier(nn.Module):
         """Write atomically (`config.atomic_write`)."""
         from safetensors.torch import save_file
 
-        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.contiguous().cpu() for k, v in self.state_dict().items()}
         return atomic_write(Path(directory) / CLASSIFIER_NAME, lambda tmp: save_file(state, str(tmp)))
+
+    @classmethod
+    def trained(cls, exits: list[int], hidden: torch.Tensor, features: torch.Tensor, agree: torch.Tensor,
+                steps: int = 300, width: int = 64, seed: int = 0) -> "ExitClassifier":
+        """One small MLP per exit fitted on [E, N] positions (full batch, AdamW, binary cross-entropy): the normed
+        hidden states as `Classifier.record` keeps them, their subset features, and whether the exit agreed."""
+        net = cls(exits, hidden.shape[-1], width)
+        with torch.random.fork_rng(), torch.enable_grad():
+            torch.manual_seed(seed)
+            for j, e in enumerate(exits):
+                x = cls.inputs(hidden[j], features[j])
+                y = agree[j].float()
+                mlp = net.nets[str(e)]
+                mlp[0].mean.copy_(x.mean(0))
+                mlp[0].std.copy_(x.std(0).nan_to_num(1.0) + 1e-4)
+                opt = torch.optim.AdamW(mlp.parameters(), lr=1e-3, weight_decay=1e-2)
+                for _ in range(steps):
+                    opt.zero_grad()
+                    loss = F.binary_cross_entropy_with_logits(mlp(x)[:, 0], y)
+                    loss.backward()
+                    opt.step()
+        return net.eval()
 
     @classmethod
     def load(cls, path: Path, hidden_size: int) -> "ExitClassifier":
@@ -238,6 +319,7 @@ class Classifier(CandidateMeasure):
     """P(exit's token == last exit's token) from the calibrated `ExitClassifier`."""
 
     name = "classifier"
+    learns = True
 
     def __init__(self, sm: SortedModel, net: ExitClassifier | None = None):
         if net is None:
@@ -252,16 +334,26 @@ class Classifier(CandidateMeasure):
         self.net = net.to(sm.device)
 
     @staticmethod
-    def score(net: ExitClassifier, exit_layer: int, normed: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """[N] from the normed hidden [N, H] and the subset features [N, SUBSET_FEATURES]; 0 (never passes) at an
-        exit `net` was not trained for."""
-        if not net.has(exit_layer):
-            return torch.zeros(normed.shape[0], device=normed.device)
-        return torch.sigmoid(net(ExitClassifier.inputs(normed, features), exit_layer))
+    def record(view: ExitView) -> dict[str, torch.Tensor]:
+        """The normed hidden state in float16 (what the net reads) and the subset features."""
+        normed, log_probs = view.candidate_log_probs
+        return {"hidden": normed.to(torch.float16), "subset": subset_features(log_probs)}
 
-    def __call__(self, hidden: torch.Tensor, exit_layer: int) -> tuple[float, None]:
-        h, log_probs = self.candidates.log_probs(self.sm, hidden, exit_layer)
-        return float(self.score(self.net, exit_layer, h, subset_features(log_probs))[0]), None
+    def score(self, records: dict[str, torch.Tensor], exit_layer: int) -> torch.Tensor:
+        """0 (never passes) at an exit the net was not trained for. Computed where the net is, the model's device
+        (calibrate keeps its records on the CPU)."""
+        if not self.net.has(exit_layer):
+            return torch.zeros(records["hidden"].shape[0], device=self.sm.device)
+        inputs = ExitClassifier.inputs(records["hidden"], records["subset"]).to(self.sm.device)
+        return torch.sigmoid(self.net(inputs, exit_layer))
+
+    @classmethod
+    def fitted(cls, sm: SortedModel, exits: list[int], records: dict[str, torch.Tensor],
+               agree: torch.Tensor) -> "Classifier":
+        return cls(sm, ExitClassifier.trained(exits, records["hidden"], records["subset"], agree))
+
+    def save(self, directory: str | Path) -> list[Path]:
+        return [self.net.save(directory)]
 
 
 class Saturation(Measure):
@@ -270,15 +362,17 @@ class Saturation(Measure):
     name = "saturation"
 
     def __init__(self, sm: SortedModel):
-        self.sm = sm
+        super().__init__(sm)
         self.before: torch.Tensor | None = None  # the state this exit is compared with
         self.current: torch.Tensor | None = None  # the state leaving the exit reached last
 
     @staticmethod
-    def score(hidden: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
-        """Raw states [N, H] leaving this exit and the previous one (the embedding before the first) -> [N],
-        their cosine similarity floored at 0."""
-        return F.cosine_similarity(hidden.float(), before.float(), dim=-1).clamp(min=0.0)
+    def record(view: ExitView) -> dict[str, torch.Tensor]:
+        """The cosine similarity, floored at 0, of the raw states leaving this exit and the one before."""
+        return {"saturation": F.cosine_similarity(view.hidden.float(), view.before.float(), dim=-1).clamp(min=0.0)}
+
+    def score(self, records: dict[str, torch.Tensor], exit_layer: int) -> torch.Tensor:
+        return records["saturation"]
 
     def prepare(self, context: list[int]) -> None:
         self.before = self.sm.embed(torch.tensor([context[-1:]], device=self.sm.device))[:, -1]
@@ -289,14 +383,15 @@ class Saturation(Measure):
             self.before = self.current
         self.current = hidden
 
-    def __call__(self, hidden: torch.Tensor, exit_layer: int) -> tuple[float, None]:
-        return float(self.score(hidden, self.before)[0]), None
+    def view(self, hidden: torch.Tensor, exit_layer: int) -> ExitView:
+        return ExitView(self.sm, exit_layer, hidden, before=self.before)
 
 
-MEASURES = {m.name: m for m in (MaxProb, SubsetProb, Classifier, Saturation)}
+# The registry: every name auto mode, calibrate and the cost model know, in the order calibrate tries them.
+MEASURES: dict[str, type[Measure]] = {m.name: m for m in (MaxProb, SubsetProb, Classifier, Saturation)}
 
 
-def make_measure(name: str, sm: SortedModel):
+def make_measure(name: str, sm: SortedModel) -> Measure:
     if name not in MEASURES:
         raise SortedChatError(f"unknown confidence measure {name!r} (choose {', '.join(MEASURES)})")
     return MEASURES[name](sm)
