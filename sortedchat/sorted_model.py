@@ -106,6 +106,22 @@ class LensedNorm(nn.Module):
         return self.norm(self.lenses[0](hidden, self.exit_layer))
 
 
+def exit_head_parts(exit_layer: int, num_layers: int, norm: nn.Module, head: nn.Module,
+                    exit_heads: ExitHeads | None = None,
+                    exit_lenses: ExitLenses | None = None) -> tuple[nn.Module, nn.Module]:
+    """(norm, head) between `exit_layer`'s raw output and its logits: the exit's own (SFT+ICT) where it has them,
+    else its lens (if it has one) before the shared `norm`, and the shared `head`; the full depth always has the
+    shared ones. The one place that decides it, for `SortedModel` (the engine, auto mode's measures, calibrate,
+    eval) and for the training objective (which passes its model's norm and head, wrapped for training)."""
+    if exit_layer != num_layers:
+        own = exit_heads.parts(exit_layer) if exit_heads is not None else None
+        if own is not None:
+            return own
+        if exit_lenses is not None and exit_lenses.has(exit_layer):
+            return LensedNorm(exit_lenses, exit_layer, norm), head
+    return norm, head
+
+
 @dataclass
 class SortedModel:
     """A HF causal LM, its tokenizer, and what `sortedchat.json` says about its exits."""
@@ -166,19 +182,15 @@ class SortedModel:
         return self.head_product(normed)
 
     def head_parts(self, exit_layer: int) -> tuple[nn.Module, nn.Module]:
-        """(norm, head) that `head` applies at `exit_layer`: the exit's own (SFT+ICT) where it has them, else
-        its `exit_norm` and the shared LM head. The full depth always has the shared ones."""
-        own = self.exit_heads.parts(exit_layer) if self.exit_heads is not None and exit_layer != self.num_layers else None
-        return own or (self.exit_norm(exit_layer), self.model.lm_head)
+        """(norm, head) that `head` applies at `exit_layer` (`exit_head_parts`)."""
+        return exit_head_parts(exit_layer, self.num_layers, self.model.model.norm, self.model.lm_head,
+                               self.exit_heads, self.exit_lenses)
 
     def exit_norm(self, exit_layer: int) -> nn.Module:
         """What turns `exit_layer`'s raw output into the input of the shared head: its lens (if it has one)
-        and the final norm. The one place that decides it, for the engine, auto mode's measures, calibrate
-        and eval alike."""
-        lenses = self.exit_lenses
-        if lenses is not None and exit_layer != self.num_layers and lenses.has(exit_layer):
-            return LensedNorm(lenses, exit_layer, self.model.model.norm)
-        return self.model.model.norm
+        and the final norm (`exit_head_parts`, own heads aside)."""
+        return exit_head_parts(exit_layer, self.num_layers, self.model.model.norm, self.model.lm_head,
+                               exit_lenses=self.exit_lenses)[0]
 
     def normed_head(self, normed_hidden: torch.Tensor) -> torch.Tensor:
         """LM head on an already-normed state (HF's `hidden_states[-1]` is normed)."""

@@ -8,7 +8,14 @@ buffer. Under DeepSpeed ZeRO-3, whose parameters exist only inside their module'
 instead called as a module on checkpointed chunks (`head_impl="module"`); both give the same numbers.
 
 Per position and exit the objective is `alpha * CE(label) + (1 - alpha) * KL(teacher || exit)`, where the
-teacher is the frozen starting model at full depth: alpha is 1 for `ce`, 0 for `kd`, 0.5 for `ce+kd`.
+teacher is the frozen starting model at full depth; each objective's alpha is in `methods.OBJECTIVES`.
+
+Three implementations compute that one objective and must stay in step: `_fused_terms` (the default; its
+gradient is written by hand, `p - alpha * onehot - (1 - alpha) * p_teacher` per logit), `_module_terms` (the
+same `_chunk_terms` differentiated by autograd, for ZeRO-3) and `candidate_loss` (over the teacher's top-K,
+autograd; equal to the exact objective at K = V). Change the objective in `_chunk_terms` and the hand-written
+gradient in `_fused_terms` must change with it: tests/test_objectives.py checks all three, values and
+gradients, against autograd on the formula written out plainly, for every objective.
 """
 
 from __future__ import annotations
@@ -20,9 +27,10 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from sortedchat.sorted_model import exit_head_parts
+from sortedchat.training.methods import OBJECTIVES
 from sortedchat.training.templates import IGNORE
 
-ALPHA = {"ce": 1.0, "kd": 0.0, "ce+kd": 0.5}
 CHUNK_ELEMENTS = 1 << 24  # logits held at once per chunk (64 MiB in float32)
 
 
@@ -39,7 +47,8 @@ def _chunk_terms(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: to
 
 
 def _fused_terms(weight, hiddens, targets, coefs, alpha, teacher, chunk, need_grad):
-    """Sum over exits of coef * objective, per-exit CE and KL sums, and (if asked) the gradients."""
+    """Sum over exits of coef * objective, per-exit CE and KL sums, and (if asked) the gradients, written by hand:
+    they must stay the derivative of `_chunk_terms`' objective (module docstring; tests/test_objectives.py)."""
     n_exits = len(hiddens)
     total = torch.zeros((), dtype=torch.float32, device=weight.device)
     ce_sums = torch.zeros(n_exits, dtype=torch.float32, device=weight.device)
@@ -93,7 +102,8 @@ class ExitHeadLoss(torch.autograd.Function):
 
 
 def _module_terms(head: nn.Module, hiddens, targets, coefs, alpha, teacher, chunk):
-    """The same sums with the head called as a module on checkpointed chunks (autograd does the rest)."""
+    """The same sums with the head called as a module on checkpointed chunks (autograd does the rest): in step
+    with `_fused_terms` (module docstring)."""
     n_exits = len(hiddens)
     total = 0.0
     ce_sums = torch.zeros(n_exits, dtype=torch.float32, device=targets.device)
@@ -169,6 +179,7 @@ def candidate_loss(weight, hiddens, targets, coefs, alpha, top_ids, top_logp, ne
     buckets, CE on the target with the same estimated normaliser. With K = V both equal the exact
     full-vocabulary losses; they approach them as K grows (tests/test_train.py checks both).
     Chunks of positions are checkpointed, so a step never holds a [positions, K, hidden] gather for backward.
+    Its objective is `_chunk_terms`' over buckets: the three implementations stay in step (module docstring).
     """
     n_exits = len(hiddens)
     V = weight.shape[0]
@@ -252,12 +263,12 @@ class SortedObjective(nn.Module):
         self.exit_heads = exit_heads
         self.exit_lenses = exit_lenses
         self.num_layers = num_layers
-        self.alpha = ALPHA[objective]
+        self.alpha = OBJECTIVES[objective].alpha
         self.head_impl = head_impl
         self.freeze_decoder = freeze_decoder or exit_heads is not None
         # Not a submodule: the frozen teacher is neither trained, wrapped nor checkpointed.
         self._teacher = [teacher] if teacher is not None else []
-        self.uses_teacher = objective != "ce"
+        self.uses_teacher = OBJECTIVES[objective].needs_teacher
         self.top_k = top_k  # > 0: distil over the teacher's top-K (from `teacher_top`, or computed per call)
 
     def _teacher_hidden(self, input_ids, attention_mask, select, position_ids=None):
@@ -276,20 +287,12 @@ class SortedObjective(nn.Module):
             return out.last_hidden_state[:, :-1][select], lm_head_of(self.model).weight.detach()
 
     def _exit_head(self, exit_layer: int):
-        """(norm or None, head) of an exit: an ICT head where one exists, else the shared final norm + LM head
-        (behind the exit's lens where it has one)."""
-        own = self.exit_heads.parts(exit_layer) if self.exit_heads is not None else None
-        if own is not None:
-            return own
-        # HF's last hidden state is already normed; the others are the raw outputs of their layer.
+        """(norm or None, head) of an exit, as `sorted_model.exit_head_parts` decides for the engine; None at the
+        full depth, whose hidden state HF returns already normed."""
         if exit_layer == self.num_layers:
             return None, lm_head_of(self.model)
-        norm = decoder_of(self.model).norm
-        if self.exit_lenses is not None and self.exit_lenses.has(exit_layer):
-            from sortedchat.sorted_model import LensedNorm
-
-            norm = LensedNorm(self.exit_lenses, exit_layer, norm)
-        return norm, lm_head_of(self.model)
+        return exit_head_parts(exit_layer, self.num_layers, decoder_of(self.model).norm, lm_head_of(self.model),
+                               self.exit_heads, self.exit_lenses)
 
     def forward(self, input_ids, labels, exits: list[int], coefs: torch.Tensor, attention_mask=None,
                 position_ids=None, teacher_top=None, negatives=None, agreement: bool = False,

@@ -15,9 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sortedchat import SortedChatError
+from sortedchat.training.methods import METHODS, OBJECTIVES, described, trains_lenses
 
-METHODS = ("soft", "sft", "ict", "lens")
-OBJECTIVES = ("ce", "kd", "ce+kd")
 TEMPLATES = ("chat", "alpaca")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
@@ -45,9 +44,8 @@ class TrainOptions:
 
     exits: list[int] | None = _option(None, "Exit layers, e.g. 9,12,15,...,30 (default: the model's, else 8 spread "
                                       "from 30% depth)")
-    method: str = _option("soft", "soft (all exits), sft (last exit), ict (frozen model, new head per exit), lens "
-                          "(frozen model, affine lens per exit)")
-    objective: str = _option("ce", "ce, kd (distil the frozen start's full depth) or ce+kd")
+    method: str = _option("soft", described(METHODS))
+    objective: str = _option("ce", described(OBJECTIVES))
     exit_weights: list[float] | None = _option(None, "Loss weight per trained exit, e.g. 1,1,2")
     exits_per_step: int = _option(0, "Sample N exits per step, always with the last (0 = all)")
     lenses: bool = _option(False, "Train a per-exit affine lens (before the shared norm and head) with the model")
@@ -174,7 +172,8 @@ def resolve_options(cli: dict, recipe: str | None = None) -> TrainOptions:
     """Built-in defaults, then the recipe, then every command-line value that is not None."""
     given = {k: v for k, v in cli.items() if v is not None}
     values = (load_recipe(recipe) if recipe else {}) | given
-    if values.get("method") == "sft":
+    method = METHODS.get(values.get("method"))
+    if method is not None and not method.weighs_exits:
         # A recipe's per-exit loss settings belong to its SoFT runs: `--recipe R --method sft` (the paper's
         # baseline on the same recipe) drops them, while the same flags given explicitly are still refused.
         for name in ("exit_weights", "exits_per_step"):
@@ -250,38 +249,41 @@ def _check_method_combinations(o: TrainOptions) -> None:
         raise SortedChatError("--holdout and --eval-data exclude each other")
     if o.load_in_4bit and o.load_in_8bit:
         raise SortedChatError("--load-in-4bit and --load-in-8bit exclude each other")
-    if (o.load_in_4bit or o.load_in_8bit) and not o.lora and o.method != "ict":
+    method = METHODS[o.method]
+    if (o.load_in_4bit or o.load_in_8bit) and not o.lora and not method.quantized_without_lora:
         raise SortedChatError("--load-in-4bit/--load-in-8bit train LoRA adapters on a frozen base: add --lora")
     if o.merge and not o.lora:
         raise SortedChatError("--merge merges a LoRA adapter: add --lora")
-    if o.method == "ict" and o.lora:
-        raise SortedChatError("--method ict trains new exit heads on a frozen model; it takes no --lora")
-    if o.method == "sft" and (o.exit_weights or o.exits_per_step):
-        raise SortedChatError("--method sft trains the last exit only; --exit-weights/--exits-per-step do not apply")
-    if o.method in ("lens", "ict") and o.lenses:
-        raise SortedChatError(f"--lenses: --method {o.method} trains its own per-exit parts; lenses go with soft or sft")
-    if o.init_lenses and not (o.method == "lens" or o.lenses):
+    if o.lora and not method.trains_decoder:
+        raise SortedChatError(f"--method {o.method} trains {method.own_parts.value} on a frozen model; it takes no --lora")
+    if not method.weighs_exits and (o.exit_weights or o.exits_per_step):
+        raise SortedChatError(f"--method {o.method} trains the last exit only; --exit-weights/--exits-per-step do not "
+                              "apply")
+    if o.lenses and not method.lenses_allowed:
+        allowed = " or ".join(name for name, m in METHODS.items() if m.lenses_allowed)
+        raise SortedChatError(f"--lenses: --method {o.method} trains its own per-exit parts; lenses go with {allowed}")
+    if o.init_lenses and not trains_lenses(o.method, o.lenses):
         raise SortedChatError("--init-lenses: this run trains no lenses (use --method lens or --lenses)")
     if o.init_adapter and not o.lora:
         raise SortedChatError("--init-adapter continues a LoRA adapter: add --lora")
-    if o.method == "lens" and (o.lora or o.merge):
-        raise SortedChatError("--method lens trains per-exit lenses on a frozen model; it takes no --lora")
 
 
 def _check_distillation(o: TrainOptions) -> None:
     if o.kd_top_k < 0 or o.kd_negatives < 1:
         raise SortedChatError("--kd-top-k must not be negative and --kd-negatives must be at least 1")
-    if o.kd_top_k and o.method == "ict":
-        raise SortedChatError("--kd-top-k: ICT trains new full heads; use the exact losses (--kd-top-k 0)")
-    if o.kd_top_k and o.objective == "ce":
-        raise SortedChatError("--kd-top-k distils from the teacher: use --objective kd or ce+kd")
+    if o.kd_top_k and not METHODS[o.method].distils_top_k:
+        raise SortedChatError(f"--kd-top-k: --method {o.method} trains {METHODS[o.method].own_parts.value} with full "
+                              "heads; use the exact losses (--kd-top-k 0)")
+    if o.kd_top_k and not OBJECTIVES[o.objective].needs_teacher:
+        distilling = " or ".join(name for name, objective in OBJECTIVES.items() if objective.needs_teacher)
+        raise SortedChatError(f"--kd-top-k distils from the teacher: use --objective {distilling}")
 
 
 def _check_per_layer_settings(o: TrainOptions) -> None:
     """Layer dropout, and the lenses' and exits' own settings."""
     if not 0 <= o.layer_dropout < 1:
         raise SortedChatError("--layer-dropout: must be in [0, 1)")
-    if o.layer_dropout and o.method in ("lens", "ict"):
+    if o.layer_dropout and not METHODS[o.method].trains_decoder:
         raise SortedChatError(f"--layer-dropout trains the layers; --method {o.method} keeps them frozen")
     _at_least(o, ("lens_lr",), 0, "must not be negative")
     if o.exit_weights and any(w < 0 for w in o.exit_weights):

@@ -35,6 +35,7 @@ from sortedchat.config import SortedConfig, validate_exits
 from sortedchat.training import checkpoints as ckpt
 from sortedchat.training.data import RecordSet, load_records
 from sortedchat.training.export import base_model_name, export_model
+from sortedchat.training.methods import METHODS, OBJECTIVES, ExitPart, trains_lenses
 from sortedchat.training.objectives import SortedObjective, decoder_of, lm_head_of
 from sortedchat.training.progress import TrainProgress, format_exit_losses
 from sortedchat.training.recipe import TrainOptions
@@ -78,7 +79,7 @@ def make_accelerator(o: TrainOptions):
     if cpu and o.mixed_precision == "fp16":
         raise SortedChatError("--mixed-precision fp16 needs a GPU; use bf16 on a CPU")
     # ICT with sampled exits leaves some heads without a gradient in a step.
-    unused = o.method == "ict" and o.exits_per_step > 0
+    unused = METHODS[o.method].own_parts is ExitPart.HEADS and o.exits_per_step > 0
     return Accelerator(
         mixed_precision=o.mixed_precision, cpu=cpu, gradient_accumulation_steps=o.grad_accum,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)],
@@ -95,6 +96,7 @@ class Trainer:
 
     def __init__(self, opts: TrainOptions, console: Console | None = None):
         self.opts = opts
+        self.method = METHODS[opts.method]
         self.console = console or Console(stderr=True, highlight=False, soft_wrap=True)
         self.out = Path(opts.out).expanduser()
         self.tokens_seen = 0
@@ -162,7 +164,7 @@ class Trainer:
     def _choose_exits(self) -> None:
         o, L = self.opts, self.sm.num_layers
         self.exits = validate_exits(list(o.exits), L, "--exits") if o.exits else list(self.sm.exits)
-        self.loss_exits = {"soft": self.exits, "sft": [L], "ict": self.exits[:-1], "lens": self.exits[:-1]}[o.method]
+        self.loss_exits = self.method.loss_exits.of(self.exits, L)
         if not self.loss_exits:
             raise SortedChatError(f"--method {o.method} trains a part per intermediate exit; --exits names none "
                                   "below the last layer")
@@ -175,33 +177,31 @@ class Trainer:
         self.exit_weight = dict(zip(self.loss_exits, weights))
         if o.exits_per_step > len(self.loss_exits):
             raise SortedChatError(f"--exits-per-step {o.exits_per_step}: only {len(self.loss_exits)} exits are trained")
-        if o.method == "soft" and o.exits_per_step == 1 and len(self.loss_exits) > 1:
+        if self.method.keeps_last and o.exits_per_step == 1 and len(self.loss_exits) > 1:
             raise SortedChatError("--exits-per-step 1 would train the last exit only (that is --method sft); use 2 or more")
 
     def _build_objective(self) -> None:
         from sortedchat.sorted_model import ExitLenses
 
-        o, model = self.opts, self.sm.model
+        o, method, model = self.opts, self.method, self.sm.model
         model.config.use_cache = False
         teacher, heads, lenses = None, None, None
-        if o.method == "lens" or o.lenses:
+        if trains_lenses(o.method, o.lenses):
             lenses = ExitLenses(self.exits[:-1], model.config.hidden_size)
             if o.init_lenses:
                 self._start_lenses_from(lenses, o.init_lenses, model.config.hidden_size)
             lenses = lenses.to(self.acc.device)
-        if o.method == "lens":
+        if method.trains_decoder:
+            model, teacher = self._trainable_decoder(model)
+        else:  # a frozen model is its own teacher: the objective reads its last hidden state, no second pass
             model.requires_grad_(False)
             model.eval()
-        elif o.method == "ict":
-            model.requires_grad_(False)
-            heads = self._new_exit_heads(model)
-            teacher = model if o.objective != "ce" else None
-        else:
-            model, teacher = self._trainable_decoder(model)
+            if method.own_parts is ExitPart.HEADS:
+                heads = self._new_exit_heads(model)
         ds = self.acc.state.deepspeed_plugin
         impl = "module" if ds is not None and ds.zero_stage == 3 else "fused"
         self.objective = SortedObjective(model, self.sm.num_layers, o.objective, heads, teacher, impl, lenses,
-                                         freeze_decoder=o.method == "lens", top_k=o.kd_top_k)
+                                         freeze_decoder=not method.trains_decoder, top_k=o.kd_top_k)
 
     def _start_lenses_from(self, lenses, source: str, hidden_size: int) -> None:
         """--init-lenses: a trained model's lenses at the exits both have; an exit it has no lens for starts
@@ -234,7 +234,7 @@ class Trainer:
         copy of the start that KD distils from (None when there is none to keep: CE, LoRA, cached top-K)."""
         o = self.opts
         teacher = None
-        if o.objective != "ce" and not o.lora and not o.kd_top_k:
+        if OBJECTIVES[o.objective].needs_teacher and not o.lora and not o.kd_top_k:
             teacher = copy.deepcopy(model).requires_grad_(False).eval()
         if o.load_in_4bit or o.load_in_8bit:
             from peft import prepare_model_for_kbit_training
@@ -322,7 +322,7 @@ class Trainer:
         self.teacher_top = None
         # A trained decoder needs the teacher's top-K cached (else a teacher pass every step); a frozen one
         # (--method lens) is its own teacher: each step's forward yields the top-K at no extra pass.
-        if o.kd_top_k and o.method != "lens":  # the base's full depth: a fresh LoRA's B = 0, a continued one is off
+        if o.kd_top_k and self.method.trains_decoder:  # the base's full depth: a fresh LoRA's B = 0, a continued one is off
             from sortedchat.training.teacher_cache import model_identity, teacher_top_k
 
             identity = model_identity(self.sm.weights_path) if Path(self.sm.weights_path).is_dir() else self.sm.weights_path
@@ -361,7 +361,7 @@ class Trainer:
         n = o.exits_per_step
         if n and n < len(exits):
             gen = torch.Generator().manual_seed(o.seed * 7919 + step)
-            if o.method == "soft":  # the last exit is always trained
+            if self.method.keeps_last:
                 pool = exits[:-1]
                 exits = sorted(pool[i] for i in torch.randperm(len(pool), generator=gen)[: n - 1].tolist()) + [exits[-1]]
             else:
@@ -483,7 +483,7 @@ class Trainer:
         if W > 1:
             sums = acc.reduce(sums, "sum")
         self.objective.train()
-        if self.opts.method in ("ict", "lens"):
+        if not self.method.trains_decoder:
             acc.unwrap_model(self.objective).model.eval()
         n = sums[-1].item()
         return {e: {"ce": sums[i].item() / n, "ppl": math.exp(min(sums[i].item() / n, 50)),
@@ -498,7 +498,7 @@ class Trainer:
             "holdout": o.holdout, "template": o.template, "max_length": o.max_length, "method": o.method,
             "objective": o.objective, "exits": self.exits, "exit_weights": o.exit_weights,
             "exits_per_step": o.exits_per_step, "total_steps": self.total_steps, "lr": o.lr,
-            "lenses": o.method == "lens" or o.lenses, "lens_lr": o.lens_lr, "init_lenses": o.init_lenses,
+            "lenses": trains_lenses(o.method, o.lenses), "lens_lr": o.lens_lr, "init_lenses": o.init_lenses,
             "init_adapter": o.init_adapter,
             "kd_top_k": o.kd_top_k, "kd_negatives": o.kd_negatives, "pack": o.pack, "layer_dropout": o.layer_dropout,
             "schedule": o.schedule, "warmup_steps": self.warmup, "weight_decay": o.weight_decay,
@@ -657,13 +657,14 @@ class Trainer:
         full_state = acc.get_state_dict(self.objective) if sharded else None
         if self.main:
             inner = acc.unwrap_model(self.objective)
-            adapter = (o.lora and not o.merge) or o.method == "lens"  # lens: only the lenses, on the named base
+            # An adapter, or only the trained exit parts (`writes_weights` False): sortedchat.json names the base.
+            adapter = (o.lora and not o.merge) or not self.method.writes_weights
             config = SortedConfig(exits=self.exits, base_model=base_model_name(o.model) if adapter else None,
                                   training=self._training_record(step, metrics))
             try:
                 with self.console.status("writing the model", spinner="dots"):
                     export_model(self.out, inner.model, self.tokenizer, config, full_state, inner.exit_heads,
-                                 o.merge, inner.exit_lenses, weights=o.method != "lens")
+                                 o.merge, inner.exit_lenses, weights=self.method.writes_weights)
             except Exception as exc:
                 if write_error(exc) is None:
                     raise
