@@ -976,3 +976,40 @@ def test_self_generated_replies_resume_and_the_corpus_loads_as_training_data(tin
     loaded = load_records(str(tmp_path / "train.jsonl"))
     assert len(loaded.examples) == sum(counts.values())
     assert loaded.examples[3].messages[0]["content"] == "Capital of France?"
+
+
+def test_drift_picks_its_records_as_eval_does(tiny_dir, alpaca_file, monkeypatch, capsys):
+    """`--holdout N --limit M`: the last N records, then at most M of them (`data.last_records`)."""
+    from sortedchat.training import drift, templates
+
+    seen, real = [], templates.encode_all
+    monkeypatch.setattr(templates, "encode_all", lambda records, *a: seen.append(records) or real(records, *a))
+    drift.main([str(tiny_dir), "--reference", str(tiny_dir), "--data", str(alpaca_file), "--holdout", "3",
+                "--limit", "2", "--max-length", "64"])
+    everything = alpaca_records()
+    assert [r.messages[-1]["content"] for r in seen[0]] == [r["output"] for r in everything[-3:-1]]
+    assert capsys.readouterr().out.splitlines()[2] == f"| {tiny_dir} | 100.0% | 0.0000 | 100% |"
+    with pytest.raises(SystemExit, match=rf"error: --holdout 99: {alpaca_file} has only {len(everything)} usable"):
+        drift.main([str(tiny_dir), "--reference", str(tiny_dir), "--data", str(alpaca_file), "--holdout", "99"])
+
+
+def test_self_generation_loads_as_the_command_line_does_and_errors_are_one_line(tiny_dir, alpaca_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from sortedchat.training import selfgen
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_dir, pickled)
+    (pickled / "model.safetensors").unlink()
+    torch.save(AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict(), pickled / "pytorch_model.bin")
+    out = tmp_path / "replies.jsonl"
+    with pytest.raises(SystemExit, match=r"^error: .*pickle.*--allow-pickle"):
+        selfgen.main(["--model", str(pickled), "--out", str(out), "--alpaca", str(alpaca_file)])
+    with pytest.raises(SystemExit, match=rf"^error: --alpaca {tmp_path / 'missing.json'}: no such file$"):
+        selfgen.main(["--model", str(tiny_dir), "--out", str(out), "--alpaca", str(tmp_path / "missing.json")])
+    with pytest.raises(SystemExit, match=rf"^error: --out {tmp_path}: is a directory"):
+        selfgen.main(["--model", str(tiny_dir), "--out", str(tmp_path), "--alpaca", str(alpaca_file)])
+    assert not out.exists()
+    selfgen.main(["--model", str(tiny_dir), "--out", str(out), "--alpaca", str(alpaca_file), "--alpaca-holdout", "0",
+                  "--alpaca-limit", "2", "--batch-size", "2"])
+    assert {json.loads(x)["source"] for x in out.read_text().splitlines()} <= {"alpaca:0", "alpaca:1"}

@@ -7,6 +7,10 @@ figures measure the change itself, which is what a user who only ever chats at f
 
     python -m sortedchat.training.drift --reference ~/.cache/sortedchat/models/smollm2-135m-instruct \\
         runs/smollm2-default default --data runs/data/heldout.json --limit 100 --max-length 256
+
+Its records are picked as `sortedchat eval` and `calibrate` pick theirs (`data.last_records`): `--holdout N`
+the last N (what `train --holdout N` left out), then at most `--limit` of them. Errors a user can fix end it
+as they end a `sortedchat` command: one line, exit status 1.
 """
 
 from __future__ import annotations
@@ -44,20 +48,22 @@ def drift(reference: list[torch.Tensor], model: list[torch.Tensor]) -> dict[str,
 def main(argv: list[str] | None = None) -> None:
     from sortedchat import SortedChatError
     from sortedchat.loading import LoadOptions, load_sorted_model
-    from sortedchat.training.data import load_records
+    from sortedchat.training.data import last_records, load_records
     from sortedchat.training.templates import encode_all
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+", help="model directories (or 'default') to compare with the reference")
     ap.add_argument("--reference", required=True, help="the model to measure the drift from (or 'default')")
     ap.add_argument("--data", required=True, help="held-out records (any format `sortedchat train` reads)")
-    ap.add_argument("--limit", type=int, default=0, help="only the first N records (0 = all)")
+    ap.add_argument("--holdout", type=int, default=0, help="use only the last N records (what `train --holdout N` "
+                    "left out; 0 = all)")
+    ap.add_argument("--limit", type=int, default=0, help="use at most N records, after --holdout (0 = all)")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--template", default="chat")
     args = ap.parse_args(argv)
     try:
-        records = load_records(args.data, False, "--data").examples
-        records = records[: args.limit] if args.limit else records
+        records = last_records(load_records(args.data, False, "--data").examples, args.holdout, args.limit, args.data)
+
         def load(spec: str):
             return load_sorted_model(None if spec == "default" else spec, LoadOptions(device="cpu"))
 

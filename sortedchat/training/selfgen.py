@@ -6,6 +6,10 @@ questions, plain-text articles cut into passages) into chat JSONL records (`mess
 train --data` reads. Generation is batched with transformers' `generate` (left padding, prompts sorted by
 length); records are appended to the output as each batch finishes, so an interrupted run resumes where
 it stopped (prompts already answered, counted per sample, are skipped).
+
+`python -m sortedchat.training.selfgen` follows the command line's rules: the model loads as `--model` does
+everywhere (`loading`: safetensors only, a one-line error for what cannot load), inputs and outputs are
+checked before the model loads, and errors a user can fix end it with one line and exit status 1.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from sortedchat import SortedChatError
 
 PASSAGE_TASKS = (
     "Summarize the following passage in two or three sentences.",
@@ -178,9 +184,9 @@ def generate(model, tokenizer, prompts: list[Prompt], out_path: Path, samples: i
     return written
 
 
-def main(argv: list[str] | None = None) -> None:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="a HF model directory (the frozen starting model)")
+    ap.add_argument("--model", required=True, help="the frozen starting model (as `sortedchat --model` takes it)")
     ap.add_argument("--out", required=True, type=Path, help="chat JSONL to append to (resumable)")
     ap.add_argument("--alpaca", type=Path, help="Alpaca JSON: its instructions")
     ap.add_argument("--alpaca-holdout", type=int, default=200, help="leave out the last N Alpaca records")
@@ -195,25 +201,55 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--corpus", type=Path, help="instead of generating: write the training corpus (Alpaca but "
                     "the held-out records, questions with answers, passage continuations, and the replies in --out)")
     ap.add_argument("--heldout", type=Path, help="with --corpus: also write the held-out Alpaca records here")
-    args = ap.parse_args(argv)
-    if args.corpus:
-        counts = training_corpus(args.alpaca, args.questions, args.passages, args.out, args.alpaca_holdout, args.corpus)
-        print(f"{args.corpus}: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
-        if args.heldout:
-            from sortedchat.config import atomic_write_text
+    return ap.parse_args(argv)
 
-            records = json.loads(args.alpaca.read_text(encoding="utf-8"))[-args.alpaca_holdout:]
-            atomic_write_text(args.heldout, json.dumps(records, indent=1) + "\n")
-        return
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """The inputs exist and the outputs can be written, before anything long starts."""
+    from sortedchat.outputs import check_output_file
+
+    for flag, path in (("--alpaca", args.alpaca), ("--questions", args.questions), ("--passages", args.passages)):
+        if path is not None and not path.is_file():
+            raise SortedChatError(f"{flag} {path}: no such file")
+    if args.corpus and args.alpaca is None:
+        raise SortedChatError("--corpus: give --alpaca too (the corpus starts from its records)")
+    outputs = [("--corpus", args.corpus), ("--heldout", args.heldout)] if args.corpus else [("--out", args.out)]
+    for flag, path in outputs:
+        if path is not None:
+            check_output_file(path, flag)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _arguments(argv)
+    try:
+        _check_paths(args)
+        if args.corpus:
+            _write_corpus(args)
+        else:
+            _generate_replies(args)
+    except SortedChatError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def _write_corpus(args: argparse.Namespace) -> None:
+    counts = training_corpus(args.alpaca, args.questions, args.passages, args.out, args.alpaca_holdout, args.corpus)
+    print(f"{args.corpus}: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    if args.heldout:
+        from sortedchat.config import atomic_write_text
+
+        records = json.loads(args.alpaca.read_text(encoding="utf-8"))[-args.alpaca_holdout:]
+        atomic_write_text(args.heldout, json.dumps(records, indent=1) + "\n")
+
+
+def _generate_replies(args: argparse.Namespace) -> None:
     if not any(src and limit != 0 for src, limit in ((args.alpaca, args.alpaca_limit),
                                                       (args.questions, args.questions_limit),
                                                       (args.passages, args.passage_limit))):
         return  # every source capped at 0: no model to load
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from sortedchat.loading import LoadOptions, load_sorted_model
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    sm = load_sorted_model(args.model, LoadOptions(device="cpu", dtype="float32"))
+    model, tokenizer = sm.model, sm.tokenizer
     if args.alpaca and args.alpaca_limit != 0:
         prompts = alpaca_prompts(args.alpaca, args.alpaca_holdout, 160)[: args.alpaca_limit]
         generate(model, tokenizer, prompts, args.out,
