@@ -19,7 +19,8 @@ from sortedchat.tui.screens.chats import ChatListScreen
 from sortedchat.tui.screens.settings import SettingsScreen
 from sortedchat.tui.settings import Settings, load_settings, settings_path
 from sortedchat.tui.storage import ChatStore
-from sortedchat.tui.widgets.status import ExitLegend, status_text
+from sortedchat.tui.widgets.legend import ExitLegend
+from sortedchat.tui.widgets.status import status_text
 
 SMALL = (80, 24)
 SMOLLM = "SmolLM2-135M-Instruct (default)"
@@ -109,6 +110,50 @@ def test_the_lens_goes_under_the_chat_when_narrow_and_esc_closes_it(tiny, tmp_pa
             assert chat(app).lens.region.x >= chat(app).conversation.region.right  # beside it when wide
 
     asyncio.run(run())
+
+def token_on_screen(app, index) -> tuple[int, int] | None:
+    """Where token `index` of the last answer is drawn (its first cell), or None when it is not on the screen."""
+    width, height = app.size
+    blocks = chat(app).answer.depth_view.blocks
+    for y in range(height):
+        for x in range(width):
+            if app.screen.get_style_at(x, y).meta.get("token") == index and app.screen.get_widget_at(x, y)[0] in blocks:
+                return x, y
+    return None
+
+
+@pytest.mark.parametrize("how", ["f9", "click"])
+def test_at_80x24_the_lens_leaves_the_token_it_describes_in_view(tiny, tmp_path, how):
+    """A long answer fills the conversation to its bottom; the lens then takes the lower half of it. The token
+    it describes (the last one after F9, or the one clicked) is scrolled into what is left, above the lens."""
+    app = make_app(tiny, tmp_path, max_new_tokens=240)
+
+    async def run():
+        async with app.run_test(size=SMALL) as pilot:
+            await ask(pilot, app, "one")
+            answer = chat(app).answer
+            assert answer.region.height > chat(app).conversation.region.height // 2  # more than the lens leaves
+            if how == "f9":
+                await pilot.press("f9")
+                index = answer.depth_view.shown_indices()[-1]
+            else:
+                index = answer.depth_view.shown_indices()[-3]
+                x, y = token_on_screen(app, index)
+                assert y >= SMALL[1] // 2  # low on the screen: where the lens goes
+                await pilot.click(offset=(x, y))
+            await wait_for(pilot, lambda: chat(app).lens.display and answer.depth_view.cursor == index)
+            await pilot.pause(0.2)
+            lens, conversation = chat(app).lens.region, chat(app).conversation.region
+            assert lens.y >= SMALL[1] // 3
+            place = token_on_screen(app, index)
+            assert place is not None and conversation.contains(*place) and place[1] < lens.y
+            await pilot.press("home")  # the answer's first token, out of view above: the view follows
+            await pilot.pause(0.2)
+            place = token_on_screen(app, answer.depth_view.cursor)
+            assert place is not None and conversation.contains(*place) and place[1] < lens.y
+
+    asyncio.run(run())
+
 
 
 def test_a_mid_answer_mode_change_shows_in_the_answer_header_and_the_saved_chat(tiny, tmp_path):
@@ -274,11 +319,26 @@ def test_the_light_theme_recolours_the_answer_and_is_remembered(tiny, tmp_path):
     asyncio.run(reopen())
 
 
+LONG = "What is the capital of France, and why is it there?"
+
+
+def stored_chats(tmp_path, titles, model=SMOLLM) -> ChatStore:
+    store = ChatStore(tmp_path / "chats.sqlite3")
+    for title in titles:
+        _, answer = store.start_answer(None, [{"role": "user", "content": title}], "Depth 6/6", model)
+    return store
+
+
+def listed(app) -> list[str]:
+    """The saved-chats list as the screen shows it, one line per row."""
+    table = app.screen.query_one(DataTable)
+    width = table.size.width
+    return [line.text[:width] for line in table.render_lines(table.region.reset_offset)[1:table.row_count + 1]]
+
+
 @pytest.mark.parametrize("model", [SMOLLM, "tiny"])
 def test_the_saved_chats_list_fits_and_tells_same_titles_apart(tiny, tmp_path, model):
-    store = ChatStore(tmp_path / "chats.sqlite3")
-    for _ in range(3):
-        chat_id, answer = store.start_answer(None, [{"role": "user", "content": "Hello"}], "Depth 6/6", model)
+    store = stored_chats(tmp_path, ["Hello"] * 3, model)
         store.finish_message(answer, "Hi")
 
     async def run():
@@ -298,6 +358,65 @@ def test_the_saved_chats_list_fits_and_tells_same_titles_apart(tiny, tmp_path, m
                 assert table.virtual_size.width <= table.size.width  # no column cut off
 
     asyncio.run(run())
+
+def test_at_80_columns_the_saved_chats_list_gives_the_title_the_room_and_keeps_its_number(tiny, tmp_path):
+    store = stored_chats(tmp_path, [LONG, LONG, "Hello"])
+
+    async def run():
+        app = make_app(tiny, tmp_path, store=store)
+        async with app.run_test(size=SMALL) as pilot:
+            await pilot.press("ctrl+l")
+            await wait_for(pilot, lambda: isinstance(app.screen, ChatListScreen))
+            await pilot.pause()
+            table = app.screen.query_one(DataTable)
+            title, messages, updated, model = table.ordered_columns
+            # the columns fill the table: no empty space beside the model
+            assert sum(c.width + 2 for c in table.ordered_columns) == table.size.width
+            assert title.width >= 28 and model.width >= len("model")
+            rows = listed(app)
+            assert rows[0].split("  ")[0].strip() == "Hello"
+            shown = [r[:title.width + 2].strip() for r in rows[1:]]
+            assert [t[-4:] for t in shown] == [" (2)", " (1)"]  # newest first
+            assert all(t.startswith("What is the capital of") and "…" in t for t in shown)
+            assert all(SMOLLM[:model.width - 1] in r for r in rows)
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("key, screen_type, keys", [
+    ("ctrl+l", ChatListScreen, ["Open", "Rename", "Delete", "Export to Markdown", "Close"]),
+    ("ctrl+o", SettingsScreen, ["Save", "Cancel"]),
+])
+def test_a_dialog_shows_its_own_keys_in_the_footer(tiny, tmp_path, key, screen_type, keys):
+    app = make_app(tiny, tmp_path, store=stored_chats(tmp_path, ["Hello"]))
+
+    async def run():
+        async with app.run_test(size=SMALL) as pilot:
+            await pilot.press(key)
+            await wait_for(pilot, lambda: isinstance(app.screen, screen_type))
+            await pilot.pause()
+            shown = [k.description for k in app.screen.query(FooterKey)]
+            assert [k for k in shown if k in keys] == keys
+            assert not {"Shallower", "New", "Chats"} & set(shown)  # none of the chat screen's
+            assert all(k.region.bottom == SMALL[1] for k in app.screen.query(FooterKey))
+
+    asyncio.run(run())
+
+
+def test_enter_in_the_saved_chats_list_opens_the_chat_under_the_cursor(tiny, tmp_path):
+    store = stored_chats(tmp_path, ["first", "second"])
+    app = make_app(tiny, tmp_path, store=store)
+
+    async def run():
+        async with app.run_test(size=SMALL) as pilot:
+            await pilot.press("ctrl+l")
+            await wait_for(pilot, lambda: isinstance(app.screen, ChatListScreen))
+            await pilot.press("down", "enter")
+            await wait_for(pilot, lambda: dialogue(app).chat_id is not None)
+            assert app.store.load(dialogue(app).chat_id).title == "first"
+
+    asyncio.run(run())
+
 
 
 def test_a_screenshot_without_a_downloads_folder_goes_to_the_export_folder(tiny, tmp_path, monkeypatch):

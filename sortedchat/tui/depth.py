@@ -6,18 +6,27 @@ Kept apart from the widgets so the rules are plain code: the app turns `DepthCon
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from sortedchat.engine.modes import Mode, ModeKind  # no torch: the app imports this before its loading screen shows
 
 THRESHOLD_STEP = 0.05
 
 
+def exit_agreement(config) -> dict[int, float]:
+    """Each exit's measured quality: the share of held-out tokens whose top prediction at that exit is the full
+    depth's, as `sortedchat train` evaluated the checkpoint at its end (`training.metrics.eval`, which JSON
+    keys by strings). Empty for a checkpoint that was never evaluated: nothing is shown then."""
+    measured = ((config.training or {}).get("metrics") or {}).get("eval") or {}
+    return {int(layer): float(m["agree"]) for layer, m in measured.items() if isinstance(m, dict) and "agree" in m}
+
+
 @dataclass
 class DepthControl:
     """The user's choice of depth. `depth` is the fixed depth, or the draft depth in speculative mode;
     it is remembered while auto mode is on. `threshold` is a single auto threshold given on the command
-    line (None: the model's calibrated per-exit thresholds, moved together by `shift`)."""
+    line (None: the model's calibrated per-exit thresholds, moved together by `shift`). `agreement`: each
+    exit's measured agreement with full depth (`exit_agreement`), said when a key moves to that exit."""
 
     exits: list[int]
     num_layers: int
@@ -28,6 +37,7 @@ class DepthControl:
     shift: float = 0.0
     kv: str = "exact"  # auto and fixed depth: exact or propagated K/V for skipped layers (speculative: exact)
     options: Mode | None = None  # the starting mode: its drafting options carry over
+    agreement: dict[int, float] = field(default_factory=dict)
 
     @classmethod
     def for_model(cls, sm, mode: Mode) -> "DepthControl":
@@ -41,6 +51,7 @@ class DepthControl:
             shift=mode.shift,
             kv=mode.kv,
             options=mode,
+            agreement=exit_agreement(sm.config),
         )
 
     def mode(self) -> Mode:
@@ -61,7 +72,8 @@ class DepthControl:
     # -- keys; each returns a note for the user when the key could not do what it says ---------------
     def step(self, direction: int) -> str | None:
         """One exit shallower (-1) or deeper (+1). Leaves auto mode for a fixed depth; in speculative
-        mode moves the draft depth, which stays below the last layer."""
+        mode moves the draft depth, which stays below the last layer. Having moved, says how often the new
+        depth agrees with full depth, where the checkpoint measured it."""
         top = self.num_layers - 1 if self.kind is ModeKind.SPECULATIVE else self.num_layers
         candidates = [e for e in self.exits if e <= top]
         if direction > 0:
@@ -78,7 +90,15 @@ class DepthControl:
                 return f"the draft depth must stay below {self.num_layers}"
             return "already at the deepest exit" if direction > 0 else "already at the shallowest exit"
         self.depth = nxt
-        return None
+        return self.quality_note()
+
+    def quality_note(self) -> str | None:
+        """"depth 21 · agrees with full depth on 48% of tokens", or None (full depth, or nothing measured)."""
+        share = self.agreement.get(self.depth)
+        if share is None or self.depth >= self.num_layers:
+            return None
+        what = "draft depth" if self.kind is ModeKind.SPECULATIVE else "depth"
+        return f"{what} {self.depth} · agrees with full depth on {share:.0%} of tokens"
 
     def toggle_auto(self) -> None:
         self.kind = ModeKind.DEPTH if self.kind is ModeKind.AUTO else ModeKind.AUTO

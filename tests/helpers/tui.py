@@ -19,15 +19,20 @@ SIZE = (110, 34)
 PROMPT = "Hello there"
 
 
-def named(sm: SortedModel) -> SortedModel:
-    """The shared tiny model under a fixed name (its directory name varies between runs)."""
-    return SortedModel(sm.model, sm.tokenizer, SortedConfig(exits=list(sm.exits)), source="tiny")
+AGREEMENT = {2: 0.312, 4: 0.655}  # exit -> agreement with full depth, as `sortedchat train` records it
 
 
-def make_app(tiny, tmp_path, max_new_tokens=12, **kwargs) -> SortedChatApp:
+def named(sm: SortedModel, agreement: dict[int, float] | None = None) -> SortedModel:
+    """The shared tiny model under a fixed name (its directory name varies between runs); with `agreement`, as a
+    checkpoint whose training measured each exit's agreement with full depth."""
+    training = {"metrics": {"eval": {str(e): {"ce": 1.0, "agree": a} for e, a in agreement.items()}}} if agreement else {}
+    return SortedModel(sm.model, sm.tokenizer, SortedConfig(exits=list(sm.exits), training=training), source="tiny")
+
+
+def make_app(tiny, tmp_path, max_new_tokens=12, agreement=None, **kwargs) -> SortedChatApp:
     kwargs.setdefault("settings", Settings(max_new_tokens=max_new_tokens))
     kwargs.setdefault("store", ChatStore(tmp_path / "chats.sqlite3"))
-    return SortedChatApp(model=named(tiny), show_speed=False, export_dir=tmp_path, **kwargs)
+    return SortedChatApp(model=named(tiny, agreement), show_speed=False, export_dir=tmp_path, **kwargs)
 
 
 def chat(app: SortedChatApp) -> ChatScreen:

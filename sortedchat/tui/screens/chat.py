@@ -30,7 +30,8 @@ from sortedchat.tui.widgets.conversation import Conversation, Welcome
 from sortedchat.tui.widgets.footer import ChatFooter
 from sortedchat.tui.widgets.lens import LayerLens
 from sortedchat.tui.widgets.prompt import PromptInput
-from sortedchat.tui.widgets.status import ExitLegend, ExitSparkline, StatusBar, status_parts
+from sortedchat.tui.widgets.legend import ExitLegend
+from sortedchat.tui.widgets.status import ExitSparkline, StatusBar, status_parts
 
 FLUSH_HZ = 30  # tokens reach the screen at most this often
 GAUGE_HZ = 4  # the status line and sparkline, which need not follow every batch
@@ -93,7 +94,7 @@ class ChatScreen(Screen):
         self.keys_shown = {action: self.app.get_key_display(Binding(k.split(",")[0], "")) for action, k in keys.items()}
         self.conversation.welcome_keys = self.keys_shown
         with Horizontal(id="topline"):
-            yield ExitLegend(sm.exits, sm.num_layers, id="legend")
+            yield ExitLegend(sm.exits, sm.num_layers, self.dialogue.control.agreement, id="legend")
             yield self.sparkline
         with Horizontal(id="main"):
             with self.conversation:
@@ -271,6 +272,7 @@ class ChatScreen(Screen):
         self.prompt.remember(self.prompt.text.strip())  # an unsent draft: ↑ brings it back
         self.prompt.clear()
         self.prompt.focus()
+            message.view.reveal(message.index)  # the lens may take the lower half of the conversation
 
     def action_chats(self) -> None:
         if not self._busy():

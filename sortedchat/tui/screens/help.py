@@ -6,7 +6,7 @@ from rich.table import Table
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Static
+from textual.widgets import Footer, Static
 
 from sortedchat.tui.settings import KEY_ACTIONS, settings_path
 
@@ -18,7 +18,7 @@ COLOURS = (
 
 
 class HelpScreen(ModalScreen):
-    BINDINGS = [Binding("escape,f1,q", "dismiss", "Close", show=False)]
+    BINDINGS = [Binding("escape,f1,q", "dismiss", "Close", key_display="esc")]
 
     def __init__(self, keymap: dict[str, str]):
         super().__init__()
@@ -39,3 +39,4 @@ class HelpScreen(ModalScreen):
                          classes="help-note", markup=False)
             yield Static("Colours", classes="dialog-title")
             yield Static(COLOURS)
+        yield Footer()

@@ -7,7 +7,7 @@ from dataclasses import replace
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Static, TextArea
+from textual.widgets import Button, Footer, Input, Label, Static, TextArea
 
 from sortedchat.tui.settings import Settings, check_value, settings_path
 
@@ -24,7 +24,7 @@ FIELDS = {
 class SettingsScreen(ModalScreen[Settings | None]):
     """Dismisses with the new settings, or None when cancelled."""
 
-    BINDINGS = [Binding("escape", "cancel", "Cancel"), Binding("ctrl+s", "save", "Save")]
+    BINDINGS = [Binding("ctrl+s", "save", "Save"), Binding("escape", "cancel", "Cancel")]  # in its own footer
 
     def __init__(self, settings: Settings):
         super().__init__()
@@ -45,6 +45,7 @@ class SettingsScreen(ModalScreen[Settings | None]):
             with Horizontal(id="settings-buttons"):
                 yield Button("Save", variant="primary", id="save")
                 yield Button("Cancel", id="cancel")
+        yield Footer()
 
     def on_mount(self) -> None:
         self.query_one("#system_prompt", TextArea).focus()  # typing goes somewhere at once

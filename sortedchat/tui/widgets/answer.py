@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.content import Content, Span
+from textual.geometry import Region
 from textual.message import Message
 from textual.reactive import reactive
 from textual.style import Style
@@ -66,6 +67,16 @@ class TokenBlock(Widget):
             self.refresh(layout=True)
         else:
             self.refresh()
+
+    def line_of(self, offset: int) -> int:
+        """The row of the block, as wrapped to its width, that shows character `offset`."""
+        text, row, pos = self.content.plain, 0, 0
+        for i, line in enumerate(self.content.wrap(max(1, self.size.width))):
+            found = text.find(line.plain, pos)
+            if found > offset:
+                break
+            row, pos = i, found + len(line.plain)
+        return row
 
     def show_cursor(self, span: tuple[int, int] | None) -> None:
         self.cursor = span
@@ -166,6 +177,22 @@ class TokenText(Vertical, can_focus=True):
     def shown_indices(self) -> list[int]:
         """Indices of the tokens that show text (not the end-of-turn token, not half a character)."""
         return [i for i, (_, start, end) in enumerate(self.places) if end > start]
+
+    def reveal(self, index: int) -> None:
+        """Scroll what holds the answer so that token `index` is in view (the layer lens, opening below, may
+        have just taken the lower half of the conversation). Done after the next refresh, on the layout that
+        the change asking for it brings."""
+        self.call_after_refresh(self._scroll_to, index)
+
+    def _scroll_to(self, index: int) -> None:
+        block, start, _ = self.places[index]
+        row = Region(block.region.x, block.region.y + block.line_of(start), block.region.width, 1)
+        for holder in self.ancestors:
+            if isinstance(holder, Widget) and holder.allow_vertical_scroll:
+                view = holder.scrollable_content_region
+                holder.scroll_to_region(row.translate(holder.scroll_offset - view.offset), animate=False,
+                                        immediate=True)
+                return
 
     def select(self, index: int) -> None:
         self.cursor = index

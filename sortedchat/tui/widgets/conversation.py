@@ -12,7 +12,7 @@ from textual.containers import VerticalScroll
 from textual.widgets import Static
 
 from sortedchat.tui.storage import StoredMessage, StoredToken
-from sortedchat.tui.widgets.answer import AnswerView
+from sortedchat.tui.widgets.answer import AnswerView, TokenText
 
 # (action, what it does) in the welcome, two to a row; the keys are the user's (remapped) ones.
 WELCOME_KEYS = [
@@ -68,6 +68,12 @@ class Conversation(VerticalScroll):
         self.num_layers, self.first_exit = num_layers, first_exit
         self.markdown = False
         self.last_answer: AnswerView | None = None  # the one tokens go to (kept: a query per batch would walk them all)
+
+    def on_resize(self) -> None:
+        """Smaller (the layer lens opened below, or the terminal shrank): the token the lens describes stays in view."""
+        selected = self.app.focused
+        if isinstance(selected, TokenText) and selected.cursor is not None and self in selected.ancestors:
+            selected.reveal(selected.cursor)
 
     def show_welcome(self) -> None:
         if self.welcome_keys is not None and not self.children:

@@ -1,4 +1,4 @@
-"""What the model is doing: the status line, a sparkline of recent exit layers, and the exit legend."""
+"""What the model is doing: the status line and a sparkline of recent exit layers (the legend: `legend.py`)."""
 
 from __future__ import annotations
 
@@ -140,29 +140,3 @@ class ExitSparkline(Widget):
             bar = self.BARS[min(len(self.BARS) - 1, round(layer / self.num_layers * (len(self.BARS) - 1)))]
             line.append(bar, style=themed_exit_colour(self.app, layer, self.num_layers, self.first_exit))
         return line
-
-
-class ExitLegend(Widget):
-    """Which colour is which exit, the deepest marked as full depth; the widest form that fits is shown."""
-
-    def __init__(self, exits: list[int], num_layers: int, **kwargs):
-        super().__init__(**kwargs)
-        self.exits, self.num_layers = exits, num_layers
-
-    def forms(self) -> list[Text]:
-        colours = [themed_exit_colour(self.app, e, self.num_layers, self.exits[0]) for e in self.exits]
-        wide = Text("exits ", style="dim")
-        for e, colour in zip(self.exits, colours):
-            wide.append("██", style=colour)
-            wide.append(f" {e}  ")
-        wide.append("shallow → full depth", style="dim")
-        compact = Text("exit ", style="dim")
-        for e, colour in zip(self.exits, colours):
-            compact.append(f"{e} ", style=f"bold {colour}")
-        compact.append("(full)" if self.exits[-1] == self.num_layers else "", style="dim")
-        return [wide, compact]
-
-    def render(self) -> Text:
-        forms = self.forms()
-        width = self.size.width
-        return next((f for f in forms if f.cell_len <= width), forms[-1])
