@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -72,13 +73,37 @@ def build_dir(target: Path, fill: Callable[[Path], object], needs: str = "") -> 
 
 
 @contextmanager
-def _tensor_progress(progress: Progress, stage: str, start: float, end: float) -> Iterator[None]:
+def _ticking(progress: Progress, stage: str, fraction: float, every: float = 1.0) -> Iterator[Callable[[], None]]:
+    """Report `stage` with the seconds it has taken, every `every` seconds, until the block ends or the `stop` it
+    gives is called: a long step that reports nothing itself (parsing a GGUF's header and vocabulary, three times
+    over in transformers) still moves the display."""
+    done = threading.Event()
+
+    def tick() -> None:
+        seconds = 0.0
+        while not done.wait(every):
+            seconds += every
+            progress(f"{stage} ({seconds:.0f} s)", fraction)
+
+    thread = threading.Thread(target=tick, name="sortedchat-progress", daemon=True)
+    thread.start()
+    try:
+        yield done.set
+    finally:
+        done.set()
+        thread.join()
+
+
+@contextmanager
+def _tensor_progress(progress: Progress, stage: str, start: float, end: float,
+                     on_start: Callable[[], None] = lambda: None) -> Iterator[None]:
     """transformers dequantizes a GGUF's tensors one by one under a tqdm bar that would print over our own
-    display: report each tensor through `progress` instead (the longest part of a first start)."""
+    display: report each tensor through `progress` instead (`on_start` first)."""
     from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
     def counted(items, **_):
         items = list(items)
+        on_start()
         for i, item in enumerate(items, 1):
             yield item
             progress(f"{stage} {i}/{len(items)}", start + (end - start) * i / len(items))
@@ -95,20 +120,21 @@ def convert_gguf(gguf: Path, target: Path, progress: Progress) -> Path:
     """Dequantize a GGUF with transformers and save it as a plain HF safetensors directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    progress(f"reading the tokenizer of {gguf.name}", 0.02)
+    progress(f"reading {gguf.name}", 0.02)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        with _tensor_progress(progress, "dequantizing tensor", 0.1, 0.7):
-            model = AutoModelForCausalLM.from_pretrained(
-                str(gguf.parent), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
-            )
+        with _ticking(progress, f"reading {gguf.name}", 0.05) as stop:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            with _tensor_progress(progress, "dequantizing tensor", 0.1, 0.7, on_start=stop):
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(gguf.parent), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
+                )
     except Exception as exc:  # transformers raises many kinds for a bad GGUF
         raise SortedChatError(f"{gguf}: cannot read GGUF ({str(exc).splitlines()[0]})") from None
 
     def save(tmp: Path) -> None:
-        progress("writing safetensors into the cache", 0.75)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        with _ticking(progress, "writing safetensors into the cache", 0.75):
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
         progress("conversion done", 1.0)
 
     return build_dir(target, save, needs=f"{model.num_parameters() * 4 / 1e6:.0f} MB")

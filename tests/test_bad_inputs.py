@@ -707,6 +707,39 @@ def _(capfd):
     assert gguf_utils.tqdm is real and capfd.readouterr().err == ""
 
 
+@case("21k-a-long-step-that-reports-nothing-still-moves-the-display")
+def _():
+    import threading
+
+    from sortedchat.convert import _ticking
+
+    seen, ticked = [], threading.Event()
+
+    def progress(stage, fraction):
+        seen.append((stage, fraction))
+        ticked.set()
+
+    with _ticking(progress, "reading model.gguf", 0.05, every=0.01):
+        assert ticked.wait(10)  # the GGUF header is being parsed, and the display moves
+    assert seen[0] == ("reading model.gguf (0 s)", 0.05)  # seconds, rounded: this test ticks every 10 ms
+    count = len(seen)
+    threading.Event().wait(0.05)
+    assert len(seen) == count  # the ticks end with the block
+
+
+@case("21l-library-log-lines-stay-off-the-terminal")
+def _(tiny_dir, tmp_path):
+    bad = tmp_path / "data.parquet"
+    bad.write_text("not parquet")
+    res = cli("eval", "--model", tiny_dir, "--data", bad, "--device", "cpu")
+    assert one_error_line(res) == (f"error: --data {bad}: cannot load dataset (Parquet magic bytes not found in "
+                                   "footer. Either the file is corrupted or this is not a parquet file.)")
+    # bitsandbytes, imported with peft (the default model's adapter), warns about an optional kernel package
+    code = "import sortedchat.loading, bitsandbytes.backends.cpu.ops"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input(name, request):
     fn = CASES[name]

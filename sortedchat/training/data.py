@@ -172,6 +172,8 @@ def _dataset_rows(spec: str, path: Path | None):
         import datasets
     except ImportError:
         raise SortedChatError("reading this data needs the datasets library: pip install datasets") from None
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # our one-line error names what its log lines said
+    datasets.disable_progress_bars()
     try:
         if path is not None:
             ds = datasets.load_dataset(DATASETS_SUFFIXES[path.suffix.lower()], data_files=str(path), split="train")
