@@ -400,3 +400,13 @@ def test_serve_warns_when_it_listens_beyond_this_machine(tmp_path):
     res = CliRunner().invoke(cli_app, ["serve", "--host", "0.0.0.0", "--port", "0", "--model",
                                        str(tmp_path / "missing")])
     assert "listening on 0.0.0.0 without --api-key" in res.output and res.exit_code != 0
+
+
+def test_serve_help_lists_every_option():
+    res = CliRunner().invoke(cli_app, ["serve", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert res.exit_code == 0
+    for flag in ("--model", "--host", "--port", "--api-key", "--slots", "--queue", "--batch", "--depth", "--auto",
+                 "--threshold", "--speculative", "--draft-len", "--kv", "--temperature", "--top-p", "--seed",
+                 "--max-new-tokens", "--threads", "--device", "--dtype", "--load-in-4bit", "--load-in-8bit"):
+        assert flag in res.stdout, flag
+    assert "extra_body" in res.stdout and "exit_layer" in res.stdout
