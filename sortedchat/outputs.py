@@ -8,6 +8,7 @@ the results go to the user data dir and the error says where.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import tempfile
@@ -52,18 +53,40 @@ def check_output_dir(path: Path | str, flag: str) -> Path:
     return path
 
 
-def write_error(exc: BaseException) -> str | None:
-    """Why a write failed ("No space left on device"), when `exc` is a failed write; None for anything else.
+# How torch.save's zip writer reports a write that failed (it does not say why; a full disk, mostly)
+TORCH_WRITE_FAILED = re.compile(r"iostream error|unexpected pos \d+|PytorchStreamWriter failed|file write failed")
 
-    safetensors reports a full disk as its own `SafetensorError` ("... I/O error: No space left on device (os
-    error 28)"), not as an OSError, so both are recognised here."""
+
+def write_error(exc: BaseException, folder: Path | None = None) -> str | None:
+    """Why a write into `folder` failed ("No space left on device"), when `exc` is a failed write; else None.
+
+    Not every library says so with an OSError: safetensors raises its `SafetensorError` ("... I/O error: No space
+    left on device (os error 28)") and torch.save a RuntimeError that gives no reason ("unexpected pos ..."),
+    for which a `folder` whose disk has no room left names the reason."""
     if isinstance(exc, OSError):
         if exc.strerror:
             return exc.strerror
         code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else exc.errno
         return os.strerror(code) if code else str(exc) or type(exc).__name__
-    found = re.search(r"I/O error: (.+?)(?: \(os error \d+\))?$", str(exc).strip())
-    return found.group(1) if type(exc).__name__ == "SafetensorError" and found else None
+    text = str(exc).strip()
+    found = re.search(r"I/O error: (.+?)(?: \(os error \d+\))?$", text)
+    if type(exc).__name__ == "SafetensorError" and found:
+        return found.group(1)
+    if isinstance(exc, RuntimeError) and TORCH_WRITE_FAILED.search(text):
+        return os.strerror(errno.ENOSPC) if folder is not None and _full(folder) else \
+            f"torch could not write a file: {TORCH_WRITE_FAILED.search(text).group(0)}"
+    return None
+
+
+def _full(folder: Path) -> bool:
+    """Whether the disk that holds `folder` (or its nearest existing parent) has less than 1 MB left."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1 << 20
 
 
 def write_or_rescue(path: Path, flag: str, write: Callable[[Path], Path]) -> Path:

@@ -740,6 +740,17 @@ def _(tiny_dir, tmp_path):
     assert done.returncode == 0 and done.stderr == "", done.stderr
 
 
+@case("21m-torch-says-a-write-failed-without-saying-why")
+def _(tmp_path, monkeypatch):
+    from sortedchat import outputs
+
+    seen = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1081664 vs 1081552")  # full tmpfs
+    monkeypatch.setattr(outputs, "_full", lambda folder: folder == tmp_path)
+    assert outputs.write_error(seen, tmp_path) == "No space left on device"
+    assert outputs.write_error(seen, tmp_path / "other") == "torch could not write a file: unexpected pos 1081664"
+    assert outputs.write_error(RuntimeError("CUDA out of memory"), tmp_path) is None  # not a write: raised as it is
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input(name, request):
     fn = CASES[name]

@@ -50,12 +50,12 @@ class NotSaved(SortedChatError):
     """A checkpoint could not be written: its temporary directory is gone, the older checkpoints are kept."""
 
 
-def _write_failure(write) -> str | None:
-    """Run `write()`; why it failed when it is a failed write (a full disk), None when it worked."""
+def _write_failure(write, folder: Path) -> str | None:
+    """Run `write()` (into `folder`); why it failed when it is a failed write (a full disk), None when it worked."""
     try:
         write()
     except Exception as exc:
-        reason = write_error(exc)
+        reason = write_error(exc, folder)
         if reason is None:
             raise
         return reason
@@ -91,12 +91,12 @@ def save_checkpoint(accelerator, out: Path, step: int, trainer_state: dict, keep
         return final
     tmp = root / f".tmp-step-{step:08d}"
     main = accelerator.is_main_process
-    reason = _write_failure(lambda: _fresh(tmp)) if main else None
+    reason = _write_failure(lambda: _fresh(tmp), root) if main else None
     accelerator.wait_for_everyone()
-    reason = reason or _write_failure(lambda: accelerator.save_state(str(tmp)))
+    reason = reason or _write_failure(lambda: accelerator.save_state(str(tmp)), root)
     accelerator.wait_for_everyone()
     if main and reason is None:
-        reason = _write_failure(lambda: _publish(tmp, final, trainer_state))
+        reason = _write_failure(lambda: _publish(tmp, final, trainer_state), root)
     reason = _agreed(accelerator, reason)
     if reason is not None:
         if main:

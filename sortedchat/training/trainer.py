@@ -666,10 +666,11 @@ class Trainer:
                     export_model(self.out, inner.model, self.tokenizer, config, full_state, inner.exit_heads,
                                  o.merge, inner.exit_lenses, weights=self.method.writes_weights)
             except Exception as exc:
-                if write_error(exc) is None:
+                reason = write_error(exc, self.out)
+                if reason is None:
                     raise
                 acc.wait_for_everyone()
-                return f"could not write the model into {self.out} ({write_error(exc)})"
+                return f"could not write the model into {self.out} ({reason})"
             self.console.print(f"saved to {self.out}")
         acc.wait_for_everyone()
         return None
