@@ -410,3 +410,12 @@ def test_serve_help_lists_every_option():
                  "--max-new-tokens", "--threads", "--device", "--dtype", "--load-in-4bit", "--load-in-8bit"):
         assert flag in res.stdout, flag
     assert "extra_body" in res.stdout and "exit_layer" in res.stdout
+
+
+def test_serve_names_a_port_it_cannot_listen_on(tiny_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = CliRunner().invoke(cli_app, ["serve", "--model", str(tiny_dir), "--port", str(port)])
+    assert res.exit_code != 0 and f"--host 127.0.0.1 --port {port}: cannot listen there" in str(res.exception)

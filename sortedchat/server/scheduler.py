@@ -3,9 +3,11 @@
 `ChatSession` is not thread-safe and the requests share one `SortedModel`, so the HTTP side never touches the
 engine: it `submit`s a `Job` and reads the job's events from its `outbox` (an asyncio queue the engine thread
 fills through the event loop). Up to `slots` jobs generate at once, each on its own session from the
-`SessionPool`; up to `queue` more wait for a slot, and a request beyond that is refused (`Busy`, a 503). Before
-every step the engine admits waiting jobs into free slots, so a new request's prompt is read after at most one
-step of each running answer. A job the client gave up on (`cancel`) is ended before its next step.
+`SessionPool`; up to `queue` more wait for a slot, and a request beyond that is refused (`Busy`, a 503). A
+request that finds a free slot takes it at once and steps right after the step in progress, so its prompt is
+read after at most one step of the running answers. When several running answers take fixed-depth steps, the
+first of them to come up computes all of theirs as one batch (`batching`); the others' turns then only pick
+their tokens. A job the client gave up on (`cancel`) is ended before its next step.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from dataclasses import dataclass, field
 
 from sortedchat import SortedChatError
 from sortedchat.engine.events import GenerationStats, TokenEvent
-from sortedchat.engine.session import ChatSession
 from sortedchat.engine.modes import Mode, ModeKind
 from sortedchat.engine.sampling import SamplingConfig
+from sortedchat.engine.session import ChatSession
 from sortedchat.server.batching import BatchedSession, can_batch, prefetch
 from sortedchat.server.sessions import SessionPool
 
