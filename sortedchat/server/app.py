@@ -52,7 +52,9 @@ def create_app(scheduler: Scheduler, sm, defaults: Defaults, api_key: str | None
 
     async def chat_completions(request: Request):
         authorize(request)
-        chat = parse_chat(await read_json(request, max_body), sm, defaults)
+        body = await read_body(request, max_body)
+        # Parsing and tokenizing a long conversation takes a while: off the event loop, which serves the streams.
+        chat = await asyncio.to_thread(lambda: parse_chat(parse_json(body), sm, defaults))
         outbox: asyncio.Queue = asyncio.Queue()
         job = Job.to_loop(asyncio.get_running_loop(), outbox, prompt=chat.prompt, mode=chat.mode,
                           sampling=chat.sampling)
@@ -113,8 +115,8 @@ def create_app(scheduler: Scheduler, sm, defaults: Defaults, api_key: str | None
     return app
 
 
-async def read_json(request: Request, limit: int) -> object:
-    """The body as JSON: 413 past `limit` bytes (by its Content-Length, or as it arrives), 400 if not JSON."""
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, or a 413 past `limit` bytes (by its Content-Length, or as it arrives)."""
     too_big = ApiError(413, f"the request body is over the limit of {limit} bytes", code="request_too_large")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
@@ -124,6 +126,10 @@ async def read_json(request: Request, limit: int) -> object:
         body += piece
         if len(body) > limit:
             raise too_big
+    return bytes(body)
+
+
+def parse_json(body: bytes) -> object:
     try:
         return json.loads(body)
     except UnicodeDecodeError as exc:
