@@ -58,7 +58,7 @@ def serve(
     sm = o.load_model(model, load.load_options(), console)
     app = build_app(sm, served_name(model), mode.mode(sm), config, api_key, slots, queue, batch)
     console.print(f"serving {served_name(model)} ({sm.num_layers} layers, exits {', '.join(map(str, sm.exits))}) "
-                  f"at http://{host if ':' not in host else f'[{host}]'}:{sock.getsockname()[1]}/v1")
+                  f"at http://{host if ':' not in host else f'[{host}]'}:{sock.getsockname()[1]}/v1", soft_wrap=True)
     from sortedchat.server.running import serve as run
 
     run(app, sock)
