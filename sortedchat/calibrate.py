@@ -199,8 +199,9 @@ def observe_propagated(sm: SortedModel, sequences: list[tuple[list[int], int]], 
         for pos in range(start, len(ids) - 1):
             raw = [state.run(e, [ids[pos]] if i == 0 else None)[:, -1] for i, e in enumerate(sm.exits)]  # [1, H] each
             before = [sm.embed(torch.tensor([ids[pos]], device=sm.device)), *raw[:-2]]
-            run = score_exits(sm, raw[:-1], before, Candidates.of(sm, [ids[: pos + 1]], [top]), reference[pos : pos + 1],
-                              kinds, torch.tensor([SPLIT_OF[n % len(SPLIT_OF)]]))
+            candidates = Candidates.of(sm, [ids[: pos + 1]], [top])
+            run = score_exits(sm, raw[:-1], before, candidates, reference[pos : pos + 1], kinds,
+                              torch.tensor([SPLIT_OF[n % len(SPLIT_OF)]]))
             last = sm.head(raw[-1], L)
             top = previous_top(last[0]).tolist()
             conf = confidences(run, measure)
@@ -212,7 +213,8 @@ def observe_propagated(sm: SortedModel, sequences: list[tuple[list[int], int]], 
     return Observations.joined(runs)
 
 
-def fitted_measures(sm: SortedModel, obs: Observations, names: list[str], progress: Progress = quiet) -> dict[str, Measure]:
+def fitted_measures(sm: SortedModel, obs: Observations, names: list[str],
+                    progress: Progress = quiet) -> dict[str, Measure]:
     """The measures `names` as calibrate uses them, those that learn fitted on the `fit` part."""
     fit, measures = obs.positions(obs.part("fit")), {}
     for name in names:

@@ -255,7 +255,8 @@ def _check_method_combinations(o: TrainOptions) -> None:
     if o.merge and not o.lora:
         raise SortedChatError("--merge merges a LoRA adapter: add --lora")
     if o.lora and not method.trains_decoder:
-        raise SortedChatError(f"--method {o.method} trains {method.own_parts.value} on a frozen model; it takes no --lora")
+        raise SortedChatError(f"--method {o.method} trains {method.own_parts.value} on a frozen model; it takes no "
+                              "--lora")
     if not method.weighs_exits and (o.exit_weights or o.exits_per_step):
         raise SortedChatError(f"--method {o.method} trains the last exit only; --exit-weights/--exits-per-step do not "
                               "apply")
