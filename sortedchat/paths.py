@@ -1,4 +1,4 @@
-"""Where sortedchat keeps converted models, chats and settings (platformdirs, overridable for tests).
+"""Where sortedchat keeps converted models, chats, settings and exports (platformdirs, overridable for tests).
 
 A folder that is a file (`SORTEDCHAT_CACHE_DIR=~/notes.txt`) is refused with the variable and the path named:
 left alone, the cache would fail with a traceback deep in a conversion, and the settings would be silently
@@ -37,3 +37,12 @@ def data_dir() -> Path:
 
 def config_dir() -> Path:
     return _folder("SORTEDCHAT_CONFIG_DIR", platformdirs.user_config_dir(APP))
+
+
+def exports_dir() -> Path:
+    """Where the app's exports (Ctrl+S) and screenshots go: `SORTEDCHAT_EXPORT_DIR`, else a `sortedchat` folder in
+    the user's Documents, else (no Documents folder) `exports` in the data folder. Never the current directory,
+    which may be a git checkout."""
+    documents = platformdirs.user_documents_path()
+    default = documents / APP if documents.is_dir() else data_dir() / "exports"
+    return _folder("SORTEDCHAT_EXPORT_DIR", str(default))

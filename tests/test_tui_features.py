@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from helpers.tui import PROMPT, SIZE, ask, chat, dialogue, expected_answer, make_app, wait_for
+from helpers.tui import PROMPT, SIZE, ask, chat, dialogue, expected_answer, make_app, named, wait_for
 
 from sortedchat.engine import Mode
 from sortedchat.tui.screens.chat import ChatScreen
 from sortedchat.tui.screens.chats import ChatListScreen
 from sortedchat.tui.screens.rename import RenameScreen
+from sortedchat.tui.settings import Settings
 from sortedchat.tui.storage import ChatStore
 from sortedchat.tui.widgets.answer import AnswerView
 from sortedchat.tui.widgets.code import CodeFence, guess_code_language
@@ -163,5 +164,80 @@ def test_copy_the_last_answer_with_one_key(tiny, tmp_path):
             await ask(pilot, app)
             await pilot.press("f10")
             assert app.clipboard == chat(app).answer.text and app.clipboard
+            said = list(app._notifications)[-1].message
+            assert said == (f"sent the last answer ({len(app.clipboard)} characters) to the terminal's clipboard "
+                            "(OSC 52); if nothing was copied, your terminal ignores it: ^s saves the chat to a file")
 
     asyncio.run(run())
+
+
+SAME_AGAIN = "the same answer again; {fix} in settings (^o) or change the depth (f2/f3) for another"
+
+
+@pytest.mark.parametrize("temperature, seed, note", [
+    (0.0, None, "temperature is 0: " + SAME_AGAIN.format(fix="raise it")),
+    (0.8, 7, "the seed is fixed (7): " + SAME_AGAIN.format(fix="clear it")),
+    (0.8, None, None),
+])
+def test_regenerate_says_when_it_will_write_the_same_answer_again(tiny, tmp_path, temperature, seed, note):
+    from sortedchat.tui.settings import Settings
+
+    app = make_app(tiny, tmp_path, settings=Settings(max_new_tokens=6, temperature=temperature, seed=seed))
+
+    def notes():
+        return [n.message for n in app._notifications]
+
+    async def run():
+        async with app.run_test(size=SIZE) as pilot:
+            await ask(pilot, app)
+            first = chat(app).answer.text
+            await pilot.press("ctrl+r")
+            await wait_for(pilot, lambda: chat(app).answer.text and not dialogue(app).generating)
+            assert (note in notes()) if note else not [n for n in notes() if "same answer again" in n]
+            if note:
+                assert chat(app).answer.text == first  # as the note says
+            await pilot.press("f2")  # another depth: another answer, and nothing said
+            before = len(notes())
+            await pilot.press("ctrl+r")
+            await wait_for(pilot, lambda: chat(app).answer.text and not dialogue(app).generating)
+            assert not [n for n in notes()[before:] if "same answer again" in n]
+
+    asyncio.run(run())
+
+
+def test_exports_and_screenshots_go_to_a_documented_folder_never_the_current_directory(tiny, tmp_path, monkeypatch):
+    import platformdirs
+
+    from sortedchat.paths import data_dir, exports_dir
+    from sortedchat.tui.app import SortedChatApp
+
+    documents = tmp_path / "Documents"
+    monkeypatch.setattr(platformdirs, "user_documents_path", lambda: documents)
+    assert exports_dir() == data_dir() / "exports"  # no Documents folder
+    documents.mkdir()
+    assert exports_dir() == documents / "sortedchat"
+    monkeypatch.setenv("SORTEDCHAT_EXPORT_DIR", str(tmp_path / "mine"))
+    assert exports_dir() == tmp_path / "mine"
+    monkeypatch.delenv("SORTEDCHAT_EXPORT_DIR")
+
+    here = tmp_path / "checkout"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    app = SortedChatApp(model=named(tiny), show_speed=False, settings=Settings(max_new_tokens=2),
+                        store=ChatStore(tmp_path / "chats.sqlite3"))
+
+    async def run():
+        async with app.run_test(size=SIZE) as pilot:
+            await ask(pilot, app)
+            await pilot.press("ctrl+s")
+            await pilot.pause()
+            [exported] = (documents / "sortedchat").glob("*.md")
+            assert f"exported to {exported}" in [n.message for n in app._notifications]
+            app.action_screenshot(filename="shot.svg")
+            said = f"Saved screenshot to {documents / 'sortedchat' / 'shot.svg'}"
+            await wait_for(pilot, lambda: said in [n.message for n in app._notifications])
+            assert "<svg" in (documents / "sortedchat" / "shot.svg").read_text()
+
+    asyncio.run(run())
+    assert list(here.iterdir()) == []
+

@@ -6,7 +6,7 @@ import asyncio
 import threading
 
 import pytest
-from helpers.tui import Gate, SIZE, ask, chat, dialogue, make_app, status, wait_for
+from helpers.tui import AGREEMENT, Gate, SIZE, ask, chat, dialogue, make_app, status, wait_for
 from textual.app import App
 from textual.theme import BUILTIN_THEMES
 from textual.widgets import DataTable, TextArea
@@ -15,6 +15,7 @@ from textual.widgets._footer import FooterKey
 from sortedchat.engine import GenerationStats
 from sortedchat.palette import MIN_CONTRAST, contrast, exit_colour, hex_rgb
 from sortedchat.tui.colours import theme_background
+from sortedchat.tui.depth import exit_agreement
 from sortedchat.tui.screens.chats import ChatListScreen
 from sortedchat.tui.screens.settings import SettingsScreen
 from sortedchat.tui.settings import Settings, load_settings, settings_path
@@ -74,6 +75,70 @@ def test_the_legend_names_every_exit_and_full_depth_at_80_columns():
     asyncio.run(run())
 
 
+def test_the_shipped_default_carries_each_exits_agreement_and_the_legend_shows_it_at_80_columns():
+    from sortedchat.config import SortedConfig
+    from sortedchat.default_model import SHIPPED_ADAPTER
+
+    agreement = exit_agreement(SortedConfig.read(SHIPPED_ADAPTER))
+    assert {e: round(100 * a) for e, a in agreement.items()} == {9: 26, 12: 29, 15: 33, 18: 36, 21: 48, 24: 61,
+                                                                27: 72, 30: 100}
+    exits = [9, 12, 15, 18, 21, 24, 27, 30]
+
+    class Host(App):
+        def compose(self):
+            yield ExitLegend(exits, 30, agreement)
+
+    async def run():
+        wide = ("exits ██ 9 26%  ██ 12 29%  ██ 15 33%  ██ 18 36%  ██ 21 48%  ██ 24 61%  ██ 27 72%  ██ 30  "
+                "(%: tokens that agree with full depth)")
+        table = ["exit    9 12 15 18 21 24 27 30 full depth", "agree% 26 29 33 36 48 61 72 with full depth"]
+        short = ["exit    9 12 15 18 21 24 27 30 (full)", "agree% 26 29 33 36 48 61 72"]
+        # 44 columns: what the legend has at 80 beside the sparkline
+        for width, expected in [(130, [wide]), (44, table), (40, short), (20, ["exit 9 12 15 18 21 24 27 30 (full)"])]:
+            app = Host()
+            async with app.run_test(size=(width, 5)) as pilot:
+                await pilot.pause()
+                legend = app.query_one(ExitLegend)
+                assert legend.render().plain.split("\n") == expected and legend.region.height == len(expected)
+
+    asyncio.run(run())
+
+
+def test_a_depth_key_says_how_often_the_new_depth_agrees_with_full_depth(tiny, tmp_path):
+    app = make_app(tiny, tmp_path, agreement=AGREEMENT)
+
+    async def run():
+        async with app.run_test(size=SMALL) as pilot:
+            await pilot.pause()
+            assert chat(app).query_one(ExitLegend).region.height == 2
+            for key, note in [("f2", "depth 4 · agrees with full depth on 66% of tokens"),
+                              ("f2", "depth 2 · agrees with full depth on 31% of tokens"),
+                              ("f5", None),  # speculative, drafting at 2
+                              ("f3", "draft depth 4 · agrees with full depth on 66% of tokens"),
+                              ("f5", None), ("f3", None)]:  # full depth: nothing to compare with
+                before = len(app._notifications)
+                await pilot.press(key)
+                await pilot.pause()
+                said = [n.message for n in list(app._notifications)[before:]]
+                assert said == ([note] if note else []), (key, said)
+
+    asyncio.run(run())
+
+
+def test_a_model_never_evaluated_shows_no_agreement(tiny, tmp_path):
+    app = make_app(tiny, tmp_path)
+
+    async def run():
+        async with app.run_test(size=SMALL) as pilot:
+            await pilot.press("f2")
+            await pilot.pause()
+            legend = chat(app).query_one(ExitLegend)
+            assert legend.region.height == 1 and "agree" not in legend.render().plain
+            assert not [n for n in app._notifications if "agrees" in n.message]
+
+    asyncio.run(run())
+
+
 def test_at_80x24_the_footer_keeps_help_new_chats_and_quit(tiny, tmp_path):
     app = make_app(tiny, tmp_path)
 
@@ -111,6 +176,7 @@ def test_the_lens_goes_under_the_chat_when_narrow_and_esc_closes_it(tiny, tmp_pa
 
     asyncio.run(run())
 
+
 def token_on_screen(app, index) -> tuple[int, int] | None:
     """Where token `index` of the last answer is drawn (its first cell), or None when it is not on the screen."""
     width, height = app.size
@@ -126,11 +192,18 @@ def token_on_screen(app, index) -> tuple[int, int] | None:
 def test_at_80x24_the_lens_leaves_the_token_it_describes_in_view(tiny, tmp_path, how):
     """A long answer fills the conversation to its bottom; the lens then takes the lower half of it. The token
     it describes (the last one after F9, or the one clicked) is scrolled into what is left, above the lens."""
-    app = make_app(tiny, tmp_path, max_new_tokens=240)
+    store = ChatStore(tmp_path / "chats.sqlite3")
+    text = " ".join(["The quick brown fox jumps over the lazy dog."] * 16)
+    chat_id, message = store.start_answer(None, [{"role": "user", "content": "one"}], "Depth 6/6", "tiny")
+    for i, tid in enumerate(tiny.tokenizer.encode(text, add_special_tokens=False)):
+        store.add_token(message, i, tid, tiny.tokenizer.decode([tid]), 6, 0.5)
+    store.finish_message(message, text)
+    app = make_app(tiny, tmp_path, store=store)
 
     async def run():
         async with app.run_test(size=SMALL) as pilot:
-            await ask(pilot, app, "one")
+            await chat(app).open_chat(chat_id)
+            await pilot.pause()
             answer = chat(app).answer
             assert answer.region.height > chat(app).conversation.region.height // 2  # more than the lens leaves
             if how == "f9":
@@ -153,7 +226,6 @@ def test_at_80x24_the_lens_leaves_the_token_it_describes_in_view(tiny, tmp_path,
             assert place is not None and conversation.contains(*place) and place[1] < lens.y
 
     asyncio.run(run())
-
 
 
 def test_a_mid_answer_mode_change_shows_in_the_answer_header_and_the_saved_chat(tiny, tmp_path):
@@ -326,6 +398,7 @@ def stored_chats(tmp_path, titles, model=SMOLLM) -> ChatStore:
     store = ChatStore(tmp_path / "chats.sqlite3")
     for title in titles:
         _, answer = store.start_answer(None, [{"role": "user", "content": title}], "Depth 6/6", model)
+        store.finish_message(answer, "Hi")
     return store
 
 
@@ -339,7 +412,6 @@ def listed(app) -> list[str]:
 @pytest.mark.parametrize("model", [SMOLLM, "tiny"])
 def test_the_saved_chats_list_fits_and_tells_same_titles_apart(tiny, tmp_path, model):
     store = stored_chats(tmp_path, ["Hello"] * 3, model)
-        store.finish_message(answer, "Hi")
 
     async def run():
         for size in [(130, 40), SMALL]:
@@ -358,6 +430,7 @@ def test_the_saved_chats_list_fits_and_tells_same_titles_apart(tiny, tmp_path, m
                 assert table.virtual_size.width <= table.size.width  # no column cut off
 
     asyncio.run(run())
+
 
 def test_at_80_columns_the_saved_chats_list_gives_the_title_the_room_and_keeps_its_number(tiny, tmp_path):
     store = stored_chats(tmp_path, [LONG, LONG, "Hello"])
@@ -418,11 +491,7 @@ def test_enter_in_the_saved_chats_list_opens_the_chat_under_the_cursor(tiny, tmp
     asyncio.run(run())
 
 
-
-def test_a_screenshot_without_a_downloads_folder_goes_to_the_export_folder(tiny, tmp_path, monkeypatch):
-    import sortedchat.tui.app as tui_app
-
-    monkeypatch.setattr(tui_app, "user_downloads_path", lambda: tmp_path / "no-such-folder")
+def test_a_screenshot_goes_to_the_export_folder_and_the_notice_says_where(tiny, tmp_path):
     app = make_app(tiny, tmp_path)
 
     async def run():

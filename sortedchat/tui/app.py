@@ -14,11 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from platformdirs import user_downloads_path
 from textual.app import App
 from textual.binding import Binding
 
 from sortedchat import SortedChatError
+from sortedchat.paths import exports_dir
 from sortedchat.tui.dialogue import Dialogue
 from sortedchat.tui.screens.chat import ChatScreen
 from sortedchat.tui.screens.chats import ChatListScreen
@@ -77,7 +77,7 @@ class SortedChatApp(App):
         self.settings = settings or Settings()
         self.store = store
         self.show_speed = show_speed
-        self.export_dir = export_dir or Path.cwd()
+        self.export_dir = export_dir or exports_dir()  # chats exported and screenshots, as the notices say
         self.loading_label = loading_label
         self.error: SortedChatError | None = None
         self._stop_loading = threading.Event()
@@ -179,16 +179,17 @@ class SortedChatApp(App):
 
     def deliver_screenshot(self, filename: str | None = None, path: str | None = None,
                            time_format: str | None = None) -> None:
-        """Save the screen as SVG here and now, to ~/Downloads or, without one, where exports go.
+        """Save the screen as SVG here and now, where exports go (`paths.exports_dir`), and say where.
 
         Textual's own delivery writes the file on a non-daemon thread that then waits, with no timeout, for
         the app's event loop to take its "saved" message. Quit right after a screenshot and that loop has
         stopped: the thread waits forever and Python never exits (a test run hung this way after its last
         test). The SVG is small, so it is written synchronously. The action key and the command palette's
         "Screenshot" both come here."""
-        if path is None:
-            path = str(user_downloads_path() if user_downloads_path().is_dir() else self.export_dir)
         try:
+            if path is None:
+                self.export_dir.mkdir(parents=True, exist_ok=True)
+                path = str(self.export_dir)
             saved = self.save_screenshot(filename, path, time_format)
         except OSError as exc:
             self.notify(f"screenshot not saved: {exc}", title="Screenshot", severity="error")

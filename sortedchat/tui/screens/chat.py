@@ -257,6 +257,7 @@ class ChatScreen(Screen):
     def on_token_text_selected(self, message: TokenText.Selected) -> None:
         if isinstance(message.view.parent, AnswerView):
             self.lens.inspect(message.view.parent, message.index)
+            message.view.reveal(message.index)  # the lens may take the lower half of the conversation
 
     # -- chats --------------------------------------------------------------------------------------
     def _busy(self) -> bool:
@@ -272,7 +273,6 @@ class ChatScreen(Screen):
         self.prompt.remember(self.prompt.text.strip())  # an unsent draft: ↑ brings it back
         self.prompt.clear()
         self.prompt.focus()
-            message.view.reveal(message.index)  # the lens may take the lower half of the conversation
 
     def action_chats(self) -> None:
         if not self._busy():
@@ -312,6 +312,7 @@ class ChatScreen(Screen):
         """Answer the last message again, in the current mode; the old answer goes."""
         if self._busy():
             return
+        again = self._same_answer_again()
         try:
             question = self.dialogue.take_back_last_turn()
         except SortedChatError as exc:
@@ -322,14 +323,33 @@ class ChatScreen(Screen):
             return
         await self.conversation.remove_last_turn()
         self.send(question)
+        if again:
+            self.notify(again, timeout=10)
+
+    def _same_answer_again(self) -> str | None:
+        """Why regenerating will write the last answer again, word for word (nothing samples differently, and the
+        mode is the one it was written in), and what would change it; None when it will not."""
+        settings, keys, answer = self.app.settings, self.keys_shown, self.dialogue.answer
+        if answer is None or answer.modes != [self.dialogue.control.label()]:
+            return None
+        if settings.temperature == 0:
+            why, fix = "temperature is 0", "raise it"
+        elif settings.seed is not None:
+            why, fix = f"the seed is fixed ({settings.seed})", "clear it"
+        else:
+            return None
+        return (f"{why}: the same answer again; {fix} in settings ({keys['settings']}) or change the depth "
+                f"({keys['shallower']}/{keys['deeper']}) for another")
 
     def action_copy(self) -> None:
         text = self.answer.text if self.answer else ""
         if not text:
             self.notify("No answer to copy yet.")
             return
-        self.app.copy_to_clipboard(text)
-        self.notify(f"copied the last answer ({len(text)} characters)")
+        self.app.copy_to_clipboard(text)  # an OSC 52 escape: whether it lands is the terminal's choice, unseen here
+        self.notify(f"sent the last answer ({len(text)} characters) to the terminal's clipboard (OSC 52); if nothing "
+                    f"was copied, your terminal ignores it: {self.keys_shown['export']} saves the chat to a file",
+                    timeout=10)
 
     def action_rename(self) -> None:
         if self.dialogue.chat_id is None:

@@ -13,7 +13,9 @@ from sortedchat.tui.settings import KEY_ACTIONS, settings_path
 COLOURS = (
     "Each token takes the colour of the exit it left the model at: warm for shallow exits, cool for "
     "full depth (legend at the top left; the sparkline at the top right shows the latest tokens). "
-    "Click a token, or press F9 and move with ← →: the layer lens shows what every exit predicted there."
+    "Click a token, or press F9 and move with ← →: the layer lens shows what every exit predicted there. "
+    "Where the model was evaluated, the legend's agree% gives each exit's share of held-out tokens on which it "
+    "predicts what full depth predicts: the lower it is, the more answers at that depth wander and repeat themselves."
 )
 
 

@@ -16,7 +16,9 @@ from sortedchat.tui.colours import themed_exit_colour
 
 class ExitLegend(Widget):
     """Which colour is which exit, the deepest marked as full depth, and each exit's agreement with full depth
-    when known; the richest form that fits the width is shown."""
+    when known; the richest form that fits the width is shown, as many rows high as it has lines."""
+
+    DEFAULT_CSS = "ExitLegend { height: auto; }"
 
     def __init__(self, exits: list[int], num_layers: int, agreement: dict[int, float] | None = None, **kwargs):
         super().__init__(**kwargs)
