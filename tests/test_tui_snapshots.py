@@ -1,5 +1,6 @@
 """Screenshots of the chat app (pytest-textual-snapshot): answers in depth colours, help, settings, and the
-same at 80x24 with the welcome, the layer lens and the light theme.
+same at 80x24 with the welcome, the layer lens (on a short and on a long answer), the light theme, the legend with
+each exit's agreement, and the saved-chats list.
 
 Deterministic by construction: fixed terminal size, greedy decoding, no tokens/s in the status line,
 a fixed model name and config path. Update after an intended change with `pytest --snapshot-update`.
@@ -8,12 +9,14 @@ a fixed model name and config path. Update after an intended change with `pytest
 from __future__ import annotations
 
 import pytest
-from helpers.tui import ask, chat, make_app, wait_for
+from helpers.tui import AGREEMENT, ask, chat, make_app, wait_for
 
 from sortedchat.engine import Mode
+from sortedchat.tui.screens.chats import ChatListScreen
 from sortedchat.tui.screens.help import HelpScreen
 from sortedchat.tui.screens.settings import SettingsScreen
 from sortedchat.tui.settings import Settings
+from sortedchat.tui.storage import ChatStore
 
 SIZE = (100, 30)
 
@@ -108,3 +111,64 @@ def test_small_light_theme(snap_compare, tiny, tmp_path):
         await steady_cursor(pilot)
 
     assert snap_compare(app, terminal_size=SMALL, run_before=chat)
+
+
+def test_small_legend_with_each_exits_agreement_after_a_depth_key(snap_compare, tiny, tmp_path):
+    """Two rows of legend (exits over their agree%), and the notice F2 brings."""
+    app = make_app(tiny, tmp_path, agreement=AGREEMENT)
+
+    async def shallower(pilot):
+        await steady_cursor(pilot)
+        await pilot.press("f2")
+        await steady_cursor(pilot)
+
+    assert snap_compare(app, terminal_size=SMALL, run_before=shallower)
+
+
+def test_small_saved_chats_list(snap_compare, tiny, tmp_path, monkeypatch):
+    """Titles get the room; two chats of one long title keep their " (1)" and " (2)"; the dialog's keys below."""
+    import time
+
+    monkeypatch.setenv("TZ", "UTC")  # the list shows local time
+    time.tzset()
+    store = ChatStore(tmp_path / "chats.sqlite3")
+    for title in ["What is the capital of France, and why is it there?"] * 2 + ["Hello there"]:
+        _, answer = store.start_answer(None, [{"role": "user", "content": title}], "Depth 6/6",
+                                       "SmolLM2-135M-Instruct (default)")
+        store.finish_message(answer, "Hi")
+    store.db.execute("UPDATE chats SET updated = 1798761600")  # a fixed date: the list shows it
+    app = make_app(tiny, tmp_path, store=store)
+
+    async def chats(pilot):
+        await steady_cursor(pilot)
+        await pilot.press("ctrl+l")
+        await wait_for(pilot, lambda: isinstance(pilot.app.screen, ChatListScreen))
+        await steady_cursor(pilot)
+
+    try:
+        assert snap_compare(app, terminal_size=SMALL, run_before=chats)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_small_layer_lens_on_a_long_answer_keeps_its_token_in_view(snap_compare, tiny, tmp_path):
+    store = ChatStore(tmp_path / "chats.sqlite3")
+    text = " ".join(["The quick brown fox jumps over the lazy dog."] * 16)
+    chat_id, message = store.start_answer(None, [{"role": "user", "content": "Hello there"}], "Depth 6/6", "tiny")
+    for i, tid in enumerate(tiny.tokenizer.encode(text, add_special_tokens=False)):
+        store.add_token(message, i, tid, tiny.tokenizer.decode([tid]), 2 + 2 * (i % 3), 0.5)
+    store.finish_message(message, text)
+    app = make_app(tiny, tmp_path, store=store)
+
+    async def lens(pilot):
+        await steady_cursor(pilot)
+        await chat(app).open_chat(chat_id)
+        await pilot.pause()
+        await pilot.press("f9")
+        await wait_for(pilot, lambda: len(chat(app).lens.query(".lens-row")) == 3 and not chat(app).lens.loading)
+        await pilot.pause(0.2)
+        await steady_cursor(pilot)
+
+    assert snap_compare(app, terminal_size=SMALL, run_before=lens)
+

@@ -117,6 +117,7 @@ class TokenText(Vertical, can_focus=True):
         self.places: list[tuple[TokenBlock, int, int]] = []  # each token's block and character range in it
         self.blocks = [TokenBlock()]
         self._colours: dict[int, Style] = {}
+        self._revealing: int | None = None  # the token `reveal` will scroll to after the next refresh
 
     def compose(self):
         yield from self.blocks
@@ -181,10 +182,14 @@ class TokenText(Vertical, can_focus=True):
     def reveal(self, index: int) -> None:
         """Scroll what holds the answer so that token `index` is in view (the layer lens, opening below, may
         have just taken the lower half of the conversation). Done after the next refresh, on the layout that
-        the change asking for it brings."""
-        self.call_after_refresh(self._scroll_to, index)
+        the change asking for it brings; requests before then are one scroll, to the latest token (a second
+        one would measure where the first left the screen before it is drawn there, and scroll too far)."""
+        if self._revealing is None:
+            self.call_after_refresh(self._scroll_to_revealed)
+        self._revealing = index
 
-    def _scroll_to(self, index: int) -> None:
+    def _scroll_to_revealed(self) -> None:
+        index, self._revealing = self._revealing, None
         block, start, _ = self.places[index]
         row = Region(block.region.x, block.region.y + block.line_of(start), block.region.width, 1)
         for holder in self.ancestors:
