@@ -113,7 +113,7 @@ def test_plain_chat_keeps_the_conversation(tiny):
     console = Console(record=True, width=100)
     plain_chat(tiny, Mode.fixed(), SamplingConfig(max_new_tokens=4), console=console, read=lambda _: next(lines))
     out = console.export_text()
-    assert out.count("tok/s") == 2
+    assert out.count("mean exit") == 2
 
 
 @pytest.mark.parametrize(
@@ -123,7 +123,7 @@ def test_plain_chat_keeps_the_conversation(tiny):
         (["--exits", "2,9"], "--exits: exit 9 is outside 1..6"),
         (["--depth", "7"], "--depth 7: the model has 6 layers"),
         (["--auto", "--depth", "2"], "--depth, --auto and --speculative exclude each other"),
-        (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(tiny_dir, args, message):
@@ -135,10 +135,55 @@ def test_bad_input_is_one_line_and_nonzero(tiny_dir, args, message):
     assert line.startswith(f"error: {message}")
 
 
-def test_prompt_longer_than_context(tiny_dir):
-    res = cli("ask", "word " * 600, "--model", tiny_dir, "--device", "cpu")
-    assert res.returncode == 1
-    assert "the model's context holds 512" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+def test_prompt_longer_than_context(tiny, tiny_dir):
+    from sortedchat.engine.context import encode_chat
+
+    size = len(encode_chat(tiny, [{"role": "user", "content": "word " * 600}]))
+    res = cli("ask", "word " * 600, "--model", tiny_dir, "--device", "cpu")  # -n 256: 128 (a quarter) kept
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr == (f"error: the message is {size} tokens (with the system prompt and chat markup); the model's "
+                          "context holds 512 tokens and keeps 128 of them for the answer, so at most 384 fit\n")
+
+
+LONG = "The quick brown fox jumps over the lazy dog. " * 3
+
+
+def test_plain_chat_on_stdin_goes_on_when_the_chat_outgrows_the_context(tiny_dir):
+    from sortedchat.tui.storage import ChatStore
+
+    lines = [f"{i}. {LONG}" for i in range(1, 13)] + ["word " * 600, "Hi"]
+    res = subprocess.run([sys.executable, "-m", "sortedchat", "chat", "--plain", "--model", str(tiny_dir), "--device",
+                          "cpu", "-n", "8", "--system", "Be brief."], input="\n".join(lines) + "\n",
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    out = " ".join(res.stdout.split())
+    assert out.count("The model no longer sees turns 1–") == 1
+    assert "they stay saved. The oldest turns keep dropping out as the chat goes on; /reset starts a new chat." in out
+    assert "keeps 8 of them for the answer, so at most 504 fit; nothing was sent" in out
+    assert out.count("mean exit") == 13  # every other line was answered, "Hi" after the refused one too
+    [chat] = ChatStore().chats()
+    users = [m.content for m in ChatStore().load(chat.id).messages if m.role == "user"]
+    assert users == lines[:12] + ["Hi"]  # the refused line left no trace
+
+
+def test_plain_chat_on_a_terminal_shows_a_long_prompt_pass(tiny):
+    import io
+
+    from rich.console import Console
+
+    from sortedchat.cli.chat import plain_chat
+    from sortedchat.engine import Mode, SamplingConfig
+    from sortedchat.engine.context import encode_chat
+
+    text = LONG * 7
+    rest = len(encode_chat(tiny, [{"role": "user", "content": text}])) - 1
+    screen = io.StringIO()
+    lines = iter([text, "/quit"])
+    plain_chat(tiny, Mode.fixed(), SamplingConfig(max_new_tokens=3), console=Console(file=screen, force_terminal=True,
+                                                                                   width=200), read=lambda _: next(lines))
+    shown = screen.getvalue()
+    assert f"reading the prompt: 0/{rest} tokens" in shown and f"reading the prompt: 256/{rest} tokens" in shown
+    assert f"prompt {rest} tokens at " in shown and "context " in shown
 
 
 def test_truncated_weights_are_a_clear_error(tiny_dir, tmp_path):

@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from sortedchat.engine import Mode, ModeKind
+from sortedchat.engine.context import encode_chat
 from sortedchat.tui.app import SortedChatApp
 from sortedchat.tui.screens.chat import ChatScreen
 from sortedchat.tui.screens.chats import ChatListScreen
@@ -51,7 +52,9 @@ def test_a_message_is_sent_and_answered(tiny, tmp_path):
             assert chat(app).answer.text == text and text
             assert [e.token_id for e in dialogue(app).events] == [e.token_id for e in events]
             assert chat(app).prompt.text == ""
-            assert status(app) == f"Depth 6/6 · {len(events)} tokens · mean exit 6.0/6 · compute saved 0% · tiny"
+            fill = (len(encode_chat(tiny, [{"role": "user", "content": PROMPT}])) + len(events)) / 512
+            assert status(app) == (f"Depth 6/6 · {len(events)} tokens · mean exit 6.0/6 · compute saved 0% · "
+                                   f"context {fill:.0%} · tiny")
             assert dialogue(app).history[-1] == {"role": "assistant", "content": text}
 
     asyncio.run(run())
@@ -72,7 +75,7 @@ def test_depth_keys_change_the_depth_of_the_following_tokens(tiny, tmp_path):
             assert status(app).startswith("Depth 4/6 · 10 tokens · mean exit 4.8/6")
 
             await pilot.press("f2", "f2")  # 4 -> 2, then already at the shallowest exit
-            assert "Depth 2/6" in status(app)
+            assert status(app).startswith("Depth 2/6 · last answer: 10 tokens · mean exit 4.8/6")
             await ask(pilot, app, "Again")
             assert {e.exit_layer for e in dialogue(app).events} == {2}
             await pilot.press("f3")
@@ -393,5 +396,53 @@ def test_status_line_counts_tokens_the_pacer_decoded_at_full_depth():
                             decode_seconds=1.0, layer_evals=60)
     assert status_text("m", "Speculative 2", stats) == (
         "Speculative 2 · 10.0 tok/s · 10 tokens · mean exit 5.0/6 · drafts accepted 50% · 5 undrafted · "
-        "compute saved 0% · m"
+        "compute saved 0% (exits skipped 17% of layers, but verifying the drafts ran the deeper layers) · m"
     )
+
+
+def test_the_status_line_says_what_its_figures_belong_to_and_what_they_mean():
+    from sortedchat.engine import GenerationStats
+    from sortedchat.tui.widgets.status import status_text
+
+    auto = GenerationStats(num_layers=30, tokens=100, exit_sum=100 * 18, layer_evals=100 * 29, decode_seconds=10,
+                           prefill_seconds=2, prefilled_tokens=200, prompt_tokens=300, context_limit=8192)
+    assert status_text("m", "Depth 24/30", auto, answer_mode="Auto", context=(auto.context_fill, 3)) == (
+        "Depth 24/30 · last answer: 10.0 tok/s (prompt 100 tok/s) · 100 tokens · mean exit 18.0/30 · compute saved 3% "
+        "(exits skipped 40% of layers, but most ran later for deeper tokens) · context 5% (turns 1–3 unseen) · m")
+    assert status_text("m", "Auto", auto, answer_mode="Auto", width=80) == (
+        "Auto · 10.0 tok/s (prompt 100 tok/s) · 100 tok · exit 18.0 · compute saved 3%")  # the note goes first
+    assert status_text("m", "Auto", auto, answer_mode="Depth 6/6", generating=True).startswith("Auto · 10.0 tok/s")
+    assert status_text("m", "Auto", None, generating=True, reading=(512, 6500)) == (
+        "Auto · reading the prompt: 512/6,500 tokens · m")
+
+
+def test_a_chat_that_outgrows_the_context_goes_on_and_the_screen_says_what_the_model_sees(tiny, tmp_path):
+    app = make_app(tiny, tmp_path, max_new_tokens=12)
+    long = "The quick brown fox jumps over the lazy dog. " * 3
+    too_long = "word " * 600
+
+    async def run():
+        async with app.run_test(size=SIZE) as pilot:
+            for i in range(1, 11):
+                await ask(pilot, app, f"{i}. {long}")
+                assert dialogue(app).events  # every message is answered
+            d = dialogue(app)
+            said = [n.message for n in app._notifications]
+            [notice] = [m for m in said if m.startswith("The model no longer sees")]
+            assert notice.startswith(f"The model no longer sees turns 1–") and notice.endswith(
+                "The oldest turns keep dropping out as the chat goes on; ^n starts a new chat.")  # the app's key
+            fill, unseen = d.context()
+            assert unseen == d.fit.dropped_turns > 0
+            assert f" · context {fill:.0%} (turns 1–{unseen} unseen) · " in status(app)
+            saved = len(d.store.load(d.chat_id).messages)
+            chat(app).prompt.text = too_long
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: any("nothing was sent" in n.message for n in app._notifications))
+            [refused] = [n.message for n in app._notifications if "nothing was sent" in n.message]
+            assert refused.startswith("the message is ") and "the model's context holds 512 tokens" in refused
+            assert chat(app).prompt.text == too_long and not d.generating  # the message waits, unsent and unsaved
+            assert len(d.store.load(d.chat_id).messages) == saved
+            await ask(pilot, app, "Hello")
+            assert d.events and d.history[-2] == {"role": "user", "content": "Hello"}
+
+    asyncio.run(run())

@@ -20,8 +20,9 @@ def make_dialogue(tiny, tmp_path, mode: Mode | None = None) -> Dialogue:
 
 def answer(d: Dialogue, text: str = PROMPT, max_new_tokens: int = 12, system_prompt: str = "") -> list[str]:
     """Send `text`, generate the whole answer on this thread and finish it; what went wrong."""
-    assert d.send(text, system_prompt) is None
-    d.generate(SamplingConfig(max_new_tokens=max_new_tokens))
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens)
+    assert d.send(text, system_prompt, sampling) == []
+    d.generate(sampling)
     return d.finish()
 
 
@@ -138,8 +139,8 @@ def test_a_chat_deleted_while_open_continues_as_a_new_one(tiny, tmp_path):
     d = make_dialogue(tiny, tmp_path)
     answer(d)
     d.store.delete_chat(d.chat_id)
-    warning = d.send("Again")
-    assert warning == "chat 1 is no longer in chats.sqlite3; saving this conversation as a new chat"
+    notes = d.send("Again")
+    assert notes == ["chat 1 is no longer in chats.sqlite3; saving this conversation as a new chat"]
     d.generate(SamplingConfig(max_new_tokens=2))
     d.finish()
     [saved] = d.store.chats()
@@ -148,6 +149,8 @@ def test_a_chat_deleted_while_open_continues_as_a_new_one(tiny, tmp_path):
 
 def test_an_engine_error_is_reported_by_finish(tiny, tmp_path):
     d = make_dialogue(tiny, tmp_path)
-    [error] = answer(d, "word " * 600)
-    assert error.startswith("the prompt is ") and "the model's context holds 512" in error
+    d.send(PROMPT)
+    d.generate(SamplingConfig(temperature=-1))  # refused by the engine, after the message was saved
+    [error] = d.finish()
+    assert error == "--temperature must be a finite number >= 0, got -1"
     assert d.history[-1] == {"role": "assistant", "content": ""} and not d.generating

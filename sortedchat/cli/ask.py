@@ -42,6 +42,6 @@ def ask(
     session = ChatSession(sm, mode.mode(sm))
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     printer = AnswerPrinter(sm.num_layers, sm.exits[0], as_json)
-    for ev in session.generate(messages, config):
+    for ev in session.generate(messages, config, on_prefill=printer.prefill):
         printer.token(ev)
     printer.summary(session.last_stats)

@@ -108,7 +108,9 @@ def plain_chat(sm, mode, sampling, system: str = "", console: Console | None = N
     """A line-based multi-turn chat. Empty line or /quit ends it; /reset starts over.
 
     It drives the same `Dialogue` as the app's chat screen, so it saves every turn (token by token) to the
-    chat history in `store` (default: the user's) the same way, and the app's saved-chats list reopens it.
+    chat history in `store` (default: the user's) the same way, and the app's saved-chats list reopens it; and
+    it keeps the same context policy: the oldest turns drop out of what the model sees (said once per chat), and
+    a line too long for the model's context is refused, unsaved, while the chat goes on.
     """
     from sortedchat.engine import ChatSession
     from sortedchat.tui.app import model_label
@@ -116,7 +118,7 @@ def plain_chat(sm, mode, sampling, system: str = "", console: Console | None = N
     from sortedchat.tui.storage import ChatStore
 
     console = console or Console(highlight=False)
-    dialogue = Dialogue(ChatSession(sm, mode), store or ChatStore(), model_label(sm))
+    dialogue = Dialogue(ChatSession(sm, mode), store or ChatStore(), model_label(sm), "/reset starts a new chat")
     printer = AnswerPrinter(sm.num_layers, sm.exits[0], console=console)
     console.print(f"[dim]{sm.source} · {dialogue.control.label()} · saved to the chat history · /reset new chat · "
                   f"/quit or Ctrl+D ends[/dim]")
@@ -137,16 +139,20 @@ def plain_chat(sm, mode, sampling, system: str = "", console: Console | None = N
         except SortedChatError as exc:
             console.print(f"[red]{exc}; nothing was sent[/red]")
             continue
-        warning = dialogue.send(line, system)  # the chat left the store (its file set aside): a new chat holds it
-        if warning:
-            console.print(f"[yellow]{warning}[/yellow]")
+        try:
+            notes = dialogue.send(line, system, sampling)
+        except SortedChatError as exc:  # too long for the model's context: nothing was saved
+            console.print(f"{exc}; nothing was sent", style="red", markup=False)
+            continue
+        for note in notes:  # turns the model no longer sees; the chat left the store and a new chat holds it
+            console.print(note, style="yellow", markup=False)
         _stream_answer(dialogue, sampling, printer)
 
 
 def _stream_answer(dialogue, sampling, printer) -> None:
     """Print one answer as the dialogue saves it; Ctrl+C stops it, keeping what came. An engine or store error
     ends the chat, as a one-line error (the tokens that came are saved)."""
-    tokens = dialogue.stream(sampling)
+    tokens = dialogue.stream(sampling, printer.prefill)
     try:
         for ev in tokens:
             printer.token(ev)

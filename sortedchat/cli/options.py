@@ -127,6 +127,8 @@ class SamplingFlags:
     top_p: Annotated[float, typer.Option("--top-p")] = 1.0
     top_k: Annotated[int, typer.Option("--top-k", help="0 = off")] = 0
     seed: Annotated[Optional[int], typer.Option("--seed")] = None
+    repeat_stop: Annotated[bool, typer.Option("--repeat-stop/--no-repeat-stop", help="Stop an answer that "
+                                              "repeats itself (the same tokens over and over)")] = True
 
     def config(self, max_new_tokens: int):
         from sortedchat.engine import SamplingConfig

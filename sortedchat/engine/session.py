@@ -21,9 +21,11 @@ import torch
 
 from sortedchat import SortedChatError
 from sortedchat.engine.confidence import make_measure
-from sortedchat.engine.events import GenerationStats, Step, TokenEvent
+from sortedchat.engine.context import ContextFit, ContextWindow, encode_chat
+from sortedchat.engine.events import GenerationStats, PrefillProgress, Step, TokenEvent
 from sortedchat.engine.modes import Mode, ModeKind
 from sortedchat.engine.pacing import Pacer
+from sortedchat.engine.repetition import RepetitionGuard
 from sortedchat.engine.sampling import Sampler, SamplingConfig
 from sortedchat.engine.speculative import verify
 from sortedchat.engine.state import LayeredState
@@ -33,6 +35,7 @@ from sortedchat.sorted_model import SortedModel
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 MAX_DRAFT = 16
 NO_LIMIT = 1 << 62  # the context length of a model that names none
+PREFILL_CHUNK = 256  # a longer prompt pass runs in pieces of this many tokens, reporting progress after each
 
 
 def stop_token_ids(sm: SortedModel) -> set[int]:
@@ -46,16 +49,6 @@ def stop_token_ids(sm: SortedModel) -> set[int]:
     vocab = tok.get_vocab()
     ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
     return ids
-
-
-def encode_chat(sm: SortedModel, messages: list[dict]) -> list[int]:
-    """Token ids of the conversation, ending with the assistant's generation prompt."""
-    tok = sm.tokenizer
-    if getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    else:
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-    return tok(text, add_special_tokens=False)["input_ids"]
 
 
 @contextlib.contextmanager
@@ -120,6 +113,8 @@ class ChatSession:
         self.stop_ids = stop_token_ids(sm)  # the model's end-of-turn tokens
         self.draft_len = self.mode.draft_len
         self.last_stats: GenerationStats | None = None
+        self.window = ContextWindow(sm)  # what the model sees of a conversation longer than its context
+        self.last_fit: ContextFit | None = None
         self._measures: dict[str, object] = {}
         self.pacer = Pacer()  # kept across answers for one draft depth and length (see `_speculative_steps`)
 
@@ -134,11 +129,23 @@ class ChatSession:
     def mode(self, mode: Mode) -> None:
         self._mode = mode.validate(self.L)
 
+    def fit(self, messages: list[dict], sampling: SamplingConfig | None = None) -> ContextFit:
+        """What the model will see of `messages` for its next answer (`engine/context.py`: the oldest turns drop
+        out when the conversation outgrows the context). Raises `ContextFull` for a last message that cannot fit
+        at all, so a front end can refuse it before storing it."""
+        return self.window.fit(messages, (sampling or SamplingConfig()).validate().max_new_tokens)
+
     def generate(
-        self, messages: list[dict], sampling: SamplingConfig | None = None, should_stop: Callable[[], bool] | None = None
+        self,
+        messages: list[dict],
+        sampling: SamplingConfig | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        on_prefill: PrefillProgress | None = None,
     ) -> Iterator[TokenEvent]:
-        """Answer the last message of `messages` (a chat-template conversation)."""
-        return self.generate_ids(encode_chat(self.sm, messages), sampling, should_stop)
+        """Answer the last message of `messages` (a chat-template conversation), as much of it as fits (`fit`;
+        `last_fit` keeps what the model saw)."""
+        self.last_fit = self.fit(messages, sampling)
+        return self.generate_ids(self.last_fit.prompt, sampling, should_stop, on_prefill=on_prefill)
 
     def generate_ids(
         self,
@@ -146,11 +153,13 @@ class ChatSession:
         sampling: SamplingConfig | None = None,
         should_stop: Callable[[], bool] | None = None,
         forced: list[int] | None = None,
+        on_prefill: PrefillProgress | None = None,
     ) -> Iterator[TokenEvent]:
-        """Answer `prompt` (token ids). With `forced` (teacher forcing, for measuring a mode's per-token
+        """Answer `prompt` (token ids); the answer ends at the context's end whatever `max_new_tokens` says
+        (`stopped` "context"). With `forced` (teacher forcing, for measuring a mode's per-token
         quality), each step still reports the token the mode chose, but the next step is fed `forced[i]`
         instead; the answer is then `len(forced)` tokens long. Speculative mode has no per-token choice
-        to measure this way."""
+        to measure this way. A prompt pass longer than PREFILL_CHUNK tokens reports to `on_prefill`."""
         sampling = (sampling or SamplingConfig()).validate()
         limit = self.sm.max_positions
         if not prompt:
@@ -161,46 +170,57 @@ class ChatSession:
             if self.mode.kind is ModeKind.SPECULATIVE:
                 raise SortedChatError("teacher forcing measures fixed-depth or auto mode, not speculative")
             sampling = dataclasses.replace(sampling, max_new_tokens=len(forced))
-        return self._generate(prompt, sampling, should_stop or (lambda: False), forced)
+        return self._generate(prompt, sampling, should_stop or (lambda: False), forced, on_prefill)
 
     def reset(self) -> None:
         """Forget the conversation (a new chat)."""
         self.state.reset()
+        self.window.reset()
 
     # -- the loop ----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def _generate(self, prompt: list[int], sampling: SamplingConfig, should_stop, forced=None) -> Iterator[TokenEvent]:
+    def _generate(self, prompt: list[int], sampling: SamplingConfig, should_stop, forced=None,
+                  on_prefill: PrefillProgress | None = None) -> Iterator[TokenEvent]:
         stop_ids = self.stop_ids if sampling.stop_at_end_of_turn else set()
+        guard = RepetitionGuard() if sampling.repeat_stop and sampling.stop_at_end_of_turn and forced is None else None
         sampler = Sampler(sampling, self.sm.device)
         answer = _Answer(self, len(prompt), stop_ids)
         stats = self.last_stats = answer.stats
-        self._prefill(prompt, stats)
+        stats.context_limit = self.sm.max_positions
+        self._prefill(prompt, stats, on_prefill)
         answer.prefilled()
         pending, emitted = prompt[-1], 0
-        limit = self.sm.max_positions or NO_LIMIT
-        while emitted < sampling.max_new_tokens:
-            stats.stopped = "interrupted" if should_stop() else "context" if self.state.length + 1 >= limit else ""
-            if stats.stopped:
+        # The last token the context has room for: the prompt and the answer's tokens but the last are stored.
+        budget = min(sampling.max_new_tokens, (self.sm.max_positions or NO_LIMIT) - len(prompt))
+        while emitted < budget:
+            if should_stop():
+                stats.stopped = "interrupted"
                 break
             mode = self.mode
-            steps = self._decode(pending, mode, sampler, sampling.max_new_tokens - emitted, forced is not None,
-                                 stop_ids, stats)
+            steps = self._decode(pending, mode, sampler, budget - emitted, forced is not None, stop_ids, stats)
             if mode.kv == "propagate":
                 self.state.propagate()  # the layers this token skipped get its K/V now: nothing waits
             for step in steps:  # only the last step can be an end of turn (see `_speculative_round`)
                 yield answer.event(step, emitted, step.token in stop_ids)
                 pending = step.token if forced is None else forced[emitted]
                 emitted += 1
+                if guard is not None and guard.push(step.token):
+                    stats.stopped = "repetition"
+                    break
+            if stats.stopped:
+                break
             if steps[-1].token in stop_ids and forced is None:
                 stats.stopped = "eos"
                 break
         else:
-            stats.stopped = "max_tokens"
+            stats.stopped = "max_tokens" if budget == sampling.max_new_tokens else "context"
         answer.count()
 
-    def _prefill(self, prompt: list[int], stats: GenerationStats) -> None:
+    def _prefill(self, prompt: list[int], stats: GenerationStats, on_prefill: PrefillProgress | None) -> None:
         """Reuse the K/V of the longest common prefix and run the rest of the prompt but its last token, which
-        is always fed anew: at a fixed depth only that deep (the rest waits), otherwise through every layer."""
+        is always fed anew: at a fixed depth only that deep (the rest waits), otherwise through every layer.
+        A long rest runs in pieces of PREFILL_CHUNK tokens (the same K/V: each piece attends to the ones before),
+        telling `on_prefill` after each how far it is."""
         state, mode = self.state, self.mode
         common = 0
         for a, b in zip(state.tokens, prompt[:-1]):
@@ -209,8 +229,16 @@ class ChatSession:
             common += 1
         state.crop(common)
         stats.reused_tokens = common
-        if len(prompt) - 1 > common:
-            state.run((mode.depth or self.L) if mode.kind is ModeKind.DEPTH else self.L, prompt[common:-1])
+        rest = prompt[common:-1]
+        stats.prefilled_tokens = len(rest)
+        depth = (mode.depth or self.L) if mode.kind is ModeKind.DEPTH else self.L
+        report = on_prefill if len(rest) > PREFILL_CHUNK else None
+        for done in range(0, len(rest), PREFILL_CHUNK):
+            if report:
+                report(done, len(rest))
+            state.run(depth, rest[done : done + PREFILL_CHUNK])
+        if report:
+            report(len(rest), len(rest))
         if mode.kv == "propagate":
             state.propagate()  # the prompt at a fixed depth, or a backlog left by earlier exact tokens
 
@@ -233,7 +261,7 @@ class ChatSession:
         return Step(token_out, confidence, depth)
 
     def _measure(self, mode: Mode):
-        name = mode.confidence or self.sm.config.confidence
+        name = self.sm.config.confidence
         if name not in self._measures:
             self._measures[name] = make_measure(name, self.sm)
         return self._measures[name]
@@ -281,8 +309,7 @@ class ChatSession:
             self.pacer = Pacer(drafting=(mode.depth, mode.draft_len))  # another draft: measure it afresh
         start = time.perf_counter()
         if budget > 1 and not forcing and (self.pacer.draft_now() or not mode.pace):
-            room = (self.sm.max_positions or NO_LIMIT) - self.state.length - 1
-            steps = self._speculative_round(pending, mode, sampler, min(budget, room), stop_ids, stats)
+            steps = self._speculative_round(pending, mode, sampler, budget, stop_ids, stats)
             self.pacer.record_draft(time.perf_counter() - start, len(steps))
             return steps
         step = self._depth_step(pending, self.L, sampler)

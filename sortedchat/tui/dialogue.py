@@ -1,8 +1,10 @@
 """One conversation with the model, apart from any screen: its messages, the mode, the answer being generated,
 and what the chat store keeps of them.
 
-The chat screen calls it and shows what it returns; tests drive it with no app at all. `send` saves the user's
-message and an empty answer; `stream` generates the answer, saving each token as it comes (one row per token,
+The chat screen calls it and shows what it returns; tests drive it with no app at all. `send` checks that the
+user's message fits in the model's context (`engine/context.py`: the oldest turns drop out of what the model
+sees; a message too long on its own is refused before anything is saved), then saves it and an empty answer;
+`stream` generates the answer, saving each token as it comes (one row per token,
 so a kill loses at most one). The app runs `generate` on a worker thread: it queues the streamed tokens and
 never touches a widget, and `take_tokens` hands the UI thread what arrived since its last call. `finish` saves
 the answer's text and adds it to the messages.
@@ -24,6 +26,8 @@ from sortedchat.tui.storage import ChatStore, StoredChat
 
 if TYPE_CHECKING:
     from sortedchat.engine import ChatSession, GenerationStats, SamplingConfig, TokenEvent
+    from sortedchat.engine.context import ContextFit
+    from sortedchat.engine.events import PrefillProgress
 
 
 @dataclass
@@ -38,13 +42,24 @@ class Answer:
     error: str | None = None
 
 
+def dropped_turns_notice(fit: ContextFit, new_chat_hint: str) -> str:
+    """What the user is told, once per chat, when the first turns drop out of what the model sees."""
+    turns = "turn 1" if fit.dropped_turns == 1 else f"turns 1–{fit.dropped_turns}"
+    return (f"The model no longer sees {turns} of this chat (its context holds {fit.limit} tokens); they stay saved. "
+            f"The oldest turns keep dropping out as the chat goes on; {new_chat_hint}.")
+
+
 class Dialogue:
-    def __init__(self, session: ChatSession, store: ChatStore, model_name: str):
+    def __init__(self, session: ChatSession, store: ChatStore, model_name: str,
+                 new_chat_hint: str = "a new chat starts afresh"):
         self.session, self.store, self.model_name = session, store, model_name
+        self.new_chat_hint = new_chat_hint  # how this front end starts a new chat, for the dropped-turns notice
         self.control = DepthControl.for_model(session.sm, session.mode)
         self.history: list[dict] = []  # the conversation as the engine takes it
         self.chat_id: int | None = None  # None until the first message is saved
         self.answer: Answer | None = None
+        self.fit: ContextFit | None = None  # what the model sees for the running (or last) answer
+        self.prefill: tuple[int, int] | None = None  # how far the running answer's long prompt pass is
         self.generating = False
         self._pending: deque[TokenEvent] = deque()
         self._stop = threading.Event()
@@ -60,31 +75,46 @@ class Dialogue:
         return self.session.last_stats if self.events else None
 
     # -- an answer, from the UI thread's side and the worker's ------------------------------------------
-    def send(self, text: str, system_prompt: str = "") -> str | None:
-        """Save `text` as the next user message and an empty answer after it, ready for `generate`. Returns a
-        warning when the chat is no longer in the store (deleted elsewhere, or its file set aside): then a new
-        chat holds the whole conversation."""
-        if self.chat_id is None and system_prompt:
-            self.history.append({"role": "system", "content": system_prompt})
-        self.history.append({"role": "user", "content": text})
-        label, warning = self.control.label(), None
+    def context(self) -> tuple[float, int] | None:
+        """How full the model's context is (with the last answer, once it has tokens) and how many of the chat's
+        first turns it no longer sees; None before the first message, or for a model that names no limit."""
+        if self.fit is None or not self.fit.limit:
+            return None
+        stats = self.stats
+        return (stats.context_fill if stats else self.fit.fill), self.fit.dropped_turns
+
+    def send(self, text: str, system_prompt: str = "", sampling: SamplingConfig | None = None) -> list[str]:
+        """Save `text` as the next user message and an empty answer after it, ready for `generate` with `sampling`
+        (whose `max_new_tokens` sets the room kept for the answer). A message that cannot fit in the model's
+        context is refused (`ContextFull`) with nothing saved. Returns what the user should be told: that the
+        first turns dropped out of what the model sees (once per chat), and that the chat is no longer in the
+        store (deleted elsewhere, or its file set aside), when a new chat then holds the whole conversation."""
+        system = [{"role": "system", "content": system_prompt}] if self.chat_id is None and system_prompt else []
+        messages = self.history + system + [{"role": "user", "content": text}]
+        self.fit = self.session.fit(messages, sampling)
+        self.history = messages
+        notes = [dropped_turns_notice(self.fit, self.new_chat_hint)] if self.fit.first_drop else []
+        label = self.control.label()
         try:
             self.chat_id, message_id = self.store.start_answer(self.chat_id, self.history, label, self.model_name)
         except SortedChatError as exc:
-            warning = f"{exc}; saving this conversation as a new chat"
+            notes.append(f"{exc}; saving this conversation as a new chat")
             self.chat_id, message_id = self.store.start_answer(None, self.history, label, self.model_name)
         self.answer = Answer(message_id, list(self.history), [label])
         self._pending.clear()
         self._stop.clear()
+        self.prefill = None
         self.generating = True
-        return warning
+        return notes
 
-    def stream(self, sampling: SamplingConfig) -> Iterator[TokenEvent]:
+    def stream(self, sampling: SamplingConfig, on_prefill: PrefillProgress | None = None) -> Iterator[TokenEvent]:
         """Answer the message `send` saved, until the engine stops or `stop()` is called: each token is saved,
-        then yielded. An engine error ends the stream and is kept for `finish`."""
+        then yielded; a long prompt pass reports to `on_prefill` first. An engine error ends the stream and is
+        kept for `finish`."""
         answer = self.answer
         try:
-            for ev in self.session.generate(answer.context, sampling, should_stop=self._stop.is_set):
+            for ev in self.session.generate(answer.context, sampling, should_stop=self._stop.is_set,
+                                            on_prefill=on_prefill):
                 self.store.add_token(answer.message_id, ev.index, ev.token_id, ev.text, ev.exit_layer, ev.confidence)
                 answer.events.append(ev)
                 yield ev
@@ -92,8 +122,13 @@ class Dialogue:
             answer.error = str(exc)
 
     def generate(self, sampling: SamplingConfig) -> None:
-        """A worker thread's part: `stream` into the queue that `take_tokens` empties."""
-        for ev in self.stream(sampling):
+        """A worker thread's part: `stream` into the queue that `take_tokens` empties (and the prompt pass's
+        progress into `prefill`)."""
+
+        def progress(done: int, total: int) -> None:
+            self.prefill = (done, total)
+
+        for ev in self.stream(sampling, progress):
             self._pending.append(ev)
 
     def take_tokens(self) -> list[TokenEvent]:
@@ -138,7 +173,7 @@ class Dialogue:
     def new_chat(self) -> None:
         """Start an empty conversation; the next message is saved as a new chat. Not while an answer is generated:
         the engine's state is reset."""
-        self.history, self.chat_id, self.answer = [], None, None
+        self.history, self.chat_id, self.answer, self.fit = [], None, None, None
         self.session.reset()
 
     def open(self, chat_id: int) -> StoredChat:

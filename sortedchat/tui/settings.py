@@ -60,6 +60,7 @@ class Settings:
     top_k: int = 0
     max_new_tokens: int = 512
     seed: int | None = None
+    repeat_stop: bool = True  # stop an answer that repeats itself (engine/repetition.py)
     theme: str = ""  # the app's colour theme, as last chosen (empty: Textual's default)
     keys: dict[str, str] = field(default_factory=dict)
 
@@ -71,7 +72,7 @@ class Settings:
 
         return SamplingConfig(
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
-            max_new_tokens=self.max_new_tokens,
+            max_new_tokens=self.max_new_tokens, repeat_stop=self.repeat_stop,
         ).validate()
 
 
@@ -85,6 +86,7 @@ LAYOUT = {
         "top_k": "top_k",
         "max_new_tokens": "max_new_tokens",
         "seed": "seed",
+        "repeat_stop": "repeat_stop",
     },
     "ui": {"theme": "theme"},
 }
@@ -127,6 +129,10 @@ def check_value(name: str, value):
         if name == "top_p" and not 0 < value <= 1:
             raise ValueError("must be in (0, 1]")
         return float(value)
+    if name == "repeat_stop":
+        if not isinstance(value, bool):
+            raise ValueError("must be true or false")
+        return value
     if name in ("max_new_tokens", "top_k", "seed"):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError("must be a whole number")

@@ -23,7 +23,7 @@ from sortedchat.tui.dialogue import Dialogue
 from sortedchat.tui.screens.chats import ChatListScreen
 from sortedchat.tui.screens.rename import RenameScreen
 from sortedchat.tui.screens.settings import SettingsScreen
-from sortedchat.tui.settings import KEY_ACTIONS
+from sortedchat.tui.settings import KEY_ACTIONS, settings_path
 from sortedchat.tui.storage import StoredToken
 from sortedchat.tui.widgets.answer import AnswerView, TokenText
 from sortedchat.tui.widgets.conversation import Conversation, Welcome
@@ -87,12 +87,14 @@ class ChatScreen(Screen):
         self.status = StatusBar(id="status")
         self.sparkline = ExitSparkline(sm.num_layers, sm.exits[0], id="sparkline")
         self._gauges_at = 0.0
+        self._reading_shown: tuple[int, int] | None = None  # the prompt pass's progress the status line shows
 
     def compose(self):
         sm = self.dialogue.session.sm
         keys = self.app.settings.keymap()
         self.keys_shown = {action: self.app.get_key_display(Binding(k.split(",")[0], "")) for action, k in keys.items()}
         self.conversation.welcome_keys = self.keys_shown
+        self.dialogue.new_chat_hint = f"{self.keys_shown['new_chat']} starts a new chat"
         with Horizontal(id="topline"):
             yield ExitLegend(sm.exits, sm.num_layers, self.dialogue.control.agreement, id="legend")
             yield self.sparkline
@@ -136,22 +138,28 @@ class ChatScreen(Screen):
         if self.dialogue.generating:
             self.notify("Still answering: Esc stops the answer.", severity="warning")
             return
-        self.prompt.clear()
-        self.send(message.text)
+        if self.send(message.text):
+            self.prompt.clear()
 
-    def send(self, text: str) -> None:
-        """Start answering `text` as the next user message of this chat."""
-        warning = self.dialogue.send(text, self.app.settings.system_prompt)
-        if warning:
-            self.notify(warning, severity="warning", timeout=10)
+    def send(self, text: str) -> bool:
+        """Start answering `text` as the next user message of this chat; False when it was refused (too long for
+        the model's context: the user is told, and nothing was saved)."""
+        try:
+            notes = self.dialogue.send(text, self.app.settings.system_prompt, self.app.settings.sampling())
+        except SortedChatError as exc:
+            self.notify(f"{exc}; nothing was sent", severity="error", timeout=10)
+            return False
+        for note in notes:
+            self.notify(note, severity="warning", timeout=15)
         self.conversation.add_user(text)
         self.prompt.remember(text)
         answer = self.dialogue.answer
-        self.conversation.add_answer(answer.context, answer.modes[0])
+        self.conversation.add_answer(self.dialogue.fit.messages, answer.modes[0])  # the lens shows what the model saw
         self._flush_timer.resume()
         self.show_status()
         self.refresh_bindings()
         self._generate()
+        return True
 
     @work(thread=True, exclusive=True, group="generate")
     def _generate(self) -> None:
@@ -162,6 +170,8 @@ class ChatScreen(Screen):
         """Move the tokens generated since the last flush onto the screen, in one batch."""
         batch = self.dialogue.take_tokens()
         if not batch:
+            if self.dialogue.prefill != self._reading_shown:  # a long prompt pass moved on
+                self.show_status()
             return
         self.conversation.add_tokens(StoredToken(e.token_id, e.text, e.exit_layer, e.confidence) for e in batch)
         self.sparkline.extend((e.exit_layer for e in batch), redraw=False)
@@ -175,14 +185,19 @@ class ChatScreen(Screen):
         self._flush_timer.pause()
         for error in self.dialogue.finish():
             self.notify(error, severity="error", timeout=10)
+        if self.dialogue.stats and self.dialogue.stats.stopped == "repetition":
+            self.notify(f"The answer was stopped: it kept repeating itself. repeat_stop = false under [chat] in "
+                        f"{settings_path()} lets answers run on.", severity="warning", timeout=10)
         self.show_status()
         self.refresh_bindings()
 
     def show_status(self) -> None:
         d = self.dialogue
         self.sparkline.refresh()
+        self._reading_shown = d.prefill
         self.status.show(status_parts(d.model_name, d.control.label(), d.stats, self.show_speed, d.generating,
-                                      d.session.sm.device))
+                                      d.session.sm.device, answer_mode=d.answer.modes[-1] if d.answer else None,
+                                      context=d.context(), reading=d.prefill))
 
     async def _recolour(self, theme) -> None:
         """Exit colours follow the theme: they must stay readable on its background."""
@@ -322,8 +337,9 @@ class ChatScreen(Screen):
             self.notify("Nothing to regenerate yet.")
             return
         await self.conversation.remove_last_turn()
-        self.send(question)
-        if again:
+        if not self.send(question):
+            self.prompt.text = question  # refused (a setting changed since): the question waits in the message box
+        elif again:
             self.notify(again, timeout=10)
 
     def _same_answer_again(self) -> str | None:

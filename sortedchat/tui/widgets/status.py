@@ -19,6 +19,11 @@ if TYPE_CHECKING:
 
 
 OPTIONAL = 5  # parts kept at least this loosely go before any other part is shortened
+STOPPED = {  # why an answer ended, where the user should know: (full, short)
+    "interrupted": ("stopped", "stopped"),
+    "repetition": ("stopped: it repeated itself", "repeating"),
+    "context": ("stopped: the context is full", "context full"),
+}
 
 
 @dataclass
@@ -31,19 +36,46 @@ class Part:
     keep: int
 
 
+def figures_label(mode: str, answer_mode: str | None, generating: bool) -> list[Part]:
+    """"last answer:" before the figures once the mode has changed since the answer they describe (F2, F3...),
+    so that the new mode is not read as theirs."""
+    if generating or answer_mode is None or answer_mode == mode:
+        return []
+    return [Part("last answer:", "last:", 2)]  # as needed as the figures after it, and dropped before them
+
+
+def context_part(context: tuple[float, int] | None) -> list[Part]:
+    """How full the model's context is, and how many of the chat's first turns it no longer sees."""
+    if context is None:
+        return []
+    fill, unseen = context
+    text = f"context {fill:.0%}"
+    if unseen:
+        text += " (turn 1 unseen)" if unseen == 1 else f" (turns 1–{unseen} unseen)"
+    return [Part(text, f"ctx {fill:.0%}", 3)]
+
+
 def status_parts(model: str, mode: str, stats: GenerationStats | None, show_speed: bool = True,
-                 generating: bool = False, device=None) -> list[Part]:
-    """Mode (and its options, such as the KV policy) · tokens/s · tokens · mean exit · drafts accepted and
-    tokens the pacer decoded at full depth (speculative only) · compute saved · model · device (unless CPU)."""
+                 generating: bool = False, device=None, *, answer_mode: str | None = None,
+                 context: tuple[float, int] | None = None, reading: tuple[int, int] | None = None) -> list[Part]:
+    """Mode (and its options, such as the KV policy) · the answer's figures: tokens/s (and the prompt pass's) ·
+    tokens · mean exit · drafts accepted and tokens the pacer decoded at full depth (speculative only) · compute
+    saved · why it stopped · context fill (`context`: its share, and the first turns unseen) · model · device
+    (unless CPU). `answer_mode` is the mode the answer ended in (`figures_label`); `reading` is how far a long
+    prompt pass is, (tokens done, tokens in all), before the first token."""
     kind, *options = mode.split(" · ")
     parts = [Part(kind, kind, 0), *(Part(o, o, 1) for o in options)]
     if stats is None or not stats.tokens:
         state = "generating…" if generating else "ready"
-        parts.append(Part(state, state, 1))
+        if generating and reading:
+            state = f"reading the prompt: {reading[0]:,}/{reading[1]:,} tokens"
+        parts.append(Part(state, state.split(":")[0], 1))
     else:
+        parts += figures_label(mode, answer_mode, generating)
         if show_speed:
             speed = f"{stats.tokens_per_second:.1f} tok/s"
-            parts.append(Part(speed, speed, 2))
+            prompt = f" (prompt {stats.prefill_tokens_per_second:.0f} tok/s)" if stats.prefilled_tokens else ""
+            parts.append(Part(speed + prompt, speed, 2))
         parts.append(Part(f"{stats.tokens} tokens", f"{stats.tokens} tok", 4))
         parts.append(Part(f"mean exit {stats.mean_exit:.1f}/{stats.num_layers}", f"exit {stats.mean_exit:.1f}", 3))
         if stats.acceptance_rate is not None:
@@ -51,10 +83,13 @@ def status_parts(model: str, mode: str, stats: GenerationStats | None, show_spee
             parts.append(Part(f"drafts accepted {accepted}", f"accepted {accepted}", 3))
         if stats.paced:
             parts.append(Part(f"{stats.paced} undrafted", f"{stats.paced} undrafted", 5))
-        saved = f"{stats.compute_saved:.0%}"
+        saved, note = f"{stats.compute_saved:.0%}", stats.compute_note
         parts.append(Part(f"compute saved {saved}", f"saved {saved}", 2))
-        if not generating and stats.stopped == "interrupted":
-            parts.append(Part("stopped", "stopped", 1))
+        if note:  # what the figure means, when it is not what the exits suggest; the first to go when space is short
+            parts.append(Part(f"({note})", "", OPTIONAL))
+        if not generating and stats.stopped in STOPPED:
+            parts.append(Part(*STOPPED[stats.stopped], 1))
+    parts += context_part(context)
     short_model = model.removesuffix(" (default)")
     parts.append(Part(model, short_model, 6))
     if device is not None and str(device) != "cpu":
@@ -63,13 +98,16 @@ def status_parts(model: str, mode: str, stats: GenerationStats | None, show_spee
 
 
 def fit_parts(parts: list[Part], width: int | None = None) -> str:
-    """The parts joined by " · " within `width` cells. While too long: the optional parts (`keep` >= 5, such
+    """The parts joined by " · " within `width` cells (a part ending in ":" is a label, joined to the next by a
+    space; it goes before the parts it labels; a part in brackets explains the one before it). While too long: the optional parts (`keep` >= 5, such
     as the model's name) go, then every part takes its short form, then parts go; the least needed first
     each time. The mode (`keep` 0) always stays."""
     shown = [p.text for p in parts]
 
     def line() -> str:
-        return " · ".join(t for t in shown if t)
+        texts = [t for t in shown if t]
+        return "".join(t if i == 0 else (" " if texts[i - 1].endswith(":") or t.startswith("(") else " · ") + t
+                       for i, t in enumerate(texts))
 
     order = sorted(range(len(parts)), key=lambda i: -parts[i].keep)
     steps = [(i, "") for i in order if parts[i].keep >= OPTIONAL]
@@ -83,8 +121,9 @@ def fit_parts(parts: list[Part], width: int | None = None) -> str:
 
 
 def status_text(model: str, mode: str, stats: GenerationStats | None, show_speed: bool = True,
-                generating: bool = False, device=None, width: int | None = None) -> str:
-    return fit_parts(status_parts(model, mode, stats, show_speed, generating, device), width)
+                generating: bool = False, device=None, width: int | None = None, **figures) -> str:
+    """The status line as text (`figures`: `status_parts`'s keyword-only ones)."""
+    return fit_parts(status_parts(model, mode, stats, show_speed, generating, device, **figures), width)
 
 
 class StatusBar(Static):
