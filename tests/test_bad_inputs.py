@@ -687,9 +687,10 @@ def _(tiny_dir, tmp_path):
 
 @case("21i-an-uncached-hub-id-never-reaches-the-network")
 def _():
-    res = cli("ask", "Hi", "--model", "someone/not-cached", env={"HF_HUB_OFFLINE": ""})
-    assert one_error_line(res) == ("error: --model someone/not-cached: not a local path, and not in the local hub "
-                                   "cache (run `sortedchat pull someone/not-cached` to download it)")
+    for offline in ("", "0"):  # unset in the shell's way, or turned off: only `pull` downloads
+        res = cli("ask", "Hi", "--model", "someone/not-cached", env={"HF_HUB_OFFLINE": offline})
+        assert one_error_line(res) == ("error: --model someone/not-cached: not a local path, and not in the local "
+                                       "hub cache (run `sortedchat pull someone/not-cached` to download it)")
 
 
 @case("21j-the-gguf-conversion-reports-progress-and-prints-no-bar")

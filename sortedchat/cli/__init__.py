@@ -26,7 +26,7 @@ def _quiet_libraries() -> None:
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # whatever the shell says: `pull` alone turns it off, for its download
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
