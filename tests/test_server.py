@@ -260,6 +260,26 @@ def test_requests_at_different_depths_and_prompt_lengths_batch_together(server, 
     assert scheduler.batched_steps - batched >= 3 * 25
 
 
+def test_without_batching_requests_take_single_steps_in_turn(tiny):
+    app = build_app(tiny, "tiny", Mode.fixed(), SamplingConfig(), None, batch=False)
+    scheduler = app.state.scheduler
+    asks = [("Hi", {"mode": "full"}, Mode.fixed()), ("Hello! How are you today?", {"depth": 3}, Mode.fixed(3))]
+    expected = [direct(tiny, mode, [{"role": "user", "content": text}], max_new_tokens=12, stop_at_end_of_turn=False)
+                for text, _, mode in asks]
+    with in_background(app) as url, ThreadPoolExecutor(2) as pool:
+        gate = Gate(tiny, tokens=1)
+        scheduler.submit(gate.job)
+        wait_for(lambda: len(gate.items) == 1, "the gate job holds the engine")
+        futures = [pool.submit(streamed, url, fields | {"ignore_eos": True}, [{"role": "user", "content": text}],
+                               max_tokens=12) for text, fields, _ in asks]
+        wait_for(lambda: scheduler.counts()["active"] == 3, "both requests are in")
+        gate.let(1)
+        for future, want in zip(futures, expected):
+            text, extras, finish, _ = future.result()
+            assert (text, [x["exit_layer"] for x in extras], finish) == want
+    assert scheduler.batched_steps == 0
+
+
 # -- the engine held at a known point ---------------------------------------------------------------------------
 def test_a_client_that_disconnects_frees_its_slot_at_once(server, tiny):
     url, scheduler = server
