@@ -208,3 +208,30 @@ def test_plain_chat_stops_a_looping_answer_and_says_why(looping, tmp_path):
     plain_chat(looping, Mode.fixed(2), SamplingConfig(max_new_tokens=100), console=console,
                read=lambda _: next(lines), store=ChatStore(tmp_path / "chats.sqlite3"))
     assert "stopped: it repeated itself (--no-repeat-stop lets an answer run on)" in console.export_text()
+
+
+def test_the_app_says_why_a_looping_answer_stopped(looping, tmp_path):
+    import asyncio
+
+    from helpers.tui import ask, make_app, status
+
+    app = make_app(looping, tmp_path, max_new_tokens=100, initial_mode=lambda sm: Mode.fixed(2))
+
+    async def run():
+        async with app.run_test(size=(110, 34)) as pilot:
+            await ask(pilot, app)
+            said = [n.message for n in app._notifications]
+            assert any(m.startswith("The answer was stopped: it kept repeating itself. repeat_stop = false under "
+                                    "[chat] in ") for m in said)
+            assert " · stopped: it repeated itself · " in status(app)
+
+    asyncio.run(run())
+
+
+def test_the_dialogue_keeps_how_far_a_long_prompt_pass_went(tiny, tmp_path):
+    d = make_dialogue(tiny, tmp_path)
+    turn(d, LONG * 7, max_new_tokens=2)
+    rest = d.stats.prefilled_tokens
+    assert rest > 256 and d.prefill == (rest, rest)  # what the app's status line showed last
+    turn(d, "Hello", max_new_tokens=2)
+    assert d.prefill is None  # a short pass: nothing to show
