@@ -20,13 +20,14 @@ the K/V stored before it, which is a full prefill's only where no earlier positi
 from __future__ import annotations
 
 import sys
+import weakref
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from sortedchat import SortedChatError
-from sortedchat.engine.layer_call import cache_keyword
+from sortedchat.engine.layer_step import LayerStep, Span, TransformersCall, own_step_matches
 from sortedchat.sorted_model import SortedModel
 
 
@@ -87,16 +88,77 @@ class GrowingLayer(DynamicLayer):
         return self.keys, self.values
 
 
+class RotaryTable:
+    """The rotary embedding's cos/sin for positions 0..n-1, computed once by the model's own rotary module and
+    sliced per call (the module computes each position independently, so a slice holds the same numbers).
+    Rotary variants whose frequencies depend on the sequence length (dynamic, longrope) are computed per call."""
+
+    def __init__(self, sm: SortedModel):
+        self.sm = sm
+        rope = str(getattr(sm.model.model.rotary_emb, "rope_type", "default"))
+        self.fixed = "dynamic" not in rope and "longrope" not in rope
+        self.cos = self.sin = None
+
+    def span(self, like: torch.Tensor, first: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [1, end - first, head_dim] for positions first..end-1, in `like`'s dtype."""
+        if not self.fixed:
+            return self.sm.rotary(like, torch.arange(first, end, device=like.device)[None])
+        if (
+            self.cos is None
+            or end > self.cos.shape[1]
+            or self.cos.dtype != like.dtype
+            or (self.cos.is_inference() and not torch.is_inference_mode_enabled())  # autograd may not save them
+        ):
+            size = max(256, 2 * end)
+            self.cos, self.sin = self.sm.rotary(like, torch.arange(size, device=like.device)[None])
+        return self.cos[:, first:end], self.sin[:, first:end]
+
+
+def causal_mask(start: int, q: int, device: torch.device) -> torch.Tensor | None:
+    """The boolean mask of q positions from `start` over a layer's K/V (None for one position: it sees all)."""
+    if q == 1:
+        return None
+    keys = torch.arange(start + q, device=device)
+    return (keys[None, :] <= (start + torch.arange(q, device=device))[:, None])[None, None]
+
+
+class LayerSteps(list):
+    """Each layer's step: the engine's own `LayerStep`, or the layer called through transformers. `all_own` when
+    none goes through transformers, which alone needs position ids."""
+
+    all_own: bool = False
+
+
+_MATCHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {layer's key: bool}
+
+
+def layer_steps(sm: SortedModel, cache) -> LayerSteps:
+    """The steps of `sm`'s layers on `cache`; whether a layer's own step matches is probed once per model, layer,
+    cache layer kind and the kinds of the layer's modules (an adapter wrapping a projection is probed anew)."""
+    known = _MATCHES.setdefault(sm.model, {})
+    steps = LayerSteps()
+    for i, layer in enumerate(sm.layers):
+        kind = type(cache.layers[i])
+        key = (i, kind, tuple(type(m) for m in layer.modules()))
+        if key not in known:
+            known[key] = own_step_matches(layer, kind, sm.model.config)
+        steps.append(LayerStep(layer) if known[key] else TransformersCall(layer, cache))
+    steps.all_own = all(step.own for step in steps)
+    return steps
+
+
 class LayeredState:
     def __init__(self, sm: SortedModel):
         self.sm = sm
         self.num_layers = sm.num_layers
+        self.rotary = RotaryTable(sm)
         self.reset()
 
     def reset(self) -> None:
         self.cache = DynamicCache(config=self.sm.model.config)
         # Plain full-attention layers grow in place; sliding-window and other kinds keep their own class.
         self.cache.layers = [GrowingLayer() if type(x) is DynamicLayer else x for x in self.cache.layers]
+        self.steps = layer_steps(self.sm, self.cache)
         self.kv_len = [0] * self.num_layers
         self.waiting: list[torch.Tensor | None] = [None] * (self.num_layers + 1)  # [L] stays empty
         self.tokens: list[int] = []  # the token at each position every layer-1 K/V covers
@@ -123,49 +185,42 @@ class LayeredState:
         """Bring layers 1..depth up to date (their backlog plus `new_ids`) and return the output of
         layer `depth` for every position that layer just processed, [1, q, H], or None if it had
         nothing to do. Those outputs wait at layer depth+1 unless depth is the last layer."""
-        sm = self.sm
+        sm, kv_len, waiting = self.sm, self.kv_len, self.waiting
         x = None
         if new_ids:
-            ids = torch.tensor([new_ids], device=sm.device)
-            x = sm.embed(ids)
+            x = sm.embed(torch.tensor([new_ids], device=sm.device))
             self.tokens.extend(new_ids)
             self.filled_by.extend([self.num_layers] * len(new_ids))
-        # Rotary tables once per call, for every position any layer will process.
-        starts = [self.kv_len[i] for i in range(depth) if x is not None or self.waiting[i] is not None]
-        if not starts:
-            return None
-        first, end = min(starts), self.length if x is None else self.kv_len[0] + x.shape[1]
-        positions = torch.arange(first, end, device=sm.device)[None]
-        cos, sin = sm.rotary(self._any_hidden(x), positions)
-        layers, spans = sm.layers, ((None, None),)
+            first = kv_len[depth - 1]  # kv_len never grows with depth: the deepest layer starts first
+            end = kv_len[0] + x.shape[1]
+        else:
+            busy = [i for i in range(depth) if waiting[i] is not None]
+            if not busy:
+                return None
+            first, end = kv_len[busy[-1]], self.length
+        # Rotary tables, positions and masks once per call, sliced per layer: the common case (no backlog) slices
+        # them once for every layer.
+        cos, sin = self.rotary.span(self._any_hidden(x), first, end)
+        positions = torch.arange(first, end, device=sm.device)[None] if not self.steps.all_own else None
+        layers, steps, cache_layers = sm.layers, self.steps, self.cache.layers
+        span_key, span = None, None
         for i in range(depth):
-            backlog = self.waiting[i]
+            backlog = waiting[i]
             if backlog is None and x is None:
                 continue
             inp = x if backlog is None else backlog if x is None else torch.cat([backlog, x], dim=1)
-            start = self.kv_len[i]
-            q = inp.shape[1]
-            lo = start - first
-            mask = None
-            if q > 1:
-                keys = torch.arange(start + q, device=sm.device)
-                mask = (keys[None, :] <= (start + torch.arange(q, device=sm.device))[:, None])[None, None]
-            if (lo, q) != spans[0]:  # the slices of the last layer still fit in the common case: no backlog
-                spans = ((lo, q), positions[:, lo : lo + q], (cos[:, lo : lo + q], sin[:, lo : lo + q]))
-            x = layers[i](
-                inp,
-                attention_mask=mask,
-                position_ids=spans[1],
-                use_cache=True,
-                position_embeddings=spans[2],
-                **{cache_keyword(type(layers[i])): self.cache},  # the name depends on the transformers version
-            )
-            self.kv_len[i] = start + q
-            self.waiting[i] = None
+            start, q = kv_len[i], inp.shape[1]
+            if (start, q) != span_key:
+                span_key, lo = (start, q), start - first
+                span = Span(None if positions is None else positions[:, lo : lo + q], cos[:, lo : lo + q],
+                            sin[:, lo : lo + q], causal_mask(start, q, sm.device))
+            x = steps[i](inp, span, cache_layers[i])
+            kv_len[i] = start + q
+            waiting[i] = None
             self.layer_evals += q
         if depth < self.num_layers and x is not None:
-            w = self.waiting[depth]
-            self.waiting[depth] = x if w is None else torch.cat([w, x], dim=1)
+            w = waiting[depth]
+            waiting[depth] = x if w is None else torch.cat([w, x], dim=1)
         return x
 
     def propagate(self) -> int:
@@ -176,8 +231,7 @@ class LayeredState:
         if not starts:
             return 0
         first = min(starts)
-        positions = torch.arange(first, self.length, device=self.sm.device)[None]
-        cos, sin = self.sm.rotary(self._any_hidden(None), positions)
+        cos, sin = self.rotary.span(self._any_hidden(None), first, self.length)
         carry, fills = None, 0
         for i in range(1, L):
             w = self.waiting[i]
@@ -204,7 +258,7 @@ class LayeredState:
         p = self.length - 1
         if p < 0 or self.kv_len[-1] != self.length:
             raise SortedChatError("refill needs the last position in every layer")
-        position_embeddings = self.sm.rotary(hidden, torch.tensor([[p]], device=self.sm.device))
+        position_embeddings = self.rotary.span(hidden, p, p + 1)
         for i in range(exit_layer, self.num_layers):
             keys, values = kv_projection(self.sm.layers[i], hidden, position_embeddings)
             self.cache.layers[i].crop(-1)
