@@ -27,6 +27,8 @@ judged by a second propagated run over the report part with the final thresholds
 
 from __future__ import annotations
 
+import copy
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -36,9 +38,13 @@ from sortedchat import SortedChatError
 from sortedchat.bench.costs import Costs, measure_costs
 from sortedchat.config import CONFIG_NAME, SortedConfig
 from sortedchat.engine.confidence import MEASURES, Candidates, ExitView, Measure, previous_top
+from sortedchat.engine.session import encode_chat
+from sortedchat.engine.state import LayeredState
+from sortedchat.outputs import check_output_dir
+from sortedchat.outputs import write_or_rescue as rescued
 from sortedchat.progress import Progress, quiet
 from sortedchat.sorted_model import SortedModel
-from sortedchat.training.data import last_records
+from sortedchat.training.data import last_records, load_records
 
 MAX_ANSWER_TOKENS = 256
 SPLITS = ("fit", "select", "report")  # example i goes to SPLITS[SPLIT_OF[i % 4]]
@@ -78,9 +84,6 @@ def _documents(sm: SortedModel, spec: str, max_examples: int, holdout: int) -> t
 
 
 def _answers(sm: SortedModel, spec: str, max_examples: int, holdout: int) -> tuple[list[tuple[list[int], int]], dict]:
-    from sortedchat.engine.session import encode_chat
-    from sortedchat.training.data import load_records
-
     tok, out = sm.tokenizer, []
     records = load_records(spec, flag="--data")
     for ex in last_records(records.examples, holdout, max_examples, spec):
@@ -184,8 +187,6 @@ def observe_propagated(sm: SortedModel, sequences: list[tuple[list[int], int]], 
     where `thresholds` (on `measure`'s recorded confidence, as `simulate` applies them) made them leave; teacher
     forced, agreement with the exact full model's greedy token. Only the examples of `parts` run; the records
     kept are those of `kinds` (default: every registered measure), `measure`'s among them."""
-    from sortedchat.engine.state import LayeredState
-
     exits, L, state, runs = checked_exits(sm), sm.num_layers, LayeredState(sm), []
     kinds = list(dict.fromkeys([type(measure), *(kinds or MEASURES.values())]))
     chosen = [(n, x) for n, x in enumerate(sequences) if SPLITS[SPLIT_OF[n % len(SPLIT_OF)]] in parts]
@@ -418,8 +419,6 @@ def propagated_plan(sm: SortedModel, sequences: list[tuple[list[int], int]], sta
 
 def checkpoint_dir(sm: SortedModel) -> Path:
     """Where calibration writes: the model's own directory (the cached copy for the default model)."""
-    from sortedchat.outputs import check_output_dir
-
     directory = Path(sm.weights_path)
     if not directory.is_dir():
         raise SortedChatError(
@@ -461,11 +460,6 @@ def write(sm: SortedModel, result: Calibration, target: float) -> list[Path]:
 def write_or_rescue(sm: SortedModel, result: Calibration, target: float) -> list[Path]:
     """`write`; should the model's directory refuse the files at the end (a full disk, a mount gone read-only),
     they go into the user data dir, beside a copy of its `sortedchat.json`, and the error says where."""
-    import copy
-    import shutil
-
-    from sortedchat.outputs import write_or_rescue as rescued
-
     directory = Path(sm.weights_path)
 
     def write_into(folder: Path) -> list[Path]:

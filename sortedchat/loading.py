@@ -8,15 +8,20 @@ Safe by default: safetensors only unless `--allow-pickle`, no remote code unless
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from sortedchat import SortedChatError
 from sortedchat.config import CONFIG_NAME, SortedConfig, default_exits, validate_exits
+from sortedchat.convert import convert_gguf, incomplete
+from sortedchat.default_model import BASE_DIRNAME, base_model_dir, default_model_dir, prepared_default_dir
 from sortedchat.paths import cache_dir
 from sortedchat.progress import Progress, quiet
 from sortedchat.sorted_model import ExitHeads, ExitLenses, SortedModel
@@ -167,7 +172,6 @@ def _load_exit_parts(directory: Path, name: str | None, what: str, build, device
     keys name (`heads.21.weight`, `lenses.21.bias`, ...); None when the checkpoint has none."""
     if not name:
         return None
-    from safetensors.torch import load_file
 
     path = directory / name
     try:
@@ -213,8 +217,6 @@ def _load_base(base: str, opts: LoadOptions, device, dtype, progress: Progress):
 
 def _resolve_base(base: str, progress: Progress) -> str:
     if base == DEFAULT_BASE:
-        from sortedchat.default_model import base_model_dir
-
         return str(base_model_dir(progress))
     if not Path(base).expanduser().exists():
         _check_hub_cache(base)
@@ -243,8 +245,6 @@ def load_sorted_model(spec: str | None = None, opts: LoadOptions | None = None, 
 def _locate(spec: str | None, progress: Progress) -> Path | None:
     """The directory `spec` names (a GGUF converts into the cache here, once); None for a hub id."""
     if spec is None:
-        from sortedchat.default_model import default_model_dir
-
         return default_model_dir(progress)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
@@ -261,7 +261,6 @@ def _locate(spec: str | None, progress: Progress) -> Path | None:
 def _converted_gguf(spec: str, path: Path, progress: Progress) -> Path:
     if not path.is_file():
         raise SortedChatError(f"--model {spec}: no such file")
-    from sortedchat.convert import convert_gguf, incomplete
 
     directory = gguf_cache_dir(path)
     if incomplete(directory) is not None:
@@ -304,8 +303,6 @@ def _load_exit_modules(directory: Path, cfg: SortedConfig, model, device, dtype)
 
 def _load_adapter(directory: Path, cfg: SortedConfig, opts: LoadOptions, device, dtype, progress: Progress):
     """Base model (from `sortedchat.json` or the adapter's own config) + PEFT adapter."""
-    import json
-
     from peft import PeftModel
 
     try:
@@ -356,7 +353,6 @@ def read_model_facts(spec: str | None, opts: LoadOptions) -> ModelFacts | None:
     if directory is None:
         return None
     cfg = SortedConfig.read(directory) if (directory / CONFIG_NAME).is_file() else SortedConfig()
-    import json
 
     try:
         weights = _weights_directory(directory, cfg)
@@ -382,11 +378,7 @@ def read_model_facts(spec: str | None, opts: LoadOptions) -> ModelFacts | None:
 
 def _prepared_directory(spec: str | None) -> Path | None:
     """The directory `_locate` would give, when it needs no conversion first."""
-    from sortedchat.convert import incomplete
-
     if spec is None:
-        from sortedchat.default_model import prepared_default_dir
-
         return prepared_default_dir()
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
@@ -396,17 +388,12 @@ def _prepared_directory(spec: str | None) -> Path | None:
 
 def _weights_directory(directory: Path, cfg: SortedConfig) -> Path | None:
     """Where the model's own weights and config.json are: the directory, or the local base it names."""
-    import json
-
     if (directory / "config.json").is_file():
         return directory
     base = cfg.base_model
     if (directory / "adapter_config.json").is_file():
         base = base or json.loads((directory / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if base == DEFAULT_BASE:
-        from sortedchat.convert import incomplete
-        from sortedchat.default_model import BASE_DIRNAME
-
         base_dir = cache_dir() / "models" / BASE_DIRNAME
         return base_dir if incomplete(base_dir) is None else None
     return Path(base) if base and Path(base).is_dir() else None
@@ -415,10 +402,6 @@ def _weights_directory(directory: Path, cfg: SortedConfig) -> Path | None:
 def _stored_parameters(weights: Path) -> int | None:
     """The number of weights the safetensors files hold, from their headers (tied weights are stored once, as
     the loaded model counts them)."""
-    import json
-
-    from safetensors import safe_open
-
     index = weights / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
         else ["model.safetensors"] if (weights / "model.safetensors").is_file() else []
@@ -436,7 +419,6 @@ def _lens_exits(directory: Path, cfg: SortedConfig) -> list[int] | None:
     """The exits the checkpoint's lenses are for, from their file's keys (`lenses.21.weight`)."""
     if not cfg.exit_lenses:
         return None
-    from safetensors import safe_open
 
     with safe_open(str(directory / cfg.exit_lenses), framework="pt") as f:
         return sorted({int(k.split(".")[1]) for k in f.keys()})

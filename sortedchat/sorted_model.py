@@ -9,6 +9,7 @@ checkpoint has them.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,6 @@ class ExitHeads(nn.Module):
 
     def __init__(self, exits: list[int], hidden_size: int, vocab_size: int, norm_template: nn.Module):
         super().__init__()
-        import copy
 
         self.norms = nn.ModuleDict({str(e): copy.deepcopy(norm_template) for e in exits})
         self.heads = nn.ModuleDict({str(e): nn.Linear(hidden_size, vocab_size, bias=False) for e in exits})

@@ -103,6 +103,16 @@ def isolated_dirs(tmp_path, monkeypatch):
         monkeypatch.setenv("SORTEDCHAT_CACHE_DIR", str(tmp_path / "cache"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For a module that trains or evaluates (`pytestmark = pytest.mark.usefixtures("one_thread")`): the tiny
+    model gains nothing from threads, and on shared cores a second thread only spins."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def alpaca_file(tmp_path):
     path = tmp_path / "alpaca.json"

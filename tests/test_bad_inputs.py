@@ -90,7 +90,7 @@ def store_with_chats(path: Path, chats: int = 30) -> None:
     store = ChatStore(path)
     for i in range(chats):
         chat = store.new_chat(f"chat {i}", "tiny")
-        store.add_message(chat, "user", "words " * 200)
+        store.start_answer(chat, [{"role": "user", "content": "words " * 200}], "", "tiny")
     store.close()
 
 

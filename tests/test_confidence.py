@@ -54,17 +54,19 @@ def test_measure_values_lie_in_unit_interval(calibrated, name):
 
 
 @pytest.mark.parametrize("name", sorted(c.MEASURES))
-def test_auto_at_threshold_one_equals_full_depth_without_checks(calibrated, name):
+def test_auto_at_threshold_one_equals_full_depth_without_checks(calibrated, name, monkeypatch):
     full, _, _ = tokens(calibrated, Mode.fixed())
-    got, exits, stats = tokens(calibrated, Mode.auto(threshold=1.0, confidence=name))
+    monkeypatch.setattr(calibrated.config, "confidence", name)  # the measure sortedchat.json names
+    got, exits, stats = tokens(calibrated, Mode.auto(threshold=1.0))
     assert got == full and set(exits) == {6}
     assert stats.checks == 0  # an exit that cannot pass is not checked
 
 
 @pytest.mark.parametrize("name", sorted(c.MEASURES))
-def test_auto_at_threshold_zero_equals_first_exit(calibrated, name):
+def test_auto_at_threshold_zero_equals_first_exit(calibrated, name, monkeypatch):
     first, _, _ = tokens(calibrated, Mode.fixed(2))
-    got, exits, stats = tokens(calibrated, Mode.auto(threshold=0.0, confidence=name))
+    monkeypatch.setattr(calibrated.config, "confidence", name)  # the measure sortedchat.json names
+    got, exits, stats = tokens(calibrated, Mode.auto(threshold=0.0))
     assert got == first and set(exits) == {2}
     assert stats.checks == len(got) and stats.check_seconds > 0
 
@@ -159,7 +161,8 @@ def test_auto_mode_checks_the_confidences_calibrate_computes(calibrated, monkeyp
         return conf, logits
 
     monkeypatch.setattr(c.MEASURES[name], "__call__", recorded)
-    session = ChatSession(sm, Mode.auto(threshold=1.0 - 1e-9, confidence=name))  # checked everywhere, never passes
+    monkeypatch.setattr(sm.config, "confidence", name)  # the measure sortedchat.json names
+    session = ChatSession(sm, Mode.auto(threshold=1.0 - 1e-9))  # checked everywhere, never passes
     events = list(session.generate_ids(prompt, SamplingConfig(), forced=answer))
     assert [e.exit_layer for e in events] == [6] * len(answer)
     assert [e for _, e, _ in seen] == [2, 4] * len(answer)

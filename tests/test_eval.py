@@ -7,7 +7,6 @@ import math
 import os
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from sortedchat.cli import app
@@ -15,13 +14,7 @@ from sortedchat.cli import app
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny model gains nothing from threads, and on shared cores a second thread only spins."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def train_tiny(tiny_dir, data, out, **kw):
@@ -60,7 +53,8 @@ def test_exact_match_against_aliases():
 
 
 def test_eval_compares_models_per_exit_and_writes_json_and_plot(tiny_dir, tmp_path):
-    records = [{"instruction": "What is the capital of France?", "input": "", "output": "Paris is the capital of France."},
+    records = [{"instruction": "What is the capital of France?", "input": "",
+                "output": "Paris is the capital of France."},
                {"instruction": "Hello!", "input": "", "output": "How are you today? I am fine, thank you."}] * 6
     data = tmp_path / "data.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in records) + "\n")

@@ -21,8 +21,8 @@ from sortedchat.tui.storage import ChatStore
 def test_tokens_are_committed_as_they_come_and_an_unfinished_answer_is_rebuilt(tmp_path):
     store = ChatStore(tmp_path / "chats.sqlite3")
     chat = store.new_chat("Capital?", "tiny")
-    store.add_message(chat, "user", "What is the capital of France?")
-    answer = store.add_message(chat, "assistant", None, "Depth 4/6")
+    _, answer = store.start_answer(chat, [{"role": "user", "content": "What is the capital of France?"}], "Depth 4/6",
+                                   "tiny")
     for i, (piece, layer) in enumerate([("Par", 2), ("is", 4), (".", 6)]):
         store.add_token(answer, i, 100 + i, piece, layer, 0.5)
     # a second connection sees every token without any close or finish: nothing waits in memory
@@ -55,8 +55,7 @@ def test_a_history_file_deleted_mid_answer_is_started_again_with_the_open_chat_i
     store = ChatStore(path)
     other = store.new_chat("other", "tiny")
     chat = store.new_chat("Hi", "tiny")
-    store.add_message(chat, "user", "Hi")
-    answer = store.add_message(chat, "assistant", None)
+    _, answer = store.start_answer(chat, [{"role": "user", "content": "Hi"}], "", "tiny")
     store.add_token(answer, 0, 10, "Hel", 6, 0.9)
     for part in tmp_path.glob("chats.sqlite3*"):  # `rm chats.sqlite3*` while the app runs
         part.unlink()
@@ -70,8 +69,8 @@ def test_a_history_file_deleted_mid_answer_is_started_again_with_the_open_chat_i
     loaded = fresh.load(chat)
     assert loaded.conversation() == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     assert [(t.text, t.exit_layer) for t in loaded.messages[1].tokens] == [("Hel", 6), ("lo", 4)]
-    store.add_message(chat, "user", "More")  # the chat goes on in the new file
-    assert [m.content for m in ChatStore(path).load(chat).messages] == ["Hi", "Hello", "More"]
+    store.start_answer(chat, [{"role": "user", "content": "More"}], "", "tiny")  # the chat goes on in the new file
+    assert [m.content for m in ChatStore(path).load(chat).messages] == ["Hi", "Hello", "More", ""]
     path.unlink()
     with pytest.raises(HistoryGone, match="was deleted while the app was open; a new chat history starts there$"):
         store.chats()
@@ -85,7 +84,7 @@ def test_a_killed_app_loses_at_most_the_token_in_progress(tmp_path):
         "import os, sys\n"
         "from sortedchat.tui.storage import ChatStore\n"
         f"s = ChatStore(__import__('pathlib').Path({str(db)!r}))\n"
-        "c = s.new_chat('t', 'm'); s.add_message(c, 'user', 'hi'); a = s.add_message(c, 'assistant', None)\n"
+        "c = s.new_chat('t', 'm'); _, a = s.start_answer(c, [{'role': 'user', 'content': 'hi'}], '', 'm')\n"
         "for i in range(7): s.add_token(a, i, i, f'w{i} ', 6, 0.9)\n"
         "os.kill(os.getpid(), 9)\n"
     )

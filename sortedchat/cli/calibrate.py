@@ -30,7 +30,6 @@ def calibrate(
                                     "(agreement measured under propagation, token by token: slower)")] = "exact",
     holdout: o.HoldoutOpt = 0,
     limit: o.LimitOpt = 300,
-    max_examples: Annotated[Optional[int], typer.Option("--max-examples", hidden=True, help="Old name of --limit")] = None,
     threads: o.ThreadsOpt = None,
     load: o.PreciseLoadFlags,
 ) -> None:
@@ -38,7 +37,6 @@ def calibrate(
     into the model's sortedchat.json."""
     from sortedchat import calibrate as cal
 
-    limit = limit if max_examples is None else max_examples
     cal.check_options(target_agreement, measure, limit, kv)
     o.set_threads(threads)
     check_before_loading(model, load)

@@ -1,7 +1,7 @@
 """The decoding engine: one layered KV state, three modes (fixed depth, auto exit, self-speculative).
 
 The names load on first use (PEP 562), so a front end can import `sortedchat.engine.modes` (the `Mode` and
-`ModeKind` its options build) without loading torch, which the session needs.
+`ModeKind` its options build, and `SamplingConfig`) without loading torch, which the session needs.
 """
 
 from importlib import import_module
@@ -11,7 +11,7 @@ _HOME = {
     "GenerationStats": "events",
     "Mode": "modes",
     "ModeKind": "modes",
-    "SamplingConfig": "sampling",
+    "SamplingConfig": "sampling_config",
     "TokenEvent": "events",
 }
 __all__ = sorted(_HOME)

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sortedchat import SortedChatError
@@ -270,8 +271,6 @@ class ExitClassifier(nn.Module):
 
     def save(self, directory: str | Path) -> Path:
         """Write atomically (`config.atomic_write`)."""
-        from safetensors.torch import save_file
-
         state = {k: v.contiguous().cpu() for k, v in self.state_dict().items()}
         return atomic_write(Path(directory) / CLASSIFIER_NAME, lambda tmp: save_file(state, str(tmp)))
 
@@ -299,8 +298,6 @@ class ExitClassifier(nn.Module):
 
     @classmethod
     def load(cls, path: Path, hidden_size: int) -> "ExitClassifier":
-        from safetensors.torch import load_file
-
         try:
             state = load_file(str(path))
         except Exception as exc:

@@ -50,7 +50,6 @@ class Mode:
     shift: float = 0.0
     draft_len: int = 4
     draft_stop: float = 0.0
-    confidence: str | None = None
     pace: bool = True
     kv: str = "exact"
 
@@ -66,9 +65,8 @@ class Mode:
         return cls(ModeKind.DEPTH, depth, kv=kv)
 
     @classmethod
-    def auto(cls, threshold: float | None = None, confidence: str | None = None, shift: float = 0.0,
-             kv: str = "exact") -> "Mode":
-        return cls(ModeKind.AUTO, None, threshold, shift=shift, confidence=confidence, kv=kv)
+    def auto(cls, threshold: float | None = None, shift: float = 0.0, kv: str = "exact") -> "Mode":
+        return cls(ModeKind.AUTO, None, threshold, shift=shift, kv=kv)
 
     @classmethod
     def speculative(cls, depth: int, draft_len: int = 4, draft_stop: float = 0.0, pace: bool = True) -> "Mode":

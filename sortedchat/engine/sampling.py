@@ -7,9 +7,6 @@ which is why `distribution` is separate from `pick`.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 from transformers.generation.logits_process import (
     LogitsProcessorList,
@@ -18,38 +15,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from sortedchat import SortedChatError
-
-
-@dataclass
-class SamplingConfig:
-    """How tokens are chosen, and how long an answer may run. With `stop_at_end_of_turn` False an answer goes
-    on past the model's end-of-turn tokens (they are then ordinary tokens, text included) to exactly
-    `max_new_tokens`: the bench's protocol, so that every mode does the same work. `repeat_stop` ends an answer
-    that loops (`engine/repetition.py`); an answer that must run to `max_new_tokens` never stops for that."""
-
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    max_new_tokens: int = 256
-    stop_at_end_of_turn: bool = True
-    repeat_stop: bool = True
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
-
-    def validate(self) -> "SamplingConfig":
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise SortedChatError(f"--temperature must be a finite number >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise SortedChatError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise SortedChatError(f"--top-k must be >= 0, got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise SortedChatError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        return self
+from sortedchat.engine.sampling_config import SamplingConfig
 
 
 class Sampler:

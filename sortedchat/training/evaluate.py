@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from sortedchat import SortedChatError
+from sortedchat.engine import ChatSession, Mode, SamplingConfig
 from sortedchat.training.data import RecordSet
 from sortedchat.training.objectives import CHUNK_ELEMENTS, decoder_of
 from sortedchat.training.templates import IGNORE, collate, encode_all, prompt_ids
@@ -84,8 +85,6 @@ def score_exits(sm, encoded, exits: list[int], batch_size: int = 8, tick: Tick |
 def qa_exact_match(sm, examples, exits: list[int], template: str, max_new_tokens: int = 24,
                    tick: Tick | None = None) -> tuple[dict[int, float], list[dict]]:
     """Closed-book exact match per exit (greedy, fixed depth) and every prediction made."""
-    from sortedchat.engine import ChatSession, Mode, SamplingConfig
-
     sampling = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
     hits = {e: 0 for e in exits}
     predictions = [{"question": ex.messages[0]["content"], "aliases": ex.aliases, "answers": {}} for ex in examples]

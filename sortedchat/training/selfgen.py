@@ -24,6 +24,9 @@ from pathlib import Path
 import torch
 
 from sortedchat import SortedChatError
+from sortedchat.config import atomic_write_text
+from sortedchat.loading import LoadOptions, load_sorted_model
+from sortedchat.outputs import check_output_file
 
 PASSAGE_TASKS = (
     "Summarize the following passage in two or three sentences.",
@@ -103,8 +106,6 @@ def training_corpus(alpaca: Path, questions: Path | None, passages: Path | None,
     """One chat JSONL for `sortedchat train`: the Alpaca records but the last `holdout`, closed-book
     questions with their answers, passage continuations and the model's own replies (if any were made).
     Written atomically, ASCII-escaped (one record per line whatever the text holds). Returns counts."""
-    from sortedchat.config import atomic_write_text
-
     records = json.loads(alpaca.read_text(encoding="utf-8"))
     rows = []
     for i, r in enumerate(records[: len(records) - holdout]):
@@ -206,8 +207,6 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
 
 def _check_paths(args: argparse.Namespace) -> None:
     """The inputs exist and the outputs can be written, before anything long starts."""
-    from sortedchat.outputs import check_output_file
-
     for flag, path in (("--alpaca", args.alpaca), ("--questions", args.questions), ("--passages", args.passages)):
         if path is not None and not path.is_file():
             raise SortedChatError(f"{flag} {path}: no such file")
@@ -235,8 +234,6 @@ def _write_corpus(args: argparse.Namespace) -> None:
     counts = training_corpus(args.alpaca, args.questions, args.passages, args.out, args.alpaca_holdout, args.corpus)
     print(f"{args.corpus}: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
     if args.heldout:
-        from sortedchat.config import atomic_write_text
-
         records = json.loads(args.alpaca.read_text(encoding="utf-8"))[-args.alpaca_holdout:]
         atomic_write_text(args.heldout, json.dumps(records, indent=1) + "\n")
 
@@ -246,7 +243,6 @@ def _generate_replies(args: argparse.Namespace) -> None:
                                                       (args.questions, args.questions_limit),
                                                       (args.passages, args.passage_limit))):
         return  # every source capped at 0: no model to load
-    from sortedchat.loading import LoadOptions, load_sorted_model
 
     sm = load_sorted_model(args.model, LoadOptions(device="cpu", dtype="float32"))
     model, tokenizer = sm.model, sm.tokenizer

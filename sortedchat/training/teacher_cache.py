@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from sortedchat.config import atomic_write
 from sortedchat.paths import cache_dir
@@ -96,16 +97,12 @@ def compute_top_k(model, encoded: list[Encoded], k: int, device: torch.device, m
 
 def save(path: Path, top: TeacherTopK) -> None:
     """One safetensors file: concatenated rows plus per-record lengths; written atomically."""
-    from safetensors.torch import save_file
-
     lengths = torch.tensor([t.shape[0] for t in top.ids], dtype=torch.int64)
     state = {"ids": torch.cat(top.ids), "logp": torch.cat(top.logp), "lengths": lengths}
     atomic_write(path, lambda tmp: save_file(state, str(tmp)))
 
 
 def load(path: Path) -> TeacherTopK:
-    from safetensors.torch import load_file
-
     data = load_file(str(path))
     lengths = data["lengths"].tolist()
     return TeacherTopK(list(data["ids"].split(lengths)), list(data["logp"].split(lengths)))

@@ -20,6 +20,7 @@ import copy
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -31,7 +32,11 @@ import torch
 from rich.console import Console
 
 from sortedchat import SortedChatError
-from sortedchat.config import SortedConfig, validate_exits
+from sortedchat.config import SortedConfig, atomic_write_text, validate_exits
+from sortedchat.default_model import SHIPPED_ADAPTER, base_model_dir
+from sortedchat.loading import LoadOptions, load_exit_lenses, load_sorted_model
+from sortedchat.outputs import write_error
+from sortedchat.sorted_model import ExitHeads, ExitLenses
 from sortedchat.training import checkpoints as ckpt
 from sortedchat.training.data import RecordSet, load_records
 from sortedchat.training.export import base_model_name, export_model
@@ -39,8 +44,15 @@ from sortedchat.training.methods import METHODS, OBJECTIVES, ExitPart, trains_le
 from sortedchat.training.objectives import SortedObjective, decoder_of, lm_head_of
 from sortedchat.training.progress import TrainProgress, format_exit_losses
 from sortedchat.training.recipe import TrainOptions
-from sortedchat.training.templates import (collate_rows, encode_all, micro_batches, packed_micro_batches, step_indices,
-                                           steps_per_epoch)
+from sortedchat.training.teacher_cache import model_identity, teacher_top_k
+from sortedchat.training.templates import (
+    collate_rows,
+    encode_all,
+    micro_batches,
+    packed_micro_batches,
+    step_indices,
+    steps_per_epoch,
+)
 
 # bitsandbytes (imported by peft) warns at import about an optional CPU kernel package we do not use.
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -61,8 +73,6 @@ class TrainResult:
 
 def make_accelerator(o: TrainOptions):
     """An Accelerator for this run. Several runs in one process (tests, benchmarks) each get a fresh state."""
-    import os
-
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DistributedDataParallelKwargs
@@ -140,14 +150,10 @@ class Trainer:
         return train, (load_records(o.eval_data, o.skip_bad, "--eval-data") if o.eval_data else None)
 
     def _load_model(self) -> None:
-        from sortedchat.loading import LoadOptions, load_sorted_model
-
         o = self.opts
         quantized = o.load_in_4bit or o.load_in_8bit
         spec = o.model
         if spec == "default":
-            from sortedchat.default_model import base_model_dir
-
             spec = str(base_model_dir())
         if o.lora and not o.merge and (Path(spec).expanduser() / "adapter_config.json").is_file():
             raise SortedChatError(f"--model {o.model}: is itself an adapter; a new --lora adapter needs a plain base "
@@ -181,8 +187,6 @@ class Trainer:
             raise SortedChatError("--exits-per-step 1 would train the last exit only (that is --method sft); use 2 or more")
 
     def _build_objective(self) -> None:
-        from sortedchat.sorted_model import ExitLenses
-
         o, method, model = self.opts, self.method, self.sm.model
         model.config.use_cache = False
         teacher, heads, lenses = None, None, None
@@ -206,8 +210,6 @@ class Trainer:
     def _start_lenses_from(self, lenses, source: str, hidden_size: int) -> None:
         """--init-lenses: a trained model's lenses at the exits both have; an exit it has no lens for starts
         as the identity, and a lens at an exit this run does not train is an error (it would be dropped)."""
-        from sortedchat.loading import load_exit_lenses
-
         trained = load_exit_lenses(source, hidden_size)
         extra = [e for e in trained.exits if not lenses.has(e)]
         if extra:
@@ -220,8 +222,6 @@ class Trainer:
 
     def _new_exit_heads(self, model):
         """ICT: one head per trained exit, each starting as a copy of the shared LM head (float32)."""
-        from sortedchat.sorted_model import ExitHeads
-
         cfg = model.config
         heads = ExitHeads(self.loss_exits, cfg.hidden_size, cfg.vocab_size, decoder_of(model).norm)
         with torch.no_grad():
@@ -270,8 +270,6 @@ class Trainer:
         run records; its own target modules are kept."""
         from peft import PeftConfig, get_peft_model
         from peft.utils import load_peft_weights, set_peft_model_state_dict
-
-        from sortedchat.default_model import SHIPPED_ADAPTER
 
         o = self.opts
         directory = SHIPPED_ADAPTER if source == "default" else Path(source).expanduser()
@@ -323,7 +321,6 @@ class Trainer:
         # A trained decoder needs the teacher's top-K cached (else a teacher pass every step); a frozen one
         # (--method lens) is its own teacher: each step's forward yields the top-K at no extra pass.
         if o.kd_top_k and self.method.trains_decoder:  # the base's full depth: a fresh LoRA's B = 0, a continued one is off
-            from sortedchat.training.teacher_cache import model_identity, teacher_top_k
 
             identity = model_identity(self.sm.weights_path) if Path(self.sm.weights_path).is_dir() else self.sm.weights_path
             model = self.objective.model
@@ -534,8 +531,6 @@ class Trainer:
         if self.main:  # forget metrics logged after the checkpoint: those steps run again
             metrics = self.out / METRICS_NAME
             if metrics.is_file():
-                from sortedchat.config import atomic_write_text
-
                 kept = [ln for ln in metrics.read_text(encoding="utf-8").splitlines()
                         if ln.strip() and json.loads(ln).get("step", 0) <= state["step"]]
                 atomic_write_text(metrics, "".join(ln + "\n" for ln in kept))
@@ -648,8 +643,6 @@ class Trainer:
     def export(self, step: int, metrics: dict) -> str | None:
         """Write the model into OUT; why it could not be written (a full disk), None once it is there."""
         from accelerate.utils import DistributedType
-
-        from sortedchat.outputs import write_error
 
         o, acc = self.opts, self.acc
         acc.wait_for_everyone()

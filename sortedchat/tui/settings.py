@@ -16,6 +16,7 @@ import tomli_w
 
 from sortedchat import SortedChatError
 from sortedchat.config import atomic_write_text
+from sortedchat.engine.sampling_config import RANGES, SamplingConfig, range_problem
 from sortedchat.paths import config_dir
 
 SETTINGS_NAME = "config.toml"
@@ -67,9 +68,7 @@ class Settings:
     def keymap(self) -> dict[str, str]:
         return {action: self.keys.get(action, default) for action, (default, _) in KEY_ACTIONS.items()}
 
-    def sampling(self):
-        from sortedchat.engine import SamplingConfig
-
+    def sampling(self) -> SamplingConfig:
         return SamplingConfig(
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed,
             max_new_tokens=self.max_new_tokens, repeat_stop=self.repeat_stop,
@@ -124,10 +123,8 @@ def check_value(name: str, value):
             raise ValueError("must be a number")
         if not math.isfinite(value):
             raise ValueError("must be a finite number")
-        if name == "temperature" and value < 0:
-            raise ValueError("must be >= 0 (0 = greedy)")
-        if name == "top_p" and not 0 < value <= 1:
-            raise ValueError("must be in (0, 1]")
+        if problem := range_problem(name, value):
+            raise ValueError(problem)
         return float(value)
     if name == "repeat_stop":
         if not isinstance(value, bool):
@@ -136,10 +133,8 @@ def check_value(name: str, value):
     if name in ("max_new_tokens", "top_k", "seed"):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError("must be a whole number")
-        if name == "max_new_tokens" and value < 1:
-            raise ValueError("must be at least 1")
-        if name == "top_k" and value < 0:
-            raise ValueError("must be >= 0 (0 = off)")
+        if name in RANGES and (problem := range_problem(name, value)):
+            raise ValueError(problem)
         return value
     raise ValueError("is not a setting")
 

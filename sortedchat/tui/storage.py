@@ -221,11 +221,6 @@ class ChatStore:
             )
             return int(cur.lastrowid)
 
-    def add_message(self, chat_id: int, role: str, content: str | None, mode: str = "") -> int:
-        """A message; an assistant answer starts with `content=None` and fills in as tokens arrive."""
-        with self._use(write=True) as db:
-            return self._insert(db, chat_id, role, content, mode)
-
     def start_answer(self, chat_id: int | None, history: list[dict], mode: str, model: str) -> tuple[int, int]:
         """Save the last message of `history` (the user's) and an empty answer after it, in one transaction:
         (chat id, the answer's message id). With `chat_id` None a new chat holds the whole history."""
