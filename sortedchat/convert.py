@@ -45,7 +45,8 @@ def incomplete(target: Path) -> str | None:
 
 def publish_dir(tmp: Path, target: Path) -> Path:
     """Record the finished temporary directory's files, then move it into place, replacing an older one."""
-    files = {p.name: None if p.name in RECALIBRATED else p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+    files = {p.name: None if p.name in RECALIBRATED else p.stat().st_size
+             for p in sorted(tmp.iterdir()) if p.is_file()}
     (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n", encoding="utf-8")
     if target.exists():
         shutil.rmtree(target)
@@ -56,20 +57,22 @@ def publish_dir(tmp: Path, target: Path) -> Path:
 def build_dir(target: Path, fill: Callable[[Path], object], needs: str = "") -> Path:
     """`fill(temporary directory)`, then publish it as `target`. A failed write (a full disk) removes the
     temporary directory and is one line saying where and, with `needs`, how much room it takes."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    tmp = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
         fill(tmp)
         return publish_dir(tmp, target)
     except Exception as exc:
-        reason = write_error(exc)
+        reason = write_error(exc, target.parent)
         if reason is None:
             raise
         room = f"; it needs about {needs} there" if needs else ""
         raise SortedChatError(f"cannot write {target.name} into {target.parent} ({reason}){room}: free some space, "
                               "or set SORTEDCHAT_CACHE_DIR to a folder with room") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextmanager

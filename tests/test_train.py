@@ -377,7 +377,8 @@ def test_a_periodic_checkpoint_on_a_full_disk_is_a_warning_and_the_run_goes_on(t
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000001", "step-00000003",
                                                                         "step-00000004"]  # no .tmp-step left
     assert (f"warning: could not write the checkpoint of step 2 into {out / 'checkpoints'} (No space left on device); "
-            f"the newest checkpoint is still {out / 'checkpoints' / 'step-00000001'}; training goes on") in said.getvalue()
+            f"the newest checkpoint is still {out / 'checkpoints' / 'step-00000001'}; training goes on"
+            ) in said.getvalue()
 
 
 def test_a_full_disk_at_the_end_writes_the_model_first_and_says_what_was_saved(tiny_dir, alpaca_file, tmp_path,
