@@ -21,8 +21,6 @@ EXIT_HEADS_NAME = "exit_heads.safetensors"
 EXIT_LENSES_NAME = "exit_lenses.safetensors"  # per-exit affine lenses (`sortedchat train --method lens / --lenses`)
 CLASSIFIER_NAME = "exit_classifier.safetensors"  # the `classifier` confidence measure's weights
 FORMAT_VERSION = 1
-# The names of `engine.confidence.MEASURES`, which a file is checked against before anything loads.
-CONFIDENCE_MEASURES = ("maxprob", "subset", "classifier", "saturation")
 
 
 def default_exits(num_layers: int, count: int = 8) -> list[int]:
@@ -105,7 +103,8 @@ class SortedConfig:
 
 def _check_meaning(raw: dict, path: Path) -> None:
     """What the fields say must make sense together: a format this version reads, exits to exit at, thresholds
-    only for them, a confidence measure that exists."""
+    only for them. (Whether `confidence` names a measure is checked where the measures are known:
+    `engine.confidence.check_configured`, when a session starts on the model.)"""
     version = raw.get("format", FORMAT_VERSION)
     if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
         raise SortedChatError(f"{path}: 'format' {version!r} is not one this sortedchat reads (1..{FORMAT_VERSION}; "
@@ -118,10 +117,6 @@ def _check_meaning(raw: dict, path: Path) -> None:
     if strays:
         raise SortedChatError(f"{path}: 'thresholds' {strays[0]}: layer {strays[0]} is not one of the exits "
                               f"{', '.join(map(str, exits))}")
-    confidence = raw.get("confidence", "maxprob")
-    if confidence not in CONFIDENCE_MEASURES:
-        raise SortedChatError(f"{path}: 'confidence' {confidence!r} is not a confidence measure (choose "
-                              f"{', '.join(CONFIDENCE_MEASURES)})")
 
 
 def atomic_write_text(path: Path, text: str) -> Path:

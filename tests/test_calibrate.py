@@ -198,12 +198,9 @@ class Margin(Measure):
 
 def test_a_measure_registered_in_confidence_alone_is_calibrated_and_used_by_auto_mode(monkeypatch, capsys,
                                                                                       model_dir, data):
-    from sortedchat import config
     from sortedchat.engine import confidence as c
 
     monkeypatch.setitem(c.MEASURES, "margin", Margin)
-    # sortedchat.json's reader (layer 0, below the engine) keeps its own list of the names it accepts.
-    monkeypatch.setattr(config, "CONFIDENCE_MEASURES", (*config.CONFIDENCE_MEASURES, "margin"))
     costs = Costs(layer=1.0, head=2.0, step=0.0, context=0, check={"margin": 0.0}, per_token={"margin": 0.0})
     monkeypatch.setattr(cal, "measure_costs", lambda *args, **kwargs: costs)  # whether exits pay is tested above
     code, _, err = run_cli(monkeypatch, capsys, "calibrate", "--measure", "wrong", "--model", model_dir, "--data", data)

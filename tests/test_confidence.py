@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -119,11 +120,22 @@ def test_subset_scores_frequent_recent_and_previous_top_tokens(tiny, monkeypatch
         assert measure(h, 2)[0] == pytest.approx(expected, rel=1e-5)
 
 
-def test_sortedchat_json_accepts_the_registered_measures():
-    """The reader of sortedchat.json sits below the engine and lists the names itself: they must not drift."""
-    from sortedchat.config import CONFIDENCE_MEASURES
-
-    assert CONFIDENCE_MEASURES == tuple(c.MEASURES)
+def test_sortedchat_json_accepts_the_registered_measures(tiny_dir, tmp_path, monkeypatch):
+    """The names sortedchat.json may give are the registry's alone: a measure registered in engine/confidence.py
+    is accepted, an unknown one stops the session with the file named."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    monkeypatch.setitem(c.MEASURES, "margin", c.MaxProb)
+    for name in ("margin", "vibes"):
+        (model / "sortedchat.json").write_text(json.dumps({"confidence": name}))
+        sm = load_sorted_model(str(model), LoadOptions(device="cpu"))
+        if name == "margin":
+            assert ChatSession(sm).sm.config.confidence == "margin"
+        else:
+            with pytest.raises(SortedChatError) as err:
+                ChatSession(sm)
+            assert str(err.value) == (f"{model / 'sortedchat.json'}: 'confidence' 'vibes' is not a confidence measure "
+                                      "(choose maxprob, subset, classifier, saturation, margin)")
 
 
 def test_unknown_measure_is_one_clear_error(tiny):

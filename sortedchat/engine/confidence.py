@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sortedchat import SortedChatError
-from sortedchat.config import CLASSIFIER_NAME, atomic_write
+from sortedchat.config import CLASSIFIER_NAME, CONFIG_NAME, atomic_write
 from sortedchat.sorted_model import SortedModel
 
 FREQUENT = 1024  # ids [0, FREQUENT): bytes and the earliest BPE merges
@@ -386,6 +386,16 @@ class Saturation(Measure):
 
 # The registry: every name auto mode, calibrate and the cost model know, in the order calibrate tries them.
 MEASURES: dict[str, type[Measure]] = {m.name: m for m in (MaxProb, SubsetProb, Classifier, Saturation)}
+
+
+def check_configured(sm: SortedModel) -> None:
+    """The measure the model's sortedchat.json names must be in `MEASURES`: checked here, where the registry is
+    (config.py reads the file below the engine), when a session starts on the model; the error names the file."""
+    name = sm.config.confidence
+    if name not in MEASURES:
+        where = Path(sm.weights_path) / CONFIG_NAME if sm.weights_path else CONFIG_NAME
+        raise SortedChatError(f"{where}: 'confidence' {name!r} is not a confidence measure (choose "
+                              f"{', '.join(MEASURES)})")
 
 
 def make_measure(name: str, sm: SortedModel) -> Measure:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from sortedchat import SortedChatError
-from sortedchat.engine.confidence import make_measure
+from sortedchat.engine.confidence import check_configured, make_measure
 from sortedchat.engine.context import ContextFit, ContextWindow, encode_chat
 from sortedchat.engine.events import GenerationStats, PrefillProgress, Step, TokenEvent
 from sortedchat.engine.modes import Mode, ModeKind
@@ -106,6 +106,7 @@ class ChatSession:
     """Owns the layered KV state of one conversation. Not thread-safe: one generation at a time."""
 
     def __init__(self, sm: SortedModel, mode: Mode | None = None):
+        check_configured(sm)
         self.sm = sm
         self.L = sm.num_layers
         self.state = LayeredState(sm)
