@@ -183,6 +183,7 @@ def test_plain_chat_on_a_terminal_shows_a_long_prompt_pass(tiny):
                                                                                    width=200), read=lambda _: next(lines))
     shown = screen.getvalue()
     assert f"reading the prompt: 0/{rest} tokens" in shown and f"reading the prompt: 256/{rest} tokens" in shown
+    assert "reading the prompt" not in shown.rsplit("\x1b[2K", 1)[1]  # the answer's first token erased the line
     assert f"prompt {rest} tokens at " in shown and "context " in shown
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from rich.cells import cell_len
 from rich.console import Console
+from rich.control import Control, ControlType
 from rich.text import Text
 
 from sortedchat.palette import exit_colour
@@ -30,18 +31,23 @@ class AnswerPrinter:
         self.console = console or Console(highlight=False)
         self.num_layers, self.first_exit, self.as_json = num_layers, first_exit, as_json
         self.colour = self.console.is_terminal and not as_json
-        self.reading = ""  # the prompt pass's progress line, while it shows
+        self.reading = False  # the prompt pass's progress line shows
 
     def prefill(self, done: int, total: int) -> None:
         """How far a long prompt pass is, on one line that the answer's first token replaces (terminals only)."""
         if self.console.is_terminal and not self.as_json:
-            self.reading = f"reading the prompt: {done:,}/{total:,} tokens"
-            self.console.print(Text(f"\r{self.reading}", style="dim"), end="")
+            self._clear_line()
+            self.console.print(Text(f"reading the prompt: {done:,}/{total:,} tokens", style="dim"), end="")
+            self.reading = True
+
+    def _clear_line(self) -> None:
+        """Back to the line's start, erasing it (rich drops a bare carriage return from printed text)."""
+        self.console.control(Control.move_to_column(0), Control((ControlType.ERASE_IN_LINE, 2)))
 
     def token(self, ev: TokenEvent) -> None:
         if self.reading:
-            self.console.print(f"\r{' ' * len(self.reading)}\r", end="")
-            self.reading = ""
+            self._clear_line()
+            self.reading = False
         if self.as_json:
             sys.stdout.write(json.dumps({"event": "token", **ev.to_dict()}) + "\n")
             sys.stdout.flush()
