@@ -42,7 +42,8 @@ from rich.console import Console
 from rich.table import Table
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from sortedchat.engine import ChatSession, Mode, SamplingConfig, layer_step, session as session_module
+from sortedchat.engine import ChatSession, Mode, SamplingConfig, layer_step
+from sortedchat.engine import session as session_module
 from sortedchat.engine import state as state_module
 from sortedchat.engine.sampling import Sampler
 from sortedchat.engine.text import IncrementalText

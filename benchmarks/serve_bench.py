@@ -30,7 +30,7 @@ import typer
 
 from sortedchat.cli.serve import build_app
 from sortedchat.engine import ChatSession, Mode, SamplingConfig
-from sortedchat.engine.session import encode_chat
+from sortedchat.engine.context import encode_chat
 from sortedchat.loading import LoadOptions, load_sorted_model
 from sortedchat.server.running import in_background
 

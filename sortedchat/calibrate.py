@@ -38,7 +38,7 @@ from sortedchat import SortedChatError
 from sortedchat.bench.costs import Costs, measure_costs
 from sortedchat.config import CONFIG_NAME, SortedConfig
 from sortedchat.engine.confidence import MEASURES, Candidates, ExitView, Measure, previous_top
-from sortedchat.engine.session import encode_chat
+from sortedchat.engine.context import encode_chat
 from sortedchat.engine.state import LayeredState
 from sortedchat.outputs import check_output_dir
 from sortedchat.outputs import write_or_rescue as rescued

@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
 from helpers.data import alpaca_records  # noqa: E402
 
 CHATML = (

@@ -7,7 +7,6 @@ written somewhere). The rows follow issue 13's list; `test_bad_input[NN-...]` ru
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import json
 import os
@@ -19,14 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from helpers.tui import ask, dialogue, wait_for
-from helpers.tui import make_app as base_app
-
 from sortedchat import SortedChatError
 from sortedchat.config import SortedConfig
 from sortedchat.tui.app import SortedChatApp
 from sortedchat.tui.screens.chats import ChatListScreen
 from sortedchat.tui.storage import ChatStore
+
+from helpers.tui import ask, dialogue, run_async, wait_for
+from helpers.tui import make_app as base_app
 
 SIZE = (110, 34)
 CASES = {}
@@ -70,12 +69,11 @@ def make_app(tiny, store, export_dir) -> SortedChatApp:
 
 
 def run_app(app, script):
+    @run_async
     async def go():
         async with app.run_test(size=SIZE) as pilot:
             await script(pilot)
             assert app.is_running  # nothing above ended the app
-
-    asyncio.run(go())
 
 
 def damage(path: Path) -> bytes:
@@ -439,7 +437,7 @@ def _(tiny):
     from transformers import GenerationConfig
 
     from sortedchat.engine import ChatSession, SamplingConfig
-    from sortedchat.engine.session import encode_chat
+    from sortedchat.engine.context import encode_chat
 
     messages = [{"role": "user", "content": "Hello there"}]
     with warnings.catch_warnings():

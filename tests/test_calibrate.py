@@ -16,11 +16,10 @@ from sortedchat.bench.costs import Costs
 from sortedchat.config import CONFIG_NAME
 from sortedchat.engine import ChatSession, Mode, SamplingConfig
 from sortedchat.engine.confidence import CLASSIFIER_NAME, Measure
-from sortedchat.engine.session import encode_chat
+from sortedchat.engine.context import encode_chat
 from sortedchat.loading import LoadOptions, load_sorted_model
 
 from helpers.data import CALIBRATION_RECORDS
-
 
 
 def run_cli(monkeypatch, capsys, *args):

@@ -11,7 +11,7 @@ import torch
 from sortedchat import SortedChatError
 from sortedchat.engine import ChatSession, Mode, SamplingConfig
 from sortedchat.engine import confidence as c
-from sortedchat.engine.session import encode_chat
+from sortedchat.engine.context import encode_chat
 from sortedchat.loading import LoadOptions, load_sorted_model
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]

@@ -11,8 +11,6 @@ import sys
 
 import pytest
 import torch
-from helpers.engine import hf_greedy, no_stop
-from helpers.tui import named
 
 from sortedchat.engine import ChatSession, Mode, SamplingConfig
 from sortedchat.engine.context import ContextFull, encode_chat
@@ -21,6 +19,9 @@ from sortedchat.loading import LoadOptions, load_sorted_model
 from sortedchat.tui.dialogue import Dialogue
 from sortedchat.tui.settings import parse_settings
 from sortedchat.tui.storage import ChatStore
+
+from helpers.engine import hf_greedy, no_stop
+from helpers.tui import named
 
 SYSTEM = "Be brief."
 LONG = "The quick brown fox jumps over the lazy dog. " * 3  # about 45 tokens a message
@@ -211,12 +212,12 @@ def test_plain_chat_stops_a_looping_answer_and_says_why(looping, tmp_path):
 
 
 def test_the_app_says_why_a_looping_answer_stopped(looping, tmp_path):
-    import asyncio
 
-    from helpers.tui import ask, make_app, status
+    from helpers.tui import ask, make_app, run_async, status
 
     app = make_app(looping, tmp_path, max_new_tokens=100, initial_mode=lambda sm: Mode.fixed(2))
 
+    @run_async
     async def run():
         async with app.run_test(size=(110, 34)) as pilot:
             await ask(pilot, app)
@@ -224,8 +225,6 @@ def test_the_app_says_why_a_looping_answer_stopped(looping, tmp_path):
             assert any(m.startswith("The answer was stopped: it kept repeating itself. repeat_stop = false under "
                                     "[chat] in ") for m in said)
             assert " · stopped: it repeated itself · " in status(app)
-
-    asyncio.run(run())
 
 
 def test_the_dialogue_keeps_how_far_a_long_prompt_pass_went(tiny, tmp_path):

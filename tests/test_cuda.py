@@ -15,7 +15,6 @@ model must match to within float32 round-off: the same tokens, and the K/V toler
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 import math
@@ -24,12 +23,13 @@ import os
 import pytest
 import torch
 from rich.console import Console
-from helpers.engine import PROMPTS, fresh_prefill_kv, hf_greedy, no_stop, prompt_ids, run
-from helpers.training import options
 
 from sortedchat.engine import ChatSession, Mode, SamplingConfig
 from sortedchat.head_product import HeadProduct
 from sortedchat.loading import LoadOptions, load_sorted_model, resolve_dtype
+
+from helpers.engine import PROMPTS, fresh_prefill_kv, hf_greedy, no_stop, prompt_ids, run
+from helpers.training import options
 
 NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -235,11 +235,12 @@ def test_bf16_training_steps_lower_every_exit_and_the_result_generates(device, k
 @pytest.mark.cuda
 @NO_CUDA
 def test_the_app_answers_on_cuda_and_says_so(tiny_dir, tmp_path):
-    from helpers.tui import ask, expected_answer, make_app, status
+    from helpers.tui import ask, expected_answer, make_app, run_async, status
 
     on_gpu = load_sorted_model(str(tiny_dir), LoadOptions(device="cuda", exits=[2, 4, 6]))
     app = make_app(on_gpu, tmp_path)
 
+    @run_async
     async def drive():
         async with app.run_test(size=(110, 34)) as pilot:
             await ask(pilot, app)
@@ -248,5 +249,3 @@ def test_the_app_answers_on_cuda_and_says_so(tiny_dir, tmp_path):
             assert [e.token_id for e in app.events] == [e.token_id for e in events]
             shown = status(app).split(" · ")
             assert str(on_gpu.device) in shown and f"{len(events)} tokens" in shown and "Depth 6/6" in shown
-
-    asyncio.run(drive())

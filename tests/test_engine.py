@@ -15,15 +15,6 @@ from sortedchat.engine.state import LayeredState
 from helpers.engine import PROMPTS, fresh_prefill_kv, hf_greedy, no_stop, prompt_ids, run
 
 
-
-
-
-
-
-
-
-
-
 @pytest.mark.parametrize("messages", PROMPTS)
 def test_full_depth_equals_hf_generate(tiny, messages):
     ids = prompt_ids(tiny, messages)

@@ -249,6 +249,7 @@ def test_calibrate_kv_propagate_writes_figures_measured_under_propagation(monkey
     import sys
 
     from sortedchat.cli import main
+
     from helpers.data import CALIBRATION_RECORDS
 
     model_dir, data = tmp_path / "tiny", tmp_path / "held_out.json"
@@ -280,12 +281,12 @@ def test_calibrate_kv_must_be_exact_or_propagate():
 
 
 def test_app_kv_key_switches_propagation_and_the_status_shows_it(tiny, tmp_path):
-    import asyncio
 
-    from helpers.tui import SIZE, ask, dialogue, make_app, status
+    from helpers.tui import SIZE, ask, dialogue, make_app, run_async, status
 
     app = make_app(tiny, tmp_path)
 
+    @run_async
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("f4", "f12")  # auto, propagated K/V
@@ -305,5 +306,3 @@ def test_app_kv_key_switches_propagation_and_the_status_shows_it(tiny, tmp_path)
             assert talk.session.mode == Mode.fixed(2, kv="propagate") and "Depth 2/6 · propagated KV" in status(app)
             await pilot.press("f12")
             assert talk.session.mode == Mode.fixed(2) and "propagated KV" not in status(app)
-
-    asyncio.run(run())

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from sortedchat.cli import app as cli_app
 from sortedchat.cli.serve import build_app
 from sortedchat.engine import ChatSession, Mode, SamplingConfig
-from sortedchat.engine.session import encode_chat
+from sortedchat.engine.context import encode_chat
 from sortedchat.server.running import in_background
 from sortedchat.server.scheduler import Done, Job
 

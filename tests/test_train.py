@@ -240,9 +240,9 @@ def test_data_order_is_a_function_of_seed_and_step():
 def test_training_lowers_every_exit_and_the_output_loads_and_generates(tiny_dir, alpaca_file, tmp_path):
     from sortedchat.engine import ChatSession, Mode, SamplingConfig
     from sortedchat.loading import LoadOptions, load_sorted_model
+    from sortedchat.training.data import load_records
     from sortedchat.training.evaluate import score_exits
     from sortedchat.training.templates import encode_all
-    from sortedchat.training.data import load_records
 
     out = tmp_path / "soft"
     result = run(options(tiny_dir, alpaca_file, out, max_steps=8, holdout=4))

@@ -18,32 +18,26 @@ from sortedchat.tui.storage import ChatStore
 from sortedchat.tui.widgets.answer import AnswerView, TokenText
 from sortedchat.tui.widgets.conversation import UserMessage
 
-from helpers.tui import (Gate, PROMPT, SIZE, ask, chat, dialogue, expected_answer, make_app, named, status,
-                         wait_for)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+from helpers.tui import (
+    PROMPT,
+    SIZE,
+    Gate,
+    ask,
+    chat,
+    dialogue,
+    expected_answer,
+    make_app,
+    named,
+    run_async,
+    status,
+    wait_for,
+)
 
 
 def test_a_message_is_sent_and_answered(tiny, tmp_path):
     app = make_app(tiny, tmp_path)
 
+    @run_async
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             await ask(pilot, app)
@@ -57,12 +51,11 @@ def test_a_message_is_sent_and_answered(tiny, tmp_path):
                                    f"context {fill:.0%} · tiny")
             assert dialogue(app).history[-1] == {"role": "assistant", "content": text}
 
-    asyncio.run(run())
-
 
 def test_depth_keys_change_the_depth_of_the_following_tokens(tiny, tmp_path):
     app = make_app(tiny, tmp_path, max_new_tokens=10)
 
+    @run_async
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             gate = Gate(dialogue(app).session, after=3)
@@ -81,12 +74,11 @@ def test_depth_keys_change_the_depth_of_the_following_tokens(tiny, tmp_path):
             await pilot.press("f3")
             assert "Depth 4/6" in status(app) and dialogue(app).session.mode == Mode.fixed(4)
 
-    asyncio.run(run())
-
 
 def test_auto_mode_toggle_and_thresholds(tiny, tmp_path):
     app = make_app(tiny, tmp_path)
 
+    @run_async
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("f4")
@@ -104,12 +96,11 @@ def test_auto_mode_toggle_and_thresholds(tiny, tmp_path):
             await pilot.press("f4")
             assert dialogue(app).session.mode == Mode.fixed(6) and "Depth 6/6" in status(app)
 
-    asyncio.run(run())
-
 
 def test_speculative_toggle_drafts_at_the_current_depth_and_matches_full_depth(tiny, tmp_path):
     app = make_app(tiny, tmp_path)
 
+    @run_async
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("f2")  # depth 4
@@ -128,13 +119,12 @@ def test_speculative_toggle_drafts_at_the_current_depth_and_matches_full_depth(t
             await pilot.press("f3", "f5")  # at full depth, speculative falls back to the default draft exit
             assert dialogue(app).session.mode == Mode.speculative(tiny.default_draft_exit)
 
-    asyncio.run(run())
-
 
 def test_escape_stops_and_keeps_the_partial_answer(tiny, tmp_path):
     store = ChatStore(tmp_path / "chats.sqlite3")
     app = make_app(tiny, tmp_path, max_new_tokens=30, store=store)
 
+    @run_async
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             gate = Gate(dialogue(app).session, after=4)
@@ -149,20 +139,18 @@ def test_escape_stops_and_keeps_the_partial_answer(tiny, tmp_path):
             assert store.load(dialogue(app).chat_id).messages[-1].content == partial
             assert " · stopped · " in status(app)
 
-    asyncio.run(run())
-
 
 def test_quitting_mid_answer_stops_the_engine_at_its_next_token(tiny, tmp_path):
     app = make_app(tiny, tmp_path, max_new_tokens=100)
     opened = []
 
+    @run_async  # the app is gone while the engine is held after its third token
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             opened.append((dialogue(app), Gate(dialogue(app).session, after=2)))
             await opened[0][1].start(pilot, app)
             await pilot.press("ctrl+q")
 
-    asyncio.run(run())  # the app is gone while the engine is held after its third token
     d, gate = opened[0]
     gate.release.set()
     assert gate.finished.wait(20)
@@ -172,6 +160,7 @@ def test_quitting_mid_answer_stops_the_engine_at_its_next_token(tiny, tmp_path):
 def test_keys_are_handled_while_the_model_generates(tiny, tmp_path):
     app = make_app(tiny, tmp_path, max_new_tokens=20)
 
+    @run_async
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             gate = Gate(dialogue(app).session, after=2)
@@ -187,8 +176,6 @@ def test_keys_are_handled_while_the_model_generates(tiny, tmp_path):
             gate.release.set()
             await wait_for(pilot, lambda: not dialogue(app).generating)
             assert len(app.screen.query(AnswerView)) == 1
-
-    asyncio.run(run())
 
 
 def test_a_saved_chat_reopens_with_the_same_content(tiny, tmp_path):
@@ -234,6 +221,7 @@ def test_a_saved_chat_reopens_with_the_same_content(tiny, tmp_path):
 def test_layer_lens_shows_one_row_per_exit_for_the_selected_token(tiny, tmp_path):
     app = make_app(tiny, tmp_path)
 
+    @run_async
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             await ask(pilot, app)
@@ -245,7 +233,7 @@ def test_layer_lens_shows_one_row_per_exit_for_the_selected_token(tiny, tmp_path
             rows = [str(w.render()) for w in chat(app).lens.query(".lens-row")]
             assert [int(r.split()[0]) for r in rows] == [2, 4, 6]
             assert "◀" in rows[2] and "◀" not in rows[0] + rows[1]  # token 0 left at exit 6
-            from sortedchat.engine.session import encode_chat
+            from sortedchat.engine.context import encode_chat
             from sortedchat.tui.widgets.lens import show_piece
 
             preds = tiny.exit_top_predictions(encode_chat(tiny, [{"role": "user", "content": PROMPT}]), k=4)
@@ -260,12 +248,11 @@ def test_layer_lens_shows_one_row_per_exit_for_the_selected_token(tiny, tmp_path
             await pilot.pause()
             assert view.cursor == 0
 
-    asyncio.run(run())
-
 
 def test_remapped_keys_from_the_settings(tiny, tmp_path):
     app = make_app(tiny, tmp_path, settings=Settings(keys={"deeper": "ctrl+up", "shallower": "ctrl+down"}))
 
+    @run_async
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("f2")  # no longer bound
@@ -275,12 +262,11 @@ def test_remapped_keys_from_the_settings(tiny, tmp_path):
             await pilot.press("ctrl+up")
             assert dialogue(app).session.mode == Mode.fixed(6)
 
-    asyncio.run(run())
-
 
 def test_settings_screen_checks_and_saves(tiny, tmp_path):
     app = make_app(tiny, tmp_path)
 
+    @run_async
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("ctrl+o")
@@ -300,8 +286,6 @@ def test_settings_screen_checks_and_saves(tiny, tmp_path):
             assert len(dialogue(app).events) == 3
             assert dialogue(app).history[0] == {"role": "system", "content": "Be brief."}
 
-    asyncio.run(run())
-
 
 def test_loading_screen_shows_progress_then_the_chat(tiny, tmp_path):
     release = threading.Event()
@@ -313,6 +297,7 @@ def test_loading_screen_shows_progress_then_the_chat(tiny, tmp_path):
 
     app = SortedChatApp(loader=loader, store=ChatStore(tmp_path / "c.sqlite3"), show_speed=False)
 
+    @run_async
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             await wait_for(pilot, lambda: isinstance(app.screen, LoadingScreen)
@@ -320,8 +305,6 @@ def test_loading_screen_shows_progress_then_the_chat(tiny, tmp_path):
             assert app.screen.query_one("#loading-bar").percentage == pytest.approx(0.5)
             release.set()
             await wait_for(pilot, lambda: isinstance(app.screen, ChatScreen))
-
-    asyncio.run(run())
 
 
 def test_a_failed_load_ends_the_app_with_the_reason(tmp_path):
@@ -332,11 +315,11 @@ def test_a_failed_load_ends_the_app_with_the_reason(tmp_path):
 
     app = SortedChatApp(loader=loader, store=ChatStore(tmp_path / "c.sqlite3"))
 
+    @run_async
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             await wait_for(pilot, lambda: app.error is not None)
 
-    asyncio.run(run())
     assert str(app.error) == "--model nowhere: no such file or directory" and app.return_code == 1
 
 
@@ -351,6 +334,7 @@ def test_answer_paragraphs_read_as_one_text_and_the_cursor_crosses_them():
         def compose(self):
             yield TokenText(6, 2)
 
+    @run_async
     async def run():
         app = Host()
         async with app.run_test(size=(40, 10)) as pilot:
@@ -370,12 +354,11 @@ def test_answer_paragraphs_read_as_one_text_and_the_cursor_crosses_them():
             await pilot.click(TokenText, offset=(1, 2))  # "Next" on the third line
             assert view.cursor == 3
 
-    asyncio.run(run())
-
 
 def test_command_palette_offers_the_chat_commands(tiny, tmp_path):
     app = make_app(tiny, tmp_path)
 
+    @run_async
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             titles = {c.title: c for c in app.get_system_commands(app.screen)}
@@ -384,8 +367,6 @@ def test_command_palette_offers_the_chat_commands(tiny, tmp_path):
             titles["Toggle auto mode"].callback()
             await pilot.pause()
             assert dialogue(app).session.mode.kind is ModeKind.AUTO
-
-    asyncio.run(run())
 
 
 def test_status_line_counts_tokens_the_pacer_decoded_at_full_depth():
@@ -421,6 +402,7 @@ def test_a_chat_that_outgrows_the_context_goes_on_and_the_screen_says_what_the_m
     long = "The quick brown fox jumps over the lazy dog. " * 3
     too_long = "word " * 600
 
+    @run_async
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             for i in range(1, 11):
@@ -429,7 +411,7 @@ def test_a_chat_that_outgrows_the_context_goes_on_and_the_screen_says_what_the_m
             d = dialogue(app)
             said = [n.message for n in app._notifications]
             [notice] = [m for m in said if m.startswith("The model no longer sees")]
-            assert notice.startswith(f"The model no longer sees turns 1–") and notice.endswith(
+            assert notice.startswith("The model no longer sees turns 1–") and notice.endswith(
                 "The oldest turns keep dropping out as the chat goes on; ^n starts a new chat.")  # the app's key
             fill, unseen = d.context()
             assert unseen == d.fit.dropped_turns > 0
@@ -444,5 +426,3 @@ def test_a_chat_that_outgrows_the_context_goes_on_and_the_screen_says_what_the_m
             assert len(d.store.load(d.chat_id).messages) == saved
             await ask(pilot, app, "Hello")
             assert d.events and d.history[-2] == {"role": "user", "content": "Hello"}
-
-    asyncio.run(run())

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import threading
 
-from helpers.tui import Gate, PROMPT, expected_answer, named
-
 from sortedchat.engine import ChatSession, Mode, SamplingConfig
 from sortedchat.tui.dialogue import Dialogue
 from sortedchat.tui.storage import ChatStore
+
+from helpers.tui import PROMPT, Gate, expected_answer, named
 
 USER = {"role": "user", "content": PROMPT}
 

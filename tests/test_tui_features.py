@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
-from helpers.tui import PROMPT, SIZE, ask, chat, dialogue, expected_answer, make_app, named, wait_for
 
 from sortedchat.engine import Mode
 from sortedchat.tui.screens.chat import ChatScreen
@@ -17,10 +14,13 @@ from sortedchat.tui.widgets.answer import AnswerView
 from sortedchat.tui.widgets.code import CodeFence, guess_code_language
 from sortedchat.tui.widgets.conversation import UserMessage
 
+from helpers.tui import PROMPT, SIZE, ask, chat, dialogue, expected_answer, make_app, named, run_async, wait_for
+
 
 def test_rename_the_open_chat_and_one_in_the_saved_list(tiny, tmp_path):
     app = make_app(tiny, tmp_path)
 
+    @run_async
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("ctrl+t")  # nothing saved yet: says so
@@ -53,12 +53,11 @@ def test_rename_the_open_chat_and_one_in_the_saved_list(tiny, tmp_path):
             await wait_for(pilot, lambda: isinstance(app.screen, ChatListScreen))
             assert app.store.load(dialogue(app).chat_id).title == "Renamed in the list"
 
-    asyncio.run(run())
-
 
 def test_regenerate_replaces_the_last_answer_in_the_current_mode(tiny, tmp_path):
     app = make_app(tiny, tmp_path)
 
+    @run_async
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("ctrl+r")  # nothing to regenerate yet
@@ -79,13 +78,12 @@ def test_regenerate_replaces_the_last_answer_in_the_current_mode(tiny, tmp_path)
             assert [(m.role, m.content) for m in saved] == [(m["role"], m["content"]) for m in dialogue(app).history]
             assert saved[-1].mode == "Depth 2/6"
 
-    asyncio.run(run())
-
 
 def test_up_and_down_walk_through_earlier_messages_across_launches(tiny, tmp_path):
     store_path = tmp_path / "chats.sqlite3"
     first = make_app(tiny, tmp_path, max_new_tokens=2, store=ChatStore(store_path))
 
+    @run_async
     async def run_first():
         async with first.run_test(size=SIZE) as pilot:
             await ask(pilot, first, "first question")
@@ -104,15 +102,13 @@ def test_up_and_down_walk_through_earlier_messages_across_launches(tiny, tmp_pat
             await pilot.press("down")
             assert chat(first).prompt.text == "draft"  # past the newest: what was being typed
 
-    asyncio.run(run_first())
     second = make_app(tiny, tmp_path, max_new_tokens=2, store=ChatStore(store_path))
 
+    @run_async
     async def run_second():
         async with second.run_test(size=SIZE) as pilot:
             await pilot.press("up")
             assert chat(second).prompt.text == "second question\nin two lines"
-
-    asyncio.run(run_second())
 
 
 @pytest.mark.parametrize("code, language", [
@@ -139,6 +135,7 @@ def test_code_blocks_in_the_markdown_view_are_highlighted(tiny, tmp_path):
     store.finish_message(message, answer)
     app = make_app(tiny, tmp_path, store=store)
 
+    @run_async
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             await chat(app).open_chat(chat_id)
@@ -151,12 +148,11 @@ def test_code_blocks_in_the_markdown_view_are_highlighted(tiny, tmp_path):
                            if fence._highlighted_code.plain[s.start:s.end] == "def")
             assert len(styled) >= 3 and keyword != "$text"
 
-    asyncio.run(run())
-
 
 def test_copy_the_last_answer_with_one_key(tiny, tmp_path):
     app = make_app(tiny, tmp_path)
 
+    @run_async
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("f10")
@@ -167,8 +163,6 @@ def test_copy_the_last_answer_with_one_key(tiny, tmp_path):
             said = list(app._notifications)[-1].message
             assert said == (f"sent the last answer ({len(app.clipboard)} characters) to the terminal's clipboard "
                             "(OSC 52); if nothing was copied, your terminal ignores it: ^s saves the chat to a file")
-
-    asyncio.run(run())
 
 
 SAME_AGAIN = "the same answer again; {fix} in settings (^o) or change the depth (f2/f3) for another"
@@ -187,6 +181,7 @@ def test_regenerate_says_when_it_will_write_the_same_answer_again(tiny, tmp_path
     def notes():
         return [n.message for n in app._notifications]
 
+    @run_async
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             await ask(pilot, app)
@@ -201,8 +196,6 @@ def test_regenerate_says_when_it_will_write_the_same_answer_again(tiny, tmp_path
             await pilot.press("ctrl+r")
             await wait_for(pilot, lambda: chat(app).answer.text and not dialogue(app).generating)
             assert not [n for n in notes()[before:] if "same answer again" in n]
-
-    asyncio.run(run())
 
 
 def test_exports_and_screenshots_go_to_a_documented_folder_never_the_current_directory(tiny, tmp_path, monkeypatch):
@@ -226,6 +219,7 @@ def test_exports_and_screenshots_go_to_a_documented_folder_never_the_current_dir
     app = SortedChatApp(model=named(tiny), show_speed=False, settings=Settings(max_new_tokens=2),
                         store=ChatStore(tmp_path / "chats.sqlite3"))
 
+    @run_async
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             await ask(pilot, app)
@@ -238,6 +232,5 @@ def test_exports_and_screenshots_go_to_a_documented_folder_never_the_current_dir
             await wait_for(pilot, lambda: said in [n.message for n in app._notifications])
             assert "<svg" in (documents / "sortedchat" / "shot.svg").read_text()
 
-    asyncio.run(run())
     assert list(here.iterdir()) == []
 

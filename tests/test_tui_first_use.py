@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 import threading
-
-from helpers.tui import PROMPT, SIZE, ask, chat, expected_answer, make_app, named, wait_for
 
 from sortedchat.tui.app import SortedChatApp
 from sortedchat.tui.screens.chat import ChatScreen
@@ -15,6 +12,8 @@ from sortedchat.tui.screens.loading import LoadingScreen
 from sortedchat.tui.settings import Settings
 from sortedchat.tui.storage import ChatStore
 from sortedchat.tui.widgets.conversation import Welcome
+
+from helpers.tui import PROMPT, SIZE, ask, chat, expected_answer, make_app, named, run_async, wait_for
 
 # Runs `sortedchat --model M` with the app's run() replaced: prints whether torch was imported by then.
 PROBE = """
@@ -62,6 +61,7 @@ def test_the_model_warms_up_behind_the_loading_screen(tiny_dir, tmp_path):
     app = SortedChatApp(loader=loader, store=ChatStore(tmp_path / "c.sqlite3"), show_speed=False,
                         settings=Settings(max_new_tokens=12))
 
+    @run_async
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             await wait_for(pilot, lambda: isinstance(app.screen, LoadingScreen))
@@ -76,8 +76,6 @@ def test_the_model_warms_up_behind_the_loading_screen(tiny_dir, tmp_path):
             text, _ = expected_answer(sm, [{"role": "user", "content": PROMPT}])
             assert chat(app).answer.text == text
 
-    asyncio.run(run())
-
 
 def welcome_text(app) -> str:
     found = app.screen.query(Welcome)
@@ -91,6 +89,7 @@ def welcome_text(app) -> str:
 def test_an_empty_chat_shows_a_welcome_with_the_main_keys(tiny, tmp_path):
     app = make_app(tiny, tmp_path, settings=Settings(max_new_tokens=4, keys={"regenerate": "ctrl+g"}))
 
+    @run_async
     async def run():
         async with app.run_test(size=(80, 24)) as pilot:
             await pilot.pause()
@@ -106,8 +105,6 @@ def test_an_empty_chat_shows_a_welcome_with_the_main_keys(tiny, tmp_path):
             await pilot.pause()
             assert "every key" in welcome_text(app)
 
-    asyncio.run(run())
-
 
 def test_a_long_loading_stage_keeps_to_one_line_at_80_columns(tmp_path):
     """The first start's stages name the GGUF file and count its tensors: at 80x24 the line is cut, not wrapped."""
@@ -121,6 +118,7 @@ def test_a_long_loading_stage_keeps_to_one_line_at_80_columns(tmp_path):
 
     app = SortedChatApp(loader=loader, store=ChatStore(tmp_path / "c.sqlite3"))
 
+    @run_async
     async def run():
         async with app.run_test(size=(80, 24)) as pilot:
             await wait_for(pilot, lambda: isinstance(app.screen, LoadingScreen) and app.screen.stage[0] == stage)
@@ -129,5 +127,3 @@ def test_a_long_loading_stage_keeps_to_one_line_at_80_columns(tmp_path):
             shown = "".join(seg.text for seg in label.render_lines(label.region.reset_offset)[0]).strip()
             assert label.region.height == 1 and shown.endswith("…") and stage.startswith(shown[:-1])
             release.set()
-
-    asyncio.run(run())

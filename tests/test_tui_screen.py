@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 
 import pytest
-from helpers.tui import AGREEMENT, Gate, SIZE, ask, chat, dialogue, make_app, status, wait_for
 from textual.app import App
 from textual.theme import BUILTIN_THEMES
 from textual.widgets import DataTable, TextArea
@@ -22,6 +20,8 @@ from sortedchat.tui.settings import Settings, load_settings, settings_path
 from sortedchat.tui.storage import ChatStore
 from sortedchat.tui.widgets.legend import ExitLegend
 from sortedchat.tui.widgets.status import status_text
+
+from helpers.tui import AGREEMENT, SIZE, Gate, ask, chat, dialogue, make_app, run_async, status, wait_for
 
 SMALL = (80, 24)
 SMOLLM = "SmolLM2-135M-Instruct (default)"
@@ -63,6 +63,7 @@ def test_the_legend_names_every_exit_and_full_depth_at_80_columns():
         def compose(self):
             yield ExitLegend(exits, 30)
 
+    @run_async
     async def run():
         wide = "exits ██ 9  ██ 12  ██ 15  ██ 18  ██ 21  ██ 24  ██ 27  ██ 30  shallow → full depth"
         for width, expected in [(120, wide), (40, "exit 9 12 15 18 21 24 27 30 (full)")]:
@@ -70,8 +71,6 @@ def test_the_legend_names_every_exit_and_full_depth_at_80_columns():
             async with app.run_test(size=(width, 5)) as pilot:
                 await pilot.pause()
                 assert app.query_one(ExitLegend).render().plain == expected
-
-    asyncio.run(run())
 
 
 def test_the_shipped_default_carries_each_exits_agreement_and_the_legend_shows_it_at_80_columns():
@@ -87,6 +86,7 @@ def test_the_shipped_default_carries_each_exits_agreement_and_the_legend_shows_i
         def compose(self):
             yield ExitLegend(exits, 30, agreement)
 
+    @run_async
     async def run():
         wide = ("exits ██ 9 26%  ██ 12 29%  ██ 15 33%  ██ 18 36%  ██ 21 48%  ██ 24 61%  ██ 27 72%  ██ 30  "
                 "(%: tokens that agree with full depth)")
@@ -100,12 +100,11 @@ def test_the_shipped_default_carries_each_exits_agreement_and_the_legend_shows_i
                 legend = app.query_one(ExitLegend)
                 assert legend.render().plain.split("\n") == expected and legend.region.height == len(expected)
 
-    asyncio.run(run())
-
 
 def test_a_depth_key_says_how_often_the_new_depth_agrees_with_full_depth(tiny, tmp_path):
     app = make_app(tiny, tmp_path, agreement=AGREEMENT)
 
+    @run_async
     async def run():
         async with app.run_test(size=SMALL) as pilot:
             await pilot.pause()
@@ -121,12 +120,11 @@ def test_a_depth_key_says_how_often_the_new_depth_agrees_with_full_depth(tiny, t
                 said = [n.message for n in list(app._notifications)[before:]]
                 assert said == ([note] if note else []), (key, said)
 
-    asyncio.run(run())
-
 
 def test_a_model_never_evaluated_shows_no_agreement(tiny, tmp_path):
     app = make_app(tiny, tmp_path)
 
+    @run_async
     async def run():
         async with app.run_test(size=SMALL) as pilot:
             await pilot.press("f2")
@@ -135,12 +133,11 @@ def test_a_model_never_evaluated_shows_no_agreement(tiny, tmp_path):
             assert legend.region.height == 1 and "agree" not in legend.render().plain
             assert not [n for n in app._notifications if "agrees" in n.message]
 
-    asyncio.run(run())
-
 
 def test_at_80x24_the_footer_keeps_help_new_chats_and_quit(tiny, tmp_path):
     app = make_app(tiny, tmp_path)
 
+    @run_async
     async def run():
         async with app.run_test(size=SMALL) as pilot:
             await pilot.pause()
@@ -153,12 +150,11 @@ def test_at_80x24_the_footer_keeps_help_new_chats_and_quit(tiny, tmp_path):
             wide = {k.action.removeprefix("app.") for k in app.screen.query(FooterKey)}
             assert {"speculative", "view", "lens", "settings"} <= wide
 
-    asyncio.run(run())
-
 
 def test_the_lens_goes_under_the_chat_when_narrow_and_esc_closes_it(tiny, tmp_path):
     app = make_app(tiny, tmp_path)
 
+    @run_async
     async def run():
         async with app.run_test(size=SMALL) as pilot:
             await ask(pilot, app)
@@ -172,8 +168,6 @@ def test_the_lens_goes_under_the_chat_when_narrow_and_esc_closes_it(tiny, tmp_pa
             await pilot.press("f9")
             await pilot.pause()
             assert chat(app).lens.region.x >= chat(app).conversation.region.right  # beside it when wide
-
-    asyncio.run(run())
 
 
 def token_on_screen(app, index) -> tuple[int, int] | None:
@@ -199,6 +193,7 @@ def test_at_80x24_the_lens_leaves_the_token_it_describes_in_view(tiny, tmp_path,
     store.finish_message(message, text)
     app = make_app(tiny, tmp_path, store=store)
 
+    @run_async
     async def run():
         async with app.run_test(size=SMALL) as pilot:
             await chat(app).open_chat(chat_id)
@@ -224,12 +219,11 @@ def test_at_80x24_the_lens_leaves_the_token_it_describes_in_view(tiny, tmp_path,
             place = token_on_screen(app, answer.depth_view.cursor)
             assert place is not None and conversation.contains(*place) and place[1] < lens.y
 
-    asyncio.run(run())
-
 
 def test_a_mid_answer_mode_change_shows_in_the_answer_header_and_the_saved_chat(tiny, tmp_path):
     app = make_app(tiny, tmp_path, max_new_tokens=10)
 
+    @run_async
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             gate = Gate(dialogue(app).session, after=3)
@@ -248,12 +242,11 @@ def test_a_mid_answer_mode_change_shows_in_the_answer_header_and_the_saved_chat(
             assert chat(app).answer.border_title == "assistant · mixed: Auto → … → Depth 6/6"
             assert "Auto, thresholds -0.05" not in status(app)  # left auto with F3
 
-    asyncio.run(run())
-
 
 def test_settings_open_with_the_system_prompt_focused(tiny, tmp_path):
     app = make_app(tiny, tmp_path)
 
+    @run_async
     async def run():
         async with app.run_test(size=SMALL) as pilot:
             await pilot.press("ctrl+o")
@@ -263,12 +256,11 @@ def test_settings_open_with_the_system_prompt_focused(tiny, tmp_path):
             await pilot.press(*"Be brief.")
             assert app.focused.text == "Be brief."
 
-    asyncio.run(run())
-
 
 def test_page_up_from_the_message_box_scrolls_the_conversation(tiny, tmp_path):
     app = make_app(tiny, tmp_path)
 
+    @run_async
     async def run():
         async with app.run_test(size=SMALL) as pilot:
             for text in ("one", "two", "three"):
@@ -284,14 +276,13 @@ def test_page_up_from_the_message_box_scrolls_the_conversation(tiny, tmp_path):
             await pilot.pause()
             assert conversation.scroll_y == conversation.max_scroll_y
 
-    asyncio.run(run())
-
 
 def test_releasing_a_mouse_selection_does_not_open_the_lens(tiny, tmp_path):
     from sortedchat.tui.widgets.answer import TokenText
 
     app = make_app(tiny, tmp_path)
 
+    @run_async
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             await ask(pilot, app)
@@ -303,12 +294,11 @@ def test_releasing_a_mouse_selection_does_not_open_the_lens(tiny, tmp_path):
             await pilot.pause()
             assert chat(app).lens.display
 
-    asyncio.run(run())
-
 
 def test_new_chat_clears_the_draft_and_up_brings_it_back(tiny, tmp_path):
     app = make_app(tiny, tmp_path)
 
+    @run_async
     async def run():
         async with app.run_test(size=SMALL) as pilot:
             await ask(pilot, app)
@@ -318,8 +308,6 @@ def test_new_chat_clears_the_draft_and_up_brings_it_back(tiny, tmp_path):
             await pilot.press("up")
             assert chat(app).prompt.text == "half a thought"
 
-    asyncio.run(run())
-
 
 def test_saving_settings_keeps_command_line_values_out_of_the_file(tiny, tmp_path):
     settings_path().parent.mkdir(parents=True)
@@ -328,6 +316,7 @@ def test_saving_settings_keeps_command_line_values_out_of_the_file(tiny, tmp_pat
     settings.max_new_tokens = 40  # as `sortedchat -n 40` gives it
     app = make_app(tiny, tmp_path, settings=settings)
 
+    @run_async
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             await pilot.press("ctrl+o")
@@ -336,7 +325,6 @@ def test_saving_settings_keeps_command_line_values_out_of_the_file(tiny, tmp_pat
             await pilot.press("ctrl+s")
             await wait_for(pilot, lambda: not isinstance(app.screen, SettingsScreen))
 
-    asyncio.run(run())
     saved = settings_path().read_text()
     assert "temperature = 0.7" in saved and "top_k = 5" in saved and "max_new_tokens = 40" not in saved
     assert app.settings.max_new_tokens == 40  # still used for this run
@@ -347,6 +335,7 @@ def test_exit_colours_are_readable_on_every_theme(theme):
     class Host(App):
         pass
 
+    @run_async
     async def run():
         app = Host()
         async with app.run_test(size=(40, 5)) as pilot:
@@ -358,8 +347,6 @@ def test_exit_colours_are_readable_on_every_theme(theme):
                     ratio = contrast(hex_rgb(exit_colour(layer, num_layers, first, background)), background)
                     assert ratio >= MIN_CONTRAST, (theme, layer, ratio)
 
-    asyncio.run(run())
-
 
 def test_the_light_theme_recolours_the_answer_and_is_remembered(tiny, tmp_path):
     app = make_app(tiny, tmp_path, settings=Settings(max_new_tokens=12))
@@ -369,6 +356,7 @@ def test_the_light_theme_recolours_the_answer_and_is_remembered(tiny, tmp_path):
         view = chat(app).answer.depth_view
         return [span.style.foreground.hex for block in view.blocks for span in block.spans]
 
+    @run_async
     async def run():
         async with app.run_test(size=SIZE) as pilot:
             await ask(pilot, app)
@@ -378,16 +366,14 @@ def test_the_light_theme_recolours_the_answer_and_is_remembered(tiny, tmp_path):
             colours = token_colours(app)
             assert colours != dark and all(contrast(hex_rgb(c), light) >= MIN_CONTRAST for c in colours)
 
-    asyncio.run(run())
     assert load_settings().theme == "textual-light"
     again = make_app(tiny, tmp_path, settings=load_settings())
 
+    @run_async
     async def reopen():
         async with again.run_test(size=SIZE) as pilot:
             await pilot.pause()
             assert again.theme == "textual-light"
-
-    asyncio.run(reopen())
 
 
 LONG = "What is the capital of France, and why is it there?"
@@ -412,6 +398,7 @@ def listed(app) -> list[str]:
 def test_the_saved_chats_list_fits_and_tells_same_titles_apart(tiny, tmp_path, model):
     store = stored_chats(tmp_path, ["Hello"] * 3, model)
 
+    @run_async
     async def run():
         for size in [(130, 40), SMALL]:
             app = make_app(tiny, tmp_path, store=store)
@@ -428,12 +415,11 @@ def test_the_saved_chats_list_fits_and_tells_same_titles_apart(tiny, tmp_path, m
                 assert table.ordered_columns[2].width == len(rows[0][2]) == 16
                 assert table.virtual_size.width <= table.size.width  # no column cut off
 
-    asyncio.run(run())
-
 
 def test_at_80_columns_the_saved_chats_list_gives_the_title_the_room_and_keeps_its_number(tiny, tmp_path):
     store = stored_chats(tmp_path, [LONG, LONG, "Hello"])
 
+    @run_async
     async def run():
         app = make_app(tiny, tmp_path, store=store)
         async with app.run_test(size=SMALL) as pilot:
@@ -452,8 +438,6 @@ def test_at_80_columns_the_saved_chats_list_gives_the_title_the_room_and_keeps_i
             assert all(t.startswith("What is the capital of") and "…" in t for t in shown)
             assert all(SMOLLM[:model.width - 1] in r for r in rows)
 
-    asyncio.run(run())
-
 
 @pytest.mark.parametrize("key, screen_type, keys", [
     ("ctrl+l", ChatListScreen, ["Open", "Rename", "Delete", "Export to Markdown", "Close"]),
@@ -462,6 +446,7 @@ def test_at_80_columns_the_saved_chats_list_gives_the_title_the_room_and_keeps_i
 def test_a_dialog_shows_its_own_keys_in_the_footer(tiny, tmp_path, key, screen_type, keys):
     app = make_app(tiny, tmp_path, store=stored_chats(tmp_path, ["Hello"]))
 
+    @run_async
     async def run():
         async with app.run_test(size=SMALL) as pilot:
             await pilot.press(key)
@@ -472,13 +457,12 @@ def test_a_dialog_shows_its_own_keys_in_the_footer(tiny, tmp_path, key, screen_t
             assert not {"Shallower", "New", "Chats"} & set(shown)  # none of the chat screen's
             assert all(k.region.bottom == SMALL[1] for k in app.screen.query(FooterKey))
 
-    asyncio.run(run())
-
 
 def test_enter_in_the_saved_chats_list_opens_the_chat_under_the_cursor(tiny, tmp_path):
     store = stored_chats(tmp_path, ["first", "second"])
     app = make_app(tiny, tmp_path, store=store)
 
+    @run_async
     async def run():
         async with app.run_test(size=SMALL) as pilot:
             await pilot.press("ctrl+l")
@@ -487,12 +471,11 @@ def test_enter_in_the_saved_chats_list_opens_the_chat_under_the_cursor(tiny, tmp
             await wait_for(pilot, lambda: dialogue(app).chat_id is not None)
             assert app.store.load(dialogue(app).chat_id).title == "first"
 
-    asyncio.run(run())
-
 
 def test_a_screenshot_goes_to_the_export_folder_and_the_notice_says_where(tiny, tmp_path):
     app = make_app(tiny, tmp_path)
 
+    @run_async
     async def run():
         async with app.run_test(size=SMALL) as pilot:
             await pilot.press("ctrl+p")  # the command palette's "Screenshot" takes the same way as the action
@@ -503,7 +486,6 @@ def test_a_screenshot_goes_to_the_export_folder_and_the_notice_says_where(tiny, 
             said = f"Saved screenshot to {tmp_path / 'second.svg'}"
             await wait_for(pilot, lambda: said in [n.message for n in app._notifications])
 
-    asyncio.run(run())
     assert {p.name for p in tmp_path.glob("*.svg")} >= {"second.svg"} and len(list(tmp_path.glob("*.svg"))) == 2
     assert all("<svg" in p.read_text() for p in tmp_path.glob("*.svg"))
     # No file delivery thread is left behind: it is what kept a test run from exiting after an early quit.

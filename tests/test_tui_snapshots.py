@@ -9,7 +9,6 @@ a fixed model name and config path. Update after an intended change with `pytest
 from __future__ import annotations
 
 import pytest
-from helpers.tui import AGREEMENT, ask, chat, make_app, wait_for
 
 from sortedchat.engine import Mode
 from sortedchat.tui.screens.chats import ChatListScreen
@@ -17,6 +16,8 @@ from sortedchat.tui.screens.help import HelpScreen
 from sortedchat.tui.screens.settings import SettingsScreen
 from sortedchat.tui.settings import Settings
 from sortedchat.tui.storage import ChatStore
+
+from helpers.tui import AGREEMENT, ask, chat, make_app, wait_for
 
 SIZE = (100, 30)
 

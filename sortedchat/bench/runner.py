@@ -35,8 +35,8 @@ import torch
 from sortedchat import SortedChatError
 from sortedchat.bench.costs import Costs
 from sortedchat.engine import ChatSession, Mode, SamplingConfig
+from sortedchat.engine.context import encode_chat
 from sortedchat.engine.modes import NameEnum
-from sortedchat.engine.session import encode_chat
 from sortedchat.sorted_model import SortedModel
 
 PROTOCOL = (

@@ -21,7 +21,7 @@ import torch
 
 from sortedchat import SortedChatError
 from sortedchat.engine.confidence import check_configured, make_measure
-from sortedchat.engine.context import ContextFit, ContextWindow, encode_chat
+from sortedchat.engine.context import ContextFit, ContextWindow
 from sortedchat.engine.events import GenerationStats, PrefillProgress, Step, TokenEvent
 from sortedchat.engine.modes import Mode, ModeKind
 from sortedchat.engine.pacing import Pacer

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sortedchat import SortedChatError
+from sortedchat.engine.context import encode_chat
 from sortedchat.engine.modes import Mode, ModeKind
 from sortedchat.engine.sampling import SamplingConfig
-from sortedchat.engine.session import encode_chat
 from sortedchat.server.errors import ApiError
 
 MODE_NAMES = ("full", "depth", "auto", "speculative")  # "full" is depth mode at every layer

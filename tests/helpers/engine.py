@@ -33,7 +33,7 @@ def no_stop(session):
 
 
 def prompt_ids(sm, messages):
-    from sortedchat.engine.session import encode_chat
+    from sortedchat.engine.context import encode_chat
 
     return encode_chat(sm, messages)
 

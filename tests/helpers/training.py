@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+
 def options(tiny_dir, data, out, **kw):
     from sortedchat.training.recipe import resolve_options
 

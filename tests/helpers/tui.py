@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 from sortedchat.config import SortedConfig
@@ -48,6 +49,13 @@ def dialogue(app: SortedChatApp) -> Dialogue:
 def expected_answer(tiny, messages, max_new_tokens=12, mode=None):
     events = list(ChatSession(tiny, mode).generate(messages, SamplingConfig(max_new_tokens=max_new_tokens)))
     return "".join(e.text for e in events), events
+
+
+def run_async(test_body):
+    """Run an `async def` test body at once, as a decorator: `@run_async` over `async def run(): ...` stands for
+    the body followed by `asyncio.run(run())` (what Textual's `run_test` needs around it)."""
+    asyncio.run(test_body())
+    return test_body
 
 
 async def wait_for(pilot, condition, timeout=20.0):

@@ -28,9 +28,9 @@ from sortedchat.tui.storage import StoredToken
 from sortedchat.tui.widgets.answer import AnswerView, TokenText
 from sortedchat.tui.widgets.conversation import Conversation, Welcome
 from sortedchat.tui.widgets.footer import ChatFooter
+from sortedchat.tui.widgets.legend import ExitLegend
 from sortedchat.tui.widgets.lens import LayerLens
 from sortedchat.tui.widgets.prompt import PromptInput
-from sortedchat.tui.widgets.legend import ExitLegend
 from sortedchat.tui.widgets.status import ExitSparkline, StatusBar, status_parts
 
 FLUSH_HZ = 30  # tokens reach the screen at most this often

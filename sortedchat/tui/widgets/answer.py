@@ -23,8 +23,8 @@ from textual.widget import Widget
 
 from sortedchat.tui.colours import themed_exit_colour
 from sortedchat.tui.depth import mode_range
-from sortedchat.tui.widgets.code import AnswerMarkdown
 from sortedchat.tui.storage import StoredToken
+from sortedchat.tui.widgets.code import AnswerMarkdown
 
 # Control characters would shift span offsets when Content strips them, so they go first (tab and newline stay).
 CONTROL = dict.fromkeys([*range(0, 9), *range(11, 32), 127])

@@ -62,7 +62,7 @@ class LayerLens(VerticalScroll):
 
     @work(thread=True, exclusive=True, group="lens")
     def _predict(self, request: int, context: list[dict], before: list[int]) -> None:
-        from sortedchat.engine.session import encode_chat
+        from sortedchat.engine.context import encode_chat
 
         preds = self.sm.exit_top_predictions(encode_chat(self.sm, context) + before, k=TOP_K)
         decode = self.sm.tokenizer.decode
