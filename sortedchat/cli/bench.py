@@ -31,7 +31,6 @@ def bench(
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a speed-vs-agreement plot (PNG)")] = None,
     modes: Annotated[Optional[str], typer.Option("--modes", help="Only these modes besides hf and full, comma-separated "
                                                  "(e.g. hf-ee:24,depth:24,auto,auto:propagate,spec:24,draft:24) [default: all]")] = None,
-    threads: o.ThreadsOpt = None,
     clock: Annotated[str, typer.Option("--clock", help="wall, or cpu: this process's CPU time (with --threads 1, "
                                        "leaves out waiting for a core on a busy machine)")] = "wall",
     load: o.LoadFlags,
@@ -43,7 +42,6 @@ def bench(
 
     _check_arguments(clock, repeat, max_new_tokens, json_out, plot)
     only = [m.strip() for m in modes.split(",") if m.strip()] if modes is not None else None
-    o.set_threads(threads)
     conversations = load_prompts(prompts)
     check_before_loading(model, load)
     sm = o.load_model(model, load.load_options())

@@ -30,7 +30,6 @@ def calibrate(
                                     "(agreement measured under propagation, token by token: slower)")] = "exact",
     holdout: o.HoldoutOpt = 0,
     limit: o.LimitOpt = 300,
-    threads: o.ThreadsOpt = None,
     load: o.PreciseLoadFlags,
 ) -> None:
     """Choose per-exit auto thresholds (and train the exit classifier) for a target agreement; write them
@@ -38,7 +37,6 @@ def calibrate(
     from sortedchat import calibrate as cal
 
     cal.check_options(target_agreement, measure, limit, kv)
-    o.set_threads(threads)
     check_before_loading(model, load)
     sm = o.load_model(model, load.load_options())
     cal.checkpoint_dir(sm)  # fail before the long part

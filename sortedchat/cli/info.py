@@ -5,6 +5,8 @@ well under a second; only a model that must be converted or downloaded first, or
 
 from __future__ import annotations
 
+import os
+
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -36,6 +38,8 @@ def info(*, model: o.ModelOpt = None, load: o.LoadFlags) -> None:
 
 def _table(sm, class_name: str, exit_heads: bool, lens_exits: list[int] | None, parameters: int) -> Table:
     """The rows, from a loaded model or the facts read without loading it (the same fields)."""
+    import torch  # already imported by `loading`
+
     thresholds = sm.thresholds()
     table = Table(show_header=False, box=None)
     rows = [
@@ -51,6 +55,7 @@ def _table(sm, class_name: str, exit_heads: bool, lens_exits: list[int] | None, 
         ("parameters", f"{parameters / 1e6:.1f}M"),
         ("dtype", str(sm.dtype).replace("torch.", "")),
         ("device", str(sm.device)),
+        ("threads", f"{torch.get_num_threads()} (torch, on {os.cpu_count()} CPUs; --threads sets it)"),
         ("weights", sm.weights_path),
     ]
     if sm.config.training:

@@ -17,7 +17,8 @@ ModelOpt = Annotated[
                  "[default: the built-in SmolLM2-135M-Instruct]"),
 ]
 MaxTokensOpt = Annotated[int, typer.Option("--max-new-tokens", "-n")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch [default: torch's]")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch [default: one per core; "
+                                                   "waiting threads sleep, so a busy machine slows them, not stalls them]")]
 # `eval` and `calibrate` pick their records with these (`sortedchat.training.data.last_records`).
 HoldoutOpt = Annotated[int, typer.Option("--holdout", help="Use only the last N records (what `train --holdout N` "
                                          "left out)")]
@@ -34,6 +35,7 @@ class PreciseLoadFlags:
                                                     "code to run")] = False
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .bin pickle weights (can run code)")] = False
     exits: Annotated[Optional[str], typer.Option("--exits", help="Override the exits, e.g. 9,12,15,30")] = None
+    threads: ThreadsOpt = None
 
     def exit_list(self) -> list[int] | None:
         """`--exits 9,12,30` as numbers (checked against the model's layers once they are known)."""
@@ -45,9 +47,14 @@ class PreciseLoadFlags:
             raise SortedChatError(f"--exits: expected comma-separated layer numbers, got {self.exits!r}") from None
 
     def load_options(self):
+        """The options `loading` takes. Every command that loads a model calls it first, so it is also where
+        `--threads` takes effect (torch's thread count is the process's, whichever thread then runs the model)."""
         from sortedchat.loading import LoadOptions
 
-        return LoadOptions(**dataclasses.asdict(self) | {"exits": self.exit_list()})
+        set_threads(self.threads)
+        fields = dataclasses.asdict(self)
+        del fields["threads"]
+        return LoadOptions(**fields | {"exits": self.exit_list()})
 
 
 @dataclass
@@ -148,12 +155,12 @@ def load_model(spec, opts, console=None):
 
 
 def set_threads(threads: int | None) -> None:
-    """`--threads N`: torch's CPU threads (None leaves torch's own choice)."""
-    import torch
-
+    """`--threads N`: torch's CPU threads (None leaves torch's own choice, one per core)."""
     if threads is not None:
         if threads < 1:
             raise SortedChatError(f"--threads {threads}: must be at least 1")
+        import torch
+
         torch.set_num_threads(threads)
 
 

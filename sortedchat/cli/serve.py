@@ -35,7 +35,6 @@ def serve(
     sampling: o.SamplingFlags,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Answer length of a request that "
                                                 "gives no max_tokens")] = 512,
-    threads: o.ThreadsOpt = None,
     load: o.LoadFlags,
 ) -> None:
     """Serve the OpenAI chat API: GET /v1/models, POST /v1/chat/completions (streamed or not), GET /health.
@@ -54,7 +53,6 @@ def serve(
     if host not in LOCAL_HOSTS and api_key is None:
         console.print(f"[yellow]warning: listening on {host} without --api-key: anyone who can reach this "
                       "machine can use the model[/yellow]")
-    o.set_threads(threads)
     sm = o.load_model(model, load.load_options(), console)
     app = build_app(sm, served_name(model), mode.mode(sm), config, api_key, slots, queue, batch)
     console.print(f"serving {served_name(model)} ({sm.num_layers} layers, exits {', '.join(map(str, sm.exits))}) "
