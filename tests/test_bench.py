@@ -186,6 +186,50 @@ def test_bench_refuses_a_wrong_output_name_before_loading(tiny_dir):
     assert code == 1 and err.strip() == "error: --json out.txt: expected a .json file name"
 
 
+def test_bench_skips_the_llama_cpp_row_in_one_line_without_the_package(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` fails as if it were not installed
+    prompts, out_json = tmp_path / "p.txt", tmp_path / "b.json"
+    prompts.write_text("Hello!\n")
+    code, _, err = invoke(["bench", "--model", tiny_dir, "--device", "cpu", "--prompts", prompts, "-n", "2",
+                           "--repeat", "1", "--modes", "", "--json", out_json])
+    assert code == 0, err
+    line = "llama.cpp row skipped: llama-cpp-python is not installed (pip install 'sortedchat[peer]')"
+    assert [x for x in err.splitlines() if "llama.cpp" in x] == [line]
+    data = json.loads(out_json.read_text())
+    assert [r["key"] for r in data["rows"]] == ["hf", "full"] and data["full_vs_peer"] is None
+    assert data["peer"]["skipped"] == line.split(": ", 1)[1]
+
+
+def test_a_model_without_a_gguf_has_no_peer_row(bench_run):
+    data = bench_run[0]
+    assert data["peer"]["gguf"] is None and data["peer"]["skipped"] and data["full_vs_peer"] is None
+    assert "peer" not in {r["kind"] for r in data["rows"]}
+
+
+def test_the_peer_runs_the_gguf_behind_the_model_option(tmp_path):
+    from sortedchat.bench.peer import gguf_for
+    from sortedchat.default_model import find_installed_gguf
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert gguf_for(str(gguf)) == gguf and gguf_for(str(tmp_path)) is None and gguf_for("org/model") is None
+    assert gguf_for(None) == find_installed_gguf()
+
+
+@pytest.mark.slow
+def test_llama_cpp_row_beside_our_full_depth_on_the_default_gguf(tmp_path):
+    pytest.importorskip("llama_cpp", reason="the optional extra `peer` (llama-cpp-python) is not installed")
+    prompts, out_json = tmp_path / "p.txt", tmp_path / "b.json"
+    prompts.write_text("Why is the sky blue?\n")
+    code, out, err = invoke(["bench", "--prompts", prompts, "-n", "4", "--repeat", "1", "--modes", "", "--threads",
+                             "1", "--json", out_json])
+    assert code == 0, err
+    data = json.loads(out_json.read_text())
+    peer = next(r for r in data["rows"] if r["key"] == "llama.cpp")
+    assert peer["kind"] == "peer" and peer["tokens_per_second"] > 0 and data["peer"]["threads"] == 1
+    assert data["full_vs_peer"]["ratio"] > 0 and "against llama.cpp's" in " ".join(out.split())
+
+
 def test_default_prompts_are_varied_chat_questions():
     prompts = load_prompts()
     assert len(prompts) >= 6

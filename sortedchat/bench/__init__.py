@@ -10,10 +10,12 @@ import os
 import platform
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from sortedchat.bench.costs import measure_costs
+from sortedchat.bench.peer import skip_reason
 from sortedchat.bench.runner import CLOCKS, PROTOCOL, Bench, Row
 from sortedchat.sorted_model import SortedModel
 
@@ -51,10 +53,16 @@ def run_bench(
     clock: str = "wall",
     progress: Callable[[str], None] = lambda msg: None,
     modes: list[str] | None = None,
+    peer_gguf: Path | None = None,
 ) -> tuple[dict, list[Row]]:
-    """Measure the costs, warm up, run the repeats; return (metadata, one row per mode)."""
+    """Measure the costs, warm up, run the repeats; return (metadata, one row per mode). With `peer_gguf` and
+    llama-cpp-python installed, llama.cpp runs that file as one more row (`peer`); the metadata says why not
+    otherwise."""
     load_before = load_average()
     bench = Bench(sm, conversations, max_new_tokens, modes)
+    skipped = skip_reason(peer_gguf)
+    if skipped is None:
+        bench.add_peer(peer_gguf, torch.get_num_threads())
     progress("measuring layer and head costs")
     context = sum(map(len, bench.prompts)) // len(bench.prompts) + max_new_tokens // 2
     costs = measure_costs(sm, context=context, clock=CLOCKS[clock])
@@ -78,6 +86,8 @@ def run_bench(
         "machine": machine(),
         "load_average": {"before": load_before, "after": load_average()},
         "costs": costs.to_dict(),
+        "peer": {"gguf": str(peer_gguf) if peer_gguf else None, "threads": torch.get_num_threads(), "skipped": skipped,
+                 "prompt_batch": bench.peer.batch if bench.peer else None},
         "protocol": PROTOCOL,
     }
     return meta, bench.rows(costs, clock)

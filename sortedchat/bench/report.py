@@ -22,6 +22,7 @@ KIND_STYLE = {  # kind -> (matplotlib colour, marker, legend)
     AUTO_PROPAGATE: ("tab:purple", "P", "sortedchat auto (propagated K/V)"),
     RowKind.SPEC: ("tab:green", "v", "sortedchat speculative, draft k (paced)"),
     RowKind.DRAFT: ("tab:olive", "<", "sortedchat speculative, draft k, always drafting"),
+    RowKind.PEER: ("tab:brown", "X", "llama.cpp, same GGUF (its quantized weights)"),
 }
 PER_EXIT = (RowKind.DEPTH, RowKind.SPEC, RowKind.DRAFT, RowKind.HF_EE)  # one point per exit, joined and labelled
 
@@ -137,11 +138,26 @@ def print_table(rows: list[Row], title: str, console: Console | None = None) -> 
                           f"line at that speed: {v['fixed_depth_line']:.0%} → auto {verdict}")
     for name, ways in dominating(verdicts).items():
         console.print(verdict_line(name, ways, list(verdicts)))
+    versus = full_vs_peer(rows)
+    if versus is not None:
+        console.print(f"our full depth {versus['full']:.1f} tok/s against llama.cpp's {versus['peer']:.1f} tok/s on "
+                      f"the same GGUF and threads: {versus['ratio']:.2f}x")
+
+
+def full_vs_peer(rows: list[Row]) -> dict | None:
+    """Our full depth's tokens/s against llama.cpp's (the peer row), by the table's clock; None without a peer."""
+    full = next((r for r in rows if r.kind == RowKind.FULL), None)
+    peer = next((r for r in rows if r.kind == RowKind.PEER), None)
+    if full is None or peer is None or not peer.tokens_per_second:
+        return None
+    return {"full": full.tokens_per_second, "peer": peer.tokens_per_second,
+            "ratio": full.tokens_per_second / peer.tokens_per_second}
 
 
 def write_json(path: str | Path, meta: dict, rows: list[Row]) -> Path:
     data = dict(meta, rows=[dict(r.to_dict(), of_ideal=of_ideal_ratio(r, rows)) for r in rows],
-                auto_vs_fixed=auto_vs_fixed(rows), auto_dominating=dominating(auto_vs_fixed(rows)))
+                auto_vs_fixed=auto_vs_fixed(rows), auto_dominating=dominating(auto_vs_fixed(rows)),
+                full_vs_peer=full_vs_peer(rows))
     return atomic_write_text(Path(path), json.dumps(data, indent=2) + "\n")
 
 

@@ -34,6 +34,7 @@ import torch
 
 from sortedchat import SortedChatError
 from sortedchat.bench.costs import Costs
+from sortedchat.bench.peer import KEY as PEER_KEY, LlamaCpp
 from sortedchat.engine import ChatSession, Mode, SamplingConfig
 from sortedchat.engine.context import encode_chat
 from sortedchat.engine.modes import NameEnum
@@ -50,8 +51,9 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 class RowKind(NameEnum):
-    """What a row runs: transformers' `generate` (HF, and HF_EE with its early-exit assistant) or our engine
-    (FULL depth, a fixed DEPTH, AUTO, SPEC as users get it, DRAFT drafting always)."""
+    """What a row runs: transformers' `generate` (HF, and HF_EE with its early-exit assistant), our engine
+    (FULL depth, a fixed DEPTH, AUTO, SPEC as users get it, DRAFT drafting always), or llama.cpp on the same GGUF
+    (PEER, `peer`)."""
 
     HF = "hf"
     HF_EE = "hf-ee"
@@ -60,6 +62,7 @@ class RowKind(NameEnum):
     AUTO = "auto"
     SPEC = "spec"
     DRAFT = "draft"
+    PEER = "peer"
 
 
 @dataclass
@@ -239,11 +242,23 @@ class Bench:
         self.reference: dict[int, list[int]] = {}
         tok = sm.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        self.peer: LlamaCpp | None = None
+
+    def add_peer(self, gguf, threads: int) -> None:
+        """The llama.cpp row, on `gguf` with `threads` threads, for these prompts and answers."""
+        self.peer = LlamaCpp(gguf, threads, context=max(map(len, self.prompts)) + self.n + 8)
+        spec = ModeSpec(PEER_KEY, f"llama.cpp ({gguf.name})", RowKind.PEER, self.sm.num_layers)
+        self.specs.append(spec)
+        self.tallies[spec.key] = Tally()
 
     # -- one generation ------------------------------------------------------------------------------
     def generate(self, spec: ModeSpec, prompt_index: int, tally: Tally) -> tuple[list[int], dict[str, float]]:
         """The answer's tokens and the seconds it took by each clock."""
         ids = self.prompts[prompt_index]
+        if spec.kind == RowKind.PEER:
+            t = {c: clock() for c, clock in CLOCKS.items()}
+            tokens = self.peer.generate(ids, self.n)
+            return tokens, {c: clock() - t[c] for c, clock in CLOCKS.items()}
         if spec.kind in (RowKind.HF, RowKind.HF_EE):
             x = torch.tensor([ids], device=self.sm.device)
             early_exit = spec.kind == RowKind.HF_EE

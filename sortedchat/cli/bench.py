@@ -37,6 +37,7 @@ def bench(
 ) -> None:
     """Time every decoding mode against transformers' generate on the same prompts, in one process."""
     from sortedchat.bench import run_bench
+    from sortedchat.bench.peer import gguf_for
     from sortedchat.bench.prompts import load_prompts
     from sortedchat.bench.report import print_table, write_json, write_plot
 
@@ -47,7 +48,13 @@ def bench(
     sm = o.load_model(model, load.load_options())
     err = Console(stderr=True)
     with err.status("benchmarking", spinner="dots") as status:
-        meta, rows = run_bench(sm, conversations, max_new_tokens, repeat, clock, progress=status.update, modes=only)
+        meta, rows = run_bench(sm, conversations, max_new_tokens, repeat, clock, progress=status.update, modes=only,
+                               peer_gguf=gguf_for(model))
+    if meta["peer"]["skipped"]:
+        err.print(f"llama.cpp row skipped: {meta['peer']['skipped']}", markup=False, highlight=False, soft_wrap=True)
+    elif meta["peer"]["prompt_batch"] == 1:
+        err.print("llama.cpp crashed on a batched prompt here: its prompts went in one token at a time",
+                  highlight=False, soft_wrap=True)
     meta["command"] = " ".join(["sortedchat", *sys.argv[1:]])
     title = (f"{meta['model']} · {meta['dtype']} on {meta['device']} ({meta['machine']['torch_threads']} threads) · "
              f"{len(conversations)} prompts × {max_new_tokens} tokens × {repeat} repeats · {clock} clock · load "
