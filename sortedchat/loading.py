@@ -18,10 +18,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sortedchat import SortedChatError
+from sortedchat import SortedChatError, default_model  # default_model's functions called through it: tests replace them
 from sortedchat.config import CONFIG_NAME, SortedConfig, default_exits, validate_exits
 from sortedchat.convert import convert_gguf, incomplete
-from sortedchat.default_model import BASE_DIRNAME, base_model_dir, default_model_dir, prepared_default_dir
 from sortedchat.paths import cache_dir
 from sortedchat.progress import Progress, quiet
 from sortedchat.sorted_model import ExitHeads, ExitLenses, SortedModel
@@ -217,7 +216,7 @@ def _load_base(base: str, opts: LoadOptions, device, dtype, progress: Progress):
 
 def _resolve_base(base: str, progress: Progress) -> str:
     if base == DEFAULT_BASE:
-        return str(base_model_dir(progress))
+        return str(default_model.base_model_dir(progress))
     if not Path(base).expanduser().exists():
         _check_hub_cache(base)
     return base
@@ -245,7 +244,7 @@ def load_sorted_model(spec: str | None = None, opts: LoadOptions | None = None, 
 def _locate(spec: str | None, progress: Progress) -> Path | None:
     """The directory `spec` names (a GGUF converts into the cache here, once); None for a hub id."""
     if spec is None:
-        return default_model_dir(progress)
+        return default_model.default_model_dir(progress)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         return _converted_gguf(spec, path, progress)
@@ -379,7 +378,7 @@ def read_model_facts(spec: str | None, opts: LoadOptions) -> ModelFacts | None:
 def _prepared_directory(spec: str | None) -> Path | None:
     """The directory `_locate` would give, when it needs no conversion first."""
     if spec is None:
-        return prepared_default_dir()
+        return default_model.prepared_default_dir()
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         return gguf_cache_dir(path) if path.is_file() and incomplete(gguf_cache_dir(path)) is None else None
@@ -394,7 +393,7 @@ def _weights_directory(directory: Path, cfg: SortedConfig) -> Path | None:
     if (directory / "adapter_config.json").is_file():
         base = base or json.loads((directory / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if base == DEFAULT_BASE:
-        base_dir = cache_dir() / "models" / BASE_DIRNAME
+        base_dir = cache_dir() / "models" / default_model.BASE_DIRNAME
         return base_dir if incomplete(base_dir) is None else None
     return Path(base) if base and Path(base).is_dir() else None
 
