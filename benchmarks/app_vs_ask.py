@@ -7,8 +7,8 @@ app runs its generation. The app is the real `SortedChatApp`, headless through T
 the prompt is typed and sent, the generation thread saves every token to SQLite, and the UI drains
 the events into the screen at up to 30 Hz while the model runs. Every run starts a new chat, so none
 reuses a cached prompt. Every round runs all three, in a shuffled order (seeded), so a noisy
-neighbour and any position effect hit all of them alike; round 0 is a warm-up and not counted. Figures are the engine's decode tokens/s (prefill excluded), medians over
-the rounds.
+neighbour and any position effect hit all of them alike; round 0 is a warm-up and not counted. Figures are the
+engine's decode tokens/s (prefill excluded), medians over the rounds.
 
 The ratio that measures the app's own cost is app / ask-on-a-worker-thread: same thread layout, the
 only difference is the UI. It is printed last. (On a busy 2-core machine, torch's two intra-op threads

@@ -148,7 +148,8 @@ def main(
     table = Table(title=f"train step cost on {results['sft'][0]['device']} · model {model} · batch {batch_size} · "
                   f"max length {max_length} · {'LoRA' if lora else 'full'} · precision {mixed_precision} · "
                   f"{torch.get_num_threads()} threads", title_justify="left")
-    for col in ("method", "exits trained", "s/step", "vs SFT", "tok/s", "peak GiB", "vs SFT", "above start GiB", "vs SFT"):
+    for col in ("method", "exits trained", "s/step", "vs SFT", "tok/s", "peak GiB", "vs SFT", "above start GiB",
+                "vs SFT"):
         table.add_column(col, justify="right")
 
     def summary(v):

@@ -39,6 +39,7 @@ from sortedchat.bench.costs import Costs, measure_costs
 from sortedchat.config import CONFIG_NAME, SortedConfig
 from sortedchat.engine.confidence import MEASURES, Candidates, ExitView, Measure, previous_top
 from sortedchat.engine.context import encode_chat
+from sortedchat.engine.modes import KV, ModeError, kv_way
 from sortedchat.engine.state import LayeredState
 from sortedchat.outputs import check_output_dir
 from sortedchat.outputs import write_or_rescue as rescued
@@ -354,9 +355,11 @@ def judged(measure: str, thresholds: list[float], result: dict, exits: list[int]
 
 
 # -- the command ---------------------------------------------------------------------------------------
-def check_options(target: float, measure: str | None, max_examples: int, kv: str = "exact") -> None:
-    if kv not in ("exact", "propagate"):
-        raise SortedChatError(f"--kv {kv}: choose exact or propagate")
+def check_options(target: float, measure: str | None, max_examples: int, kv: KV | str = KV.EXACT) -> None:
+    try:
+        kv_way(kv)
+    except ModeError as exc:
+        raise SortedChatError(f"--kv {kv}: {exc.problem}") from None
     if not 0.0 < target <= 1.0:
         raise SortedChatError(f"--target-agreement {target}: must be in (0, 1]")
     if measure is not None and measure not in MEASURES:
@@ -373,16 +376,17 @@ class Calibration:
     data: dict
     positions: dict[str, int]
     measure: Measure | None = None  # the chosen plan's measure, as fitted (`write` saves what it learned)
-    kv: str = "exact"
+    kv: KV = KV.EXACT
     start: Plan | None = None  # propagated K/V: the one-pass plan the propagated runs started from
 
 
-def calibrate(sm: SortedModel, data: str, target: float = 0.95, measure: str | None = None,
-              max_examples: int = 300, holdout: int = 0, progress: Progress = quiet, kv: str = "exact") -> Calibration:
+def calibrate(sm: SortedModel, data: str, target: float = 0.95, measure: str | None = None, max_examples: int = 300,
+              holdout: int = 0, progress: Progress = quiet, kv: KV | str = KV.EXACT) -> Calibration:
     """Measure, fit the measures that learn, choose thresholds; write nothing. With `kv` "propagate", the measure
     is chosen on the one-pass plans, and its thresholds and figures come from runs under propagation (module
     docstring)."""
     check_options(target, measure, max_examples, kv)
+    kv = kv_way(kv)
     sequences, described = reference_sequences(sm, data, max_examples, holdout)
     names = [measure] if measure else list(MEASURES)
     obs = observe(sm, sequences, progress, [MEASURES[n] for n in names])
@@ -395,7 +399,7 @@ def calibrate(sm: SortedModel, data: str, target: float = 0.95, measure: str | N
     chosen = max(plans.values(), key=lambda p: p.speedup) if measure is None else plans[measure]
     positions = {name: int(obs.part(name).sum()) for name in SPLITS}
     start = None
-    if kv == "propagate":
+    if kv is KV.PROPAGATE:
         start, chosen = chosen, propagated_plan(sm, sequences, chosen, target, costs, measures[chosen.measure],
                                                 progress)
         plans = {chosen.measure: chosen}

@@ -222,7 +222,8 @@ def _resolve_base(base: str, progress: Progress) -> str:
     return base
 
 
-def load_sorted_model(spec: str | None = None, opts: LoadOptions | None = None, progress: Progress = quiet) -> SortedModel:
+def load_sorted_model(spec: str | None = None, opts: LoadOptions | None = None,
+                      progress: Progress = quiet) -> SortedModel:
     """Load `spec` (see module doc) as a `SortedModel` on the requested device and dtype."""
     opts = opts or LoadOptions()
     device = resolve_device(opts.device)

@@ -305,8 +305,8 @@ def _(tiny_dir, tmp_path):
     [weights] = newest.glob("model*.safetensors")
     weights.unlink()
     _, res = _train(tiny_dir, tmp_path, "--max-steps", "3", "--keep-checkpoints", "2", "--resume")
-    assert one_error_line(res, progress=True) == (f"error: --resume: {newest} is incomplete ({weights.name} is missing); "
-                                   "delete that folder to resume from step-00000001")
+    assert one_error_line(res, progress=True) == (f"error: --resume: {newest} is incomplete ({weights.name} is "
+                                                  "missing); delete that folder to resume from step-00000001")
 
 
 @case("06b-pruning-killed-half-way-leaves-no-checkpoint-lookalike")
@@ -395,7 +395,8 @@ def _(tmp_path):
 @case("08b-remap-onto-another-actions-key")
 def _(tmp_path):
     path, message = _config(tmp_path, '[keys]\nquit = "f2"\n')
-    assert message == f'{path}: line 2: [keys] quit = "f2" is already the key of shallower; give one of them another key'
+    assert message == (f'{path}: line 2: [keys] quit = "f2" is already the key of shallower; '
+                       'give one of them another key')
 
 
 # -- 9. thresholds in sortedchat.json ---------------------------------------------------------------------------
@@ -457,13 +458,14 @@ def _(tiny_dir):
     assert res.returncode == 0 and res.stderr == b"", res.stderr.decode()
 
 
-# -- 12. JSONL with U+0085 / U+2028 inside strings ------------------------------------------------------------------------
+# -- 12. JSONL with U+0085 / U+2028 inside strings -----------------------------------------------------------
 @case("12-jsonl-line-separators-inside-strings")
 def _(tmp_path):
     from sortedchat.training.data import load_records
 
     data = tmp_path / "data.jsonl"
-    records = [{"instruction": "Say\u0085hi", "output": "hi\u2028there"}, {"instruction": "Two\u2029", "output": "x\x0cy"}]
+    records = [{"instruction": "Say\u0085hi", "output": "hi\u2028there"},
+               {"instruction": "Two\u2029", "output": "x\x0cy"}]
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     got = load_records(str(data)).examples
     assert [(e.messages[0]["content"], e.messages[1]["content"]) for e in got] == [

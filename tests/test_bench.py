@@ -96,7 +96,8 @@ def make_row(kind, ratio, agree=0.0, forced=None, ideal=None):
     from sortedchat.bench.runner import Row
 
     return Row(key=kind, label=kind, kind=kind, exit=3, clock="wall", tokens_per_second=1.0, ratio=ratio,
-               agreement=agree, forced_agreement=forced, mean_exit=None, acceptance=None, accepted_per_verification=None, paced_share=None,
+               agreement=agree, forced_agreement=forced, mean_exit=None, acceptance=None,
+               accepted_per_verification=None, paced_share=None,
                peak_memory_mib=None, ideal_ratio=ideal, check_share=None, checks_per_token=None, by_clock={})
 
 
@@ -159,8 +160,9 @@ def test_bench_modes_keeps_the_baseline_and_full_depth_and_names_unknown_modes(t
     assert [r["key"] for r in json.loads(out_json.read_text())["rows"]] == ["hf", "full", "auto", "spec:4"]
     code, _, err = invoke([*base, "--modes", "spec:5"])
     assert code == 1
-    assert err.strip().splitlines()[-1] == ("error: --modes: unknown mode 'spec:5' (this model has hf, hf-ee:2, hf-ee:4, "
-                                            "full, depth:2, depth:4, auto, auto:propagate, spec:2, spec:4, draft:2, draft:4)")
+    assert err.strip().splitlines()[-1] == ("error: --modes: unknown mode 'spec:5' (this model has hf, hf-ee:2, "
+                                            "hf-ee:4, full, depth:2, depth:4, auto, auto:propagate, spec:2, spec:4, "
+                                            "draft:2, draft:4)")
 
 
 def test_bench_ideal_ratio_comes_from_layer_and_head_cost(bench_run):

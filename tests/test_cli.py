@@ -53,8 +53,10 @@ def test_summary_says_how_many_tokens_pacing_decoded_at_full_depth():
     from sortedchat.cli.render import summary_parts
     from sortedchat.engine.events import GenerationStats
 
-    stats = GenerationStats(num_layers=6, tokens=10, drafted=4, accepted=2, verifications=2, paced=5, decode_seconds=1.0)
-    assert summary_parts(stats)[-2:] == ["accepted 50% of drafts (1.00/verify)", "5 at full depth (drafting was slower)"]
+    stats = GenerationStats(num_layers=6, tokens=10, drafted=4, accepted=2, verifications=2, paced=5,
+                            decode_seconds=1.0)
+    assert summary_parts(stats)[-2:] == ["accepted 50% of drafts (1.00/verify)",
+                                         "5 at full depth (drafting was slower)"]
 
 
 def test_the_summary_breaks_lines_between_items_never_inside_one():
@@ -179,8 +181,8 @@ def test_plain_chat_on_a_terminal_shows_a_long_prompt_pass(tiny):
     rest = len(encode_chat(tiny, [{"role": "user", "content": text}])) - 1
     screen = io.StringIO()
     lines = iter([text, "/quit"])
-    plain_chat(tiny, Mode.fixed(), SamplingConfig(max_new_tokens=3), console=Console(file=screen, force_terminal=True,
-                                                                                   width=200), read=lambda _: next(lines))
+    console = Console(file=screen, force_terminal=True, width=200)
+    plain_chat(tiny, Mode.fixed(), SamplingConfig(max_new_tokens=3), console=console, read=lambda _: next(lines))
     shown = screen.getvalue()
     assert f"reading the prompt: 0/{rest} tokens" in shown and f"reading the prompt: 256/{rest} tokens" in shown
     assert "reading the prompt" not in shown.rsplit("\x1b[2K", 1)[1]  # the answer's first token erased the line
@@ -194,7 +196,8 @@ def test_truncated_weights_are_a_clear_error(tiny_dir, tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     res = cli("info", "--model", bad, "--device", "cpu")
     assert res.returncode == 1
-    assert res.stderr.startswith(f"error: {bad}: cannot load model weights") and len(res.stderr.strip().splitlines()) == 1
+    assert res.stderr.startswith(f"error: {bad}: cannot load model weights")
+    assert len(res.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("how", [["--debug"], ["env"]])

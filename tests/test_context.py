@@ -82,7 +82,8 @@ def test_the_window_moves_in_steps_and_the_turns_between_reuse_the_kv(tiny, tmp_
 
 def test_a_message_too_long_for_the_context_is_refused_before_it_is_stored(tiny, tmp_path):
     d = make_dialogue(tiny, tmp_path)
-    size = len(encode_chat(d.session.sm, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": TOO_LONG}]))
+    size = len(encode_chat(d.session.sm, [{"role": "system", "content": SYSTEM},
+                                          {"role": "user", "content": TOO_LONG}]))
     with pytest.raises(ContextFull) as refused:
         d.send(TOO_LONG, SYSTEM, SamplingConfig(max_new_tokens=300))
     assert str(refused.value) == (f"the message is {size} tokens (with the system prompt and chat markup); the "
@@ -215,7 +216,7 @@ def test_the_app_says_why_a_looping_answer_stopped(looping, tmp_path):
 
     from helpers.tui import ask, make_app, run_async, status
 
-    app = make_app(looping, tmp_path, max_new_tokens=100, initial_mode=lambda sm: Mode.fixed(2))
+    app = make_app(looping, tmp_path, max_new_tokens=100, mode=Mode.fixed(2))
 
     @run_async
     async def run():

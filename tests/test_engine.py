@@ -130,6 +130,7 @@ def test_pacer_pauses_drafting_while_it_is_slower_and_probes_again_with_growing_
 
 
 def test_paced_speculation_decodes_at_full_depth_while_drafting_loses_and_stays_exact(tiny):
+    from sortedchat.engine.drafting import Drafter
     from sortedchat.engine.pacing import Pacer
 
     class DraftingLoses(Pacer):  # the clock rigged: drafting 1 s per token, full depth 1 ms
@@ -142,16 +143,31 @@ def test_paced_speculation_decodes_at_full_depth_while_drafting_loses_and_stays_
     ids = prompt_ids(tiny, PROMPTS[0])
     full = run(no_stop(ChatSession(tiny)), ids, n=30)
     session = no_stop(ChatSession(tiny, Mode.speculative(2, draft_len=2)))
-    session.pacer = DraftingLoses(first_pause=4, max_pause=16, drafting=(2, 2))
+    session.drafter = Drafter(2, 2, pacer=DraftingLoses(first_pause=4, max_pause=16))
     events = list(session.generate_ids(ids, SamplingConfig(max_new_tokens=30)))
     assert [e.token_id for e in events] == full
     stats = session.last_stats
     assert stats.paced >= 4 + 4 + 8 and 1 <= stats.verifications <= 4
     always = no_stop(ChatSession(tiny, Mode.speculative(2, draft_len=2, pace=False)))
-    always.pacer = DraftingLoses(drafting=(2, 2))
+    always.drafter = Drafter(2, 2, pacer=DraftingLoses())
     assert run(always, ids, n=30) == full and always.last_stats.paced == 0
     session.mode = Mode.speculative(4, draft_len=2)  # another draft depth: its speed is measured afresh
-    assert run(session, ids, n=4) == full[:4] and type(session.pacer) is Pacer and session.pacer.drafting == (4, 2)
+    assert run(session, ids, n=4) == full[:4] and type(session.drafter.pacer) is Pacer
+    assert (session.drafter.depth, session.drafter.start_len) == (4, 2)
+
+
+def test_a_later_mode_drafts_its_own_length(tiny):
+    """The adaptive draft length belongs to the drafter of one (draft depth, length): a mode that asks for another
+    length starts drafting at that length, not at what the earlier mode's rounds had adapted to."""
+    ids = prompt_ids(tiny, PROMPTS[0])
+    full = run(no_stop(ChatSession(tiny)), ids, n=12)
+    session = no_stop(ChatSession(tiny, Mode.speculative(2, draft_len=2, pace=False)))
+    sizes, draft = [], session._draft
+    session._draft = lambda pending, k, n, *rest: sizes.append(n) or draft(pending, k, n, *rest)
+    assert run(session, ids, n=12) == full and sizes[0] == 2
+    session.mode = Mode.speculative(2, draft_len=6, pace=False)
+    sizes.clear()
+    assert run(session, ids, n=12) == full and sizes[0] == 6
 
 
 def test_auto_unreachable_thresholds_equal_full_depth(tiny):

@@ -71,7 +71,8 @@ def dry_dir(tmp_path_factory):
     """DRY=1 prepare.sh into a private folder: the tiny model in 3 parts, the data, the manifest."""
     where = tmp_path_factory.mktemp("gpu-dry")
     data = tmp_path_factory.mktemp("gpu-dry-data") / "alpaca.json"  # no shared data in a test
-    data.write_text(json.dumps([{"instruction": f"Say {w}.", "input": "", "output": w} for w in ("yes", "no", "maybe")]))
+    records = [{"instruction": f"Say {w}.", "input": "", "output": w} for w in ("yes", "no", "maybe")]
+    data.write_text(json.dumps(records))
     done = run_script("prepare.sh", {"DRY": "1", "GPU_DIR": str(where), "DATA_SRC": str(data)})
     assert done.returncode == 0, done.stdout + done.stderr
     assert "command 1:" in done.stdout and "prepare: ready" in done.stdout

@@ -46,7 +46,8 @@ def test_head_product_copies_follow_a_changed_weight():
         before = product(h)
         holder.lm_head.weight.mul_(2)
         torch.testing.assert_close(product(h), 2 * before, rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(product.screened(h)[0, product.screened(h).argmax()], 2 * before.max(), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(product.screened(h)[0, product.screened(h).argmax()], 2 * before.max(), rtol=1e-5,
+                                   atol=1e-4)
 
 
 def test_screened_head_returns_the_float32_argmax():

@@ -31,7 +31,8 @@ def reference(sm, tokens: list[int], filled_by: list[int]):
         for i in range(L):
             keyword = cache_keyword(type(sm.layers[i]))  # the layer's name for its KV cache in this transformers
             if i < filled:
-                h = sm.layers[i](h, position_ids=positions, use_cache=True, position_embeddings=rope, **{keyword: cache})
+                h = sm.layers[i](h, position_ids=positions, use_cache=True, position_embeddings=rope,
+                                 **{keyword: cache})
             else:
                 scratch = DynamicCache(config=sm.model.config)
                 sm.layers[i](h, position_ids=positions, use_cache=True, position_embeddings=rope, **{keyword: scratch})
@@ -221,8 +222,8 @@ def test_observe_propagated_records_what_a_propagated_run_chooses(tiny):
     from sortedchat import calibrate as cal
     from sortedchat.engine.confidence import make_measure
 
-    sequences = [(prompt_ids(tiny, PROMPTS[i % 3]) + [40 + i, 50, 60 + i, 70, 80], len(prompt_ids(tiny, PROMPTS[i % 3])) - 1)
-                 for i in range(4)]
+    prompts = [prompt_ids(tiny, PROMPTS[i % 3]) for i in range(4)]
+    sequences = [(p + [40 + i, 50, 60 + i, 70, 80], len(p) - 1) for i, p in enumerate(prompts)]
     maxprob = make_measure("maxprob", tiny)
     obs = cal.observe_propagated(tiny, sequences, maxprob, [0.0, 1.0])
     assert obs.exit_at.tolist() == [2] * obs.agree.shape[1] and obs.exits == [2, 4]
@@ -230,7 +231,8 @@ def test_observe_propagated_records_what_a_propagated_run_chooses(tiny):
     for ids, start in sequences:
         reference = tiny.model(input_ids=torch.tensor([ids])).logits[0].argmax(-1)[start:-1].tolist()
         session = no_stop(ChatSession(tiny, Mode.auto(threshold=0.0, kv="propagate")))
-        chosen = [ev.token_id for ev in session.generate_ids(ids[: start + 1], SamplingConfig(), forced=ids[start + 1 :])]
+        events = session.generate_ids(ids[: start + 1], SamplingConfig(), forced=ids[start + 1 :])
+        chosen = [ev.token_id for ev in events]
         expected += [a == b for a, b in zip(chosen, reference)]
     assert obs.agree[0].tolist() == expected
 
@@ -256,7 +258,8 @@ def test_calibrate_kv_propagate_writes_figures_measured_under_propagation(monkey
     shutil.copytree(tiny_dir, model_dir)
     data.write_text(json.dumps(CALIBRATION_RECORDS))
     monkeypatch.setattr(sys, "argv", ["sortedchat", "calibrate", "--model", str(model_dir), "--data", str(data),
-                                      "--device", "cpu", "--exits", "2,4,6", "--measure", "subset", "--kv", "propagate"])
+                                      "--device", "cpu", "--exits", "2,4,6", "--measure", "subset", "--kv",
+                                      "propagate"])
     with pytest.raises(SystemExit) as exc:
         main()
     out = capsys.readouterr().out

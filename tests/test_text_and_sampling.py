@@ -37,7 +37,7 @@ def test_speculative_sampling_follows_the_full_model_distribution(tiny):
     session.stop_ids = set()
     counts = collections.Counter()
     for seed in range(runs):
-        session.draft_len = 1
+        session.restart_drafting()  # each run drafts one token, as the first
         first = next(iter(session.generate_ids(prompt, SamplingConfig(seed=seed, **cfg))))
         assert first.exit_layer in (1, 6)
         counts[first.token_id] += 1

@@ -36,7 +36,7 @@ def fixed_config_dir(monkeypatch):
 
 
 def test_main_screen_with_answers_at_two_depths(snap_compare, tiny, tmp_path):
-    app = make_app(tiny, tmp_path, max_new_tokens=24, initial_mode=lambda sm: Mode.fixed(2))
+    app = make_app(tiny, tmp_path, max_new_tokens=24, mode=Mode.fixed(2))
 
     async def chat(pilot):
         await steady_cursor(pilot)
@@ -77,7 +77,7 @@ def test_small_empty_chat_shows_the_welcome(snap_compare, tiny, tmp_path):
 
 
 def test_small_main_screen_with_a_speculative_answer(snap_compare, tiny, tmp_path):
-    app = make_app(tiny, tmp_path, max_new_tokens=24, initial_mode=lambda sm: Mode.speculative(2, pace=False))
+    app = make_app(tiny, tmp_path, max_new_tokens=24, mode=Mode.speculative(2, pace=False))
 
     async def chat(pilot):
         await steady_cursor(pilot)
@@ -101,7 +101,7 @@ def test_small_layer_lens_under_the_chat(snap_compare, tiny, tmp_path):
 
 
 def test_small_light_theme(snap_compare, tiny, tmp_path):
-    app = make_app(tiny, tmp_path, initial_mode=lambda sm: Mode.fixed(2),
+    app = make_app(tiny, tmp_path, mode=Mode.fixed(2),
                    settings=Settings(max_new_tokens=24, theme="textual-light"))
 
     async def chat(pilot):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -16,6 +15,8 @@ from sortedchat.engine import Mode, ModeKind
 from sortedchat.tui.depth import DepthControl
 from sortedchat.tui.settings import Settings, load_settings, save_settings, settings_path
 from sortedchat.tui.storage import ChatStore
+
+from helpers.tui import run_async
 
 
 def test_tokens_are_committed_as_they_come_and_an_unfinished_answer_is_rebuilt(tmp_path):
@@ -109,7 +110,8 @@ def test_settings_round_trip_and_keymap(tmp_path):
     "text, message",
     [
         ("[chat]\ntemperature = \n", "config.toml: Invalid value (at line 2, column 15)"),
-        ("[chat]\nseed = 1\ntemperature = \"hot\"\n", "config.toml: line 3: [chat] temperature must be a number, got 'hot'"),
+        ("[chat]\nseed = 1\ntemperature = \"hot\"\n",
+         "config.toml: line 3: [chat] temperature must be a number, got 'hot'"),
         ("[chat]\ntempreature = 0.5\n", "config.toml: line 2: [chat] tempreature is not a setting"),
         ("[keys]\nfaster = \"f5\"\n", "config.toml: line 2: [keys] faster is not an action"),
         ("[keys]\ndeeper = 5\n", "config.toml: line 2: [keys] deeper must be a key name"),
@@ -145,6 +147,7 @@ def test_bare_command_and_chat_open_the_app_with_the_given_options(tiny_dir, mon
     seen = []
 
     def run(self):
+        @run_async
         async def drive():
             async with self.run_test(size=(100, 30)) as pilot:
                 for _ in range(1000):
@@ -153,8 +156,6 @@ def test_bare_command_and_chat_open_the_app_with_the_given_options(tiny_dir, mon
                     await pilot.pause(0.02)
                 session = self.screen.dialogue.session if isinstance(self.screen, ChatScreen) else None
                 seen.append((session and session.mode, self.settings, self.sm and self.sm.exits, self.error))
-
-        asyncio.run(drive())
 
     monkeypatch.setattr(SortedChatApp, "run", run)
     save_settings(Settings(system_prompt="From the file.", max_new_tokens=99))
@@ -195,9 +196,10 @@ def test_depth_control_steps_over_the_exits():
     control.step(-1)
     assert control.label() == "Depth 2/6" and control.step(-1) == "already at the shallowest exit"
     control.toggle_auto()
-    assert control.adjust_threshold(+1) is None and control.label() == "Auto, thresholds +0.05"  # calibrated ones, shifted
+    # the calibrated thresholds, shifted
+    assert control.adjust_threshold(+1) is None and control.label() == "Auto, thresholds +0.05"
     assert control.mode().shift == 0.05 and control.mode().threshold is None
-    control.threshold = 0.9  # a single --threshold moves itself instead
+    control.settings = Mode.auto(0.9)  # a single --threshold moves itself instead
     assert control.adjust_threshold(-1) is None and control.label() == "Auto ≥0.85"
     control.step(+1)  # a depth key leaves auto mode for the next exit
     assert control.label() == "Depth 4/6"

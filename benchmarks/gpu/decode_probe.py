@@ -123,12 +123,14 @@ def profile(fn, n: int, sync) -> dict:
 def main(
     device: Annotated[str, typer.Option("--device")] = "cuda",
     dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16")] = "bfloat16",
-    config: Annotated[Path, typer.Option("--config", help="A model config.json, or a directory holding one")] = HERE / "smollm2-135m-config.json",
+    config: Annotated[Path, typer.Option("--config", help="A model config.json, or a directory holding "
+                                         "one")] = HERE / "smollm2-135m-config.json",
     tokens: Annotated[int, typer.Option("--tokens", help="Tokens decoded per timed call")] = 64,
     prompt_len: Annotated[int, typer.Option("--prompt-len")] = 64,
     rounds: Annotated[int, typer.Option("--rounds")] = 3,
     json_out: Annotated[Optional[Path], typer.Option("--json")] = None,
-    ceiling: Annotated[bool, typer.Option("--ceiling", help="Also time transformers' static cache + torch.compile")] = False,
+    ceiling: Annotated[bool, typer.Option("--ceiling", help="Also time transformers' static cache + "
+                                          "torch.compile")] = False,
 ) -> None:
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     sm = random_model(config, device, torch_dtype)
@@ -152,8 +154,9 @@ def main(
             ms[name] = ms_per_token(fn, tokens, sync, rounds)
         report.add("ms_per_token", ms)
         report.add("engine_full_vs_generate", ms["hf_generate"] / ms[f"engine_depth_{L}"])
+        costs = measure_costs(sm, context=prompt_len + tokens // 2, measures={}).to_dict()
         report.add("costs_ms", {k: (v * 1e3 if k in ("layer", "head", "step") else v)
-                                for k, v in measure_costs(sm, context=prompt_len + tokens // 2, measures={}).to_dict().items()
+                                for k, v in costs.items()
                                 if k in ("layer", "head", "step", "drain", "context")})
         short = 16
         report.add("profile", {"hf_generate": profile(hf_tokens(sm, prompt, short), short, sync),

@@ -57,10 +57,13 @@ def train_cost_rates(text: str) -> dict[str, float]:
 def main(
     config: Annotated[Path, typer.Option("--config", help="The model's config.json, or its directory")],
     trained: Annotated[str, typer.Option("--trained", help="train_cost's rows: full, lora or frozen")] = "lora",
-    metrics_trained: Annotated[Optional[str], typer.Option("--metrics-trained", help="... the training run's [default: --trained]")] = None,
+    metrics_trained: Annotated[Optional[str], typer.Option("--metrics-trained", help="... the training run's "
+                                                           "[default: --trained]")] = None,
     seq: Annotated[int, typer.Option("--seq", help="Sequence length of train_cost's rows")] = 256,
-    metrics_seq: Annotated[Optional[int], typer.Option("--metrics-seq", help="... of the training run's [default: --seq]")] = None,
-    peak: Annotated[float, typer.Option("--peak", help="The GPU's peak FLOP/s in the training dtype")] = H200_BF16_DENSE,
+    metrics_seq: Annotated[Optional[int], typer.Option("--metrics-seq", help="... of the training run's "
+                                                       "[default: --seq]")] = None,
+    peak: Annotated[float, typer.Option("--peak", help="The GPU's peak FLOP/s in the training "
+                                        "dtype")] = H200_BF16_DENSE,
     train_cost: Annotated[Optional[Path], typer.Option("--train-cost")] = None,
     metrics: Annotated[Optional[Path], typer.Option("--metrics")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json")] = None,
@@ -70,7 +73,8 @@ def main(
     runs = {}  # name -> (tokens/s, model FLOPs per token)
     if train_cost is not None:
         for name, rate in train_cost_rates(train_cost.read_text()).items():  # a `lens` row trains lenses only
-            runs[f"train_cost {name}"] = (rate, flops_per_token(cfg, "frozen" if name.startswith("lens") else trained, seq))
+            how = "frozen" if name.startswith("lens") else trained
+            runs[f"train_cost {name}"] = (rate, flops_per_token(cfg, how, seq))
     if metrics is not None:
         logged = [json.loads(x) for x in metrics.read_text().splitlines() if '"tokens_per_second"' in x]
         if logged:

@@ -25,6 +25,7 @@ import torch
 
 from sortedchat import SortedChatError
 from sortedchat.engine.confidence import MEASURES, make_measure
+from sortedchat.engine.modes import KV
 from sortedchat.engine.state import LayeredState
 from sortedchat.sorted_model import SortedModel
 
@@ -41,7 +42,7 @@ class Costs:
     context: int
     drain: float = 0.0  # one more position in a layer call, as a share of `layer`
     kv_fill: float = 0.0  # seconds to store one position's propagated K/V in one layer
-    kv: str = "exact"  # how skipped layers are filled (engine.modes.Mode.kv): decides `early_exit_saving`
+    kv: KV = KV.EXACT  # how skipped layers are filled (engine.modes.Mode.kv): decides `early_exit_saving`
     check: dict[str, float] = field(default_factory=dict)  # per checked exit
     per_token: dict[str, float] = field(default_factory=dict)  # a measure's prepare + observe, once per token
 
@@ -55,7 +56,7 @@ class Costs:
     def early_exit_saving(self, exit_layer, num_layers: int):
         """Seconds a token saves by leaving at `exit_layer` (a number or a tensor): with exact K/V its backlog is
         drained later; with propagated K/V each skipped layer still stores its K/V projections."""
-        if self.kv == "propagate":
+        if self.kv == KV.PROPAGATE:
             return (num_layers - exit_layer) * (self.layer - self.kv_fill)
         return (num_layers - exit_layer) * self.layer * (1.0 - self.drain)
 

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from sortedchat.bench.runner import Row, RowKind
 from sortedchat.config import atomic_write_text
+from sortedchat.engine.modes import KV
 
 AUTO_PROPAGATE = "auto:propagate"  # the plot's own style for auto mode with propagated K/V
 KIND_STYLE = {  # kind -> (matplotlib colour, marker, legend)
@@ -45,7 +46,8 @@ def table(rows: list[Row], title: str) -> Table:
     t = Table(title=title, title_justify="left")
     for name, justify in [
         ("mode", "left"), ("tok/s", "right"), ("× base", "right"), ("ideal × full", "right"), ("% of ideal", "right"),
-        ("mean exit", "right"), ("accept", "right"), ("paced", "right"), ("agree", "right"), ("forced", "right"), ("checks", "right"),
+        ("mean exit", "right"), ("accept", "right"), ("paced", "right"), ("agree", "right"), ("forced", "right"),
+        ("checks", "right"),
         ("peak MiB", "right"),
     ]:
         t.add_column(name, justify=justify)
@@ -77,7 +79,8 @@ AGREEMENTS = {"agreement": "free-running", "forced_agreement": "teacher-forced"}
 def fixed_depth_line(rows: list[Row], ratio: float, attr: str) -> float | None:
     """The agreement the fixed-depth modes reach at speed `ratio`: fixed depths and full depth joined by
     straight lines in order of speed (beyond either end, the end point's agreement)."""
-    pts = sorted((r.ratio, getattr(r, attr)) for r in rows if r.kind in (RowKind.FULL, RowKind.DEPTH) and getattr(r, attr) is not None)
+    pts = sorted((r.ratio, getattr(r, attr)) for r in rows
+                 if r.kind in (RowKind.FULL, RowKind.DEPTH) and getattr(r, attr) is not None)
     if not pts:
         return None
     if ratio <= pts[0][0]:
@@ -170,7 +173,7 @@ def write_plot(path: str | Path, rows: list[Row], title: str) -> Path:
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
     def style(r: Row) -> str:
-        return AUTO_PROPAGATE if r.kind == RowKind.AUTO and r.kv == "propagate" else r.kind
+        return AUTO_PROPAGATE if r.kind == RowKind.AUTO and r.kv == KV.PROPAGATE else r.kind
 
     for ax, (attr, name) in zip(axes, AGREEMENTS.items()):
         for kind, (colour, marker, legend) in KIND_STYLE.items():

@@ -34,18 +34,20 @@ import torch
 
 from sortedchat import SortedChatError
 from sortedchat.bench.costs import Costs
-from sortedchat.bench.peer import KEY as PEER_KEY, LlamaCpp
+from sortedchat.bench.peer import KEY as PEER_KEY
+from sortedchat.bench.peer import LlamaCpp
 from sortedchat.engine import ChatSession, Mode, SamplingConfig
 from sortedchat.engine.context import encode_chat
-from sortedchat.engine.modes import NameEnum
+from sortedchat.engine.modes import KV, NameEnum
 from sortedchat.sorted_model import SortedModel
 
 PROTOCOL = (
     "greedy; exactly max_new_tokens tokens per prompt with end-of-turn ignored by every mode; time = the whole "
     "call, prefill included; one warm-up run per mode; modes alternate prompt by prompt, their order rotating "
     "each repeat; tok/s = median over repeats; ratio = median of per-repeat ratios to the baseline; agreement = "
-    "share of positions whose token equals the baseline's; forced agreement (fixed depth, full, auto) = share of steps whose "
-    "token equals the baseline's when every step is fed the baseline's previous tokens (teacher forcing, untimed)"
+    "share of positions whose token equals the baseline's; forced agreement (fixed depth, full, auto) = share of "
+    "steps whose token equals the baseline's when every step is fed the baseline's previous tokens (teacher "
+    "forcing, untimed)"
 )
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
@@ -138,7 +140,7 @@ def bench_modes(sm: SortedModel, only: list[str] | None = None) -> list[ModeSpec
     specs += [ModeSpec(f"depth:{k}", f"depth {k}", RowKind.DEPTH, k, Mode.fixed(k)) for k in drafts]
     specs.append(ModeSpec("auto", f"auto ({sm.config.confidence})", RowKind.AUTO, None, Mode.auto()))
     specs.append(ModeSpec("auto:propagate", f"auto ({sm.config.confidence}), propagated KV", RowKind.AUTO, None,
-                          Mode.auto(kv="propagate")))
+                          Mode.auto(kv=KV.PROPAGATE)))
     specs += [ModeSpec(f"spec:{k}", f"speculative {k}", RowKind.SPEC, k, Mode.speculative(k)) for k in drafts]
     specs += [ModeSpec(f"draft:{k}", f"speculative {k}, always drafting", RowKind.DRAFT, k,
                        Mode.speculative(k, pace=False)) for k in drafts]

@@ -24,13 +24,15 @@ def register(app: typer.Typer) -> None:
 def bench(
     *,
     model: o.ModelOpt = None,
-    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file: .txt (one per line), .jsonl or .json [default: the built-in set]")] = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file: .txt (one per line), .jsonl or "
+                                                       ".json [default: the built-in set]")] = None,
     max_new_tokens: o.MaxTokensOpt = 128,
     repeat: Annotated[int, typer.Option("--repeat", "-r", help="Timed repeats of every mode on every prompt")] = 3,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON to this file")] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a speed-vs-agreement plot (PNG)")] = None,
-    modes: Annotated[Optional[str], typer.Option("--modes", help="Only these modes besides hf and full, comma-separated "
-                                                 "(e.g. hf-ee:24,depth:24,auto,auto:propagate,spec:24,draft:24) [default: all]")] = None,
+    modes: Annotated[Optional[str], typer.Option("--modes", help="Only these modes besides hf and full, "
+                                                 "comma-separated (e.g. hf-ee:24,depth:24,auto,auto:propagate,"
+                                                 "spec:24,draft:24) [default: all]")] = None,
     clock: Annotated[str, typer.Option("--clock", help="wall, or cpu: this process's CPU time (with --threads 1, "
                                        "leaves out waiting for a core on a busy machine)")] = "wall",
     load: o.LoadFlags,

@@ -11,6 +11,7 @@ from rich.table import Table
 from sortedchat.cli import options as o
 from sortedchat.cli.option_groups import takes_groups
 from sortedchat.cli.prechecks import check_before_loading
+from sortedchat.engine.modes import KV, kv_way
 
 
 def register(app: typer.Typer) -> None:
@@ -20,9 +21,11 @@ def register(app: typer.Typer) -> None:
 @takes_groups
 def calibrate(
     *,
-    data: Annotated[str, typer.Option("--data", help="Held-out reference answers: Alpaca/chat/QA JSON or JSONL, or plain text (.txt)")],
+    data: Annotated[str, typer.Option("--data", help="Held-out reference answers: Alpaca/chat/QA JSON or JSONL, or "
+                                      "plain text (.txt)")],
     model: o.ModelOpt = None,
-    target_agreement: Annotated[float, typer.Option("--target-agreement", help="Share of tokens auto mode must pick as the full model does (teacher-forced)")] = 0.95,
+    target_agreement: Annotated[float, typer.Option("--target-agreement", help="Share of tokens auto mode must pick "
+                                                    "as the full model does (teacher-forced)")] = 0.95,
     measure: Annotated[Optional[str], typer.Option("--measure", help="A confidence measure of auto mode (a wrong "
                                                    "name lists them all) [default: every one; the fastest at the "
                                                    "target is written]")] = None,
@@ -57,7 +60,8 @@ def print_result(sm, result, target_agreement: float, kv: str) -> None:
                   f"K/V {costs.kv_fill / max(costs.layer, 1e-12):.0%}), head "
                   f"{costs.head * 1e3:.2f} ms, full token "
                   f"{costs.token(sm.num_layers) * 1e3:.1f} ms (without overhead)[/dim]")
-    how = "teacher-forced" if kv == "exact" else "teacher-forced with propagated K/V, agreement with the exact model"
+    how = ("teacher-forced" if kv_way(kv) is KV.EXACT
+           else "teacher-forced with propagated K/V, agreement with the exact model")
     summary = Table(title=f"auto mode, {kv} K/V, at target agreement {target_agreement:.0%} (held-out, {how})",
                     title_justify="left")
     for col in ("measure", "check ms", "checks/token", "check cost", "mean exit", "agreement", "expected ×"):

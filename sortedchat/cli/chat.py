@@ -46,7 +46,7 @@ def chat(
                                                             "device": load.device, "dtype": load.dtype}, system)
     spec = model if model is not None else (settings.model or None)
     o.unicode_text(settings.system_prompt, "--system")
-    check_before_loading(spec, load, mode)
+    start = check_before_loading(spec, load, mode)  # the mode, checked as far as the layer count is known
 
     def options():  # imports torch: the app calls it behind its loading screen, which shows at once
         return dataclasses.replace(load, device=settings.device, dtype=settings.dtype).load_options()
@@ -57,7 +57,7 @@ def chat(
         sm = o.load_model(spec, options())
         plain_chat(sm, mode.mode(sm), settings.sampling(), settings.system_prompt)
         return
-    run_app(spec, options, mode.mode, settings)
+    run_app(spec, options, start, settings)
 
 
 def _settings(ctx: typer.Context, values: dict, system: str | None):
@@ -75,7 +75,7 @@ def _settings(ctx: typer.Context, values: dict, system: str | None):
     return settings
 
 
-def run_app(spec, options, initial_mode, settings) -> None:
+def run_app(spec, options, mode, settings) -> None:
     from sortedchat.tui.app import SortedChatApp
 
     def loader(progress):
@@ -94,7 +94,7 @@ def run_app(spec, options, initial_mode, settings) -> None:
                 raise SortedChatError(f"--{name.replace('_', '-')} {exc}, got {value}") from None
     app = SortedChatApp(
         loader=loader,
-        initial_mode=initial_mode,
+        mode=mode,
         settings=settings,
         loading_label=spec or "the default model (SmolLM2-135M-Instruct)",
     )

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from sortedchat import SortedChatError
+from sortedchat.engine.modes import Mode, ModeError, ModeKind  # no torch (engine/__init__ loads lazily)
 
 ModelOpt = Annotated[
     Optional[str],
@@ -18,7 +19,8 @@ ModelOpt = Annotated[
 ]
 MaxTokensOpt = Annotated[int, typer.Option("--max-new-tokens", "-n")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch [default: one per core; "
-                                                   "waiting threads sleep, so a busy machine slows them, not stalls them]")]
+                                                   "waiting threads sleep, so a busy machine slows them, not stalls "
+                                                   "them]")]
 # `eval` and `calibrate` pick their records with these (`sortedchat.training.data.last_records`).
 HoldoutOpt = Annotated[int, typer.Option("--holdout", help="Use only the last N records (what `train --holdout N` "
                                          "left out)")]
@@ -33,7 +35,8 @@ class PreciseLoadFlags:
     dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16")] = "auto"
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow a hub model's own Python "
                                                     "code to run")] = False
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .bin pickle weights (can run code)")] = False
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Allow .bin pickle weights "
+                                               "(can run code)")] = False
     exits: Annotated[Optional[str], typer.Option("--exits", help="Override the exits, e.g. 9,12,15,30")] = None
     threads: ThreadsOpt = None
 
@@ -67,6 +70,11 @@ class LoadFlags(PreciseLoadFlags):
                                                "(bitsandbytes)")] = False
 
 
+# The flag that sets each `Mode` field a `ModeError` can name (`--speculative` sets `depth` when drafting).
+FLAG_OF = {"depth": "--depth", "threshold": "--threshold", "kv": "--kv", "draft_len": "--draft-len",
+           "draft_stop": "--draft-stop"}
+
+
 @dataclass
 class ModeFlags:
     """How deep each token goes: `--depth`, `--auto` or `--speculative`, and their settings."""
@@ -87,43 +95,34 @@ class ModeFlags:
                                     "deeper token needs them) or propagate (at once, from the exit's hidden state: "
                                     "approximate, nothing waits; not with --speculative)")] = "exact"
 
-    def check(self, num_layers: int | None) -> None:
-        """The mode options' rules; with `num_layers` also their range. Runs before loading too (with the count
-        from `known_layers`), so a mistyped option never waits for the model."""
+    def check(self, num_layers: int | None) -> Mode:
+        """The `Mode` the flags ask for, checked by `Mode.validate` (its error names the flag); with `num_layers`
+        None the range checks wait for the model. Runs before loading too (with the count from `known_layers`), so
+        a mistyped option never waits for the model. The rules here are the flags' own: which go together."""
         chosen = sum(x is not None for x in (self.depth, self.speculative)) + bool(self.auto)
         if chosen > 1:
             raise SortedChatError("--depth, --auto and --speculative exclude each other")
         if self.threshold is not None and not self.auto:
             raise SortedChatError("--threshold needs --auto")
-        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
-            raise SortedChatError(f"--threshold {self.threshold}: must be in 0..1")
-        if not 0.0 <= self.draft_stop <= 1.0:
-            raise SortedChatError(f"--draft-stop {self.draft_stop}: must be a probability in 0..1")
         if self.always_draft and self.speculative is None:
             raise SortedChatError("--always-draft needs --speculative")
-        if self.kv not in ("exact", "propagate"):
-            raise SortedChatError(f"--kv {self.kv}: choose exact or propagate")
-        if self.kv != "exact" and self.speculative is not None:
-            raise SortedChatError(f"--kv {self.kv}: speculative decoding needs exact K/V (its output is the full "
-                                  "model's)")
-        if num_layers is None:
-            return
-        if self.speculative is not None and not 1 <= self.speculative < num_layers:
-            raise SortedChatError(f"--speculative {self.speculative}: draft depth must be in 1..{num_layers - 1}")
-        if self.depth is not None and not 1 <= self.depth <= num_layers:
-            raise SortedChatError(f"--depth {self.depth}: the model has {num_layers} layers")
+        try:
+            return self._mode().validate(num_layers)
+        except ModeError as exc:
+            flag = "--speculative" if exc.field == "depth" and self.speculative is not None else FLAG_OF[exc.field]
+            raise SortedChatError(f"{flag} {exc.value}: {exc.problem}") from None
 
-    def mode(self, sm):
-        """The engine's `Mode` for the loaded model `sm` (the `ChatSession` it goes to validates it)."""
-        from sortedchat.engine.modes import Mode
-
-        self.check(sm.num_layers)
+    def _mode(self) -> Mode:
         if self.auto:
             return Mode.auto(self.threshold, kv=self.kv)
         if self.speculative is not None:
-            return Mode.speculative(self.speculative, draft_len=self.draft_len, draft_stop=self.draft_stop,
-                                    pace=not self.always_draft)
+            return Mode(ModeKind.SPECULATIVE, self.speculative, draft_len=self.draft_len, draft_stop=self.draft_stop,
+                        pace=not self.always_draft, kv=self.kv)
         return Mode.fixed(self.depth, kv=self.kv)
+
+    def mode(self, sm) -> Mode:
+        """The engine's `Mode` for the loaded model `sm`."""
+        return self.check(sm.num_layers)
 
 
 @dataclass

@@ -6,17 +6,19 @@ import json
 from pathlib import Path
 
 from sortedchat.cli.options import ModeFlags, PreciseLoadFlags
+from sortedchat.engine.modes import Mode
 
 
-def check_before_loading(spec: str | None, load: PreciseLoadFlags, mode: ModeFlags | None = None) -> None:
-    """Everything about the model options that the layer count decides, before the model loads."""
+def check_before_loading(spec: str | None, load: PreciseLoadFlags, mode: ModeFlags | None = None) -> Mode:
+    """Everything about the model options that the layer count decides, before the model loads; the mode the flags
+    ask for (checked against the layer count where it is known without loading)."""
     from sortedchat.config import validate_exits
 
     layers = known_layers(spec)
     parsed = load.exit_list()
     if layers is not None and parsed is not None:
         validate_exits(parsed, layers, "--exits")
-    (mode or ModeFlags()).check(layers)
+    return (mode or ModeFlags()).check(layers)
 
 
 def known_layers(spec: str | None) -> int | None:

@@ -5,7 +5,8 @@ A decoding step on a CPU runs 30 small layer calls of a few dozen operators each
 layer call adds keyword deprecation wrappers, the attention-interface lookup, the cache's dispatch and the mask
 checks, which cost about a third as much as the layers' own operators (BENCHMARKS.md, "Where a decoding step's
 time goes"). `LayerStep` runs the same operators on the same weights: the input norm, the q/k/v projections
-(with the q/k norms of the models that have them), rotary on q and k (in fewer operators, `Span.rotation`), the K/V written into the layer's cache,
+(with the q/k norms of the models that have them), rotary on q and k (in fewer operators, `Span.rotation`), the
+K/V written into the layer's cache,
 scaled-dot-product attention called exactly as transformers' `sdpa` integration calls it, the output
 projection, the residual, the post-attention norm, the MLP and its residual. Same operators on the same
 inputs give the same numbers bit for bit, which `step_for` checks on every layer before using a step (a probe

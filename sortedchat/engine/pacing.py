@@ -7,8 +7,8 @@ produced token of speculative rounds and of full-depth steps (moving averages), 
 slower it has the session run full-depth steps, probing drafting again after a pause that doubles each time
 drafting loses (up to `max_pause` tokens). Output does not depend on it: verified drafts and full-depth
 steps both yield the full model's tokens (or, sampling, its distribution), up to float32 rounding between
-the batched verification and a single step. The session starts a new pacer when the draft depth or length
-changes; while drafting keeps winning, `full_rate` is not measured again (it is probed only after a loss).
+the batched verification and a single step. Each `engine.drafting.Drafter` (one draft depth and length) has its
+own; while drafting keeps winning, `full_rate` is not measured again (it is probed only after a loss).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ class Pacer:
     full_rate: float | None = None  # seconds per token, full-depth steps
     pause: int = 0  # full-depth tokens still to run before the next speculative round
     next_pause: int = 0
-    drafting: tuple | None = None  # the (draft depth, draft length) these measurements are of
 
     def __post_init__(self) -> None:
         self.next_pause = self.next_pause or self.first_pause

@@ -22,9 +22,9 @@ import torch
 from sortedchat import SortedChatError
 from sortedchat.engine.confidence import check_configured, make_measure
 from sortedchat.engine.context import ContextFit, ContextWindow
+from sortedchat.engine.drafting import Drafter
 from sortedchat.engine.events import GenerationStats, PrefillProgress, Step, TokenEvent
-from sortedchat.engine.modes import Mode, ModeKind
-from sortedchat.engine.pacing import Pacer
+from sortedchat.engine.modes import KV, Mode, ModeKind
 from sortedchat.engine.repetition import RepetitionGuard
 from sortedchat.engine.sampling import Sampler, SamplingConfig
 from sortedchat.engine.speculative import verify
@@ -33,7 +33,6 @@ from sortedchat.engine.text import IncrementalText
 from sortedchat.sorted_model import SortedModel
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
-MAX_DRAFT = 16
 NO_LIMIT = 1 << 62  # the context length of a model that names none
 PREFILL_CHUNK = 256  # a longer prompt pass runs in pieces of this many tokens, reporting progress after each
 
@@ -112,12 +111,11 @@ class ChatSession:
         self.state = LayeredState(sm)
         self.mode = mode or Mode.fixed()
         self.stop_ids = stop_token_ids(sm)  # the model's end-of-turn tokens
-        self.draft_len = self.mode.draft_len
         self.last_stats: GenerationStats | None = None
         self.window = ContextWindow(sm)  # what the model sees of a conversation longer than its context
         self.last_fit: ContextFit | None = None
         self._measures: dict[str, object] = {}
-        self.pacer = Pacer()  # kept across answers for one draft depth and length (see `_speculative_steps`)
+        self.drafter: Drafter | None = None  # kept across answers for one draft depth and length
 
     # -- public API --------------------------------------------------------------------------------
     @property
@@ -129,6 +127,12 @@ class ChatSession:
     @mode.setter
     def mode(self, mode: Mode) -> None:
         self._mode = mode.validate(self.L)
+
+    def restart_drafting(self) -> None:
+        """The next speculative round drafts the mode's starting length again (a new request on a reused session);
+        how fast drafting measured stays."""
+        if self.drafter is not None:
+            self.drafter.restart()
 
     def fit(self, messages: list[dict], sampling: SamplingConfig | None = None) -> ContextFit:
         """What the model will see of `messages` for its next answer (`engine/context.py`: the oldest turns drop
@@ -199,7 +203,7 @@ class ChatSession:
                 break
             mode = self.mode
             steps = self._decode(pending, mode, sampler, budget - emitted, forced is not None, stop_ids, stats)
-            if mode.kv == "propagate":
+            if mode.kv is KV.PROPAGATE:
                 self.state.propagate()  # the layers this token skipped get its K/V now: nothing waits
             for step in steps:  # only the last step can be an end of turn (see `_speculative_round`)
                 yield answer.event(step, emitted, step.token in stop_ids)
@@ -240,7 +244,7 @@ class ChatSession:
             state.run(depth, rest[done : done + PREFILL_CHUNK])
         if report:
             report(len(rest), len(rest))
-        if mode.kv == "propagate":
+        if mode.kv is KV.PROPAGATE:
             state.propagate()  # the prompt at a fixed depth, or a backlog left by earlier exact tokens
 
     def _decode(self, pending: int, mode: Mode, sampler: Sampler, budget: int, forcing: bool, stop_ids: set[int],
@@ -306,26 +310,27 @@ class ChatSession:
         """A speculative round while drafting pays, as the pacer measures it (always with `pace=False`), else
         one full-depth step, which the pacer times. The last token of an answer, and every teacher-forced one,
         is a full-depth step: nothing to draft ahead of it."""
-        if (mode.depth, mode.draft_len) != self.pacer.drafting:
-            self.pacer = Pacer(drafting=(mode.depth, mode.draft_len))  # another draft: measure it afresh
+        depth = mode.depth or self.sm.default_draft_exit
+        if self.drafter is None or not self.drafter.is_for(depth, mode.draft_len):
+            self.drafter = Drafter(depth, mode.draft_len)  # another draft: its own length, measured afresh
+        drafter = self.drafter
         start = time.perf_counter()
-        if budget > 1 and not forcing and (self.pacer.draft_now() or not mode.pace):
-            steps = self._speculative_round(pending, mode, sampler, budget, stop_ids, stats)
-            self.pacer.record_draft(time.perf_counter() - start, len(steps))
+        if budget > 1 and not forcing and (drafter.pacer.draft_now() or not mode.pace):
+            steps = self._speculative_round(pending, drafter, mode.draft_stop, sampler, budget, stop_ids, stats)
+            drafter.pacer.record_draft(time.perf_counter() - start, len(steps))
             return steps
         step = self._depth_step(pending, self.L, sampler)
         if budget > 1:
-            self.pacer.record_full(time.perf_counter() - start)
+            drafter.pacer.record_full(time.perf_counter() - start)
             stats.paced += 1
         return [step]
 
-    def _speculative_round(self, pending: int, mode: Mode, sampler: Sampler, budget: int, stop_ids: set[int],
-                           stats: GenerationStats) -> list[Step]:
+    def _speculative_round(self, pending: int, drafter: Drafter, draft_stop: float, sampler: Sampler, budget: int,
+                           stop_ids: set[int], stats: GenerationStats) -> list[Step]:
         """Draft up to n tokens at depth k, verify them in one pass of layers k+1..L, crop what fails."""
-        state, L, k = self.state, self.L, mode.depth or self.sm.default_draft_exit
+        state, L, k = self.state, self.L, drafter.depth
         start = state.length  # position of `pending`
-        drafts, draft_probs = self._draft(pending, k, max(1, min(self.draft_len, budget - 1, MAX_DRAFT)),
-                                          mode.draft_stop, sampler, stop_ids)
+        drafts, draft_probs = self._draft(pending, k, drafter.size(budget), draft_stop, sampler, stop_ids)
         n = len(drafts)
         # Verification: the last draft runs to full depth, draining the drafted positions at k+1..L.
         out = state.run(L, [drafts[-1].token])
@@ -336,8 +341,7 @@ class ChatSession:
         stats.accepted += m
         if m < n:
             state.crop(start + m + 1)  # keep `pending` and the accepted drafts
-        # Draft more when everything passed, less after a rejection.
-        self.draft_len = min(MAX_DRAFT, self.draft_len + 1) if m == n else max(1, m + 1)
+        drafter.verified(m, n)
         steps = [dataclasses.replace(d, accepted=True) for d in drafts[:m]] + [final]
         # A stop token among the accepted drafts ends the answer there.
         return next((steps[: i + 1] for i, step in enumerate(steps) if step.token in stop_ids), steps)

@@ -202,7 +202,7 @@ class LayeredState:
         # them once for every layer.
         cos, sin = self.rotary.span(self._any_hidden(x), first, end)
         positions = torch.arange(first, end, device=sm.device)[None] if not self.steps.all_own else None
-        layers, steps, cache_layers = sm.layers, self.steps, self.cache.layers
+        steps, cache_layers = self.steps, self.cache.layers
         span_key, span = None, None
         for i in range(depth):
             backlog = waiting[i]

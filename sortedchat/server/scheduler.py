@@ -165,7 +165,7 @@ class Scheduler:
             if job.generation is None:
                 job.session = self.pool.take(job.prompt)
                 job.session.mode = job.mode
-                job.session.draft_len = job.mode.draft_len  # each request starts drafting as it asked
+                job.session.restart_drafting()  # each request starts drafting as it asked
                 job.generation = job.session.generate_ids(job.prompt, job.sampling, lambda: job.cancelled)
             event = job.last = next(job.generation)
             job.stats = job.session.last_stats

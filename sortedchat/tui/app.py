@@ -45,8 +45,8 @@ def model_label(sm: SortedModel) -> str:
 class SortedChatApp(App):
     """Give it a loaded `model`, or a `loader(progress)` that loads one while a loading screen shows.
 
-    `initial_mode(sm)` builds the starting mode once the model is known (the session checks its depths against
-    the model); `show_speed=False` leaves tokens/s out of the status line (for repeatable screenshots).
+    `mode` is the starting mode (the session checks its depths against the model once it is known);
+    `show_speed=False` leaves tokens/s out of the status line (for repeatable screenshots).
     After `run()`, `error` holds the error the app could not start for, if any (its cause kept for `--debug`).
     """
 
@@ -63,7 +63,7 @@ class SortedChatApp(App):
         self,
         model: SortedModel | None = None,
         loader: Loader | None = None,
-        initial_mode: Callable[[SortedModel], Mode] | None = None,
+        mode: Mode | None = None,
         settings: Settings | None = None,
         store: ChatStore | None = None,
         show_speed: bool = True,
@@ -73,7 +73,7 @@ class SortedChatApp(App):
         super().__init__()
         if model is None and loader is None:
             raise ValueError("SortedChatApp needs a model or a loader")
-        self.sm, self.loader, self.initial_mode = model, loader, initial_mode
+        self.sm, self.loader, self.start_mode = model, loader, mode
         self.settings = settings or Settings()
         self.store = store
         self.show_speed = show_speed
@@ -111,7 +111,7 @@ class SortedChatApp(App):
             return
         report(screen.set_progress, "warming up", None)
         try:
-            mode = self.initial_mode(sm) if self.initial_mode else None
+            mode = self.start_mode.validate(sm.num_layers) if self.start_mode else None
         except SortedChatError:
             mode = None  # `_model_ready` reports it
         warm_up(sm, mode, should_stop=self._stop_loading.is_set)
@@ -125,7 +125,7 @@ class SortedChatApp(App):
         from sortedchat.engine import ChatSession
 
         try:
-            session = ChatSession(sm, self.initial_mode(sm) if self.initial_mode else None)
+            session = ChatSession(sm, self.start_mode)
             self.store = self.store or ChatStore()
         except SortedChatError as exc:
             self._fail(exc)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from sortedchat.engine.modes import Mode, ModeKind  # no torch: the app imports this before its loading screen shows
+from sortedchat.engine.modes import KV, Mode, ModeKind  # no torch: the app imports this before its loading screen shows
 
 THRESHOLD_STEP = 0.05
 
@@ -23,20 +23,19 @@ def exit_agreement(config) -> dict[int, float]:
 
 @dataclass
 class DepthControl:
-    """The user's choice of depth. `depth` is the fixed depth, or the draft depth in speculative mode;
-    it is remembered while auto mode is on. `threshold` is a single auto threshold given on the command
-    line (None: the model's calibrated per-exit thresholds, moved together by `shift`). `agreement`: each
-    exit's measured agreement with full depth (`exit_agreement`), said when a key moves to that exit."""
+    """The user's choice of depth: `kind`, and `depth`, the fixed depth or the draft depth in speculative mode
+    (remembered while auto mode is on, which has none). The rest of the mode is `settings`, a `Mode` whose
+    fields the keys move and carry across switches: its `threshold` (a single auto threshold given on the command
+    line; None: the model's calibrated per-exit thresholds, moved together by `shift`), `kv` (auto and fixed
+    depth; speculative decoding is exact) and the drafting options. `agreement`: each exit's measured agreement
+    with full depth (`exit_agreement`), said when a key moves to that exit."""
 
     exits: list[int]
     num_layers: int
     default_draft: int
     kind: ModeKind = ModeKind.DEPTH
     depth: int = 0
-    threshold: float | None = None
-    shift: float = 0.0
-    kv: str = "exact"  # auto and fixed depth: exact or propagated K/V for skipped layers (speculative: exact)
-    options: Mode | None = None  # the starting mode: its drafting options carry over
+    settings: Mode = field(default_factory=Mode)
     agreement: dict[int, float] = field(default_factory=dict)
 
     @classmethod
@@ -47,27 +46,21 @@ class DepthControl:
             default_draft=sm.default_draft_exit,
             kind=mode.kind,
             depth=mode.depth or (sm.default_draft_exit if mode.kind is ModeKind.SPECULATIVE else sm.num_layers),
-            threshold=mode.threshold,
-            shift=mode.shift,
-            kv=mode.kv,
-            options=mode,
+            settings=mode,
             agreement=exit_agreement(sm.config),
         )
 
     def mode(self) -> Mode:
+        s = self.settings
         if self.kind is ModeKind.AUTO:
-            return Mode.auto(self.threshold, shift=self.shift, kv=self.kv)
+            return Mode.auto(s.threshold, shift=s.shift, kv=s.kv)
         if self.kind is ModeKind.SPECULATIVE:
-            return replace(self.options or Mode(), kind=ModeKind.SPECULATIVE, depth=self.depth, threshold=None,
-                           shift=0.0, kv="exact")
-        return Mode.fixed(self.depth, kv=self.kv)
+            return replace(s, kind=ModeKind.SPECULATIVE, depth=self.depth, threshold=None, shift=0.0, kv=KV.EXACT)
+        return Mode.fixed(self.depth, kv=s.kv)
 
     def label(self) -> str:
-        """The mode as the status line and an answer's header show it; a threshold shift is named as one."""
-        text = self.mode().label(self.num_layers)
-        if self.kind is ModeKind.AUTO and self.threshold is None and self.shift:
-            text = text.replace(f"Auto {self.shift:+.2f}", f"Auto, thresholds {self.shift:+.2f}", 1)
-        return text
+        """The mode as the status line and an answer's header show it (`Mode.label`)."""
+        return self.mode().label(self.num_layers)
 
     # -- keys; each returns a note for the user when the key could not do what it says ---------------
     def step(self, direction: int) -> str | None:
@@ -106,9 +99,10 @@ class DepthControl:
     def toggle_kv(self) -> str | None:
         """Exact K/V (skipped layers computed when a deeper token needs them) or propagated (at once,
         approximate). Speculative decoding stays exact; the choice applies when auto or fixed depth returns."""
-        self.kv = "propagate" if self.kv == "exact" else "exact"
+        kv = KV.PROPAGATE if self.settings.kv is KV.EXACT else KV.EXACT
+        self.settings = replace(self.settings, kv=kv)
         if self.kind is ModeKind.SPECULATIVE:
-            return f"{self.kv} K/V from auto or fixed depth on (speculative decoding keeps exact K/V)"
+            return f"{kv} K/V from auto or fixed depth on (speculative decoding keeps exact K/V)"
         return None
 
     def toggle_speculative(self) -> str | None:
@@ -124,12 +118,13 @@ class DepthControl:
     def adjust_threshold(self, direction: int) -> str | None:
         """Raise (+1) or lower (-1) the auto thresholds by one step: the single command-line threshold if
         one was given, else every calibrated per-exit threshold together (a shift of at most ±1)."""
-        if self.threshold is not None:
-            self.threshold = round(min(1.0, max(0.0, self.threshold + direction * THRESHOLD_STEP)), 2)
-            what = f"auto threshold {self.threshold:.2f}"
+        s = self.settings
+        if s.threshold is not None:
+            self.settings = replace(s, threshold=round(min(1.0, max(0.0, s.threshold + direction * THRESHOLD_STEP)), 2))
+            what = f"auto threshold {self.settings.threshold:.2f}"
         else:
-            self.shift = round(min(1.0, max(-1.0, self.shift + direction * THRESHOLD_STEP)), 2)
-            what = f"auto thresholds {self.shift:+.2f}"
+            self.settings = replace(s, shift=round(min(1.0, max(-1.0, s.shift + direction * THRESHOLD_STEP)), 2))
+            what = f"auto thresholds {self.settings.shift:+.2f}"
         return None if self.kind is ModeKind.AUTO else f"{what} (used in auto mode)"
 
 

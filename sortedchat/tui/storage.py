@@ -336,7 +336,8 @@ class ChatStore:
     def export_markdown(self, chat_id: int) -> str:
         """The chat as Markdown: a heading per turn, the mode and summary of each answer under it."""
         chat = self.load(chat_id)
-        out = [f"# {chat.title}", "", f"*{chat.model} · {time.strftime('%Y-%m-%d %H:%M', time.localtime(chat.created))}*"]
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(chat.created))
+        out = [f"# {chat.title}", "", f"*{chat.model} · {created}*"]
         for m in chat.messages:
             if m.role == "system":
                 out += ["", "## System", "", m.content]
@@ -345,6 +346,7 @@ class ChatStore:
             else:
                 note = [m.mode] if m.mode else []
                 if m.stats:
-                    note += [f"{m.stats['tokens']} tokens", f"mean exit {m.stats['mean_exit']:.1f}/{m.stats['num_layers']}"]
+                    note += [f"{m.stats['tokens']} tokens",
+                             f"mean exit {m.stats['mean_exit']:.1f}/{m.stats['num_layers']}"]
                 out += ["", "## Assistant" + (f" ({' · '.join(note)})" if note else ""), "", m.content]
         return "\n".join(out) + "\n"

@@ -26,7 +26,8 @@ AGREEMENT = {2: 0.312, 4: 0.655}  # exit -> agreement with full depth, as `sorte
 def named(sm: SortedModel, agreement: dict[int, float] | None = None) -> SortedModel:
     """The shared tiny model under a fixed name (its directory name varies between runs); with `agreement`, as a
     checkpoint whose training measured each exit's agreement with full depth."""
-    training = {"metrics": {"eval": {str(e): {"ce": 1.0, "agree": a} for e, a in agreement.items()}}} if agreement else {}
+    measured = {str(e): {"ce": 1.0, "agree": a} for e, a in (agreement or {}).items()}
+    training = {"metrics": {"eval": measured}} if agreement else {}
     return SortedModel(sm.model, sm.tokenizer, SortedConfig(exits=list(sm.exits), training=training), source="tiny")
 
 

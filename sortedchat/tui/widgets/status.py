@@ -99,9 +99,9 @@ def status_parts(model: str, mode: str, stats: GenerationStats | None, show_spee
 
 def fit_parts(parts: list[Part], width: int | None = None) -> str:
     """The parts joined by " · " within `width` cells (a part ending in ":" is a label, joined to the next by a
-    space; it goes before the parts it labels; a part in brackets explains the one before it). While too long: the optional parts (`keep` >= 5, such
-    as the model's name) go, then every part takes its short form, then parts go; the least needed first
-    each time. The mode (`keep` 0) always stays."""
+    space; it goes before the parts it labels; a part in brackets explains the one before it). While too long:
+    the optional parts (`keep` >= 5, such as the model's name) go, then every part takes its short form, then
+    parts go; the least needed first each time. The mode (`keep` 0) always stays."""
     shown = [p.text for p in parts]
 
     def line() -> str:
