@@ -27,7 +27,8 @@ from rich.console import Console
 from rich.table import Table
 from transformers.cache_utils import DynamicLayer
 
-from sortedchat.engine.state import GrowingLayer, LayeredState
+from sortedchat.engine.state import LayeredState
+from sortedchat.hf_contract import GrowingLayer
 from sortedchat.loading import LoadOptions, load_sorted_model
 
 

@@ -16,30 +16,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from sortedchat import SortedChatError
 from sortedchat.config import SortedConfig, default_exits, validate_exits
 from sortedchat.head_product import HeadProduct
-
-# The attribute paths every supported decoder exposes (Llama, Mistral, Qwen2/3, SmolLM, ...).
-REQUIRED_PARTS = ("model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "lm_head")
-
-
-def check_architecture(model: nn.Module) -> None:
-    """Refuse models whose HF class lacks the layer stack we drive ourselves, naming the class."""
-    missing = []
-    for path in REQUIRED_PARTS:
-        obj = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if obj is None:
-            missing.append(path)
-    if missing:
-        raise SortedChatError(
-            f"{type(model).__name__} is not supported: it has no {', '.join(missing)} "
-            "(sortedchat needs a LLaMA-style decoder: model.layers, model.norm, lm_head)"
-        )
 
 
 class ExitHeads(nn.Module):
@@ -135,6 +113,8 @@ class SortedModel:
     exit_lenses: ExitLenses | None = None
 
     def __post_init__(self) -> None:
+        from sortedchat.hf_contract import check_architecture  # imports transformers: `info` reads facts without it
+
         check_architecture(self.model)
         self.num_layers = len(self.model.model.layers)
         exits = self.config.exits or default_exits(self.num_layers)

@@ -80,7 +80,7 @@ def test_pickle_weights_are_refused_unless_allowed(tiny_dir, tmp_path):
 def test_unsupported_architecture_names_the_class(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from sortedchat.sorted_model import check_architecture
+    from sortedchat.hf_contract import check_architecture
 
     with pytest.raises(SortedChatError, match="GPT2LMHeadModel is not supported"):
         check_architecture(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10)))

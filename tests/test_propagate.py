@@ -9,8 +9,8 @@ from transformers import DynamicCache
 
 from sortedchat import SortedChatError
 from sortedchat.engine import ChatSession, Mode, ModeKind, SamplingConfig
-from sortedchat.engine.layer_call import cache_keyword
 from sortedchat.engine.state import LayeredState
+from sortedchat.hf_contract import cache_keyword
 
 from helpers.engine import PROMPTS, hf_greedy, no_stop, prompt_ids, run
 

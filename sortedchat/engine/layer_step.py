@@ -16,13 +16,11 @@ differs, is called through transformers (`TransformersCall`), as before.
 
 from __future__ import annotations
 
-import sys
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sortedchat.engine.layer_call import cache_keyword
+from sortedchat.hf_contract import cache_keyword, rotary_function
 
 MAX_GQA_HEAD_DIM = 256  # transformers' sdpa integration lets SDPA broadcast K/V heads up to this head size
 
@@ -131,7 +129,7 @@ def _looks_like_llama(layer: nn.Module, config) -> bool:
         and hasattr(mlp, "act_fn")
         and all(hasattr(attn, n) for n in ("head_dim", "scaling", "num_key_value_groups"))
         and attn.head_dim <= MAX_GQA_HEAD_DIM
-        and hasattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb")
+        and rotary_function(attn) is not None
         and not getattr(config, "sliding_window", None)
         and getattr(config, "_attn_implementation", "sdpa") in ("sdpa", None)
         and not getattr(attn, "training", False)

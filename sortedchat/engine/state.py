@@ -19,7 +19,6 @@ the K/V stored before it, which is a full prefill's only where no earlier positi
 
 from __future__ import annotations
 
-import sys
 import weakref
 
 import torch
@@ -28,64 +27,8 @@ from transformers.cache_utils import DynamicLayer
 
 from sortedchat import SortedChatError
 from sortedchat.engine.layer_step import LayerStep, Span, TransformersCall, own_step_matches
+from sortedchat.hf_contract import GrowingLayer, kv_projection
 from sortedchat.sorted_model import SortedModel
-
-
-def kv_projection(layer, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]):
-    """The K/V a decoder layer stores for `hidden` [1, q, H] at the positions of `position_embeddings`, computed
-    as the layer's attention does before attending (transformers' Llama/Qwen attention): input norm, k/v
-    projections, the k-norm of models that have one, rotary on K. Nothing else of the layer runs."""
-    attn = layer.self_attn
-    rotary = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
-    if rotary is None:
-        raise SortedChatError(f"{type(attn).__name__} has no rotary function sortedchat knows: propagated K/V "
-                              "needs a LLaMA-style attention (use --kv exact)")
-    x = layer.input_layernorm(hidden)
-    shape = (*x.shape[:-1], -1, attn.head_dim)
-    keys = attn.k_proj(x).view(shape)
-    k_norm = getattr(attn, "k_norm", None)
-    if k_norm is not None:
-        keys = k_norm(keys)
-    keys, values = keys.transpose(1, 2), attn.v_proj(x).view(shape).transpose(1, 2)
-    cos, sin = position_embeddings
-    return rotary(keys[:, :0], keys, cos, sin)[1], values  # a query with no heads: only K is rotated
-
-
-class GrowingLayer(DynamicLayer):
-    """A `DynamicLayer` that writes each token's K/V into a buffer instead of concatenating.
-
-    `DynamicLayer.update` copies the layer's whole cache on every call (`torch.cat`): at a few hundred
-    positions that is a few percent of a CPU decoding step (BENCHMARKS.md). Here `keys`/`values` are views of
-    the first positions of a buffer whose capacity doubles when full, so a step writes only its own
-    positions. `crop` is still `DynamicLayer`'s slice, a view of the same buffer, and the next update
-    overwrites what was cropped."""
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-            self._buffers = None
-        n, q = self.get_seq_length(), key_states.shape[-2]
-        buffers = self._buffers
-        # Rebuild when full, when something replaced keys/values with tensors of their own, or when buffers made
-        # under inference mode are written outside it (torch forbids that in place).
-        if (
-            buffers is None
-            or n + q > buffers[0].shape[-2]
-            or (n and self.keys.data_ptr() != buffers[0].data_ptr())
-            or (buffers[0].is_inference() and not torch.is_inference_mode_enabled())
-        ):
-            capacity = max(64, 2 * (n + q))
-            buffers = tuple(
-                new.new_empty((*new.shape[:-2], capacity, new.shape[-1])) for new in (key_states, value_states)
-            )
-            if n:
-                buffers[0][..., :n, :] = self.keys
-                buffers[1][..., :n, :] = self.values
-            self._buffers = buffers
-        buffers[0][..., n : n + q, :] = key_states
-        buffers[1][..., n : n + q, :] = value_states
-        self.keys, self.values = buffers[0][..., : n + q, :], buffers[1][..., : n + q, :]
-        return self.keys, self.values
 
 
 class RotaryTable:

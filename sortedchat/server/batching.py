@@ -21,9 +21,8 @@ from __future__ import annotations
 import torch
 
 from sortedchat.engine.events import Step
-from sortedchat.engine.layer_call import cache_keyword
 from sortedchat.engine.session import ChatSession
-from sortedchat.engine.state import GrowingLayer
+from sortedchat.hf_contract import GrowingLayer, cache_keyword
 
 
 class BatchedSession(ChatSession):

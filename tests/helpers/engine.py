@@ -6,7 +6,7 @@ import torch
 from transformers import DynamicCache
 
 from sortedchat.engine import SamplingConfig
-from sortedchat.engine.layer_call import cache_keyword
+from sortedchat.hf_contract import cache_keyword
 
 PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],
