@@ -175,9 +175,11 @@ def test_alpaca_template_labels_response_and_eos(tiny_dir):
 
 @pytest.mark.parametrize("content, where, message", [
     ('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n', "line 2", "not a record"),
-    ('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": 7}\n', "line 3", "'output' must be a string"),
+    ('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": 7}\n', "line 3",
+     "'output' must be a string"),
     ('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n', "line 2", "invalid JSON"),
-    ('[\n {"instruction": "a", "output": "b"},\n {"question": "q", "answer": "x"}\n]', "line 3", "a qa record in a file of alpaca"),
+    ('[\n {"instruction": "a", "output": "b"},\n {"question": "q", "answer": "x"}\n]', "line 3",
+     "a qa record in a file of alpaca"),
     ('{"messages": [{"role": "user", "content": "hi"}]}\n', "line 1", "no assistant message"),
 ])
 def test_malformed_records_name_file_and_line(tmp_path, content, where, message):
@@ -300,7 +302,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_dir, alpaca_file, tmp
     name = "adapter_model.safetensors" if extra.get("lora") else "model.safetensors"
     a, b = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(x)["step"] for x in lines if '"loss"' in x]
     assert steps == list(range(1, 7))
 
 
@@ -327,7 +330,8 @@ def test_ctrl_c_on_the_command_line_saves_a_checkpoint_and_says_how_to_resume(ti
 
 def test_resume_refuses_a_different_run(tiny_dir, alpaca_file, tmp_path):
     run(options(tiny_dir, alpaca_file, tmp_path / "r", max_steps=4), _interrupt_at(2))
-    with pytest.raises(SortedChatError, match=r"--resume: .*step-00000002 was trained with lr=0.01, this run has lr=0.02"):
+    with pytest.raises(SortedChatError,
+                       match=r"--resume: .*step-00000002 was trained with lr=0.01, this run has lr=0.02"):
         run(options(tiny_dir, alpaca_file, tmp_path / "r", max_steps=4, lr=2e-2, resume=True))
     with pytest.raises(SortedChatError, match="already holds files"):
         run(options(tiny_dir, alpaca_file, tmp_path / "r", max_steps=4))
@@ -467,7 +471,8 @@ def test_lora_adapter_output_loads_on_its_base_and_merge_writes_full_weights(tin
     a = load_sorted_model(str(adapter), LoadOptions(device="cpu"))
     m = load_sorted_model(str(merged), LoadOptions(device="cpu"))
     prompt = [{"role": "user", "content": "Hello!"}]
-    texts = ["".join(ev.text for ev in ChatSession(sm, Mode.fixed(4)).generate(prompt, SamplingConfig(max_new_tokens=8)))
+    texts = ["".join(ev.text for ev in ChatSession(sm, Mode.fixed(4)).generate(prompt,
+                                                                                  SamplingConfig(max_new_tokens=8)))
              for sm in (a, m)]
     assert texts[0] == texts[1] and texts[0]
 
@@ -849,7 +854,8 @@ def test_drift_measures_how_far_a_models_full_depth_moved_from_a_reference(tiny_
     from sortedchat import loading
 
     asked, real = [], loading.load_sorted_model
-    monkeypatch.setattr(loading, "load_sorted_model", lambda spec, o: asked.append(spec) or real(spec or str(tiny_dir), o))
+    monkeypatch.setattr(loading, "load_sorted_model",
+                        lambda spec, o: asked.append(spec) or real(spec or str(tiny_dir), o))
     drift.main(["default", "--reference", "default", "--data", str(alpaca_file), "--limit", "1", "--max-length", "64"])
     assert asked == [None, None]  # "default" is the built-in model, never a hub id
     assert capsys.readouterr().out.splitlines()[2] == "| default | 100.0% | 0.0000 | 100% |"
@@ -899,7 +905,8 @@ def test_training_curves_draw_a_continued_run_after_the_run_it_started_from(tmp_
     for name, rows in (("lens", [(60, 1000, 0.25), (120, 2000, 0.4)]), ("soft", [(50, 900, 0.45), (100, 1800, 0.5)])):
         (tmp_path / name).mkdir()
         lines = [x for step, tokens, agree in rows
-                 for x in ({"step": step, "loss": 1.0, "tokens": tokens}, {"step": step, "eval": {"2": {"agree": agree}}})]
+                 for x in ({"step": step, "loss": 1.0, "tokens": tokens},
+                           {"step": step, "eval": {"2": {"agree": agree}}})]
         (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     chain = curves.read_chain(f"{tmp_path / 'lens'}+{tmp_path / 'soft'}")
     assert [(r["step"], r["tokens"], r["eval"][2]["agree"]) for r in chain] == [
@@ -919,7 +926,8 @@ def test_training_curves_draw_a_continued_run_after_the_run_it_started_from(tmp_
     assert [list(ln.get_xdata()) for ln in ax.get_lines()] == [[1.0, 2.0, 2.9, 3.8], [2.0, 2.0]]
 
 
-def test_layer_dropout_skips_the_drawn_layers_for_one_step_and_exits_see_the_passed_state(tiny_dir, alpaca_file, tmp_path):
+def test_layer_dropout_skips_the_drawn_layers_for_one_step_and_exits_see_the_passed_state(tiny_dir, alpaca_file,
+                                                                                          tmp_path):
     from sortedchat.training.trainer import Trainer
 
     sm, objective = objective_for(tiny_dir)
@@ -929,7 +937,8 @@ def test_layer_dropout_skips_the_drawn_layers_for_one_step_and_exits_see_the_pas
     short = copy.deepcopy(sm.model)
     short.model.layers = torch.nn.ModuleList([short.model.layers[i] for i in (0, 1, 4, 5)])
     short.config.num_hidden_layers = 4
-    assert ce_skip[2].item() / sum(e.targets for e in encoded) == pytest.approx(short(**batch, use_cache=False).loss.item(), rel=1e-5)
+    assert ce_skip[2].item() / sum(e.targets for e in encoded) == pytest.approx(
+        short(**batch, use_cache=False).loss.item(), rel=1e-5)
     _, ce_again, _ = objective(**batch, exits=[2, 4, 6], coefs=coefs)
     _, ce_plain, _ = objective_for(tiny_dir)[1](**batch, exits=[2, 4, 6], coefs=coefs)
     torch.testing.assert_close(ce_again, ce_plain)  # the hooks are gone after the call

@@ -49,8 +49,8 @@ def table(label: str, evals: list[dict]) -> str:
     exits = sorted(evals[-1]["eval"]) if evals else []
     head = f"| {label}: step | tokens | " + " | ".join(f"exit {e}" for e in exits) + " |"
     rule = "|---" * (len(exits) + 2) + "|"
-    rows = [f"| {r['step']} | {r['tokens']:,} | " + " | ".join(f"{100 * r['eval'][e].get('agree', 0):.1f}%" for e in exits)
-            + " |" for r in evals]
+    rows = [f"| {r['step']} | {r['tokens']:,} | "
+            + " | ".join(f"{100 * r['eval'][e].get('agree', 0):.1f}%" for e in exits) + " |" for r in evals]
     return "\n".join([head, rule, *rows])
 
 

@@ -19,10 +19,7 @@ import argparse
 
 import torch
 
-from sortedchat import SortedChatError
-from sortedchat.loading import LoadOptions, load_sorted_model
-from sortedchat.training.data import last_records, load_records
-from sortedchat.training.templates import IGNORE, Encoded, encode_all
+from sortedchat.training.templates import IGNORE, Encoded
 
 
 @torch.no_grad()
@@ -49,6 +46,12 @@ def drift(reference: list[torch.Tensor], model: list[torch.Tensor]) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Looked up when it runs, so that a test can stand in for the loader and the encoder.
+    from sortedchat import SortedChatError
+    from sortedchat.loading import LoadOptions, load_sorted_model
+    from sortedchat.training.data import last_records, load_records
+    from sortedchat.training.templates import encode_all
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+", help="model directories (or 'default') to compare with the reference")
     ap.add_argument("--reference", required=True, help="the model to measure the drift from (or 'default')")

@@ -85,7 +85,8 @@ class ExitHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, targets, coefs, alpha, teacher, chunk, *hiddens):
-        total, ce_sums, kl_sums, grad_h, grad_w = _fused_terms(weight, hiddens, targets, coefs, alpha, teacher, chunk, True)
+        total, ce_sums, kl_sums, grad_h, grad_w = _fused_terms(weight, hiddens, targets, coefs, alpha, teacher, chunk,
+                                                               True)
         ctx.save_for_backward(*(g for g in grad_h))
         ctx.grad_w = grad_w
         ctx.dtypes = (weight.dtype, [h.dtype for h in hiddens])
@@ -192,7 +193,8 @@ def candidate_loss(weight, hiddens, targets, coefs, alpha, top_ids, top_logp, ne
     for start in range(0, targets.shape[0], chunk):
         sl = slice(start, start + chunk)
         for e, h in enumerate(hiddens):
-            args = (weight, w_neg, negatives, rest_count, h[sl], top_ids[sl], top_logp[sl], targets[sl], coefs[e], alpha)
+            args = (weight, w_neg, negatives, rest_count, h[sl], top_ids[sl], top_logp[sl], targets[sl], coefs[e],
+                    alpha)
             if torch.is_grad_enabled() and h.requires_grad:
                 obj, ce, kl = checkpoint(_candidate_piece, *args, use_reentrant=False)
             else:
@@ -311,7 +313,8 @@ class SortedObjective(nn.Module):
         # A frozen decoder is the teacher itself: its own last hidden state below serves, with no second pass.
         if self.uses_teacher and teacher_top is None and not self.freeze_decoder:
             teacher = self._teacher_hidden(input_ids, attention_mask, select, position_ids)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_decoder), skipped(self.model, skip_layers):
+        grad = torch.is_grad_enabled() and not self.freeze_decoder
+        with torch.set_grad_enabled(grad), skipped(self.model, skip_layers):
             out = decoder_of(self.model)(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                          use_cache=False, output_hidden_states=True)
         if self.uses_teacher and teacher is None and teacher_top is None:

@@ -49,7 +49,8 @@ class TrainProgress:
         if self.enabled:
             self.console.print(message)
 
-    def update(self, step: int, loss: float, exit_losses: dict[int, float], tokens_per_second: float, lr: float) -> None:
+    def update(self, step: int, loss: float, exit_losses: dict[int, float], tokens_per_second: float,
+               lr: float) -> None:
         if not self.enabled:
             return
         rate = f"{tokens_per_second:,.0f} tok/s"
@@ -60,4 +61,5 @@ class TrainProgress:
         if step % self.log_interval == 0 or step == self.total:
             done = step - self.start
             eta = (time.perf_counter() - self.t0) / done * (self.total - step) if done else 0.0
-            self.console.print(f"step {step}/{self.total} · {losses} · {rate} · lr {lr:.2e} · eta {format_duration(eta)}")
+            self.console.print(f"step {step}/{self.total} · {losses} · {rate} · lr {lr:.2e} · "
+                               f"eta {format_duration(eta)}")

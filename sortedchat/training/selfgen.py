@@ -67,7 +67,8 @@ def question_prompts(path: Path, max_new_tokens: int) -> list[Prompt]:
     return out
 
 
-def passage_prompts(path: Path, max_new_tokens: int, passage_chars: int = 700, limit: int | None = None) -> list[Prompt]:
+def passage_prompts(path: Path, max_new_tokens: int, passage_chars: int = 700,
+                    limit: int | None = None) -> list[Prompt]:
     """Passages of a plain-text file (one article per line), each paired with one of PASSAGE_TASKS in turn."""
     out = []
     for a, article in enumerate(path.read_text(encoding="utf-8").split("\n")):
@@ -151,9 +152,9 @@ def generate(model, tokenizer, prompts: list[Prompt], out_path: Path, samples: i
     """Sample `samples` replies per prompt and append them to `out_path` as chat records; returns how many."""
     done = _done_keys(out_path)
     todo = [p for p in prompts for s in range(samples) if done.get(p.key, 0) <= s]
-    encoded = [tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": p.text}], tokenize=False,
-                                                       add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-               for p in todo]
+    chats = [tokenizer.apply_chat_template([{"role": "user", "content": p.text}], tokenize=False,
+                                           add_generation_prompt=True) for p in todo]
+    encoded = [tokenizer(chat, add_special_tokens=False)["input_ids"] for chat in chats]
     order = sorted(range(len(todo)), key=lambda i: (todo[i].max_new_tokens, len(encoded[i])))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     written = 0

@@ -20,7 +20,8 @@ IGNORE = -100
 ALPACA_PREAMBLE = {
     True: "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n",
-    False: "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n",
+    False: "Below is an instruction that describes a task. "
+           "Write a response that appropriately completes the request.\n\n",
 }
 
 

@@ -159,13 +159,15 @@ class Trainer:
             raise SortedChatError(f"--model {o.model}: is itself an adapter; a new --lora adapter needs a plain base "
                                   "(train with --merge, or start from merged weights)")
         device = self.acc.device
-        load = LoadOptions(device=device.type if device.type == "cpu" else str(device), dtype="auto" if quantized else "float32",
+        load = LoadOptions(device=device.type if device.type == "cpu" else str(device),
+                           dtype="auto" if quantized else "float32",
                            load_in_4bit=o.load_in_4bit, load_in_8bit=o.load_in_8bit,
                            trust_remote_code=o.trust_remote_code, allow_pickle=o.allow_pickle)
         with self.console.status("loading model", spinner="dots") if self.main else contextlib.nullcontext():
             self.sm = load_sorted_model(spec, load)
         self.tokenizer = self.sm.tokenizer
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
 
     def _choose_exits(self) -> None:
         o, L = self.opts, self.sm.num_layers
@@ -184,7 +186,8 @@ class Trainer:
         if o.exits_per_step > len(self.loss_exits):
             raise SortedChatError(f"--exits-per-step {o.exits_per_step}: only {len(self.loss_exits)} exits are trained")
         if self.method.keeps_last and o.exits_per_step == 1 and len(self.loss_exits) > 1:
-            raise SortedChatError("--exits-per-step 1 would train the last exit only (that is --method sft); use 2 or more")
+            raise SortedChatError("--exits-per-step 1 would train the last exit only (that is --method sft); "
+                                  "use 2 or more")
 
     def _build_objective(self) -> None:
         o, method, model = self.opts, self.method, self.sm.model
@@ -213,8 +216,8 @@ class Trainer:
         trained = load_exit_lenses(source, hidden_size)
         extra = [e for e in trained.exits if not lenses.has(e)]
         if extra:
-            raise SortedChatError(f"--init-lenses {source}: has lenses at exits {','.join(map(str, extra))}, which this "
-                                  f"run does not train (its exits: {','.join(map(str, self.exits[:-1]))})")
+            raise SortedChatError(f"--init-lenses {source}: has lenses at exits {','.join(map(str, extra))}, "
+                                  f"which this run does not train (its exits: {','.join(map(str, self.exits[:-1]))})")
         with torch.no_grad():
             for e in trained.exits:
                 lenses.lenses[str(e)].load_state_dict(trained.lenses[str(e)].state_dict())
@@ -280,8 +283,9 @@ class Trainer:
         if kind != "LORA":
             raise SortedChatError(f"--init-adapter {source}: a {kind} adapter; only LoRA adapters can be continued")
         if (saved.r, saved.lora_alpha) != (o.lora_rank, o.lora_alpha):
-            raise SortedChatError(f"--init-adapter {source}: a LoRA adapter of rank {saved.r}, alpha {saved.lora_alpha}; "
-                                  f"this run asks for --lora-rank {o.lora_rank} --lora-alpha {o.lora_alpha}")
+            raise SortedChatError(f"--init-adapter {source}: a LoRA adapter of rank {saved.r}, alpha "
+                                  f"{saved.lora_alpha}; this run asks for --lora-rank {o.lora_rank} "
+                                  f"--lora-alpha {o.lora_alpha}")
         saved.inference_mode = False
         try:  # another base's adapter: modules it targets are missing, or shapes differ
             with warnings.catch_warnings():
@@ -320,13 +324,16 @@ class Trainer:
         self.teacher_top = None
         # A trained decoder needs the teacher's top-K cached (else a teacher pass every step); a frozen one
         # (--method lens) is its own teacher: each step's forward yields the top-K at no extra pass.
-        if o.kd_top_k and self.method.trains_decoder:  # the base's full depth: a fresh LoRA's B = 0, a continued one is off
+        # the teacher is the base's full depth: a fresh LoRA's B = 0, a continued one is off
+        if o.kd_top_k and self.method.trains_decoder:
 
-            identity = model_identity(self.sm.weights_path) if Path(self.sm.weights_path).is_dir() else self.sm.weights_path
+            weights = self.sm.weights_path
+            identity = model_identity(weights) if Path(weights).is_dir() else weights
             model = self.objective.model
             base_only = model.disable_adapter() if o.init_adapter else contextlib.nullcontext()
             with self.acc.main_process_first(), base_only:
-                self.teacher_top = teacher_top_k(model, identity, self.train_enc, o.kd_top_k, self.acc.device, self._say)
+                self.teacher_top = teacher_top_k(model, identity, self.train_enc, o.kd_top_k, self.acc.device,
+                                                 self._say)
 
     def _build_optimizer(self) -> None:
         from transformers import get_scheduler
@@ -360,7 +367,8 @@ class Trainer:
             gen = torch.Generator().manual_seed(o.seed * 7919 + step)
             if self.method.keeps_last:
                 pool = exits[:-1]
-                exits = sorted(pool[i] for i in torch.randperm(len(pool), generator=gen)[: n - 1].tolist()) + [exits[-1]]
+                drawn = torch.randperm(len(pool), generator=gen)[: n - 1].tolist()
+                exits = sorted(pool[i] for i in drawn) + [exits[-1]]
             else:
                 exits = sorted(exits[i] for i in torch.randperm(len(exits), generator=gen)[:n].tolist())
         weights = [self.exit_weight[e] for e in exits]
@@ -674,7 +682,8 @@ class Trainer:
         return {
             "method": o.method, "objective": o.objective, "exits_trained": self.loss_exits,
             "exit_weights": o.exit_weights, "exits_per_step": o.exits_per_step, "recipe": o.recipe,
-            "model": o.model, "data": data, "eval_data": self.eval_set.describe() if self.eval_set and o.eval_data else None,
+            "model": o.model, "data": data,
+            "eval_data": self.eval_set.describe() if self.eval_set and o.eval_data else None,
             "template": o.template, "max_length": o.max_length, "steps": step, "total_steps": self.total_steps,
             "epochs": round(step / self.per_epoch, 3), "seed": o.seed, "global_batch": self.global_batch,
             "lr": o.lr, "schedule": o.schedule, "warmup_steps": self.warmup, "lora": self._lora_settings(),
