@@ -1,5 +1,5 @@
-"""Full-depth decoding with 1 thread, 2 threads spinning (OpenMP's default) and 2 threads waiting passively (what
-the command line sets), each in a fresh process (the wait policy is read when torch loads), on a quiet machine
+"""Full-depth decoding with 1 thread, 2 threads spinning (OpenMP's default), 2 threads waiting passively and 2
+threads spinning 30000 rounds before they sleep (what the command line sets), each in a fresh process (the wait policy is read when torch loads), on a quiet machine
 and beside busy processes (`--busy N` spinning Python processes), rounds alternating.
 
     python benchmarks/threads_under_load.py                 # quiet, then beside 2 busy processes; 2 rounds
@@ -34,7 +34,8 @@ for _ in range(2):
 print(max(speeds))
 """
 WAYS = {"1 thread": ("1", {}), "2 threads, spinning": ("2", {"OMP_WAIT_POLICY": "ACTIVE"}),
-        "2 threads, passive": ("2", {"OMP_WAIT_POLICY": "PASSIVE"})}
+        "2 threads, passive": ("2", {"OMP_WAIT_POLICY": "PASSIVE"}),
+        "2 threads, spin 30000": ("2", {"GOMP_SPINCOUNT": "30000"})}
 
 
 def speed(threads: str, env: dict, tokens: int) -> float:

@@ -19,8 +19,8 @@ ModelOpt = Annotated[
 ]
 MaxTokensOpt = Annotated[int, typer.Option("--max-new-tokens", "-n")]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch [default: one per core; "
-                                                   "waiting threads sleep, so a busy machine slows them, not stalls "
-                                                   "them]")]
+                                                   "waiting threads spin briefly, then sleep: a busy machine slows "
+                                                   "them, not stalls them]")]
 # `eval` and `calibrate` pick their records with these (`sortedchat.training.data.last_records`).
 HoldoutOpt = Annotated[int, typer.Option("--holdout", help="Use only the last N records (what `train --holdout N` "
                                          "left out)")]
