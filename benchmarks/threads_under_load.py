@@ -1,6 +1,7 @@
 """Full-depth decoding with 1 thread, 2 threads spinning (OpenMP's default), 2 threads waiting passively and 2
-threads spinning 30000 rounds before they sleep (what the command line sets), each in a fresh process (the wait policy is read when torch loads), on a quiet machine
-and beside busy processes (`--busy N` spinning Python processes), rounds alternating.
+threads spinning 30000 rounds before they sleep (what the command line sets), each in a fresh process (the wait
+policy is read when torch loads), on a quiet machine and beside busy processes (`--busy N` spinning Python
+processes), rounds alternating.
 
     python benchmarks/threads_under_load.py                 # quiet, then beside 2 busy processes; 2 rounds
     python benchmarks/threads_under_load.py --busy 4 --tokens 64 --rounds 3
