@@ -7,7 +7,7 @@ import threading
 import pytest
 from textual.app import App
 from textual.theme import BUILTIN_THEMES
-from textual.widgets import DataTable, TextArea
+from textual.widgets import DataTable, Static, TextArea
 from textual.widgets._footer import FooterKey
 
 from sortedchat.engine import GenerationStats
@@ -119,6 +119,23 @@ def test_a_depth_key_says_how_often_the_new_depth_agrees_with_full_depth(tiny, t
                 await pilot.pause()
                 said = [n.message for n in list(app._notifications)[before:]]
                 assert said == ([note] if note else []), (key, said)
+
+
+def test_texts_that_name_a_key_follow_its_remap(tiny, tmp_path):
+    """A [keys] remap reaches the texts that name a key (the defaults read "Esc" and "F9"): the layer lens's
+    header and the help's note on the colours, as the footer and the help's key table show it."""
+    app = make_app(tiny, tmp_path, settings=Settings(max_new_tokens=12, keys={"stop": "ctrl+x", "lens": "f11"}))
+
+    @run_async
+    async def run():
+        async with app.run_test(size=SIZE) as pilot:
+            await pilot.pause()
+            assert str(chat(app).lens.header.render()).endswith("use ← →. ^x closes.")
+            await pilot.press("f1")
+            await pilot.pause()
+            notes = [str(s.render()) for s in app.screen.query(Static)]
+            assert any("Click a token, or press F11 and move with ← →" in n for n in notes)
+            assert not any("F9" in n for n in notes)
 
 
 def test_a_model_never_evaluated_shows_no_agreement(tiny, tmp_path):

@@ -22,30 +22,69 @@ from sortedchat.paths import config_dir
 SETTINGS_NAME = "config.toml"
 MODIFIERS = {"ctrl", "shift", "alt", "super", "meta", "hyper"}
 
-# Action id -> (default keys, what it does). Ids are the `[keys]` names in the file and Textual binding ids.
-KEY_ACTIONS: dict[str, tuple[str, str]] = {
-    "help": ("f1", "Show this help"),
-    "shallower": ("f2", "Shallower: one exit less for the next tokens"),
-    "deeper": ("f3", "Deeper: one exit more for the next tokens"),
-    "auto": ("f4", "Toggle auto mode (exit at the first confident exit)"),
-    "speculative": ("f5", "Toggle speculative mode (draft at the current depth)"),
-    "threshold_down": ("f6", "Auto: lower the thresholds (faster)"),
-    "threshold_up": ("f7", "Auto: raise the thresholds (closer to full depth)"),
-    "view": ("f8", "Switch between depth colours and rendered Markdown"),
-    "lens": ("f9", "Layer lens: every exit's predictions at the selected token"),
-    "kv": ("f12", "Exact or propagated K/V for the layers a token skips (auto and fixed depth)"),
-    "stop": ("escape", "Stop the answer (the partial answer stays); else close the layer lens"),
-    "new_chat": ("ctrl+n", "New chat"),
-    "chats": ("ctrl+l", "Saved chats: reopen, delete, export"),
-    "settings": ("ctrl+o", "Settings: system prompt and sampling"),
-    "export": ("ctrl+s", "Export this chat to Markdown"),
-    "regenerate": ("ctrl+r", "Regenerate the last answer (in the current mode)"),
-    "copy": ("f10", "Copy the last answer to the clipboard"),
-    "rename": ("ctrl+t", "Rename this chat"),
-    "quit": ("ctrl+q", "Quit"),
-    "send": ("enter", "Send the message"),
-    "newline": ("ctrl+j", "New line in the message"),
+@dataclass(frozen=True)
+class Action:
+    """One thing a key does, as every place in the app names it: its default keys (`[keys]` remaps them; the id
+    is the `[keys]` name and the Textual binding id), its line in the help screen, its label in the chat screen's
+    footer (None: not one of the chat screen's keys), whether the footer shows it (the help lists them all), when
+    the footer drops it for want of width (lower first; None: never), and its command-palette entry (title, help;
+    None: not in the palette). Texts that name a key take it from the keymap (`key_name`), never from here."""
+
+    keys: str
+    help: str
+    label: str | None = None
+    shown: bool = True
+    drop: int | None = None
+    palette: tuple[str, str] | None = None
+
+
+ACTIONS: dict[str, Action] = {
+    "help": Action("f1", "Show this help", "Help",
+                   palette=("Keys and colours", "Show every key and how to read the colours")),
+    "shallower": Action("f2", "Shallower: one exit less for the next tokens", "Shallower",
+                        palette=("Shallower", "One exit less for the next tokens")),
+    "deeper": Action("f3", "Deeper: one exit more for the next tokens", "Deeper",
+                     palette=("Deeper", "One exit more for the next tokens")),
+    "auto": Action("f4", "Toggle auto mode (exit at the first confident exit)", "Auto", drop=7,
+                   palette=("Toggle auto mode", "Exit each token at the first confident exit")),
+    "speculative": Action("f5", "Toggle speculative mode (draft at the current depth)", "Speculative", drop=2,
+                          palette=("Toggle speculative mode",
+                                   "Draft at the current depth, verify with the full model")),
+    "threshold_down": Action("f6", "Auto: lower the thresholds (faster)", "Thr−", shown=False),
+    "threshold_up": Action("f7", "Auto: raise the thresholds (closer to full depth)", "Thr+", shown=False),
+    "view": Action("f8", "Switch between depth colours and rendered Markdown", "View", drop=3,
+                   palette=("Toggle Markdown view", "Depth colours or rendered Markdown")),
+    "lens": Action("f9", "Layer lens: every exit's predictions at the selected token", "Lens", drop=4,
+                   palette=("Layer lens", "Every exit's predictions at a selected token")),
+    "kv": Action("f12", "Exact or propagated K/V for the layers a token skips (auto and fixed depth)", "KV",
+                 shown=False),
+    "stop": Action("escape", "Stop the answer (the partial answer stays); else close the layer lens", "Stop/close"),
+    "new_chat": Action("ctrl+n", "New chat", "New", drop=6, palette=("New chat", "Start an empty conversation")),
+    "chats": Action("ctrl+l", "Saved chats: reopen, delete, export", "Chats", drop=5,
+                    palette=("Saved chats", "Reopen, delete or export an earlier chat")),
+    "settings": Action("ctrl+o", "Settings: system prompt and sampling", "Settings", drop=1,
+                       palette=("Settings", "System prompt, temperature, top-p, max tokens, seed")),
+    "export": Action("ctrl+s", "Export this chat to Markdown", "Export", shown=False,
+                     palette=("Export chat to Markdown", "Write this chat to a .md file")),
+    "regenerate": Action("ctrl+r", "Regenerate the last answer (in the current mode)", "Regenerate", shown=False,
+                         palette=("Regenerate", "Answer the last message again, in the current mode")),
+    "copy": Action("f10", "Copy the last answer to the clipboard", "Copy", shown=False,
+                   palette=("Copy the last answer", "To the clipboard")),
+    "rename": Action("ctrl+t", "Rename this chat", "Rename", shown=False,
+                     palette=("Rename chat", "Give this chat another title")),
+    "quit": Action("ctrl+q", "Quit"),
+    "send": Action("enter", "Send the message"),
+    "newline": Action("ctrl+j", "New line in the message"),
 }
+
+
+def key_name(keymap: dict[str, str], action: str, display) -> str:
+    """How a text names `action`'s key: its first key in `keymap` (remaps included), as `display` (the app's
+    `get_key_display` of a binding) shows it, capitalised as in a sentence ("F9", "Esc", "^s")."""
+    from textual.binding import Binding
+
+    shown = display(Binding(keymap[action].split(",")[0], ""))
+    return shown[:1].upper() + shown[1:]
 
 
 @dataclass
@@ -66,7 +105,7 @@ class Settings:
     keys: dict[str, str] = field(default_factory=dict)
 
     def keymap(self) -> dict[str, str]:
-        return {action: self.keys.get(action, default) for action, (default, _) in KEY_ACTIONS.items()}
+        return {name: self.keys.get(name, action.keys) for name, action in ACTIONS.items()}
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(
@@ -190,8 +229,8 @@ def parse_settings(text: str, source: str) -> Settings:
             except ValueError as exc:
                 fail(section, key, f"{exc}, got {value!r}")
     for action, key in data.get("keys", {}).items():
-        if action not in KEY_ACTIONS:
-            fail("keys", action, f"is not an action (expected one of {', '.join(KEY_ACTIONS)})")
+        if action not in ACTIONS:
+            fail("keys", action, f"is not an action (expected one of {', '.join(ACTIONS)})")
         if not isinstance(key, str) or not all(is_key_name(part) for part in key.split(",")):
             fail("keys", action, f"must be a key name such as \"f5\" or \"ctrl+t\", got {key!r}")
         parts = [part.strip() for part in key.split(",")]

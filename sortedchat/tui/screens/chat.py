@@ -23,7 +23,7 @@ from sortedchat.tui.dialogue import Dialogue
 from sortedchat.tui.screens.chats import ChatListScreen
 from sortedchat.tui.screens.rename import RenameScreen
 from sortedchat.tui.screens.settings import SettingsScreen
-from sortedchat.tui.settings import KEY_ACTIONS, settings_path
+from sortedchat.tui.settings import ACTIONS, key_name, settings_path
 from sortedchat.tui.storage import StoredToken
 from sortedchat.tui.widgets.answer import AnswerView, TokenText
 from sortedchat.tui.widgets.conversation import Conversation, Welcome
@@ -36,29 +36,6 @@ from sortedchat.tui.widgets.status import ExitSparkline, StatusBar, status_parts
 FLUSH_HZ = 30  # tokens reach the screen at most this often
 GAUGE_HZ = 4  # the status line and sparkline, which need not follow every batch
 
-# Action id -> footer label; the keys come from KEY_ACTIONS (remapped through the app's keymap).
-# All are listed in the help screen; the footer leaves out the ones marked in HIDDEN to stay short.
-FOOTER = {
-    "help": "Help",
-    "shallower": "Shallower",
-    "deeper": "Deeper",
-    "auto": "Auto",
-    "speculative": "Speculative",
-    "threshold_down": "Thr−",
-    "threshold_up": "Thr+",
-    "view": "View",
-    "lens": "Lens",
-    "kv": "KV",
-    "stop": "Stop/close",
-    "new_chat": "New",
-    "chats": "Chats",
-    "settings": "Settings",
-    "export": "Export",
-    "regenerate": "Regenerate",
-    "copy": "Copy",
-    "rename": "Rename",
-}
-HIDDEN = {"threshold_down", "threshold_up", "kv", "export", "regenerate", "copy", "rename"}
 APP_ACTIONS = {"help"}  # the app's own: it opens from every screen
 
 
@@ -70,8 +47,9 @@ class ChatScreen(Screen):
     """One `Dialogue` on screen; the keys act on it, dialogs (saved chats, rename, settings) open over it."""
 
     # Priority: these keys act wherever the focus is (the message box would otherwise take F6/F7).
-    BINDINGS = [Binding(KEY_ACTIONS[a][0], f"app.{a}" if a in APP_ACTIONS else a, label, id=a, priority=True,
-                        show=a not in HIDDEN) for a, label in FOOTER.items()] + [
+    # The footer's keys are `settings.ACTIONS` with a label (those it does not show are in the help screen).
+    BINDINGS = [Binding(act.keys, f"app.{a}" if a in APP_ACTIONS else a, act.label, id=a, priority=True,
+                        show=act.shown) for a, act in ACTIONS.items() if act.label is not None] + [
         Binding("pageup", "scroll_conversation(-1)", show=False, priority=True),
         Binding("pagedown", "scroll_conversation(1)", show=False, priority=True),
     ]
@@ -95,6 +73,7 @@ class ChatScreen(Screen):
         self.keys_shown = {action: self.app.get_key_display(Binding(k.split(",")[0], "")) for action, k in keys.items()}
         self.conversation.welcome_keys = self.keys_shown
         self.dialogue.new_chat_hint = f"{self.keys_shown['new_chat']} starts a new chat"
+        self.stop_key = key_name(keys, "stop", self.app.get_key_display)
         with Horizontal(id="topline"):
             yield ExitLegend(sm.exits, sm.num_layers, self.dialogue.control.agreement, id="legend")
             yield self.sparkline
@@ -136,7 +115,7 @@ class ChatScreen(Screen):
     # -- sending and streaming ----------------------------------------------------------------------
     def on_prompt_input_submitted(self, message: PromptInput.Submitted) -> None:
         if self.dialogue.generating:
-            self.notify("Still answering: Esc stops the answer.", severity="warning")
+            self.notify(f"Still answering: {self.stop_key} stops the answer.", severity="warning")
             return
         if self.send(message.text):
             self.prompt.clear()
@@ -277,7 +256,7 @@ class ChatScreen(Screen):
     # -- chats --------------------------------------------------------------------------------------
     def _busy(self) -> bool:
         if self.dialogue.generating:
-            self.notify("Still answering: Esc stops the answer first.", severity="warning")
+            self.notify(f"Still answering: {self.stop_key} stops the answer first.", severity="warning")
         return self.dialogue.generating
 
     async def action_new_chat(self) -> None:
@@ -391,22 +370,8 @@ class ChatScreen(Screen):
         self.app.push_screen(SettingsScreen(self.app.settings), self.app.apply_settings)
 
     def system_commands(self):
-        """This screen's commands in the command palette (Ctrl+P)."""
-        for title, help_text, action in [
-            ("New chat", "Start an empty conversation", self.action_new_chat),
-            ("Saved chats", "Reopen, delete or export an earlier chat", self.action_chats),
-            ("Export chat to Markdown", "Write this chat to a .md file", self.action_export),
-            ("Rename chat", "Give this chat another title", self.action_rename),
-            ("Regenerate", "Answer the last message again, in the current mode", self.action_regenerate),
-            ("Copy the last answer", "To the clipboard", self.action_copy),
-            ("Settings", "System prompt, temperature, top-p, max tokens, seed", self.action_settings),
-            ("Keys and colours", "Show every key and how to read the colours", self.app.action_help),
-            ("Shallower", "One exit less for the next tokens", self.action_shallower),
-            ("Deeper", "One exit more for the next tokens", self.action_deeper),
-            ("Toggle auto mode", "Exit each token at the first confident exit", self.action_auto),
-            ("Toggle speculative mode", "Draft at the current depth, verify with the full model",
-             self.action_speculative),
-            ("Toggle Markdown view", "Depth colours or rendered Markdown", self.action_view),
-            ("Layer lens", "Every exit's predictions at a selected token", self.action_lens),
-        ]:
-            yield SystemCommand(title, help_text, action)
+        """This screen's commands in the command palette (Ctrl+P): the `settings.ACTIONS` with a palette entry."""
+        for name, act in ACTIONS.items():
+            if act.palette is not None:
+                owner = self.app if name in APP_ACTIONS else self
+                yield SystemCommand(*act.palette, getattr(owner, f"action_{name}"))

@@ -5,8 +5,12 @@ from __future__ import annotations
 from rich.cells import cell_len
 from textual.widgets import Footer
 
-# When the footer is too narrow for every key, these go first, in this order (F1's help lists them all).
-DROP_FIRST = ["command_palette", "submit", "settings", "speculative", "view", "lens", "chats", "new_chat", "auto"]
+from sortedchat.tui.settings import ACTIONS
+
+# When the footer is too narrow for every key, these go first, in this order (F1's help lists them all): Textual's
+# command palette key and the message box's send key, then the app's actions by their `drop` rank.
+DROP_FIRST = ["command_palette", "submit"] + sorted((a for a in ACTIONS if ACTIONS[a].drop is not None),
+                                                    key=lambda a: ACTIONS[a].drop)
 
 
 class ChatFooter(Footer):

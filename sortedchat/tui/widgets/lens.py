@@ -16,6 +16,7 @@ from textual.message import Message
 from textual.widgets import Static
 
 from sortedchat.tui.colours import themed_exit_colour
+from sortedchat.tui.settings import key_name
 
 if TYPE_CHECKING:
     from sortedchat.sorted_model import SortedModel
@@ -45,8 +46,7 @@ class LayerLens(VerticalScroll):
         self.sm = sm
         self.num_layers, self.first_exit = sm.num_layers, sm.exits[0]
         self.border_title = "layer lens"
-        self.header = Static("Select a token: click it, or focus an answer and use ← →. Esc closes.",
-                             id="lens-header")
+        self.header = Static(id="lens-header")  # its first text names the remappable stop key: `compose`
         self.shown: tuple | None = None  # the arguments of the predictions on show, to redraw them
         self._request = 0  # counts selections: a worker's result for an earlier one is dropped
         self._selected: tuple[int, StoredToken] | None = None  # the latest selection: its index and token
@@ -77,6 +77,8 @@ class LayerLens(VerticalScroll):
                                     message.rows)
 
     def compose(self):
+        stop = key_name(self.app.settings.keymap(), "stop", self.app.get_key_display)
+        self.header.update(f"Select a token: click it, or focus an answer and use ← →. {stop} closes.")
         yield self.header
 
     def show_pending(self, piece: str, index: int) -> None:
