@@ -194,9 +194,10 @@ def test_cost_timing_waits_for_the_device_before_reading_the_clock(monkeypatch):
 
 
 def test_status_line_names_an_accelerator_and_leaves_the_cpu_unsaid():
-    from sortedchat.tui.widgets.status import status_text
+    from sortedchat.tui.widgets.status import fit_parts, status_parts
 
-    on_gpu, on_cpu = (status_text("tiny", "Depth 6/6", None, device=d).split(" · ") for d in ("cuda:0", "cpu"))
+    on_gpu, on_cpu = (fit_parts(status_parts("tiny", "Depth 6/6", None, device=d)).split(" · ")
+                      for d in ("cuda:0", "cpu"))
     assert "cuda:0" in on_gpu and on_cpu == [p for p in on_gpu if p != "cuda:0"]
 
 

@@ -371,11 +371,11 @@ def test_command_palette_offers_the_chat_commands(tiny, tmp_path):
 
 def test_status_line_counts_tokens_the_pacer_decoded_at_full_depth():
     from sortedchat.engine import GenerationStats
-    from sortedchat.tui.widgets.status import status_text
+    from sortedchat.tui.widgets.status import fit_parts, status_parts
 
     stats = GenerationStats(num_layers=6, tokens=10, drafted=4, accepted=2, verifications=2, paced=5, exit_sum=50,
                             decode_seconds=1.0, layer_evals=60)
-    assert status_text("m", "Speculative 2", stats) == (
+    assert fit_parts(status_parts("m", "Speculative 2", stats)) == (
         "Speculative 2 · 10.0 tok/s · 10 tokens · mean exit 5.0/6 · drafts accepted 50% · 5 undrafted · "
         "compute saved 0% (exits skipped 17% of layers, but verifying the drafts ran the deeper layers) · m"
     )
@@ -383,17 +383,18 @@ def test_status_line_counts_tokens_the_pacer_decoded_at_full_depth():
 
 def test_the_status_line_says_what_its_figures_belong_to_and_what_they_mean():
     from sortedchat.engine import GenerationStats
-    from sortedchat.tui.widgets.status import status_text
+    from sortedchat.tui.widgets.status import fit_parts, status_parts
 
     auto = GenerationStats(num_layers=30, tokens=100, exit_sum=100 * 18, layer_evals=100 * 29, decode_seconds=10,
                            prefill_seconds=2, prefilled_tokens=200, prompt_tokens=300, context_limit=8192)
-    assert status_text("m", "Depth 24/30", auto, answer_mode="Auto", context=(auto.context_fill, 3)) == (
+    assert fit_parts(status_parts("m", "Depth 24/30", auto, answer_mode="Auto", context=(auto.context_fill, 3))) == (
         "Depth 24/30 · last answer: 10.0 tok/s (prompt 100 tok/s) · 100 tokens · mean exit 18.0/30 · compute saved 3% "
         "(exits skipped 40% of layers, but most ran later for deeper tokens) · context 5% (turns 1–3 unseen) · m")
-    assert status_text("m", "Auto", auto, answer_mode="Auto", width=80) == (
+    assert fit_parts(status_parts("m", "Auto", auto, answer_mode="Auto"), 80) == (
         "Auto · 10.0 tok/s (prompt 100 tok/s) · 100 tok · exit 18.0 · compute saved 3%")  # the note goes first
-    assert status_text("m", "Auto", auto, answer_mode="Depth 6/6", generating=True).startswith("Auto · 10.0 tok/s")
-    assert status_text("m", "Auto", None, generating=True, reading=(512, 6500)) == (
+    generating = fit_parts(status_parts("m", "Auto", auto, generating=True, answer_mode="Depth 6/6"))
+    assert generating.startswith("Auto · 10.0 tok/s")
+    assert fit_parts(status_parts("m", "Auto", None, generating=True, reading=(512, 6500))) == (
         "Auto · reading the prompt: 512/6,500 tokens · m")
 
 

@@ -19,7 +19,7 @@ from sortedchat.tui.screens.settings import SettingsScreen
 from sortedchat.tui.settings import Settings, load_settings, settings_path
 from sortedchat.tui.storage import ChatStore
 from sortedchat.tui.widgets.legend import ExitLegend
-from sortedchat.tui.widgets.status import status_text
+from sortedchat.tui.widgets.status import fit_parts, status_parts
 
 from helpers.tui import AGREEMENT, SIZE, Gate, ask, chat, dialogue, make_app, run_async, status, wait_for
 
@@ -41,18 +41,18 @@ def spec_stats() -> GenerationStats:
     (5, "Speculative 15"),  # the mode always stays
 ])
 def test_the_status_line_fits_its_width_least_needed_first(width, expected):
-    assert status_text(SMOLLM, "Speculative 15", spec_stats(), width=width) == expected
+    assert fit_parts(status_parts(SMOLLM, "Speculative 15", spec_stats()), width) == expected
 
 
 def test_a_part_left_out_is_not_brought_back_by_shortening():
     stats = spec_stats()
     stats.tokens, stats.exit_sum = 24, 24 * 30
-    line = status_text("tiny", "Speculative 2", stats, width=78)
+    line = fit_parts(status_parts("tiny", "Speculative 2", stats), 78)
     assert "undrafted" not in line and "tiny" not in line and len(line) <= 78
 
 
 def test_the_status_line_keeps_the_kv_policy_of_the_mode():
-    line = status_text(SMOLLM, "Auto · propagated KV", spec_stats(), width=60)
+    line = fit_parts(status_parts(SMOLLM, "Auto · propagated KV", spec_stats()), 60)
     assert line.startswith("Auto · propagated KV · 5.7 tok/s") and len(line) <= 60
 
 

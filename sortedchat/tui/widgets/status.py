@@ -120,12 +120,6 @@ def fit_parts(parts: list[Part], width: int | None = None) -> str:
     return line()
 
 
-def status_text(model: str, mode: str, stats: GenerationStats | None, show_speed: bool = True,
-                generating: bool = False, device=None, width: int | None = None, **figures) -> str:
-    """The status line as text (`figures`: `status_parts`'s keyword-only ones)."""
-    return fit_parts(status_parts(model, mode, stats, show_speed, generating, device, **figures), width)
-
-
 class StatusBar(Static):
     """The status line, fitted to its width whenever it is drawn (a resize shortens or restores it)."""
 
