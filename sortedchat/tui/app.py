@@ -24,7 +24,7 @@ from sortedchat.tui.screens.chat import ChatScreen
 from sortedchat.tui.screens.chats import ChatListScreen
 from sortedchat.tui.screens.help import HelpScreen
 from sortedchat.tui.screens.loading import LoadingScreen
-from sortedchat.tui.settings import Settings, save_changes
+from sortedchat.tui.settings import ACTIONS, Settings, save_changes
 from sortedchat.tui.storage import ChatStore
 from sortedchat.tui.warmup import warm_up
 
@@ -54,8 +54,8 @@ class SortedChatApp(App):
     TITLE = "sortedchat"
     INHERIT_BINDINGS = False
     BINDINGS = [
-        Binding("f1", "help", "Help", id="help"),
-        Binding("ctrl+q", "quit", "Quit", id="quit", priority=True),
+        Binding(ACTIONS["help"].keys, "help", ACTIONS["help"].label, id="help"),
+        Binding(ACTIONS["quit"].keys, "quit", ACTIONS["quit"].label, id="quit", priority=True),
         Binding("ctrl+c", "help_quit", show=False, system=True),
     ]
 

@@ -25,17 +25,19 @@ MODIFIERS = {"ctrl", "shift", "alt", "super", "meta", "hyper"}
 @dataclass(frozen=True)
 class Action:
     """One thing a key does, as every place in the app names it: its default keys (`[keys]` remaps them; the id
-    is the `[keys]` name and the Textual binding id), its line in the help screen, its label in the chat screen's
-    footer (None: not one of the chat screen's keys), whether the footer shows it (the help lists them all), when
-    the footer drops it for want of width (lower first; None: never), and its command-palette entry (title, help;
-    None: not in the palette). Texts that name a key take it from the keymap (`key_name`), never from here."""
+    is the `[keys]` name and the Textual binding id), its line in the help screen, its footer label, whether the
+    footer shows it (the help lists them all), when the footer drops it for want of width (lower first; None:
+    never), its command-palette entry (title, help; None: not in the palette), and who binds it: the chat screen,
+    the app (every screen) or the message box. Texts that name a key take it from the keymap (`key_name`), never
+    from here."""
 
     keys: str
     help: str
-    label: str | None = None
+    label: str
     shown: bool = True
     drop: int | None = None
     palette: tuple[str, str] | None = None
+    owner: str = "chat"  # "chat", "app" or "prompt"
 
 
 ACTIONS: dict[str, Action] = {
@@ -72,9 +74,9 @@ ACTIONS: dict[str, Action] = {
                    palette=("Copy the last answer", "To the clipboard")),
     "rename": Action("ctrl+t", "Rename this chat", "Rename", shown=False,
                      palette=("Rename chat", "Give this chat another title")),
-    "quit": Action("ctrl+q", "Quit"),
-    "send": Action("enter", "Send the message"),
-    "newline": Action("ctrl+j", "New line in the message"),
+    "quit": Action("ctrl+q", "Quit", "Quit", owner="app"),
+    "send": Action("enter", "Send the message", "Send", owner="prompt"),
+    "newline": Action("ctrl+j", "New line in the message", "New line", shown=False, owner="prompt"),
 }
 
 

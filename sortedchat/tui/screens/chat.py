@@ -47,9 +47,9 @@ class ChatScreen(Screen):
     """One `Dialogue` on screen; the keys act on it, dialogs (saved chats, rename, settings) open over it."""
 
     # Priority: these keys act wherever the focus is (the message box would otherwise take F6/F7).
-    # The footer's keys are `settings.ACTIONS` with a label (those it does not show are in the help screen).
+    # The chat screen's `settings.ACTIONS` (those the footer does not show are in the help screen).
     BINDINGS = [Binding(act.keys, f"app.{a}" if a in APP_ACTIONS else a, act.label, id=a, priority=True,
-                        show=act.shown) for a, act in ACTIONS.items() if act.label is not None] + [
+                        show=act.shown) for a, act in ACTIONS.items() if act.owner == "chat"] + [
         Binding("pageup", "scroll_conversation(-1)", show=False, priority=True),
         Binding("pagedown", "scroll_conversation(1)", show=False, priority=True),
     ]

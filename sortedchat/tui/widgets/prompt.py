@@ -11,11 +11,14 @@ from textual.binding import Binding
 from textual.message import Message
 from textual.widgets import TextArea
 
+from sortedchat.tui.settings import ACTIONS
+
 
 class PromptInput(TextArea):
     BINDINGS = [
-        Binding("enter", "submit", "Send", id="send"),
-        Binding("ctrl+j", "newline", "New line", id="newline", show=False),
+        Binding(ACTIONS["send"].keys, "submit", ACTIONS["send"].label, id="send"),
+        Binding(ACTIONS["newline"].keys, "newline", ACTIONS["newline"].label, id="newline",
+                show=ACTIONS["newline"].shown),
     ]
 
     class Submitted(Message):
