@@ -174,7 +174,10 @@ def test_every_mode_answers_as_the_engine_does(server, tiny, name):
     assert all(1 <= e <= limit for e in exits)
     if mode.kind == "speculative":  # drafted tokens left at the draft depth, the others at full depth
         assert all(x["exit_layer"] == (2 if x["drafted"] else 6) for x in extras)
-        assert choice.model_extra["drafted"] == [x["drafted"] for x in extras]
+        # Two answers, two pacer clocks: which tokens are drafted may differ between them, so each is checked alone.
+        extra = choice.model_extra
+        assert len(extra["drafted"]) == len(exits)
+        assert all(e == (2 if d else 6) for e, d in zip(extra["exit_layers"], extra["drafted"]))
     else:
         assert all("drafted" not in x for x in extras)
 
