@@ -1013,6 +1013,12 @@ def test_self_generation_loads_as_the_command_line_does_and_errors_are_one_line(
         selfgen.main(["--model", str(tiny_dir), "--out", str(out), "--alpaca", str(tmp_path / "missing.json")])
     with pytest.raises(SystemExit, match=rf"^error: --out {tmp_path}: is a directory"):
         selfgen.main(["--model", str(tiny_dir), "--out", str(tmp_path), "--alpaca", str(alpaca_file)])
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"instruction": "Hi", "output": "Hello"},\n {"instruction": "Hi" "output": "x"}]\n')
+    with pytest.raises(SystemExit, match=rf"^error: {broken}: line 2: invalid JSON"):
+        selfgen.main(["--model", str(tiny_dir), "--out", str(out), "--alpaca", str(broken)])
+    with pytest.raises(SystemExit, match=rf"^error: --questions {alpaca_file}: expected qa records, found alpaca"):
+        selfgen.main(["--model", str(tiny_dir), "--out", str(out), "--questions", str(alpaca_file)])
     assert not out.exists()
     selfgen.main(["--model", str(tiny_dir), "--out", str(out), "--alpaca", str(alpaca_file), "--alpaca-holdout", "0",
                   "--alpaca-limit", "2", "--batch-size", "2"])

@@ -27,6 +27,7 @@ from sortedchat import SortedChatError
 from sortedchat.config import atomic_write_text
 from sortedchat.loading import LoadOptions, load_sorted_model
 from sortedchat.outputs import check_output_file
+from sortedchat.training.data import load_records
 
 PASSAGE_TASKS = (
     "Summarize the following passage in two or three sentences.",
@@ -211,6 +212,11 @@ def _check_paths(args: argparse.Namespace) -> None:
     for flag, path in (("--alpaca", args.alpaca), ("--questions", args.questions), ("--passages", args.passages)):
         if path is not None and not path.is_file():
             raise SortedChatError(f"{flag} {path}: no such file")
+    # The record files go through `sortedchat train`'s reader once, so a bad record is one line naming its file
+    # and line here, before the model loads, not a traceback halfway through.
+    for flag, path, kind in (("--alpaca", args.alpaca, "alpaca"), ("--questions", args.questions, "qa")):
+        if path is not None and (found := load_records(str(path), flag=flag).kind) != kind:
+            raise SortedChatError(f"{flag} {path}: expected {kind} records, found {found} records")
     if args.corpus and args.alpaca is None:
         raise SortedChatError("--corpus: give --alpaca too (the corpus starts from its records)")
     outputs = [("--corpus", args.corpus), ("--heldout", args.heldout)] if args.corpus else [("--out", args.out)]
