@@ -14,7 +14,19 @@ from sortedchat.tui.widgets.answer import AnswerView
 from sortedchat.tui.widgets.code import CodeFence, guess_code_language
 from sortedchat.tui.widgets.conversation import UserMessage
 
-from helpers.tui import PROMPT, SIZE, ask, chat, dialogue, expected_answer, make_app, named, run_async, wait_for
+from helpers.tui import (
+    PROMPT,
+    SIZE,
+    ask,
+    chat,
+    dialogue,
+    expected_answer,
+    make_app,
+    named,
+    run_async,
+    saved_answer,
+    wait_for,
+)
 
 
 def test_rename_the_open_chat_and_one_in_the_saved_list(tiny, tmp_path):
@@ -128,11 +140,7 @@ def test_code_blocks_in_the_markdown_view_are_highlighted(tiny, tmp_path):
     store = ChatStore(tmp_path / "chats.sqlite3")
     code = "def add(a, b):\n    return a + b\n\nprint(add(1, 2))"
     answer = f"Here:\n```\n{code}\n```\n"
-    chat_id, message = store.start_answer(None, [{"role": "user", "content": "code"}], "Depth 6/6", "tiny")
-    ids = tiny.tokenizer.encode(answer, add_special_tokens=False)
-    for i, tid in enumerate(ids):
-        store.add_token(message, i, tid, tiny.tokenizer.decode([tid]), 6, 1.0)
-    store.finish_message(message, answer)
+    chat_id = saved_answer(store, tiny.tokenizer, "code", answer, confidence=1.0)
     app = make_app(tiny, tmp_path, store=store)
 
     @run_async

@@ -21,7 +21,7 @@ from sortedchat.tui.storage import ChatStore
 from sortedchat.tui.widgets.legend import ExitLegend
 from sortedchat.tui.widgets.status import fit_parts, status_parts
 
-from helpers.tui import AGREEMENT, SIZE, Gate, ask, chat, dialogue, make_app, run_async, status, wait_for
+from helpers.tui import AGREEMENT, SIZE, Gate, ask, chat, dialogue, make_app, run_async, saved_answer, status, wait_for
 
 SMALL = (80, 24)
 SMOLLM = "SmolLM2-135M-Instruct (default)"
@@ -204,10 +204,7 @@ def test_at_80x24_the_lens_leaves_the_token_it_describes_in_view(tiny, tmp_path,
     it describes (the last one after F9, or the one clicked) is scrolled into what is left, above the lens."""
     store = ChatStore(tmp_path / "chats.sqlite3")
     text = " ".join(["The quick brown fox jumps over the lazy dog."] * 16)
-    chat_id, message = store.start_answer(None, [{"role": "user", "content": "one"}], "Depth 6/6", "tiny")
-    for i, tid in enumerate(tiny.tokenizer.encode(text, add_special_tokens=False)):
-        store.add_token(message, i, tid, tiny.tokenizer.decode([tid]), 6, 0.5)
-    store.finish_message(message, text)
+    chat_id = saved_answer(store, tiny.tokenizer, "one", text)
     app = make_app(tiny, tmp_path, store=store)
 
     @run_async

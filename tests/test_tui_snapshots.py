@@ -17,7 +17,7 @@ from sortedchat.tui.screens.settings import SettingsScreen
 from sortedchat.tui.settings import Settings
 from sortedchat.tui.storage import ChatStore
 
-from helpers.tui import AGREEMENT, ask, chat, make_app, wait_for
+from helpers.tui import AGREEMENT, ask, chat, make_app, saved_answer, wait_for
 
 SIZE = (100, 30)
 
@@ -156,10 +156,7 @@ def test_small_saved_chats_list(snap_compare, tiny, tmp_path, monkeypatch):
 def test_small_layer_lens_on_a_long_answer_keeps_its_token_in_view(snap_compare, tiny, tmp_path):
     store = ChatStore(tmp_path / "chats.sqlite3")
     text = " ".join(["The quick brown fox jumps over the lazy dog."] * 16)
-    chat_id, message = store.start_answer(None, [{"role": "user", "content": "Hello there"}], "Depth 6/6", "tiny")
-    for i, tid in enumerate(tiny.tokenizer.encode(text, add_special_tokens=False)):
-        store.add_token(message, i, tid, tiny.tokenizer.decode([tid]), 2 + 2 * (i % 3), 0.5)
-    store.finish_message(message, text)
+    chat_id = saved_answer(store, tiny.tokenizer, "Hello there", text, exit_layer=lambda i: 2 + 2 * (i % 3))
     app = make_app(tiny, tmp_path, store=store)
 
     async def lens(pilot):

@@ -31,6 +31,17 @@ def named(sm: SortedModel, agreement: dict[int, float] | None = None) -> SortedM
     return SortedModel(sm.model, sm.tokenizer, SortedConfig(exits=list(sm.exits), training=training), source="tiny")
 
 
+def saved_answer(store: ChatStore, tokenizer, question: str, text: str, exit_layer=lambda i: 6,
+                 confidence: float = 0.5) -> int:
+    """Save `question` and `text` as a finished answer, token by token (each token's exit layer from
+    `exit_layer(index)`), as the app would have; returns the chat's id."""
+    chat_id, message = store.start_answer(None, [{"role": "user", "content": question}], "Depth 6/6", "tiny")
+    for i, tid in enumerate(tokenizer.encode(text, add_special_tokens=False)):
+        store.add_token(message, i, tid, tokenizer.decode([tid]), exit_layer(i), confidence)
+    store.finish_message(message, text)
+    return chat_id
+
+
 def make_app(tiny, tmp_path, max_new_tokens=12, agreement=None, **kwargs) -> SortedChatApp:
     kwargs.setdefault("settings", Settings(max_new_tokens=max_new_tokens))
     kwargs.setdefault("store", ChatStore(tmp_path / "chats.sqlite3"))
