@@ -23,6 +23,7 @@ from sortedchat.config import CONFIG_NAME, SortedConfig, default_exits, validate
 from sortedchat.convert import convert_gguf, incomplete
 from sortedchat.paths import cache_dir
 from sortedchat.progress import Progress, quiet
+from sortedchat.quantize import check_request, quantize_model
 from sortedchat.sorted_model import ExitHeads, ExitLenses, SortedModel
 
 DEFAULT_BASE = "default"  # the value of `base_model` that names the built-in SmolLM2 base
@@ -42,6 +43,7 @@ class LoadOptions:
     trust_remote_code: bool = False
     allow_pickle: bool = False
     exits: list[int] | None = None
+    quantize: str | None = None  # "int8": the products in int8 on a CPU, after loading (`sortedchat.quantize`)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -226,8 +228,7 @@ def load_sorted_model(spec: str | None = None, opts: LoadOptions | None = None,
                       progress: Progress = quiet) -> SortedModel:
     """Load `spec` (see module doc) as a `SortedModel` on the requested device and dtype."""
     opts = opts or LoadOptions()
-    device = resolve_device(opts.device)
-    dtype = resolve_dtype(opts.dtype, device)
+    device, dtype = resolved(opts)
     directory = _locate(spec, progress)
     progress("loading weights", None)
     if directory is None:
@@ -237,9 +238,22 @@ def load_sorted_model(spec: str | None = None, opts: LoadOptions | None = None,
     if opts.exits is not None:
         cfg.exits = validate_exits(opts.exits, model.config.num_hidden_layers, "--exits")
     heads, lenses = (None, None) if directory is None else _load_exit_modules(directory, cfg, model, device, dtype)
+    sm = SortedModel(model=model, tokenizer=tokenizer, config=cfg, source=DEFAULT_LABEL if spec is None else spec,
+                     weights_path=spec if directory is None else str(directory), exit_heads=heads, exit_lenses=lenses)
+    if opts.quantize:
+        progress(f"quantizing to {opts.quantize}", None)
+        quantize_model(sm, opts.quantize)
     progress("model ready", 1.0)
-    return SortedModel(model=model, tokenizer=tokenizer, config=cfg, source=DEFAULT_LABEL if spec is None else spec,
-                       weights_path=spec if directory is None else str(directory), exit_heads=heads, exit_lenses=lenses)
+    return sm
+
+
+def resolved(opts: LoadOptions) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype `opts` load on, checked against `--quantize` before any weight loads."""
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device)
+    if opts.quantize:
+        check_request(opts.quantize, device, dtype, opts.load_in_4bit or opts.load_in_8bit)
+    return device, dtype
 
 
 def _locate(spec: str | None, progress: Progress) -> Path | None:
@@ -347,7 +361,7 @@ class ModelFacts:
 def read_model_facts(spec: str | None, opts: LoadOptions) -> ModelFacts | None:
     """`spec`'s facts from config.json, sortedchat.json and the safetensors headers, without loading a weight;
     None where only loading would tell (a hub id, a model still to be converted, quantized or pickled weights)."""
-    if opts.load_in_4bit or opts.load_in_8bit:
+    if opts.load_in_4bit or opts.load_in_8bit or opts.quantize:
         return None
     directory = _prepared_directory(spec)
     if directory is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -40,22 +41,29 @@ def evaluate(
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip malformed records (counted)")] = False,
     load: o.LoadFlags,
 ) -> None:
-    """Per exit and per model: response-token CE, perplexity, top-1, agreement with the last exit (and QA EM)."""
+    """Per exit and per model: response-token CE, perplexity, top-1, agreement with the last exit (and QA EM).
+    With --quantize int8, each model loads in float32, gives its full depth's top-1 on every response token, is
+    quantized, and is scored: the =f32 column is each exit's agreement with float32 full depth."""
     from sortedchat.config import atomic_write_text
+    from sortedchat.loading import resolved
     from sortedchat.training import evaluate as ev
     from sortedchat.training.data import RecordSet, last_records, load_records
 
     _check_arguments(template, holdout, limit, json_out, plot)
+    opts = load.load_options()
+    resolved(opts)  # --quantize against the other options, before the data loads
     records = load_records(data, skip_bad, "--data")
     examples = last_records(records.examples, holdout, limit, data)
     subset = RecordSet(examples, records.source, records.kind, records.sha256, records.skipped)
     use_qa = records.kind == "qa" if qa is None else qa
     if use_qa and not all(ex.aliases for ex in examples):
         raise SortedChatError(f"--qa: {data} holds {records.kind} records, not question/answer records")
-    results = score_models(model, load.load_options(),
-                           steps=lambda sm: len(examples) * (1 + (len(sm.exits) if use_qa else 0)),
+    results = score_models(model, dataclasses.replace(opts, quantize=None),  # quantized after the reference
+                           steps=lambda sm: len(examples) * (1 + bool(opts.quantize)
+                                                             + (len(sm.exits) if use_qa else 0)),
                            score=lambda sm, tick: ev.evaluate_model(sm, subset, template, max_length, batch_size,
-                                                                    use_qa, max_new_tokens, tick=tick))
+                                                                    use_qa, max_new_tokens, tick=tick,
+                                                                    quantize=opts.quantize))
     described = subset.describe() | {"holdout": holdout, "limit": limit}
     title = f"{records.source}: {len(examples)} records" + (f" (last {holdout})" if holdout else "")
     Console(highlight=False).print(ev.results_table(results, title))

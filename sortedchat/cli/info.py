@@ -1,7 +1,8 @@
 """`sortedchat info`: what a model is and where it lives.
 
 It reads what it shows from the model's small files (config.json, sortedchat.json, the safetensors headers) in
-well under a second; only a model that must be converted or downloaded first, or quantized, is loaded."""
+well under a second; only a model that must be converted or downloaded first, or quantized, is loaded (`quantized`
+says what `--quantize` made int8)."""
 
 from __future__ import annotations
 
@@ -28,15 +29,19 @@ def info(*, model: o.ModelOpt = None, load: o.LoadFlags) -> None:
     check_before_loading(model, load)
     facts = read_model_facts(model, load.load_options())
     if facts is None:
+        from sortedchat.quantize import describe, int8_weights
+
         sm = o.load_model(model, load.load_options())
         lens_exits = sm.exit_lenses.exits if sm.exit_lenses is not None else None
-        facts = (sm, type(sm.model).__name__, sm.exit_heads is not None, lens_exits, sm.parameter_count())
+        facts = (sm, type(sm.model).__name__, sm.exit_heads is not None, lens_exits,
+                 sm.parameter_count() + int8_weights(sm.model), describe(sm))
     else:
-        facts = (facts, facts.class_name, facts.exit_heads, facts.lens_exits, facts.parameters)
+        facts = (facts, facts.class_name, facts.exit_heads, facts.lens_exits, facts.parameters, "none")
     Console().print(_table(*facts))
 
 
-def _table(sm, class_name: str, exit_heads: bool, lens_exits: list[int] | None, parameters: int) -> Table:
+def _table(sm, class_name: str, exit_heads: bool, lens_exits: list[int] | None, parameters: int,
+           quantization: str) -> Table:
     """The rows, from a loaded model or the facts read without loading it (the same fields)."""
     import torch  # already imported by `loading`
 
@@ -54,6 +59,7 @@ def _table(sm, class_name: str, exit_heads: bool, lens_exits: list[int] | None, 
          if lens_exits is not None else "shared norm + LM head"),
         ("parameters", f"{parameters / 1e6:.1f}M"),
         ("dtype", str(sm.dtype).replace("torch.", "")),
+        ("quantized", quantization),
         ("device", str(sm.device)),
         ("threads", f"{torch.get_num_threads()} (torch, on {os.cpu_count()} CPUs; --threads sets it)"),
         ("weights", sm.weights_path),

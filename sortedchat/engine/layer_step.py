@@ -5,8 +5,8 @@ A decoding step on a CPU runs 30 small layer calls of a few dozen operators each
 layer call adds keyword deprecation wrappers, the attention-interface lookup, the cache's dispatch and the mask
 checks, which cost about a third as much as the layers' own operators (BENCHMARKS.md, "Where a decoding step's
 time goes"). `LayerStep` runs the same operators on the same weights: the input norm, the q/k/v projections
-(with the q/k norms of the models that have them), rotary on q and k (in fewer operators, `Span.rotation`), the
-K/V written into the layer's cache,
+(with the q/k norms of the models that have them; int8 products on a model `--quantize` made so), rotary on q
+and k (in fewer operators, `Span.rotation`), the K/V written into the layer's cache,
 scaled-dot-product attention called exactly as transformers' `sdpa` integration calls it, the output
 projection, the residual, the post-attention norm, the MLP and its residual. Same operators on the same
 inputs give the same numbers bit for bit, which `step_for` checks on every layer before using a step (a probe
@@ -16,11 +16,14 @@ differs, is called through transformers (`TransformersCall`), as before.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sortedchat.hf_contract import cache_keyword, rotary_function
+from sortedchat.quantize import is_int8
 
 MAX_GQA_HEAD_DIM = 256  # transformers' sdpa integration lets SDPA broadcast K/V heads up to this head size
 
@@ -71,9 +74,9 @@ class LayerStep:
         self.norms = (layer.input_layernorm.forward, layer.post_attention_layernorm.forward)
         self.q_norm = getattr(attn, "q_norm", None)
         self.k_norm = getattr(attn, "k_norm", None)
-        self.qkv = tuple((p.weight, p.bias) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-        self.o = (attn.o_proj.weight, attn.o_proj.bias)
-        self.mlp = tuple((p.weight, p.bias) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        self.qkv = tuple(product(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        self.o = product(attn.o_proj)
+        self.mlp = tuple(product(p) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
         self.act = mlp.act_fn
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
         self.groups = attn.num_key_value_groups
@@ -82,11 +85,11 @@ class LayerStep:
         """`x` [1, q, H] at the positions of `span`; `cache_layer` the layer's K/V, which the step extends by
         q positions."""
         in_norm, post_norm = self.norms
-        (wq, bq), (wk, bk), (wv, bv) = self.qkv
+        q_proj, k_proj, v_proj = self.qkv
         q_len = x.shape[1]
         shape = (1, q_len, -1, self.head_dim)
         h = in_norm(x)
-        query, key = F.linear(h, wq, bq).view(shape), F.linear(h, wk, bk).view(shape)
+        query, key = q_proj(h).view(shape), k_proj(h).view(shape)
         if self.q_norm is not None:
             query = self.q_norm(query)
         if self.k_norm is not None:
@@ -96,12 +99,20 @@ class LayerStep:
         query, key = query.transpose(1, 2), key.transpose(1, 2)
         query = query * cos + query.roll(half, -1) * signed_sin
         key = key * cos + key.roll(half, -1) * signed_sin
-        keys, values = cache_layer.update(key, F.linear(h, wv, bv).view(shape).transpose(1, 2))
+        keys, values = cache_layer.update(key, v_proj(h).view(shape).transpose(1, 2))
         out = attend(query, keys, values, span.mask, self.scaling, self.groups)
-        x = x + F.linear(out.transpose(1, 2).reshape(1, q_len, -1), *self.o)
+        x = x + self.o(out.transpose(1, 2).reshape(1, q_len, -1))
         h = post_norm(x)
-        (wg, bg), (wu, bu), (wd, bd) = self.mlp
-        return x + F.linear(self.act(F.linear(h, wg, bg)) * F.linear(h, wu, bu), wd, bd)
+        gate, up, down = self.mlp
+        return x + down(self.act(gate(h)) * up(h))
+
+
+def product(linear: nn.Module):
+    """A projection as a function of its input: `F.linear` on an `nn.Linear`'s own weight and bias (no module
+    call), or an int8 one's own call (`sortedchat.quantize`)."""
+    if type(linear) is nn.Linear:
+        return functools.partial(F.linear, weight=linear.weight, bias=linear.bias)
+    return linear
 
 
 def attend(query, keys, values, mask, scaling: float, groups: int) -> torch.Tensor:
@@ -124,7 +135,7 @@ def _looks_like_llama(layer: nn.Module, config) -> bool:
     linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
     linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
     return (
-        all(type(m) is nn.Linear for m in linears)
+        all(type(m) is nn.Linear or is_int8(m) for m in linears)
         and all(hasattr(layer, n) for n in ("input_layernorm", "post_attention_layernorm"))
         and hasattr(mlp, "act_fn")
         and all(hasattr(attn, n) for n in ("head_dim", "scaling", "num_key_value_groups"))

@@ -2,7 +2,8 @@
 
 Per exit, on the response tokens of the data: cross-entropy, perplexity, top-1 accuracy, and agreement
 of the exit's top-1 with the same model's last exit (how often a shallow exit already says what the full
-model would). With QA data also closed-book exact match: the greedy answer generated at that depth
+model would), and with `--quantize int8` its agreement with the float32 model's full depth (`agree_f32`). With
+QA data also closed-book exact match: the greedy answer generated at that depth
 (through the chat engine, so exactly what a user would see) against every alias, normalised the TriviaQA
 way. Results go to a table, a JSON file and, if asked, a plot of quality against depth.
 """
@@ -19,6 +20,7 @@ import torch
 
 from sortedchat import SortedChatError
 from sortedchat.engine import ChatSession, Mode, SamplingConfig
+from sortedchat.quantize import quantize_model
 from sortedchat.training.data import RecordSet
 from sortedchat.training.objectives import CHUNK_ELEMENTS, decoder_of
 from sortedchat.training.templates import IGNORE, collate, encode_all, prompt_ids
@@ -46,12 +48,9 @@ def first_answer_line(text: str) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
-@torch.no_grad()
-def score_exits(sm, encoded, exits: list[int], batch_size: int = 8, tick: Tick | None = None) -> dict[int, dict]:
-    """CE, perplexity, top-1 and agreement with the last exit, per exit, over the response tokens."""
-    L = sm.num_layers
-    sums = {e: {"ce": 0.0, "top1": 0, "agree": 0} for e in exits}
-    count = 0
+def _response_states(sm, encoded, exits: set[int], batch_size: int, tick: Tick | None):
+    """Per chunk of response tokens, in one fixed order: the hidden state of each exit in `exits` and the targets
+    (a model's full forward per batch of sequences sorted by length; chunks bound the logits' memory)."""
     ordered = sorted(encoded, key=lambda x: len(x.input_ids))
     pad = sm.tokenizer.pad_token_id if sm.tokenizer.pad_token_id is not None else sm.tokenizer.eos_token_id
     chunk = max(1, CHUNK_ELEMENTS // sm.model.config.vocab_size)
@@ -62,24 +61,47 @@ def score_exits(sm, encoded, exits: list[int], batch_size: int = 8, tick: Tick |
                                    use_cache=False, output_hidden_states=True)
         select = batch["labels"][:, 1:] != IGNORE
         targets = batch["labels"][:, 1:][select]
-        count += targets.numel()
-        states = {e: out.hidden_states[e][:, :-1][select] for e in set(exits) | {L}}
+        states = {e: out.hidden_states[e][:, :-1][select] for e in exits}
         for c in range(0, targets.numel(), chunk):
-            y = targets[c : c + chunk]
-            last_top = sm.normed_head(states[L][c : c + chunk]).argmax(-1)
-            for e in exits:
-                h = states[e][c : c + chunk]
-                logits = (sm.normed_head(h) if e == L else sm.head(h, e)).float()
-                top = logits.argmax(-1)
-                sums[e]["ce"] += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
-                sums[e]["top1"] += (top == y).sum().item()
-                sums[e]["agree"] += (top == last_top).sum().item()
+            yield {e: h[c : c + chunk] for e, h in states.items()}, targets[c : c + chunk]
         if tick:
             tick(len(group))
+
+
+@torch.no_grad()
+def full_depth_top1(sm, encoded, batch_size: int = 8, tick: Tick | None = None) -> torch.Tensor:
+    """The full depth's top-1 at every response token, in `score_exits`' order: the reference its `reference`
+    takes (`sortedchat eval --quantize` computes it on the float32 model before quantizing it)."""
+    L = sm.num_layers
+    return torch.cat([sm.normed_head(states[L]).argmax(-1)
+                      for states, _ in _response_states(sm, encoded, {L}, batch_size, tick)])
+
+
+@torch.no_grad()
+def score_exits(sm, encoded, exits: list[int], batch_size: int = 8, tick: Tick | None = None,
+                reference: torch.Tensor | None = None) -> dict[int, dict]:
+    """CE, perplexity, top-1 and agreement with the last exit, per exit, over the response tokens; with
+    `reference` (`full_depth_top1` of another model, float32's), agreement with it too (`agree_ref`)."""
+    L = sm.num_layers
+    sums = {e: {"ce": 0.0, "top1": 0, "agree": 0, "agree_ref": 0} for e in exits}
+    count = 0
+    for states, y in _response_states(sm, encoded, set(exits) | {L}, batch_size, tick):
+        last_top = sm.normed_head(states[L]).argmax(-1)
+        ref = None if reference is None else reference[count : count + y.numel()].to(last_top.device)
+        count += y.numel()
+        for e in exits:
+            logits = (sm.normed_head(states[e]) if e == L else sm.head(states[e], e)).float()
+            top = logits.argmax(-1)
+            sums[e]["ce"] += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            sums[e]["top1"] += (top == y).sum().item()
+            sums[e]["agree"] += (top == last_top).sum().item()
+            if ref is not None:
+                sums[e]["agree_ref"] += (top == ref).sum().item()
     if count == 0:
         raise SortedChatError("the evaluation data has no response tokens")
     return {e: {"ce": s["ce"] / count, "ppl": math.exp(min(s["ce"] / count, 50)), "top1": s["top1"] / count,
-                "agree": s["agree"] / count, "tokens": count} for e, s in sums.items()}
+                "agree": s["agree"] / count, "tokens": count}
+            | ({} if reference is None else {"agree_f32": s["agree_ref"] / count}) for e, s in sums.items()}
 
 
 def qa_exact_match(sm, examples, exits: list[int], template: str, max_new_tokens: int = 24,
@@ -106,15 +128,23 @@ def model_template(sm, override: str | None) -> str:
 
 
 def evaluate_model(sm, records: RecordSet, template: str | None, max_length: int, batch_size: int,
-                   qa: bool, max_new_tokens: int, tick: Tick | None = None) -> dict:
-    """Every metric of one model on one record set, as the JSON `sortedchat eval` writes."""
+                   qa: bool, max_new_tokens: int, tick: Tick | None = None, quantize: str | None = None) -> dict:
+    """Every metric of one model on one record set, as the JSON `sortedchat eval` writes. With `quantize`, `sm`
+    (float32) first gives the reference, its full depth's top-1 per response token, then is quantized in place
+    and scored: each exit's `agree_f32` is its agreement with float32 full depth."""
     template = model_template(sm, template)
     encoded, dropped = encode_all(records.examples, sm.tokenizer, template, max_length)
     if not encoded:
         raise SortedChatError(f"{records.source}: no record has a response within --max-length {max_length}")
-    metrics = score_exits(sm, encoded, sm.exits, batch_size, tick)
+    reference = None
+    if quantize:
+        reference = full_depth_top1(sm, encoded, batch_size, tick)
+        quantize_model(sm, quantize)
+    metrics = score_exits(sm, encoded, sm.exits, batch_size, tick, reference)
     result = {"model": sm.source, "layers": sm.num_layers, "exits": sm.exits, "template": template,
               "records": len(encoded), "dropped": dropped, "metrics": metrics}
+    if quantize:
+        result["quantize"] = quantize
     if qa:
         em, predictions = qa_exact_match(sm, records.examples, sm.exits, template, max_new_tokens, tick)
         for e in sm.exits:
@@ -129,11 +159,12 @@ def results_table(results: list[dict], title: str):
     from rich.table import Table
 
     letters = [chr(ord("A") + i) for i in range(len(results))]
-    caption = "  ".join(f"{x}: {r['model']}" for x, r in zip(letters, results))
+    caption = "  ".join(f"{x}: {r['model']}" + (f" ({r['quantize']}; =f32: top-1 as float32 full depth's)"
+                                                  if r.get("quantize") else "") for x, r in zip(letters, results))
     table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     table.add_column("exit", justify="right")
     keys = [("ce", "CE", "{:.3f}"), ("ppl", "ppl", "{:.4g}"), ("top1", "top-1", "{:.1%}"),
-            ("agree", "agree", "{:.1%}"), ("em", "EM", "{:.1%}")]
+            ("agree", "agree", "{:.1%}"), ("agree_f32", "=f32", "{:.1%}"), ("em", "EM", "{:.1%}")]
     shown = [(k, label, fmt) for k, label, fmt in keys if any(k in m for r in results for m in r["metrics"].values())]
     for x in letters:
         for _, label, _ in shown:

@@ -1,0 +1,207 @@
+"""`--quantize int8`: every mode and the lenses on the int8 model, its agreement with float32, the refusals, and
+`eval`'s agreement with float32 full depth."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from sortedchat import SortedChatError
+from sortedchat.cli import app
+from sortedchat.engine import ChatSession, Mode, SamplingConfig
+from sortedchat.quantize import check_request, describe, is_int8, quantize_model
+
+from helpers.engine import PROMPTS, no_stop, prompt_ids, run
+
+runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+@pytest.fixture(scope="module")
+def int8(tiny):
+    """An int8 copy of the shared tiny model (the shared one stays float32)."""
+    sm = copy.deepcopy(tiny)
+    quantize_model(sm)
+    return sm
+
+
+def test_layer_products_and_head_are_int8_and_the_embedding_stays_float32(tiny, int8):
+    attn, mlp = int8.layers[0].self_attn, int8.layers[0].mlp
+    assert all(is_int8(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj,
+                                    mlp.up_proj, mlp.down_proj, int8.model.lm_head))
+    embed = int8.model.model.embed_tokens.weight  # tied to the head in float32: the lookup is unchanged
+    assert embed.dtype == torch.float32 and torch.equal(embed, tiny.model.model.embed_tokens.weight)
+    assert type(tiny.model.lm_head) is nn.Linear  # the shared fixture was not touched
+    assert describe(int8) == "int8 (x86 dynamic): 42 of 42 layer products, the LM head; embeddings, norms float32" \
+        .replace("x86", torch.backends.quantized.engine)
+
+
+def test_full_depth_agrees_with_float32_within_the_stated_tolerance(tiny, int8):
+    """Teacher-forced over the fixture's corpus. The tiny model's random weights (init 0.2) make its logits near
+    ties (median top-2 margin about 0.4) and its layers amplify errors, so its tolerance is loose: at least 60% of
+    the top-1 tokens agree (measured 70-76%) and the logits lie within 30% relative error (measured 24%). The
+    default model's agreement (target >= 98%) is measured by `sortedchat eval --quantize int8` (BENCHMARKS.md)."""
+    from conftest import CORPUS
+
+    ids = torch.tensor([tiny.tokenizer(" ".join(CORPUS[:5]))["input_ids"]])
+    with torch.inference_mode():
+        ref, got = tiny.model(ids).logits[0], int8.model(ids).logits[0]
+    agreement = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
+    assert agreement >= 0.6
+    assert (ref - got).norm() / ref.norm() <= 0.3
+    assert agreement < 1  # int8 is not float32: the figure measures something
+
+
+def test_the_engines_own_layer_step_runs_the_int8_products_as_transformers_layers_do(int8):
+    """A prompt, a token at depth 2 leaving a backlog, propagated K/V (`kv_projection` on int8 projections) and a
+    drain to full depth: the engine's own step gives what transformers' layer call gives on the same int8 model,
+    bit for bit (a float difference of one ulp would move an int8 rounding, so only the same operators agree)."""
+    from sortedchat.engine.layer_step import LayerStep, TransformersCall
+    from sortedchat.engine.state import LayeredState, LayerSteps
+
+    own, ref = LayeredState(int8), LayeredState(int8)
+    ref.steps = LayerSteps(TransformersCall(layer, ref.cache) for layer in int8.layers)
+    assert all(type(step) is LayerStep for step in own.steps)
+    ids = prompt_ids(int8, PROMPTS[0])
+    for depth, new in [(6, ids), (2, [7]), ("propagate", None), (2, [9]), (6, [11, 12])]:
+        if depth == "propagate":
+            assert own.propagate() == ref.propagate() > 0
+            continue
+        a, b = own.run(depth, new), ref.run(depth, new)
+        assert torch.equal(a, b), (depth, new)
+    for i in range(int8.num_layers):
+        assert torch.equal(own.cache.layers[i].keys, ref.cache.layers[i].keys)
+    own.check_invariants()
+
+
+@pytest.mark.parametrize("mode", [Mode.fixed(2), Mode.auto(0.5), Mode.auto(0.5, kv="propagate"),
+                                  Mode.fixed(4, kv="propagate"), Mode.speculative(2, draft_len=3, pace=False)],
+                         ids=["depth", "auto", "auto-propagate", "depth-propagate", "speculative"])
+def test_every_mode_runs_on_the_int8_model(int8, mode):
+    session = no_stop(ChatSession(int8, mode))
+    events = list(session.generate_ids(prompt_ids(int8, PROMPTS[1]), SamplingConfig(max_new_tokens=10)))
+    tokens = [e for e in events if e.token_id is not None]
+    assert len(tokens) == 10 and {e.exit_layer for e in tokens} <= set(int8.exits)
+    if mode.kind.value == "depth":
+        assert {e.exit_layer for e in tokens} == {mode.depth}
+    if mode.kind.value == "speculative":
+        assert session.last_stats.verifications > 0
+
+
+def test_exit_lenses_and_the_layer_lens_run_on_the_int8_model(tiny):
+    """Lenses stay float32 before the int8 head: a lens changes what its exit predicts, as on float32."""
+    from sortedchat.sorted_model import ExitLenses
+
+    sm = copy.deepcopy(tiny)
+    sm.exit_lenses = ExitLenses([2], 64)
+    quantize_model(sm)
+    assert type(sm.exit_lenses.lenses["2"]) is nn.Linear
+    hidden = torch.randn(1, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        plain = sm.head(hidden, 2)
+        with torch.no_grad():
+            sm.exit_lenses.lenses["2"].weight.mul_(-1)
+        assert not torch.equal(sm.head(hidden, 2), plain)
+    top = sm.exit_top_predictions(prompt_ids(sm, PROMPTS[0]), k=3)
+    assert sorted(top) == sm.exits and all(len(v) == 3 for v in top.values())
+    assert "lenses float32" in describe(sm)
+
+
+def test_unmerged_adapter_layers_are_left_in_float32_and_go_through_transformers(tiny):
+    from peft import LoraConfig, get_peft_model
+
+    from sortedchat.engine.layer_step import TransformersCall
+    from sortedchat.engine.state import LayeredState
+
+    sm = copy.deepcopy(tiny)
+    peft_model = get_peft_model(sm.model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    sm.model = peft_model.base_model.model
+    quantize_model(sm)
+    layer = sm.layers[0]
+    assert hasattr(layer.self_attn.q_proj, "base_layer") and type(layer.self_attn.q_proj.base_layer) is nn.Linear
+    assert is_int8(layer.self_attn.k_proj) and is_int8(layer.mlp.down_proj) and is_int8(sm.model.lm_head)
+    assert "36 of 42 layer products, the LM head" in describe(sm)
+    assert all(type(step) is TransformersCall for step in LayeredState(sm).steps)
+    ids = torch.tensor([prompt_ids(sm, PROMPTS[0])])
+    with torch.inference_mode():
+        with_adapter = sm.model(ids).logits
+        with peft_model.disable_adapter():
+            without = sm.model(ids).logits
+    assert not torch.allclose(with_adapter, without)  # the adapter still adds its product
+    assert len(run(no_stop(ChatSession(sm, Mode.fixed())), ids[0].tolist(), n=6)) == 6
+
+
+def test_a_model_it_cannot_quantize_is_refused_in_one_line_and_left_as_it_was(tiny):
+    sm = copy.deepcopy(tiny)
+    sm.layers[1].mlp.up_proj = nn.Identity()
+    with pytest.raises(SortedChatError, match=r"^--quantize: layer 1's mlp.up_proj is a Identity, a layer type it "
+                                              r"does not know \(it quantizes torch Linear layers\)$"):
+        quantize_model(sm)
+    assert describe(sm) == "none"  # nothing changed before the refusal
+    half = copy.deepcopy(tiny)
+    half.model.to(torch.bfloat16)
+    with pytest.raises(SortedChatError, match="quantizes float32 weights: --dtype bfloat16"):
+        quantize_model(half)
+    with pytest.raises(SortedChatError, match=r"^--quantize int8 is for CPUs: the model would load on cuda "
+                                              r"\(add --device cpu\)$"):
+        check_request("int8", torch.device("cuda"), torch.float32, bitsandbytes=False)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quantize", "int4"], "--quantize: 'int4' is not one of int8"),
+    (["--quantize", "int8", "--load-in-8bit"], "--quantize and --load-in-4bit/--load-in-8bit exclude each other"),
+    (["--quantize", "int8", "--dtype", "bfloat16"], "--quantize int8 quantizes float32 weights: --dtype bfloat16 "
+                                                    "asked for (use --dtype float32 or auto)"),
+])
+@pytest.mark.parametrize("command", ["ask", "eval"])
+def test_bad_quantize_options_are_one_line_errors(tiny_dir, tmp_path, command, args, message):
+    extra = ["Hi"] if command == "ask" else ["--data", str(tmp_path / "none.json"), "--json", str(tmp_path / "o.json")]
+    res = runner.invoke(app, [command, *extra, "--model", str(tiny_dir), "--device", "cpu", *args])
+    assert res.exit_code == 1 and str(res.exception) == message
+
+
+def test_ask_and_info_on_the_int8_model(tiny_dir):
+    res = runner.invoke(app, ["ask", "Hello!", "--model", str(tiny_dir), "--device", "cpu", "--quantize", "int8",
+                              "-n", "4", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.splitlines()[-1])["event"] == "summary"
+    res = runner.invoke(app, ["info", "--model", str(tiny_dir), "--device", "cpu", "--quantize", "int8"])
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.stdout.split())
+    assert "quantized int8 (" in out and "42 of 42 layer products, the LM head" in out
+    plain = runner.invoke(app, ["info", "--model", str(tiny_dir), "--device", "cpu"])
+    assert "quantized none" in " ".join(plain.stdout.split())
+
+
+def test_eval_reports_each_exits_agreement_with_float32_full_depth(tiny, tiny_dir, tmp_path):
+    from sortedchat.training.data import load_records
+    from sortedchat.training.evaluate import full_depth_top1, score_exits
+    from sortedchat.training.templates import encode_all
+
+    records = [{"instruction": "What is the capital of France?", "input": "",
+                "output": "Paris is the capital of France."},
+               {"instruction": "Hello!", "input": "", "output": "How are you today? I am fine, thank you."}] * 3
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    out = tmp_path / "eval.json"
+    res = runner.invoke(app, ["eval", "--model", str(tiny_dir), "--data", str(data), "--device", "cpu",
+                              "--quantize", "int8", "--json", str(out), "--max-length", "64"])
+    assert res.exit_code == 0, res.output
+    assert "=f32" in res.stdout and "(int8; =f32: top-1 as float32 full depth's)" in " ".join(res.stdout.split())
+    [model] = json.loads(out.read_text())["models"]
+    assert model["quantize"] == "int8"
+    # The figures are those of the int8 copy scored against the float32 model's own full depth.
+    encoded, _ = encode_all(load_records(str(data), False, "--data").examples, tiny.tokenizer, "chat", 64)
+    sm = copy.deepcopy(tiny)
+    sm.config.exits = sm.exits = model["exits"]
+    reference = full_depth_top1(sm, encoded)
+    quantize_model(sm)
+    expected = score_exits(sm, encoded, sm.exits, reference=reference)
+    assert {int(e): m["agree_f32"] for e, m in model["metrics"].items()} == pytest.approx(
+        {e: m["agree_f32"] for e, m in expected.items()})
+    assert 0.5 <= model["metrics"]["6"]["agree_f32"] < 1
