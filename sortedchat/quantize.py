@@ -1,28 +1,34 @@
 """`--quantize int8`: a loaded model's matrix products in int8 on a CPU, the rest in float32.
 
-On a CPU a decoding step is bound by the bytes of its weights: int8 weights are a quarter of float32's. The
-kernel is torch's dynamic int8 linear (`torch.ao.nn.quantized.dynamic.Linear`: weights int8 per output channel,
-symmetric; each call quantizes its input to 8 bits and multiplies in int8 with fbgemm or oneDNN, float32 out).
-It was chosen by measurement among the maintained kernels (BENCHMARKS.md, issue 20): one position through
+On a CPU a decoding step is bound by the bytes of its weights: int8 weights are a quarter of float32's. Weights
+are int8 per output channel (symmetric), inputs are quantized to 8 bits per position, products run in int8 and
+come back float32 (`Int8Linear`). One position (decoding) goes through torch's dynamic int8 linear
+(`torch.ops.quantized.linear_dynamic`, fbgemm or oneDNN), which was chosen by measurement among the maintained
+kernels (BENCHMARKS.md, issue 20): one position through
 SmolLM2-135M's 210 layer products, 1 thread, 40 ms in float32, 19 ms with it, 58-113 ms with torchao's int8
 configurations run eagerly (torchao is fast only inside `torch.compile`), 86 ms with bitsandbytes' CPU int8;
-the LM head 8.8 ms in float32, 1.2 ms with it.
+the LM head 8.8 ms in float32, 1.2 ms with it. Several positions (a prompt, a speculative verification, `eval`)
+go through `torch._int_mm` with one input scale per position: the dynamic kernel has one per call, and on
+SmolLM2 that costs a third of the agreement with float32 when a call holds whole sequences.
 
 Quantized: the seven projections of every decoder layer, the shared LM head and per-exit own heads (ICT). A tied
 head gets an int8 copy of its own: the embedding lookup stays float32. Left in float32: the embeddings, norms,
 rotary and attention, the exit lenses (small, and `ExitLenses` reads their weights), and any projection an
 unmerged PEFT adapter wraps (its LoRA product adds to the base layer's; such a layer goes through transformers'
 call, as before). The engine's own layer step (`engine/layer_step.py`) runs the int8 products too.
+
+The two kernels round a position's input differently (asymmetric, per call; symmetric, per position), so a
+speculative verification (several positions in one call) may pick another token than full depth one position at a
+time would, where float32 picks the same.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
 from torch import nn
-from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
-from torch.ao.quantization import per_channel_dynamic_qconfig
 
 from sortedchat import SortedChatError
 
@@ -63,7 +69,7 @@ def quantize_model(sm, kind: str = "int8") -> None:
         for owner, path, module in targets:
             if type(module) is nn.Linear:
                 parent, _, name = path.rpartition(".")
-                setattr(owner.get_submodule(parent) if parent else owner, name, _int8(module))
+                setattr(owner.get_submodule(parent) if parent else owner, name, Int8Linear(module))
 
 
 def _checked(owner: nn.Module, path: str, where: str) -> nn.Module:
@@ -86,9 +92,50 @@ def _checked(owner: nn.Module, path: str, where: str) -> nn.Module:
                           "know (it quantizes torch Linear layers)")
 
 
-def _int8(linear: nn.Linear) -> Int8Linear:
-    linear.qconfig = per_channel_dynamic_qconfig
-    return Int8Linear.from_float(linear)
+class Int8Linear(nn.Module):
+    """An `nn.Linear` with int8 weights (per output channel, symmetric) and int8 products, float32 in and out."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach()
+        scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+        quantized = torch.quantize_per_channel(w, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0,
+                                               torch.qint8)
+        self._packed = torch.ops.quantized.linear_prepack(quantized, self.bias)
+        self._full_range = full_range_is_exact()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows == 1:  # one position: the dynamic kernel (its one scale per call is the position's own)
+            return torch.ops.quantized.linear_dynamic(x, self._packed, reduce_range=not self._full_range)
+        flat = x.reshape(rows, x.shape[-1])
+        x_scale = flat.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        out = torch._int_mm(torch.round(flat / x_scale).to(torch.int8), self.qweight.t()) * (x_scale * self.scale)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+@functools.cache
+def full_range_is_exact() -> bool:
+    """Whether the dynamic kernel multiplies 8-bit inputs without saturating on this CPU. Kernels without VNNI
+    sum pairs of u8 x s8 products in int16, which 255 * 127 * 2 overflows: torch then quantizes inputs to 7 bits
+    (`reduce_range`), at twice the rounding error. Measured on the worst case, not assumed from the CPU's name."""
+    w = torch.full((8, 64), 1.0)
+    quantized = torch.quantize_per_channel(w, torch.full((8,), 1 / 127, dtype=torch.double),
+                                           torch.zeros(8, dtype=torch.long), 0, torch.qint8)
+    x = torch.full((1, 64), 1.0)
+    x[0, 0] = -1.0  # the input's range spans 0..255 after its zero point: every other entry maps to 255
+    out = torch.ops.quantized.linear_dynamic(x, torch.ops.quantized.linear_prepack(quantized, None),
+                                             reduce_range=False)
+    return bool(torch.allclose(out, x @ w.t(), rtol=0.02))
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -104,7 +151,7 @@ def int8_weights(model: nn.Module) -> int:
     """How many weights `model` holds in int8 (not counted by `parameters()`, which sees only float tensors);
     a tied head's int8 copy is not counted again (the embedding already is)."""
     tied = getattr(model.config, "tie_word_embeddings", False)
-    return sum(m.weight().numel() for m in model.modules()
+    return sum(m.qweight.numel() for m in model.modules()
                if is_int8(m) and not (tied and m is getattr(model, "lm_head", None)))
 
 
@@ -120,7 +167,9 @@ def describe(sm) -> str:
         parts.append("the LM head")
     if sm.exit_heads is not None and any(is_int8(h) for h in sm.exit_heads.heads.values()):
         parts.append("the exit heads")
-    return (f"int8 ({torch.backends.quantized.engine} dynamic): {', '.join(parts)}; embeddings, norms"
+    bits = "8" if full_range_is_exact() else "7"
+    return (f"int8 (one position: {torch.backends.quantized.engine} dynamic, {bits}-bit inputs): {', '.join(parts)}; "
+            "embeddings, norms"
             + (", lenses" if sm.exit_lenses is not None else "") + " float32")
 
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from sortedchat import SortedChatError
 from sortedchat.cli import app
 from sortedchat.engine import ChatSession, Mode, SamplingConfig
-from sortedchat.quantize import check_request, describe, is_int8, quantize_model
+from sortedchat.quantize import Int8Linear, check_request, describe, is_int8, quantize_model
 
 from helpers.engine import PROMPTS, no_stop, prompt_ids, run
 
@@ -37,14 +37,27 @@ def test_layer_products_and_head_are_int8_and_the_embedding_stays_float32(tiny, 
     embed = int8.model.model.embed_tokens.weight  # tied to the head in float32: the lookup is unchanged
     assert embed.dtype == torch.float32 and torch.equal(embed, tiny.model.model.embed_tokens.weight)
     assert type(tiny.model.lm_head) is nn.Linear  # the shared fixture was not touched
-    assert describe(int8) == "int8 (x86 dynamic): 42 of 42 layer products, the LM head; embeddings, norms float32" \
-        .replace("x86", torch.backends.quantized.engine)
+    assert describe(int8).endswith("-bit inputs): 42 of 42 layer products, the LM head; embeddings, norms float32")
+
+
+def test_int8_products_are_float32_products_within_rounding_one_position_or_many():
+    """One position goes through torch's dynamic kernel, several through `torch._int_mm` with a scale per
+    position: both within 2% (relative) of float32, and a position's result does not depend on the others'."""
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 40)
+    x = torch.randn(1, 5, 96)
+    x[0, 0] *= 100  # one position far larger than the rest: its scale is its own
+    with torch.inference_mode():
+        q, ref = Int8Linear(linear), linear(x)
+        many, one = q(x), q(x[:, 3:4])
+    for got, want in ((many[0, 3], ref[0, 3]), (many[0, 0], ref[0, 0]), (one[0, 0], ref[0, 3])):
+        assert (got - want).norm() / want.norm() < 0.02
 
 
 def test_full_depth_agrees_with_float32_within_the_stated_tolerance(tiny, int8):
     """Teacher-forced over the fixture's corpus. The tiny model's random weights (init 0.2) make its logits near
-    ties (median top-2 margin about 0.4) and its layers amplify errors, so its tolerance is loose: at least 60% of
-    the top-1 tokens agree (measured 70-76%) and the logits lie within 30% relative error (measured 24%). The
+    ties (median top-2 margin about 0.4) and its layers amplify errors, so its tolerance is loose: at least 80% of
+    the top-1 tokens agree (measured 90%) and the logits lie within 15% relative error (measured 10%). The
     default model's agreement (target >= 98%) is measured by `sortedchat eval --quantize int8` (BENCHMARKS.md)."""
     from conftest import CORPUS
 
@@ -52,8 +65,8 @@ def test_full_depth_agrees_with_float32_within_the_stated_tolerance(tiny, int8):
     with torch.inference_mode():
         ref, got = tiny.model(ids).logits[0], int8.model(ids).logits[0]
     agreement = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
-    assert agreement >= 0.6
-    assert (ref - got).norm() / ref.norm() <= 0.3
+    assert agreement >= 0.8
+    assert (ref - got).norm() / ref.norm() <= 0.15
     assert agreement < 1  # int8 is not float32: the figure measures something
 
 

@@ -41,9 +41,9 @@ class PreciseLoadFlags:
     exits: Annotated[Optional[str], typer.Option("--exits", help="Override the exits, e.g. 9,12,15,30")] = None
     threads: ThreadsOpt = None
     quantize: Annotated[Optional[str], typer.Option("--quantize", help="int8: for CPUs. The layers' matrix "
-                                                    "products and the LM head run with int8 weights (torch's dynamic "
-                                                    "int8 kernels: about 2x faster; embeddings, norms, attention and "
-                                                    "lenses stay float32)")] = None
+                                                    "products and the LM head run with int8 weights (torch's int8 "
+                                                    "kernels: faster, a little less exact; embeddings, norms, "
+                                                    "attention and lenses stay float32)")] = None
 
     def exit_list(self) -> list[int] | None:
         """`--exits 9,12,30` as numbers (checked against the model's layers once they are known)."""
@@ -73,6 +73,9 @@ class LoadFlags(PreciseLoadFlags):
                                                "(bitsandbytes)")] = False
     load_in_8bit: Annotated[bool, typer.Option("--load-in-8bit", help="Quantize the weights to 8 bits "
                                                "(bitsandbytes)")] = False
+    compile: Annotated[bool, typer.Option("--compile", help="Compile the one-token decoding step with "
+                                          "torch.compile while the model loads (20-40 s the first time, cached on "
+                                          "disk after that); eager if it cannot")] = False
 
 
 # The flag that sets each `Mode` field a `ModeError` can name (`--speculative` sets `depth` when drafting).
@@ -148,14 +151,32 @@ class SamplingFlags:
 
 
 def load_model(spec, opts, console=None):
-    """Load with a rich status line (the first run of the default model converts it, ~15 s)."""
+    """Load with a rich status line (the first run of the default model converts it, ~15 s); a compiled step that
+    could not be made is one warning line."""
     from rich.console import Console
-
-    from sortedchat.loading import load_sorted_model
 
     console = console or Console(stderr=True)
     with console.status("loading model", spinner="dots") as status:
-        return load_sorted_model(spec, opts, progress=lambda stage, frac=None: status.update(stage))
+        sm = loaded(spec, opts, progress=lambda stage, frac=None: status.update(stage))
+    if opts.compile:
+        from sortedchat.engine.compiled import compile_problem
+
+        if problem := compile_problem(sm):
+            console.print(f"[yellow]warning:[/] {problem}", soft_wrap=True)
+    return sm
+
+
+def loaded(spec, opts, progress):
+    """`load_sorted_model`, then with `--compile` the compiled decoding step (`engine/compiled.py`): both while the
+    loading status or screen shows."""
+    from sortedchat.loading import load_sorted_model
+
+    sm = load_sorted_model(spec, opts, progress=progress)
+    if opts.compile:
+        from sortedchat.engine.compiled import compile_steps
+
+        compile_steps(sm, progress)
+    return sm
 
 
 def set_threads(threads: int | None) -> None:
