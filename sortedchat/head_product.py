@@ -1,34 +1,94 @@
 """The LM head's matrix product on a CPU: the kernel that is fastest for the rows at hand, and a
 half-precision screen that finds the float32 argmax for greedy decoding at a fraction of the memory traffic.
 
-On SmolLM2-135M the norm + head (49152 x 576) costs as much as 6 decoder layers when run as `F.linear`,
-so its kernel matters (measured on a 2-core AVX2 CPU, float32; BENCHMARKS.md):
-- one position: `F.linear` 8.9 ms; the same product against a column-major copy of the weight 4.3 ms;
-  a float16 copy 3.3 ms (the head is memory-bound; float16 halves the bytes);
-- 2-64 positions (speculative verification): `weight @ hidden.T` 7 ms against `F.linear`'s 16-20 ms.
+On SmolLM2-135M the norm + head (49152 x 576) costs as much as 6-9 decoder layers when run as `F.linear`,
+so its kernel matters. Which kernel is fastest differs from CPU to CPU, so the screen is chosen on the machine it
+runs on: the first greedy step times every screen (`SCREENS`: a float16 or bfloat16 copy, as `F.linear` or as a
+matrix-vector product) against the exact float32 product and keeps the fastest, or none if none beats the exact
+product (`choose_screen`; one choice per head shape and thread count in a process). One position, 1 thread:
+- Intel Xeon (AVX-512, bf16, AMX), today: float32 `F.linear` 9.0 ms, against a column-major copy 8.3 ms; float16
+  `F.linear` 11.4 ms and matrix-vector 14.4 ms (slower than float32); bfloat16 `F.linear` 8.0 ms and
+  matrix-vector 3.2 ms: the bfloat16 matrix-vector screen is chosen;
+- a 2-core AMD CPU (AVX2), earlier: float32 `F.linear` 8.9 ms, column-major 4.3 ms, float16 3.3 ms;
+- 2-64 positions (speculative verification): `weight @ hidden.T` 7 ms against `F.linear`'s 16-20 ms (AMD).
 Everywhere else (GPUs, half-precision or quantized or biased heads, autograd) this is plain `lm_head`.
 """
 
 from __future__ import annotations
 
+import math
+import time
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# A float16 copy of w and h carries relative errors of at most 2^-11 each, the CPU kernel accumulates in
-# float32 and rounds its result to float16 once more (another 2^-11 of |logit| <= |w| |h|): each screened
-# logit lies within HALF_ERROR * |w_j| * |h| of the float32 one (3 * 2^-11 = 1.47e-3, plus accumulation;
-# measured on SmolLM2: at most 1.9e-4). The absolute term covers float16 underflow of tiny entries.
-HALF_ERROR = 1.5e-3
-HALF_SLACK = 1e-3
-HALF_MAX = 6.0e4  # beyond this a float16 copy of the hidden state would overflow: no screening
 SCREEN = 8  # candidates recomputed in float32
+EXACT = "float32"  # the exact product's name among the timings `choose_screen` compares
+TIMED_CALLS = 2  # timed calls of each kernel after one warm-up: the fastest counts
+# A smaller head is not screened: its exact product takes well under a millisecond, and timings that short would
+# make the choice (and so the estimates beside the argmax) change from run to run.
+MIN_SCREENED = 1 << 20  # weights
+
+
+@dataclass(frozen=True)
+class Screen:
+    """A half-precision copy of the head and the call that ranks the vocabulary with it.
+
+    A copy of w and h in a format of p significand bits carries relative errors of at most u = 2^-p each; the CPU
+    kernels accumulate in float32 and round the result to the copy's format once more (another u of |logit| <=
+    |w| |h|): each screened logit lies within `error` * |w_j| * |h| of the float32 one (3u, plus float32
+    accumulation), and `slack` covers the underflow of tiny entries. float16: p = 11, 3u = 1.47e-3 (measured
+    on SmolLM2: at most 1.9e-4); bfloat16: p = 8, 3u = 1.17e-2. `max_input` is where a copy of the hidden
+    state would overflow (bfloat16 has float32's range)."""
+
+    name: str
+    dtype: torch.dtype
+    matrix_vector: bool  # `copy @ h`, rather than `F.linear(h, copy)`
+    error: float
+    slack: float
+    max_input: float
+
+    def logits(self, copy: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """The screen's estimate of every logit, float32, for one position [H]."""
+        h = hidden.to(self.dtype)
+        return (copy @ h if self.matrix_vector else F.linear(h, copy)).float()
+
+
+SCREENS = {s.name: s for s in (
+    Screen("float16", torch.float16, matrix_vector=False, error=1.5e-3, slack=1e-3, max_input=6.0e4),
+    Screen("float16 matrix-vector", torch.float16, matrix_vector=True, error=1.5e-3, slack=1e-3, max_input=6.0e4),
+    Screen("bfloat16", torch.bfloat16, matrix_vector=False, error=1.2e-2, slack=1e-3, max_input=math.inf),
+    Screen("bfloat16 matrix-vector", torch.bfloat16, matrix_vector=True, error=1.2e-2, slack=1e-3,
+           max_input=math.inf),
+)}
+
+_CHOSEN: dict[tuple, Screen | None] = {}  # (head shape, threads) -> the screen chosen in this process
+
+
+def choose_screen(timings: dict[str, float]) -> Screen | None:
+    """The screen with the least time (seconds by name, `EXACT` the float32 product), or None if none beats the
+    exact product (a tie goes to the one named first)."""
+    fastest = min(timings, key=timings.__getitem__)
+    return None if fastest == EXACT else SCREENS[fastest]
+
+
+def fastest_seconds(call) -> float:
+    """The least time of `TIMED_CALLS` calls of `call`, after one call that warms it up."""
+    call()
+    seconds = []
+    for _ in range(TIMED_CALLS):
+        start = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - start)
+    return min(seconds)
 
 
 class HeadProduct:
     """`lm_head(normed hidden)` through the fastest exact CPU kernel, plus `screened` for greedy argmax.
 
-    The copies (column-major float32, float16) are made on first use and remade if the weight changes.
+    The copies (column-major float32, the chosen screen's) are made on first use and remade if the weight changes.
     """
 
     MAX_ROWS = 64  # above this F.linear's matrix-matrix kernel is as good
@@ -53,19 +113,20 @@ class HeadProduct:
             and not torch.is_grad_enabled()
         )
 
-    def _copy(self, name: str) -> torch.Tensor:
+    def _copy(self, name: str | torch.dtype) -> torch.Tensor:
+        """The weight as "columns" (column-major), its "row_norm_max", or a copy in a screen's dtype."""
         w = self.lm_head.weight
         key = (w.data_ptr(), tuple(w.shape), 0 if w.is_inference() else w._version)
         if self._key != key:
             self._copies, self._key = {}, key
         if name not in self._copies:
             w = w.detach()
-            make = {
-                "columns": lambda: w.t().contiguous(),
-                "half": lambda: w.to(torch.float16),
-                "row_norm_max": lambda: w.norm(dim=1).max(),
-            }
-            self._copies[name] = make[name]()
+            if name == "columns":
+                self._copies[name] = w.t().contiguous()
+            elif name == "row_norm_max":
+                self._copies[name] = w.norm(dim=1).max()
+            else:
+                self._copies[name] = w.to(name)
         return self._copies[name]
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -80,26 +141,51 @@ class HeadProduct:
             out = (self.lm_head.weight @ flat.t()).t().contiguous()
         return out.reshape(*hidden.shape[:-1], out.shape[-1])
 
-    def screened(self, hidden: torch.Tensor) -> torch.Tensor | None:
+    def screen(self, hidden: torch.Tensor) -> Screen | None:
+        """The screen of this head on this machine, chosen on first use (`time_screens`, `choose_screen`); the
+        copies of the screens not chosen are then let go."""
+        w = self.lm_head.weight
+        if w.numel() < MIN_SCREENED:
+            return None
+        key = (tuple(w.shape), torch.get_num_threads())
+        if key not in _CHOSEN:
+            _CHOSEN[key] = chosen = choose_screen(self.time_screens(hidden))
+            for s in SCREENS.values():
+                if chosen is None or s.dtype != chosen.dtype:
+                    self._copies.pop(s.dtype, None)
+        return _CHOSEN[key]
+
+    def time_screens(self, hidden: torch.Tensor) -> dict[str, float]:
+        """Seconds of the exact product (`EXACT`) and of every one of `SCREENS`, on `hidden` (one normed position)."""
+        timings = {EXACT: fastest_seconds(lambda: self(hidden))}
+        for s in SCREENS.values():
+            timings[s.name] = fastest_seconds(lambda s=s: self._screened(hidden, s))
+        return timings
+
+    def screened(self, hidden: torch.Tensor, screen: Screen | None = None) -> torch.Tensor | None:
         """Logits for one position whose argmax is the float32 head's, or None where this does not apply.
 
-        The float16 product ranks the vocabulary; the top `SCREEN` candidates are recomputed in float32;
-        if the best of them beats every other token's float16 logit by more than the error bound, it is the
-        float32 argmax (among the candidates, up to the order of the float32 sums: two logits within a few
-        ulps may rank otherwise than in `__call__`). The returned logits are float32 at the candidates and
-        float16 estimates elsewhere (good for a displayed confidence, not for sampling). None (use
-        `__call__`) when the bound is not met (rare: a near-tie), or off the CPU/float32 path."""
+        The screen (`screen`, or the one chosen on this machine) ranks the vocabulary; the top `SCREEN`
+        candidates are recomputed in float32; if the best of them beats every other token's screened logit by
+        more than the screen's error bound, it is the float32 argmax (among the candidates, up to the order of the
+        float32 sums: two logits within a few ulps may rank otherwise than in `__call__`). The returned logits are
+        float32 at the candidates and half-precision estimates elsewhere (good for a displayed confidence, not for
+        sampling). None (use `__call__`) when the bound is not met (rare: a near-tie), when no screen beats the
+        exact product here, or off the CPU/float32 path."""
         if not self._routed() or hidden.numel() != hidden.shape[-1] or self.lm_head.weight.shape[0] <= SCREEN:
             return None
+        screen = screen or self.screen(hidden)
+        return None if screen is None else self._screened(hidden, screen)
+
+    def _screened(self, hidden: torch.Tensor, screen: Screen) -> torch.Tensor | None:
         h = hidden.reshape(-1)
-        scale = float(h.abs().max())
-        if not scale < HALF_MAX:
+        if not float(h.abs().max()) < screen.max_input:
             return None
-        approx = F.linear(h.to(torch.float16), self._copy("half")).float()
+        approx = screen.logits(self._copy(screen.dtype), h)
         top = approx.topk(SCREEN + 1)
         candidates = top.indices[:SCREEN]
         exact = self.lm_head.weight[candidates] @ h
-        bound = HALF_ERROR * float(self._copy("row_norm_max")) * float(h.norm()) + HALF_SLACK
+        bound = screen.error * float(self._copy("row_norm_max")) * float(h.norm()) + screen.slack
         if not float(top.values[SCREEN]) + bound < float(exact.max()):
             return None
         approx[candidates] = exact

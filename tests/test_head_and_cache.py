@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sortedchat import head_product
 from sortedchat.engine.state import GrowingLayer, LayeredState
-from sortedchat.head_product import SCREEN, HeadProduct
+from sortedchat.head_product import EXACT, MIN_SCREENED, SCREEN, SCREENS, HeadProduct, choose_screen
 
 
 class Holder(nn.Module):
@@ -46,29 +48,34 @@ def test_head_product_copies_follow_a_changed_weight():
         before = product(h)
         holder.lm_head.weight.mul_(2)
         torch.testing.assert_close(product(h), 2 * before, rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(product.screened(h)[0, product.screened(h).argmax()], 2 * before.max(), rtol=1e-5,
-                                   atol=1e-4)
+        for screen in SCREENS.values():
+            screened = product.screened(h, screen)
+            torch.testing.assert_close(screened[0, screened.argmax()], 2 * before.max(), rtol=1e-5, atol=1e-4)
 
 
-def test_screened_head_returns_the_float32_argmax():
-    holder = Holder()
-    product = HeadProduct(holder)
-    w = holder.lm_head.weight
+@pytest.mark.parametrize("screen", SCREENS.values(), ids=SCREENS.keys())
+def test_every_screen_returns_the_float32_argmax(screen):
+    product = HeadProduct(Holder())
+    w = product.lm_head.weight
+    screened_count = 0
     with torch.inference_mode():
         for seed in range(200):
             g = torch.Generator().manual_seed(seed)
             h = torch.randn(1, 1, 48, generator=g) * 4
             exact = F.linear(h, w)
-            screened = product.screened(h)
+            screened = product.screened(h, screen)
             if screened is None:  # a near-tie: the caller falls back to the exact product
                 continue
+            screened_count += 1
             assert screened.shape == exact.shape
             assert int(screened.argmax()) == int(exact.argmax())
             top = exact[0, 0].topk(SCREEN).indices
             torch.testing.assert_close(screened[0, 0, top[:1]], exact[0, 0, top[:1]], rtol=1e-5, atol=1e-4)
+    assert screened_count > 150  # near-ties are rare: the screen does its work
 
 
-def test_screened_head_refuses_a_near_tie_and_rows_it_cannot_screen():
+@pytest.mark.parametrize("screen", SCREENS.values(), ids=SCREENS.keys())
+def test_every_screen_refuses_a_near_tie_and_rows_it_cannot_screen(screen):
     holder = Holder()
     with torch.no_grad():  # more near-equal leaders than the screen recomputes: the bound cannot separate them
         for i in range(SCREEN + 1):
@@ -77,12 +84,83 @@ def test_screened_head_refuses_a_near_tie_and_rows_it_cannot_screen():
     w = holder.lm_head.weight
     with torch.inference_mode():
         h = w[3] / w[3].norm() * 40
-        assert product.screened(h[None]) is None
-        assert product.screened(torch.randn(2, 48)) is None  # several rows: not a greedy step
-        assert product.screened(torch.full((1, 48), 1e5)) is None  # float16 would overflow
-        assert HeadProduct(Holder(vocab=SCREEN)).screened(torch.randn(1, 48)) is None  # nothing left to screen
+        assert product.screened(h[None], screen) is None
+        assert product.screened(torch.randn(2, 48), screen) is None  # several rows: not a greedy step
+        assert product.screened(torch.full((1, 48), float("nan")), screen) is None
+        assert HeadProduct(Holder(vocab=SCREEN)).screened(torch.randn(1, 48), screen) is None  # nothing to screen
     with torch.no_grad():
-        assert product.screened(torch.randn(1, 48)) is not None  # no autograd needed: screening applies
+        assert product.screened(torch.randn(1, 48), screen) is not None  # no autograd needed: screening applies
+
+
+def test_a_float16_screen_refuses_what_float16_cannot_hold_and_bfloat16_takes_it():
+    product = HeadProduct(Holder())
+    with torch.inference_mode():
+        h = torch.randn(1, 48) * 1e5
+        assert product.screened(h, SCREENS["float16"]) is None  # float16 would overflow
+        screened = product.screened(h, SCREENS["bfloat16 matrix-vector"])
+        assert int(screened.argmax()) == int(F.linear(h, product.lm_head.weight).argmax())
+
+
+# One position of the SmolLM2 head on the Intel Xeon, 1 thread (ms; head_product's docstring)
+TODAY = {EXACT: 9.0, "float16": 11.4, "float16 matrix-vector": 14.4, "bfloat16": 8.0, "bfloat16 matrix-vector": 3.2}
+
+
+def test_the_chooser_keeps_the_fastest_of_the_timings_it_is_given():
+    ms = TODAY
+    assert choose_screen(ms) is SCREENS["bfloat16 matrix-vector"]
+    assert choose_screen({**ms, "float16": 3.1}) is SCREENS["float16"]
+    assert choose_screen({**ms, EXACT: 3.0}) is None  # no screen beats the exact product: none
+    assert choose_screen({**ms, EXACT: 3.2}) is None  # a tie goes to the exact product
+
+
+LARGE = MIN_SCREENED // 48 + 1  # the vocabulary of a head large enough to be screened
+
+
+def given_timings(monkeypatch, timings: dict[str, float]) -> list[HeadProduct]:
+    """A fresh choice in this process, on `timings` in place of the measured ones (the kernels still run, making
+    every copy, as a real choice does); returns the heads that were timed."""
+    monkeypatch.setattr(head_product, "_CHOSEN", {})
+    timed, measure = [], HeadProduct.time_screens
+
+    def time_screens(self, hidden):
+        measure(self, hidden)
+        timed.append(self)
+        return timings
+
+    monkeypatch.setattr(HeadProduct, "time_screens", time_screens)
+    return timed
+
+
+def test_the_head_times_the_screens_once_per_process_and_screens_with_the_fastest(monkeypatch):
+    timed = given_timings(monkeypatch, TODAY)
+    h = torch.randn(1, 48)
+    with torch.inference_mode():
+        first, second = HeadProduct(Holder(vocab=LARGE)), HeadProduct(Holder(vocab=LARGE, seed=1))
+        for product in (first, second, first):
+            w = product.lm_head.weight
+            screened = product.screened(h)[0]
+            approx = (w.bfloat16() @ h[0].bfloat16()).float()  # the bfloat16 copy's estimates
+            others = torch.ones_like(approx, dtype=torch.bool)
+            others[approx.topk(SCREEN).indices] = False
+            assert torch.equal(screened[others], approx[others])
+            assert int(screened.argmax()) == int(F.linear(h, w).argmax())
+        assert timed == [first]  # one choice for every head of this shape in the process
+        assert torch.bfloat16 in first._copies and torch.float16 not in first._copies  # the other copy let go
+
+
+def test_the_head_falls_back_to_the_exact_product_where_no_screen_is_faster(monkeypatch):
+    given_timings(monkeypatch, {**TODAY, EXACT: 3.0})
+    product = HeadProduct(Holder(vocab=LARGE))
+    with torch.inference_mode():
+        assert product.screened(torch.randn(1, 48)) is None  # the caller uses the exact product
+        assert not any(isinstance(name, torch.dtype) for name in product._copies)  # no half-precision copy kept
+
+
+def test_a_small_head_is_not_screened_nor_timed(monkeypatch):
+    timed = given_timings(monkeypatch, TODAY)
+    with torch.inference_mode():
+        assert HeadProduct(Holder()).screened(torch.randn(1, 48)) is None
+    assert timed == []
 
 
 def test_growing_layer_matches_dynamic_layer_through_updates_and_crops():
@@ -101,3 +179,29 @@ def test_growing_layer_matches_dynamic_layer_through_updates_and_crops():
 def test_layered_state_uses_growing_layers(tiny):
     state = LayeredState(tiny)
     assert all(type(layer) is GrowingLayer for layer in state.cache.layers)
+
+
+def test_the_costs_time_the_head_as_a_greedy_step_runs_it(tiny, monkeypatch):
+    """The head's cost in `measure_costs` is the head a greedy step runs (its screen, where one pays), on the state
+    a session decodes with."""
+    from sortedchat.bench import costs
+    from sortedchat.sorted_model import SortedModel
+
+    calls, head = [], SortedModel.head
+
+    def recorded(sm, hidden, exit_layer, greedy=False):
+        calls.append((exit_layer, greedy))
+        return head(sm, hidden, exit_layer, greedy)
+
+    monkeypatch.setattr(SortedModel, "head", recorded)
+    sessions = []
+
+    class Recorded(costs.ChatSession):
+        def __init__(self, sm):
+            super().__init__(sm)
+            sessions.append(self)
+
+    monkeypatch.setattr(costs, "ChatSession", Recorded)
+    measured = costs.measure_costs(tiny, context=16, measures={}, inner=1, rounds=1)
+    assert measured.head > 0 and (tiny.num_layers, True) in calls
+    assert len(sessions) == 1 and sessions[0].state.length == 16  # timed on a session's state, left at the context

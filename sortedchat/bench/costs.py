@@ -2,16 +2,19 @@
 
 The ideal speed-up of depth k is what these costs allow with no overhead at all,
 (L·layer + head) / (k·layer + head); the benchmark prints it beside the achieved ratio, and calibration
-uses the same costs to predict what auto mode will gain. Layer cost is measured through the engine's own
-`LayeredState.run` at two depths, so it includes what the engine adds per layer; the rest of a step (embedding,
-rotary tables) is `step`.
+uses the same costs to predict what auto mode will gain. Every cost is timed on the path the loaded model
+decodes on, never assumed: the layers through the state a `ChatSession` builds (the engine's own `LayerStep`,
+the compiled step or int8 products where the model was loaded so), the head as a greedy step runs it (the
+screen `head_product` chose on this machine, or the plain head of a quantized model), the checks through the
+measures themselves. Layer cost is measured at two depths, so it includes what the engine adds per layer; the
+rest of a step (embedding, rotary tables) is `step`.
 
 `drain` is what one more position adds to a layer call, as a share of `layer`: the cost of the backlog an
 early exit leaves, which the next deeper token's pass pays (exact KV). Near 0 where batching is free (a
-GPU), about 0.6 on a 2-core CPU, where it decides whether auto mode saves anything at all: a token leaving
-at exit e saves (L - e) * layer * (1 - drain). With propagated K/V (`kv` "propagate") nothing is drained:
-the token saves (L - e) * (layer - kv_fill), `kv_fill` being what storing one position's K/V projections in
-one layer costs.
+GPU); on a CPU it decides whether auto mode saves anything at all (0.4-0.9 on a 2-core AMD CPU, about 0.25 on
+the Intel Xeon of issue 20): a token leaving at exit e saves (L - e) * layer * (1 - drain). With propagated
+K/V (`kv` "propagate") nothing is drained: the token saves (L - e) * (layer - kv_fill), `kv_fill` being what
+storing one position's K/V projections in one layer costs.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 from sortedchat import SortedChatError
 from sortedchat.engine.confidence import MEASURES, make_measure
 from sortedchat.engine.modes import KV
-from sortedchat.engine.state import LayeredState
+from sortedchat.engine.session import ChatSession
 from sortedchat.sorted_model import SortedModel
 
 Timer = Callable[[Callable[[], object]], float]  # the median seconds of a call, as `measure_costs` times it
@@ -37,7 +40,7 @@ class Costs:
     """Seconds, for one token at a context of `context` positions."""
 
     layer: float
-    head: float
+    head: float  # a greedy step's head (`SortedModel.head(..., greedy=True)`)
     step: float
     context: int
     drain: float = 0.0  # one more position in a layer call, as a share of `layer`
@@ -105,20 +108,22 @@ def measure_costs(
     probe = CostProbe(sm, max(2, min(context, (sm.max_positions or context + 2) - 2)))
     layers = time_layers(probe, median_seconds)
     hidden = probe.next_hidden()
-    costs = Costs(head=median_seconds(lambda: sm.head(hidden, sm.num_layers)), context=probe.context, **layers)
+    greedy_head = probe.greedy_head(hidden)
+    greedy_head()  # the first greedy step chooses the head's screen (`HeadProduct.screen`)
+    costs = Costs(head=median_seconds(greedy_head), context=probe.context, **layers)
     time_checks(costs, probe, hidden, buildable_measures(sm) if measures is None else measures, median_seconds)
     return costs
 
 
 class CostProbe:
-    """What the costs are timed on: a state holding `context` positions of random token ids (seeded, so every
-    run times the same work), and two more ids to decode next."""
+    """What the costs are timed on: the state a session on `sm` decodes with, holding `context` positions of random
+    token ids (seeded, so every run times the same work), and two more ids to decode next."""
 
     def __init__(self, sm: SortedModel, context: int):
         self.sm, self.context = sm, context
         g = torch.Generator().manual_seed(0)
         self.ids = torch.randint(0, sm.model.config.vocab_size, (context + 2,), generator=g).tolist()
-        self.state = LayeredState(sm)
+        self.state = ChatSession(sm).state
         self.state.run(sm.num_layers, self.ids[:context])
 
     def step(self, depth: int, positions: int = 1, propagate: bool = False) -> Callable[[], None]:
@@ -132,6 +137,10 @@ class CostProbe:
             self.state.crop(self.context)
 
         return run
+
+    def greedy_head(self, hidden: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """The head of a greedy full-depth step on `hidden`, as the session calls it."""
+        return lambda: self.sm.head(hidden, self.sm.num_layers, greedy=True)
 
     def next_hidden(self) -> torch.Tensor:
         """The last layer's hidden state of the next id, which the head and the checks are timed on."""
