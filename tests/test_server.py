@@ -212,55 +212,91 @@ def test_a_next_turn_reuses_the_prompt_kv_of_the_one_before(server, tiny):
     assert second.choices[0].message.content == direct(tiny, Mode.fixed(), turn, max_new_tokens=8)[0]
 
 
+def together(url: str, scheduler, sm, asks: list[tuple[dict, list[dict]]], tokens: int) -> list[tuple]:
+    """`asks` ((body fields, messages) each) streamed at once to `tokens` tokens, as `streamed` gives them: a gate
+    job holds the engine until every request is in, so that they start in the same round."""
+    gate = Gate(sm, tokens=1)
+    scheduler.submit(gate.job)
+    wait_for(lambda: len(gate.items) == 1, "the gate job holds the engine")
+    with ThreadPoolExecutor(len(asks)) as pool:
+        futures = [pool.submit(streamed, url, fields | {"ignore_eos": True}, messages, max_tokens=tokens)
+                   for fields, messages in asks]
+        wait_for(lambda: sum(scheduler.counts()[k] for k in ("active", "waiting")) == len(asks) + 1,
+                 "all requests are in")
+        gate.let(1)
+        return [future.result() for future in futures]
+
+
 def test_four_concurrent_clients_at_different_modes_all_get_their_answers(server, tiny):
-    """Four streams at once, each answered as it would be alone; the fixed-depth ones in batched steps."""
+    """Four streams at once, each answered as it would be alone, their steps computed together."""
     url, scheduler = server
     names = ["full", "depth 4", "auto", "speculative 2"]
     expected = {name: direct(tiny, MODES[name][1], max_new_tokens=40, stop_at_end_of_turn=False) for name in names}
     before, batched = scheduler.counts()["finished"], scheduler.batched_steps
-    gate = Gate(tiny, tokens=1)  # holds the engine until every request is in: they all run together
-    scheduler.submit(gate.job)
-    wait_for(lambda: len(gate.items) == 1, "the gate job holds the engine")
-    with ThreadPoolExecutor(4) as pool:
-        futures = [pool.submit(streamed, url, MODES[n][0] | {"ignore_eos": True}, max_tokens=40) for n in names]
-        wait_for(lambda: scheduler.counts()["active"] + scheduler.counts()["waiting"] == 5, "all requests are in")
-        gate.let(1)
-        answers = dict(zip(names, (f.result() for f in futures)))
-    for name in names:
-        text, extras, finish, _ = answers[name]
+    answers = together(url, scheduler, tiny, [(MODES[name][0], HELLO) for name in names], 40)
+    for name, (text, extras, finish, _) in zip(names, answers):
         want_text, want_exits, want_finish = expected[name]
         mode = MODES[name][1]
         assert (text, paced(mode, [x["exit_layer"] for x in extras]), finish) == \
             (want_text, paced(mode, want_exits), want_finish), name
     counts = scheduler.counts()
     assert (counts["active"], counts["waiting"], counts["finished"]) == (0, 0, before + 5)
-    # The full-depth and the depth-4 answers took most of their steps together (through layers 1..4 as one batch).
-    assert scheduler.batched_steps - batched >= 2 * 30
+    # Three of them take a slot at once (the gate job holds the fourth); they step together from then on.
+    assert scheduler.batched_steps - batched >= 3 * 30
+
+
+QUESTIONS = [[{"role": "user", "content": text}] for text in (
+    "Hi", "What is the capital of France? Tell me about Paris and its museums.",
+    "The quick brown fox jumps over the lazy dog.")]
 
 
 def test_requests_at_different_depths_and_prompt_lengths_batch_together(server, tiny):
-    """Three fixed-depth answers over prompts of different lengths (their K/V padded in the batch) and at depths
-    6, 3 and 5 (riding together through layers 1..3, two of them on to 5): each is what it is alone."""
+    """Three fixed-depth answers over prompts of different lengths and at depths 6, 3 and 5 (riding together
+    through layers 1..3, two of them on to 5): each is what it is alone."""
     url, scheduler = server
-    asks = [("Hi", {"mode": "full"}, Mode.fixed()),
-            ("What is the capital of France? Tell me about Paris and its museums.", {"depth": 3}, Mode.fixed(3)),
-            ("The quick brown fox jumps over the lazy dog.", {"depth": 5, "kv": "propagate"},
-             Mode.fixed(5, kv="propagate"))]
-    expected = [direct(tiny, mode, [{"role": "user", "content": text}], max_new_tokens=30, stop_at_end_of_turn=False)
-                for text, _, mode in asks]
+    asks = [({"mode": "full"}, Mode.fixed()), ({"depth": 3}, Mode.fixed(3)),
+            ({"depth": 5, "kv": "propagate"}, Mode.fixed(5, kv="propagate"))]
+    expected = [direct(tiny, mode, question, max_new_tokens=30, stop_at_end_of_turn=False)
+                for (_, mode), question in zip(asks, QUESTIONS)]
     batched = scheduler.batched_steps
-    gate = Gate(tiny, tokens=1)
-    scheduler.submit(gate.job)
-    wait_for(lambda: len(gate.items) == 1, "the gate job holds the engine")
-    with ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(streamed, url, fields | {"ignore_eos": True}, [{"role": "user", "content": text}],
-                               max_tokens=30) for text, fields, _ in asks]
-        wait_for(lambda: scheduler.counts()["active"] == 4, "all requests are in")
-        gate.let(1)
-        for future, (text, exits, finish) in zip(futures, expected):
-            got_text, extras, got_finish, _ = future.result()
-            assert (got_text, [x["exit_layer"] for x in extras], got_finish) == (text, exits, finish)
+    answers = together(url, scheduler, tiny, [(fields, q) for (fields, _), q in zip(asks, QUESTIONS)], 30)
+    for (text, extras, finish, _), want in zip(answers, expected):
+        assert (text, [x["exit_layer"] for x in extras], finish) == want
     assert scheduler.batched_steps - batched >= 3 * 25
+
+
+def test_auto_requests_with_their_own_thresholds_batch_exit_by_exit(server, tiny):
+    """Three auto-mode answers at thresholds of their own run to the first exit together, and on together as far as
+    each goes: each leaves each token where it would alone (some early, some at the last layer)."""
+    url, scheduler = server
+    asks = [({"mode": "auto", "threshold": t}, Mode.auto(t)) for t in (0.2, 0.05, None)]
+    expected = [direct(tiny, mode, question, max_new_tokens=30, stop_at_end_of_turn=False)
+                for (_, mode), question in zip(asks, QUESTIONS)]
+    assert len({e for _, exits, _ in expected for e in exits}) == 3  # tokens leave at every exit
+    batched = scheduler.batched_steps
+    answers = together(url, scheduler, tiny, [(fields, q) for (fields, _), q in zip(asks, QUESTIONS)], 30)
+    for (text, extras, finish, _), want in zip(answers, expected):
+        assert (text, [x["exit_layer"] for x in extras], finish) == want
+    assert scheduler.batched_steps - batched >= 3 * 25
+
+
+def test_speculative_requests_batch_their_drafts_and_verifications(tiny):
+    """Three speculative answers on a server that always drafts (`--always-draft`), at draft depths 2, 2 and 4:
+    their drafts and verifications run together, and each answer, drafted tokens included, is what it is alone."""
+    app = build_app(tiny, "tiny", Mode.speculative(2, draft_len=3, pace=False), SamplingConfig(), None)
+    scheduler = app.state.scheduler
+    asks = [({}, Mode.speculative(2, draft_len=3, pace=False)),
+            ({"draft_len": 2}, Mode.speculative(2, draft_len=2, pace=False)),
+            ({"depth": 4}, Mode.speculative(4, draft_len=3, pace=False))]
+    expected = [direct(tiny, mode, question, max_new_tokens=30, stop_at_end_of_turn=False)
+                for (_, mode), question in zip(asks, QUESTIONS)]
+    with in_background(app) as url:
+        answers = together(url, scheduler, tiny, [(fields, q) for (fields, _), q in zip(asks, QUESTIONS)], 30)
+    for (text, extras, finish, _), want, (_, mode) in zip(answers, expected, asks):
+        assert (text, [x["exit_layer"] for x in extras], finish) == want
+        assert any(x["drafted"] for x in extras)
+        assert all(x["exit_layer"] == (mode.depth if x["drafted"] else 6) for x in extras)
+    assert scheduler.batched_steps >= 3 * 5
 
 
 def test_without_batching_requests_take_single_steps_in_turn(tiny):

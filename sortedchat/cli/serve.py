@@ -29,8 +29,8 @@ def serve(
     slots: Annotated[int, typer.Option("--slots", help="Answers generated at once (in turn, token by token)")] = 4,
     queue: Annotated[int, typer.Option("--queue", help="Requests that may wait for a slot; beyond them the server "
                                        "answers 503")] = 16,
-    batch: Annotated[bool, typer.Option("--batch/--no-batch", help="Run the fixed-depth steps of concurrent "
-                                        "answers as one batch (the layers they share read their weights once)")] = True,
+    batch: Annotated[bool, typer.Option("--batch/--no-batch", help="Run the steps of concurrent answers (any "
+                                        "mode) together: the layers they share read their weights once")] = True,
     mode: o.ModeFlags,
     sampling: o.SamplingFlags,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Answer length of a request that "

@@ -7,7 +7,8 @@ exit and stops at the first confident one, never recomputing a layer. With `Mode
 layers a token skipped get its K/V right after it (`LayeredState.propagate`). Speculative mode
 (`_speculative_steps`) drafts at depth k; verifying is running the last draft to full depth, which drains
 the drafted positions waiting at layer k+1 in one batched pass; a rejection is a crop. The mode is read
-before every token, so a front end can change it mid-answer.
+before every token, so a front end can change it mid-answer. The steps run their layers through the session's
+`StepRunner`, the seam where a server runs the steps of concurrent sessions together.
 """
 
 from __future__ import annotations
@@ -101,6 +102,17 @@ class _Answer:
         )
 
 
+class StepRunner:
+    """How a session runs a decoding step's layers. This one runs them at once on the session's own state. A front
+    end that serves several conversations may give each session (`ChatSession.runner`) a runner that runs the
+    layers of several sessions' steps together (`sortedchat serve` does); whatever it does, it returns what this
+    one returns and leaves the state as this one leaves it. The prompt pass does not go through it."""
+
+    def layers(self, state: LayeredState, depth: int, new_ids: list[int] | None = None) -> torch.Tensor | None:
+        """`state.run(depth, new_ids)`."""
+        return state.run(depth, new_ids)
+
+
 class ChatSession:
     """Owns the layered KV state of one conversation. Not thread-safe: one generation at a time."""
 
@@ -116,6 +128,7 @@ class ChatSession:
         self.last_fit: ContextFit | None = None
         self._measures: dict[str, object] = {}
         self.drafter: Drafter | None = None  # kept across answers for one draft depth and length
+        self.runner = StepRunner()  # runs each decoding step's layers (a server's batches several sessions')
 
     # -- public API --------------------------------------------------------------------------------
     @property
@@ -261,7 +274,7 @@ class ChatSession:
 
     def _depth_step(self, token: int, depth: int, sampler: Sampler) -> Step:
         """Fixed depth: layers 1..depth, then the head."""
-        logits = self.sm.head(self.state.run(depth, [token])[:, -1], depth, sampler.cfg.greedy)[0]
+        logits = self.sm.head(self.runner.layers(self.state, depth, [token])[:, -1], depth, sampler.cfg.greedy)[0]
         token_out, confidence = sampler.pick(logits)
         return Step(token_out, confidence, depth)
 
@@ -278,12 +291,13 @@ class ChatSession:
         that way). The measure's per-token work (`prepare`, `observe`) counts as check time."""
         thresholds = self.sm.thresholds(mode.threshold, mode.shift)
         measure = self._measure(mode)
-        out = self.state.run(self.sm.exits[0], [token])
+        runner = self.runner
+        out = runner.layers(self.state, self.sm.exits[0], [token])
         with _check_time(stats):
             measure.prepare(self.state.tokens)
         for e in self.sm.exits:
             if out is None:
-                out = self.state.run(e)
+                out = runner.layers(self.state, e)
             h = out[:, -1]
             measure.reached(h, e)
             if e == self.L:
@@ -333,7 +347,7 @@ class ChatSession:
         drafts, draft_probs = self._draft(pending, k, drafter.size(budget), draft_stop, sampler, stop_ids)
         n = len(drafts)
         # Verification: the last draft runs to full depth, draining the drafted positions at k+1..L.
-        out = state.run(L, [drafts[-1].token])
+        out = self.runner.layers(state, L, [drafts[-1].token])
         full_logits = self.sm.head(out[:, -(n + 1) :], L)[0]  # predictions for positions start+1 .. start+n+1
         stats.drafted += n
         stats.verifications += 1
@@ -351,9 +365,9 @@ class ChatSession:
         """Up to n tokens at depth k, each fed the one before; an end of turn, or a token less sure than
         `draft_stop`, ends the draft. Sampling keeps each draft's distribution for the accept/reject test."""
         drafts, probs = [], []
-        feed = pending
+        feed, runner = pending, self.runner
         for _ in range(n):
-            logits = self.sm.head(self.state.run(k, [feed])[:, -1], k, sampler.cfg.greedy)[0]
+            logits = self.sm.head(runner.layers(self.state, k, [feed])[:, -1], k, sampler.cfg.greedy)[0]
             if sampler.cfg.greedy:
                 token, conf = sampler.pick(logits)
             else:

@@ -90,6 +90,70 @@ def layer_steps(sm: SortedModel, cache) -> LayerSteps:
     return steps
 
 
+class LayerPass:
+    """One `LayeredState.run`, a layer at a time: `next_call` gives the next layer's index, input and `Span`,
+    `done` takes that layer's output, `finish` leaves the last output waiting above and returns it. `run` drives
+    one pass with the state's own steps; a caller holding the passes of several states can run the same layer of
+    each in one call (`sortedchat serve` batches concurrent requests so)."""
+
+    def __init__(self, state: "LayeredState", depth: int, new_ids: list[int] | None):
+        self.state, self.depth = state, depth
+        sm, kv_len, waiting = state.sm, state.kv_len, state.waiting
+        self.x, self.i = None, 0
+        if new_ids:
+            self.x = sm.embed(torch.tensor([new_ids], device=sm.device))
+            state.tokens.extend(new_ids)
+            state.filled_by.extend([state.num_layers] * len(new_ids))
+            first = kv_len[depth - 1]  # kv_len never grows with depth: the deepest layer starts first
+            end = kv_len[0] + self.x.shape[1]
+        else:
+            busy = [i for i in range(depth) if waiting[i] is not None]
+            if not busy:
+                self.i = depth  # nothing to do
+                return
+            first, end = kv_len[busy[-1]], state.length
+        # Rotary tables, positions and masks once per pass, sliced per layer: the common case (no backlog) slices
+        # them once for every layer.
+        self.first = first
+        self.cos, self.sin = state.rotary.span(state._any_hidden(self.x), first, end)
+        self.positions = torch.arange(first, end, device=sm.device)[None] if not state.steps.all_own else None
+        self.span_key, self.span = None, None
+
+    def next_call(self) -> tuple[int, torch.Tensor, Span] | None:
+        """(layer index, its input [1, q, H], its span) of the next layer with work, or None when the pass is over."""
+        waiting, kv_len = self.state.waiting, self.state.kv_len
+        while self.i < self.depth:
+            backlog, x = waiting[self.i], self.x
+            if backlog is None and x is None:
+                self.i += 1
+                continue
+            inp = x if backlog is None else backlog if x is None else torch.cat([backlog, x], dim=1)
+            start, q = kv_len[self.i], inp.shape[1]
+            if (start, q) != self.span_key:
+                self.span_key, lo = (start, q), start - self.first
+                positions = None if self.positions is None else self.positions[:, lo : lo + q]
+                self.span = Span(positions, self.cos[:, lo : lo + q], self.sin[:, lo : lo + q],
+                                 causal_mask(start, q, self.state.sm.device))
+            self.q = q
+            return self.i, inp, self.span
+        return None
+
+    def done(self, out: torch.Tensor) -> None:
+        """The output of the layer `next_call` gave, whose K/V now hold its positions."""
+        state, i = self.state, self.i
+        state.kv_len[i] += self.q
+        state.waiting[i] = None
+        state.layer_evals += self.q
+        self.x, self.i = out, i + 1
+
+    def finish(self) -> torch.Tensor | None:
+        state, x = self.state, self.x
+        if self.depth < state.num_layers and x is not None:
+            w = state.waiting[self.depth]
+            state.waiting[self.depth] = x if w is None else torch.cat([w, x], dim=1)
+        return x
+
+
 class LayeredState:
     def __init__(self, sm: SortedModel):
         self.sm = sm
@@ -128,43 +192,11 @@ class LayeredState:
         """Bring layers 1..depth up to date (their backlog plus `new_ids`) and return the output of
         layer `depth` for every position that layer just processed, [1, q, H], or None if it had
         nothing to do. Those outputs wait at layer depth+1 unless depth is the last layer."""
-        sm, kv_len, waiting = self.sm, self.kv_len, self.waiting
-        x = None
-        if new_ids:
-            x = sm.embed(torch.tensor([new_ids], device=sm.device))
-            self.tokens.extend(new_ids)
-            self.filled_by.extend([self.num_layers] * len(new_ids))
-            first = kv_len[depth - 1]  # kv_len never grows with depth: the deepest layer starts first
-            end = kv_len[0] + x.shape[1]
-        else:
-            busy = [i for i in range(depth) if waiting[i] is not None]
-            if not busy:
-                return None
-            first, end = kv_len[busy[-1]], self.length
-        # Rotary tables, positions and masks once per call, sliced per layer: the common case (no backlog) slices
-        # them once for every layer.
-        cos, sin = self.rotary.span(self._any_hidden(x), first, end)
-        positions = torch.arange(first, end, device=sm.device)[None] if not self.steps.all_own else None
-        steps, cache_layers = self.steps, self.cache.layers
-        span_key, span = None, None
-        for i in range(depth):
-            backlog = waiting[i]
-            if backlog is None and x is None:
-                continue
-            inp = x if backlog is None else backlog if x is None else torch.cat([backlog, x], dim=1)
-            start, q = kv_len[i], inp.shape[1]
-            if (start, q) != span_key:
-                span_key, lo = (start, q), start - first
-                span = Span(None if positions is None else positions[:, lo : lo + q], cos[:, lo : lo + q],
-                            sin[:, lo : lo + q], causal_mask(start, q, sm.device))
-            x = steps[i](inp, span, cache_layers[i])
-            kv_len[i] = start + q
-            waiting[i] = None
-            self.layer_evals += q
-        if depth < self.num_layers and x is not None:
-            w = waiting[depth]
-            waiting[depth] = x if w is None else torch.cat([w, x], dim=1)
-        return x
+        layer_pass = LayerPass(self, depth, new_ids)
+        while (call := layer_pass.next_call()) is not None:
+            i, inp, span = call
+            layer_pass.done(self.steps[i](inp, span, self.cache.layers[i]))
+        return layer_pass.finish()
 
     def propagate(self) -> int:
         """Store, in every layer above it, the K/V projections of each waiting position's hidden state, so that

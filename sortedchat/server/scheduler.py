@@ -1,13 +1,14 @@
-"""One engine thread runs every request's generation, token by token in turn, so that no request starves.
+"""One engine thread runs every request's generation, a step of each in turn, so that no request starves.
 
 `ChatSession` is not thread-safe and the requests share one `SortedModel`, so the HTTP side never touches the
 engine: it `submit`s a `Job` and reads the job's events from its `outbox` (an asyncio queue the engine thread
 fills through the event loop). Up to `slots` jobs generate at once, each on its own session from the
-`SessionPool`; up to `queue` more wait for a slot, and a request beyond that is refused (`Busy`, a 503). A
-request that finds a free slot takes it at once and steps right after the step in progress, so its prompt is
-read after at most one step of the running answers. When several running answers take fixed-depth steps, the
-first of them to come up computes all of theirs as one batch (`batching`); the others' turns then only pick
-their tokens. A job the client gave up on (`cancel`) is ended before its next step.
+`SessionPool`; up to `queue` more wait for a slot, and a request beyond that is refused (`Busy`, a 503). The
+engine works in rounds: every job holding a slot takes one step (one token, or a speculative round), the newest
+first; a request that finds a free slot joins the next round, so its prompt is read after at most one round of
+the running answers. With several jobs in a round, each step runs on the job's `Fiber` and their layers are
+computed together (`batching`); a lone job steps on the engine thread itself. A job the client gave up on
+(`cancel`) is ended before its next step.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from dataclasses import dataclass, field
 
 from sortedchat import SortedChatError
 from sortedchat.engine.events import GenerationStats, TokenEvent
-from sortedchat.engine.modes import Mode, ModeKind
+from sortedchat.engine.modes import Mode
 from sortedchat.engine.sampling import SamplingConfig
-from sortedchat.engine.session import ChatSession
-from sortedchat.server.batching import BatchedSession, can_batch, prefetch
+from sortedchat.server.batching import BatchRunner, run_together
+from sortedchat.server.fibers import Ask, Fiber, Returned
 from sortedchat.server.sessions import SessionPool
 
 
@@ -58,6 +59,9 @@ class Job:
     generation: object = field(default=None, repr=False)  # the session's event iterator, once admitted
     last: TokenEvent | None = None  # the last token delivered
     session: object = field(default=None, repr=False)
+    runner: BatchRunner = field(default_factory=BatchRunner, repr=False)  # the session's, while the job holds it
+    fiber: Fiber | None = field(default=None, repr=False)  # made when the job first steps beside another
+    shared: bool = False  # the step in progress computed something together with another job's
 
     @classmethod
     def to_loop(cls, loop: asyncio.AbstractEventLoop, outbox: asyncio.Queue, **fields) -> "Job":
@@ -68,26 +72,28 @@ class Job:
         return cls(deliver=deliver, **fields)
 
 
+def failure(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, SortedChatError) else f"{type(exc).__name__}: {exc}"
+
+
 class Scheduler:
     """The engine thread and its jobs: `start`, `submit`, `cancel`, `stop`; `counts` tells what it holds.
 
     Slots are handed out under the lock, by whichever thread frees or asks for one (`_fill`): a request that finds
-    a free slot holds it at once, and runs right after the step in progress. `active` is the round-robin order;
-    `_turn` is the index of the job that steps next."""
+    a free slot holds it at once, first in `active`, the order of a round; it steps in the next round."""
 
     def __init__(self, sm, slots: int = 4, queue: int = 16, batch: bool = True, spare_sessions: int = 4):
         check_capacity(slots, queue)
         self.sm, self.slots, self.queue_size, self.batch = sm, slots, queue, batch
-        self.batched_steps = 0  # fixed-depth steps computed in a batch of several requests
+        self.batched_steps = 0  # steps that computed something together with another request's
         # Touched by the engine thread only.
-        self.pool = SessionPool(sm, slots + spare_sessions, BatchedSession if batch else ChatSession)
+        self.pool = SessionPool(sm, slots + spare_sessions)
         self.waiting: collections.deque[Job] = collections.deque()
         self.active: list[Job] = []
         self.ended: collections.deque[Job] = collections.deque(maxlen=64)  # the last jobs ended, newest last
         self.finished = self.interrupted = 0  # jobs ended, however; of them, those their client left
-        self._wake = threading.Condition()  # guards the lists, the counters and `_turn` (re-entrant)
-        self._turn = 0
-        self._stepping: Job | None = None
+        self._wake = threading.Condition()  # guards the lists, the counters and `_round` (re-entrant)
+        self._round: list[Job] = []  # the jobs of the round in progress
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="sortedchat-engine", daemon=True)
 
@@ -111,7 +117,7 @@ class Scheduler:
             if job in self.waiting:
                 self.waiting.remove(job)
                 self._end(job)
-            elif job in self.active and job.generation is None and job is not self._stepping:
+            elif job in self.active and job.generation is None and job not in self._round:
                 self._end(job)
             self._wake.notify()
 
@@ -129,10 +135,11 @@ class Scheduler:
             self._thread.join()
 
     def _fill(self) -> None:
-        """Waiting jobs into free slots (under the lock), placed to step next: right after the job stepping now."""
+        """Waiting jobs into free slots (under the lock), first in the order of the rounds."""
+        placed = 0
         while self.waiting and len(self.active) < self.slots:
-            at = self.active.index(self._stepping) + 1 if self._stepping in self.active else self._turn
-            self.active.insert(min(at, len(self.active)), self.waiting.popleft())
+            self.active.insert(placed, self.waiting.popleft())
+            placed += 1
 
     # -- the engine thread ---------------------------------------------------------------------------
     def _run(self) -> None:
@@ -142,67 +149,85 @@ class Scheduler:
                     self._wake.wait()
                 if self._stopping:
                     break
-                self._turn %= len(self.active)
-                job = self._stepping = self.active[self._turn]
-            if self.batch and self._batchable(job):
-                self._prefetch()
-            if not job.ended:  # (a failed batch ends its requests)
-                self._step(job)
+                self._round = list(self.active)
+            self._step_round(self._round)
             with self._wake:
-                if job in self.active:  # else it left, and the job after it moved into its place
-                    self._turn = self.active.index(job) + 1
-                self._stepping = None
+                self._round = []
         for job in list(self.waiting) + self.active:
             job.cancelled = True
             self._end(job)
 
-    def _step(self, job: Job) -> None:
-        """One token of `job` (the first step also reads its prompt); a job that is over leaves its slot."""
-        if job.cancelled:
-            self._end(job)
-            return
+    def _step_round(self, jobs: list[Job]) -> None:
+        """One step of each job: on its fiber, their layers computed together, when several step and
+        batching is on; else one after the other on this thread. Each token is delivered as soon as it is
+        chosen, in the round's order."""
+        together = self.batch and len(jobs) > 1
+        pending: dict[Job, object] = {}
+        for job in jobs:
+            if job.cancelled:
+                self._end(job)
+                continue
+            if job.generation is None and not self._admit(job):
+                continue
+            job.shared = False
+            work = job.generation.__next__
+            if together:
+                job.fiber = job.fiber or Fiber(f"sortedchat-job-{id(job):x}")
+                job.runner.fiber = job.fiber
+                pending[job] = job.fiber.start(work)
+            else:
+                job.runner.fiber = None
+                try:
+                    self._stepped(job, Returned(work()))
+                except Exception as exc:  # noqa: BLE001 - a failed answer ends that request, never the server
+                    self._stepped(job, exc)
+        while pending:
+            for job in [job for job, outcome in pending.items() if not isinstance(outcome, Ask)]:
+                outcome = pending.pop(job)
+                self._stepped(job, outcome if isinstance(outcome, Returned) else outcome.error)
+            if not pending:
+                break
+            answers, shared = run_together([outcome.request for outcome in pending.values()])
+            for (job, _), answer, joint in zip(list(pending.items()), answers, shared):
+                job.shared |= joint
+                pending[job] = job.fiber.resume(answer)
+
+    def _admit(self, job: Job) -> bool:
+        """The job's first step is coming: lend it a session and start its generation (False: it failed)."""
         try:
-            if job.generation is None:
-                job.session = self.pool.take(job.prompt)
-                job.session.mode = job.mode
-                job.session.restart_drafting()  # each request starts drafting as it asked
-                job.generation = job.session.generate_ids(job.prompt, job.sampling, lambda: job.cancelled)
-            event = job.last = next(job.generation)
-            job.stats = job.session.last_stats
-            job.deliver(event)
-        except StopIteration:
-            job.stats = job.session.last_stats
-            self._end(job)
+            job.session = self.pool.take(job.prompt)
+            job.session.mode = job.mode
+            job.session.restart_drafting()  # each request starts drafting as it asked
+            job.session.runner = job.runner
+            job.generation = job.session.generate_ids(job.prompt, job.sampling, lambda: job.cancelled)
+            return True
         except Exception as exc:  # noqa: BLE001 - a failed answer ends that request, never the server
-            self._end(job, Done(job.stats, str(exc) if isinstance(exc, SortedChatError)
-                                else f"{type(exc).__name__}: {exc}"))
+            self._end(job, Done(job.stats, failure(exc)))
+            return False
 
-    def _batchable(self, job: Job) -> bool:
-        """Whether the job's next step is a fixed-depth one that a batch can compute ahead."""
-        last, session = job.last, job.session
-        return (last is not None and session is not None and not job.cancelled and not last.is_stop
-                and job.mode.kind is ModeKind.DEPTH and session.ready is None
-                and last.index + 1 < job.sampling.max_new_tokens
-                and can_batch(session, job.mode.depth or session.L))
-
-    def _prefetch(self) -> None:
-        """The next fixed-depth step of every request that takes one, in one batch (`batching`), when several do."""
-        with self._wake:
-            jobs = [job for job in self.active if self._batchable(job)]
-        if len(jobs) < 2:
-            return
-        try:
-            prefetch(self.sm, [job.session for job in jobs], [job.last.token_id for job in jobs],
-                     [job.mode.depth or job.session.L for job in jobs])
-            self.batched_steps += len(jobs)
-        except Exception as exc:  # noqa: BLE001 - their states are part-way through a step: those answers end
-            for job in jobs:
-                self._end(job, Done(job.stats, f"batched step failed: {type(exc).__name__}: {exc}"))
+    def _stepped(self, job: Job, outcome: Returned | BaseException) -> None:
+        """A step is over: deliver its token, or end the job (its answer is over, or failed)."""
+        job.stats = job.session.last_stats
+        if isinstance(outcome, StopIteration):
+            self._end(job)
+        elif isinstance(outcome, BaseException):
+            self._end(job, Done(job.stats, failure(outcome)))
+        else:
+            job.last = outcome.value
+            self.batched_steps += job.shared
+            try:
+                job.deliver(job.last)
+            except Exception as exc:  # noqa: BLE001 - nobody is listening any more
+                self._end(job, Done(job.stats, failure(exc)))
 
     def _end(self, job: Job, done: Done | None = None) -> None:
-        """Close the job's generation, return its session, free its slot, tell the client (if still there)."""
+        """Close the job's generation and fiber, return its session, free its slot, tell the client (if still
+        there)."""
         if job.generation is not None:
             job.generation.close()
+        if job.fiber is not None:
+            job.fiber.close()
+            job.fiber = None
         if job.cancelled and job.stats is not None and not job.stats.stopped:
             job.stats.stopped = "interrupted"
         if job.session is not None:
@@ -210,8 +235,6 @@ class Scheduler:
             job.session = None
         with self._wake:
             if job in self.active:
-                if self.active.index(job) < self._turn:  # the jobs after it move up: so does the turn
-                    self._turn -= 1
                 self.active.remove(job)
             job.ended = True
             self.finished += 1

@@ -31,11 +31,10 @@ def shared(session: ChatSession, prompt: list[int]) -> int:
 
 
 class SessionPool:
-    """Up to `capacity` sessions over one model, made by `make` (a `ChatSession` class); `take` lends one to a
-    request, `give_back` returns it."""
+    """Up to `capacity` sessions over one model; `take` lends one to a request, `give_back` returns it."""
 
-    def __init__(self, sm, capacity: int, make=ChatSession):
-        self.sm, self.capacity, self.make = sm, capacity, make
+    def __init__(self, sm, capacity: int):
+        self.sm, self.capacity = sm, capacity
         self.free: list[ChatSession] = []  # least recently used first
         self.lent = 0
 
@@ -45,7 +44,7 @@ class SessionPool:
         best = max(self.free, key=lambda s: shared(s, prompt), default=None)
         common = shared(best, prompt) if best is not None else 0
         if common == 0 and (best is None or self.lent + len(self.free) < self.capacity):
-            session = self.make(self.sm)
+            session = ChatSession(self.sm)
         else:
             session = best if common else self.free[0]
             self.free.remove(session)
