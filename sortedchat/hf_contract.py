@@ -106,15 +106,8 @@ class GrowingLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
             self._buffers = None
         n, q = self.get_seq_length(), key_states.shape[-2]
-        buffers = self._buffers
-        # Rebuild when full, when something replaced keys/values with tensors of their own, or when buffers made
-        # under inference mode are written outside it (torch forbids that in place).
-        if (
-            buffers is None
-            or n + q > buffers[0].shape[-2]
-            or (n and self.keys.data_ptr() != buffers[0].data_ptr())
-            or (buffers[0].is_inference() and not torch.is_inference_mode_enabled())
-        ):
+        buffers = self.room(q)
+        if buffers is None:
             capacity = max(64, 2 * (n + q))
             buffers = tuple(
                 new.new_empty((*new.shape[:-2], capacity, new.shape[-1])) for new in (key_states, value_states)
@@ -127,3 +120,19 @@ class GrowingLayer(DynamicLayer):
         buffers[1][..., n : n + q, :] = value_states
         self.keys, self.values = buffers[0][..., : n + q, :], buffers[1][..., : n + q, :]
         return self.keys, self.values
+
+    def room(self, q: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The (keys, values) buffers if they take q more positions in place, else None: `update` rebuilds them when
+        full, when something replaced keys/values with tensors of their own, or when buffers made under inference
+        mode are written outside it (torch forbids that in place). The compiled step (`engine/compiled.py`) writes
+        into them itself."""
+        buffers = getattr(self, "_buffers", None)
+        n = self.get_seq_length()
+        if (
+            buffers is None
+            or n + q > buffers[0].shape[-2]
+            or (n and self.keys.data_ptr() != buffers[0].data_ptr())
+            or (buffers[0].is_inference() and not torch.is_inference_mode_enabled())
+        ):
+            return None
+        return buffers

@@ -44,6 +44,7 @@ class LoadOptions:
     allow_pickle: bool = False
     exits: list[int] | None = None
     quantize: str | None = None  # "int8": the products in int8 on a CPU, after loading (`sortedchat.quantize`)
+    compile: bool = False  # the front end compiles the decoding step after loading (`engine/compiled.py`)
 
 
 def resolve_device(name: str) -> torch.device:

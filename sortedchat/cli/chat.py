@@ -79,9 +79,7 @@ def run_app(spec, options, mode, settings) -> None:
     from sortedchat.tui.app import SortedChatApp
 
     def loader(progress):
-        from sortedchat.loading import load_sorted_model
-
-        return load_sorted_model(spec, options(), progress=progress)
+        return o.loaded(spec, options(), progress)
 
     from sortedchat.tui.settings import check_value
 

@@ -26,6 +26,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from sortedchat import SortedChatError
+from sortedchat.engine.compiled import with_compiled
 from sortedchat.engine.layer_step import LayerStep, Span, TransformersCall, own_step_matches
 from sortedchat.hf_contract import GrowingLayer, kv_projection
 from sortedchat.sorted_model import SortedModel
@@ -87,7 +88,7 @@ def layer_steps(sm: SortedModel, cache) -> LayerSteps:
             known[key] = own_step_matches(layer, kind, sm.model.config)
         steps.append(LayerStep(layer) if known[key] else TransformersCall(layer, cache))
     steps.all_own = all(step.own for step in steps)
-    return steps
+    return with_compiled(sm, steps)  # the compiled step where `--compile` made one
 
 
 class LayerPass:

@@ -116,6 +116,10 @@ class SortedChatApp(App):
             mode = None  # `_model_ready` reports it
         warm_up(sm, mode, should_stop=self._stop_loading.is_set)
         report(self._model_ready, sm)
+        from sortedchat.engine.compiled import compile_problem
+
+        if problem := compile_problem(sm):  # `--compile` was asked and decoding stays eager
+            report(lambda: self.notify(problem, severity="warning", timeout=15))
 
     def _fail(self, error: SortedChatError) -> None:
         self.error = error

@@ -1,0 +1,164 @@
+"""`--compile`: the compiled one-position step answers exactly what the eager engine answers in every mode, keeps the
+layered K/V invariants, compiles once for a whole chat, and falls back to eager with one warning line."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from typer.testing import CliRunner
+
+from sortedchat.cli import app
+from sortedchat.engine import ChatSession, Mode, SamplingConfig
+from sortedchat.engine import compiled as compiled_module
+from sortedchat.engine.compiled import CompiledStep, compile_problem, compile_steps
+
+from helpers.engine import PROMPTS, no_stop, prompt_ids
+
+runner = CliRunner()
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+MODES = {
+    "full depth": Mode.fixed(),
+    "fixed depth 4": Mode.fixed(4),
+    "auto": Mode.auto(0.3),
+    "speculative": Mode.speculative(2, draft_len=3, pace=False),
+    "fixed depth 2, propagate": Mode.fixed(2, kv="propagate"),
+    "auto, propagate": Mode.auto(0.3, kv="propagate"),
+}
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny):
+    """A copy of the shared tiny model with the compiled step (compiled once for the module; `tiny` stays eager)."""
+    sm = copy.deepcopy(tiny)
+    assert compile_steps(sm) is None
+    return sm
+
+
+@pytest.fixture
+def graph_calls(compiled, monkeypatch):
+    """How many layer steps went through the compiled graph (a list of one count)."""
+    graph = compiled_module._GRAPHS[compiled.model]
+    calls, function = [0], graph.function
+
+    def counted(*args):
+        calls[0] += 1
+        return function(*args)
+
+    monkeypatch.setattr(graph, "function", counted)
+    return calls
+
+
+def greedy(sm, mode, messages, n=24, check=False):
+    """The greedy answer of a fresh session in `mode`, checking the state's invariants after every token if asked."""
+    session = no_stop(ChatSession(sm, mode))
+    tokens = []
+    for event in session.generate_ids(prompt_ids(sm, messages), SamplingConfig(max_new_tokens=n)):
+        tokens.append(event.token_id)
+        if check:
+            session.state.check_invariants()
+    session.state.check_invariants()
+    return tokens, session
+
+
+@pytest.mark.parametrize("name", MODES)
+def test_compiled_and_eager_give_the_same_greedy_tokens_in_every_mode(tiny, compiled, graph_calls, name):
+    for messages in PROMPTS:
+        expected, _ = greedy(tiny, MODES[name], messages)
+        got, session = greedy(compiled, MODES[name], messages, check=True)
+        assert got == expected, messages
+        assert all(type(step) is CompiledStep for step in session.state.steps)
+    assert graph_calls[0] > 0  # the compiled graph ran, not only the eager fallback
+
+
+def test_a_mid_answer_mode_switch_gives_the_same_tokens_and_k_v(tiny, compiled, graph_calls):
+    """Depths 2, 6, 4, auto, speculative and 1 in turn within one answer: backlogs drain eagerly, single positions run
+    compiled, and the tokens, lengths and K/V match the eager engine's."""
+    plan = [Mode.fixed(2), Mode.fixed(6), Mode.fixed(4), Mode.auto(0.3), Mode.speculative(2, 3), Mode.fixed(1)]
+    answers, states = [], []
+    for sm in (tiny, compiled):
+        session = no_stop(ChatSession(sm, Mode.fixed(2)))
+        tokens = []
+        for i, event in enumerate(session.generate_ids(prompt_ids(sm, PROMPTS[2]), SamplingConfig(max_new_tokens=30))):
+            tokens.append(event.token_id)
+            session.mode = plan[(i // 5) % len(plan)]
+            session.state.check_invariants()
+        answers.append(tokens)
+        states.append(session.state)
+    eager, fused = states
+    assert answers[0] == answers[1] and eager.kv_len == fused.kv_len and eager.kv_len[0] > eager.kv_len[-1]
+    for mine, reference in zip(fused.cache.layers, eager.cache.layers):
+        torch.testing.assert_close(mine.keys, reference.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mine.values, reference.values, atol=1e-5, rtol=1e-5)
+    assert graph_calls[0] > 0
+
+
+def test_multi_turn_reuse_gives_the_same_answers(tiny, compiled, graph_calls):
+    questions = ["Hello! How are you today?", "What is the capital of France?", "And of Italy?"]
+    assert converse(tiny, questions) == converse(compiled, questions)
+    assert graph_calls[0] > 0
+
+
+def converse(sm, questions):
+    """Each answer's tokens, one question after another in one session (which reuses the chat's K/V)."""
+    session, convo, answers = no_stop(ChatSession(sm)), [], []
+    for question in questions:
+        convo.append({"role": "user", "content": question})
+        events = list(session.generate(convo, SamplingConfig(max_new_tokens=10)))
+        convo.append({"role": "assistant", "content": "".join(e.text for e in events)})
+        answers.append([e.token_id for e in events])
+        session.state.check_invariants()
+        assert len(answers) == 1 or session.last_stats.reused_tokens > 10
+    return answers
+
+
+def test_a_long_chat_never_recompiles_and_writes_k_v_into_the_layers_buffers(tiny, compiled, graph_calls):
+    """150 tokens take each layer's buffer from 64 positions to 130 and 262 (it grows eagerly, then the same graph
+    goes on at every K/V length)."""
+    before = counters["frames"]["ok"]
+    expected, _ = greedy(tiny, Mode.fixed(), PROMPTS[0], n=150)
+    got, session = greedy(compiled, Mode.fixed(), PROMPTS[0], n=150)
+    assert got == expected
+    assert counters["frames"]["ok"] == before  # nothing compiled again
+    layer = session.state.cache.layers[-1]
+    buffer = layer._buffers[0]  # GrowingLayer's: the compiled graph wrote into it, in place
+    assert layer.keys.data_ptr() == buffer.data_ptr() and buffer.shape[-2] == 262
+    assert graph_calls[0] > 140 * compiled.num_layers
+
+
+def test_where_compiling_fails_one_warning_line_and_eager(tiny, monkeypatch):
+    def no_compiler(function, **options):
+        def fails(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+        return fails
+
+    monkeypatch.setattr(compiled_module.torch, "compile", no_compiler)
+    sm = copy.deepcopy(tiny)
+    problem = ("--compile: the compiled step failed, decoding eagerly (InvalidCxxCompiler: No working C++ compiler "
+               "found)")
+    assert compile_steps(sm) == problem and compile_problem(sm) == problem
+    expected, _ = greedy(tiny, Mode.fixed(4), PROMPTS[0], n=8)
+    got, session = greedy(sm, Mode.fixed(4), PROMPTS[0], n=8)
+    assert got == expected and not any(type(step) is CompiledStep for step in session.state.steps)
+
+
+def test_ask_with_compile_warns_once_and_answers_where_compiling_fails(tiny_dir, monkeypatch):
+    monkeypatch.setattr(compiled_module.torch, "compile", lambda function, **options: None)  # not callable: fails
+    args = ["ask", "Hello!", "--model", str(tiny_dir), "--device", "cpu", "-n", "4", "--compile"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    warnings = [line for line in res.stderr.splitlines() if "--compile" in line]
+    assert warnings == ["warning: --compile: the compiled step failed, decoding eagerly ('NoneType' object is not "
+                        "callable)"]
+    assert res.stdout.strip()
+
+
+def test_a_model_the_compiled_step_does_not_know_stays_eager(tiny):
+    sm = copy.deepcopy(tiny)
+    sm.layers[0].mlp.act_fn = torch.nn.GELU()
+    assert compile_steps(sm) == ("--compile: this model's layers are not the kind the compiled step knows; "
+                                 "decoding eagerly")
+    assert not any(type(step) is CompiledStep for step in ChatSession(sm).state.steps)
