@@ -47,9 +47,33 @@ def test_a_message_is_sent_and_answered(tiny, tmp_path):
             assert [e.token_id for e in dialogue(app).events] == [e.token_id for e in events]
             assert chat(app).prompt.text == ""
             fill = (len(encode_chat(tiny, [{"role": "user", "content": PROMPT}])) + len(events)) / 512
-            assert status(app) == (f"Depth 6/6 · {len(events)} tokens · mean exit 6.0/6 · compute saved 0% · "
-                                   f"context {fill:.0%} · tiny")
+            assert status(app).startswith(f"Depth 6/6 · {len(events)} tokens · mean exit 6.0/6 · compute saved 0% · "
+                                          f"context {fill:.0%} · tiny · ")  # then the threads (next test)
             assert dialogue(app).history[-1] == {"role": "assistant", "content": text}
+
+
+@pytest.fixture
+def torch_threads():
+    """Sets torch's thread count for one test (as `--threads` does), and restores it after."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def test_the_status_line_shows_the_threads_torch_runs_on(tiny, tmp_path, torch_threads):
+    torch_threads(1)
+    app = make_app(tiny, tmp_path, max_new_tokens=4)
+
+    @run_async
+    async def run():
+        async with app.run_test(size=(80, 24)) as pilot:
+            assert status(app) == "Depth 6/6 · ready · tiny · 1 thread"
+            torch_threads(2)
+            await ask(pilot, app)
+            # at 80 columns the model's name goes and the figures shorten, and the threads stay
+            assert status(app) == "Depth 6/6 · 4 tok · exit 6.0 · compute saved 0% · context 5% · 2 threads"
 
 
 def test_depth_keys_change_the_depth_of_the_following_tokens(tiny, tmp_path):

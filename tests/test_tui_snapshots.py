@@ -3,7 +3,7 @@ same at 80x24 with the welcome, the layer lens (on a short and on a long answer)
 each exit's agreement, and the saved-chats list.
 
 Deterministic by construction: fixed terminal size, greedy decoding, no tokens/s in the status line,
-a fixed model name and config path. Update after an intended change with `pytest --snapshot-update`.
+a fixed model name, thread count and config path. Update after an intended change with `pytest --snapshot-update`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from sortedchat.tui.storage import ChatStore
 from helpers.tui import AGREEMENT, ask, chat, make_app, saved_answer, wait_for
 
 SIZE = (100, 30)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the status line shows torch's thread count
 
 
 async def steady_cursor(pilot):

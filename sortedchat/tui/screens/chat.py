@@ -171,12 +171,14 @@ class ChatScreen(Screen):
         self.refresh_bindings()
 
     def show_status(self) -> None:
+        import torch  # loaded with the model, before this screen shows
+
         d = self.dialogue
         self.sparkline.refresh()
         self._reading_shown = d.prefill
         self.status.show(status_parts(d.model_name, d.control.label(), d.stats, self.show_speed, d.generating,
                                       d.session.sm.device, answer_mode=d.answer.modes[-1] if d.answer else None,
-                                      context=d.context(), reading=d.prefill))
+                                      context=d.context(), reading=d.prefill, threads=torch.get_num_threads()))
 
     async def _recolour(self, theme) -> None:
         """Exit colours follow the theme: they must stay readable on its background."""

@@ -57,12 +57,14 @@ def context_part(context: tuple[float, int] | None) -> list[Part]:
 
 def status_parts(model: str, mode: str, stats: GenerationStats | None, show_speed: bool = True,
                  generating: bool = False, device=None, *, answer_mode: str | None = None,
-                 context: tuple[float, int] | None = None, reading: tuple[int, int] | None = None) -> list[Part]:
+                 context: tuple[float, int] | None = None, reading: tuple[int, int] | None = None,
+                 threads: int | None = None) -> list[Part]:
     """Mode (and its options, such as the KV policy) · the answer's figures: tokens/s (and the prompt pass's) ·
     tokens · mean exit · drafts accepted and tokens the pacer decoded at full depth (speculative only) · compute
-    saved · why it stopped · context fill (`context`: its share, and the first turns unseen) · model · device
-    (unless CPU). `answer_mode` is the mode the answer ended in (`figures_label`); `reading` is how far a long
-    prompt pass is, (tokens done, tokens in all), before the first token."""
+    saved · why it stopped · context fill (`context`: its share, and the first turns unseen) · model · device,
+    or on a CPU torch's `threads` (what decides its speed there, `--threads`). `answer_mode` is the mode the
+    answer ended in (`figures_label`); `reading` is how far a long prompt pass is, (tokens done, tokens in all),
+    before the first token."""
     kind, *options = mode.split(" · ")
     parts = [Part(kind, kind, 0), *(Part(o, o, 1) for o in options)]
     if stats is None or not stats.tokens:
@@ -94,6 +96,9 @@ def status_parts(model: str, mode: str, stats: GenerationStats | None, show_spee
     parts.append(Part(model, short_model, 6))
     if device is not None and str(device) != "cpu":
         parts.append(Part(str(device), str(device), 5))
+    elif threads:  # kept longer than the model's name: at 80 columns it still shows
+        count = f"{threads} thread" + ("s" if threads > 1 else "")
+        parts.append(Part(count, count, 4))
     return parts
 
 
