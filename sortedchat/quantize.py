@@ -69,7 +69,9 @@ def quantize_model(sm, kind: str = "int8") -> None:
         for owner, path, module in targets:
             if type(module) is nn.Linear:
                 parent, _, name = path.rpartition(".")
-                setattr(owner.get_submodule(parent) if parent else owner, name, Int8Linear(module))
+                tied = module.weight is sm.model.model.embed_tokens.weight
+                setattr(owner.get_submodule(parent) if parent else owner, name,
+                        Int8Linear(module, module.weight if tied else None))
 
 
 def _checked(owner: nn.Module, path: str, where: str) -> nn.Module:
@@ -95,9 +97,10 @@ def _checked(owner: nn.Module, path: str, where: str) -> nn.Module:
 class Int8Linear(nn.Module):
     """An `nn.Linear` with int8 weights (per output channel, symmetric) and int8 products, float32 in and out."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, float_weight: torch.Tensor | None = None):
         super().__init__()
         w = linear.weight.detach()
+        self._weight = float_weight  # `weight`, where a float32 copy is kept anyway (a tied head's: the embedding)
         scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
@@ -118,6 +121,14 @@ class Int8Linear(nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float32 weight, for code that reads a Linear's rows (the candidate-set confidence measure reads a
+        few of the head's): the kept one, or the int8 one dequantized, made on first use."""
+        if self._weight is None:
+            self._weight = self.qweight.float() * self.scale[:, None]
+        return self._weight
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"

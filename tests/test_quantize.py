@@ -106,6 +106,21 @@ def test_every_mode_runs_on_the_int8_model(int8, mode):
         assert session.last_stats.verifications > 0
 
 
+def test_auto_mode_runs_with_every_confidence_measure_on_the_int8_model(int8):
+    """The candidate-set measures read rows of the head's weight: the int8 head keeps the tied float32 ones."""
+    from sortedchat.bench.costs import buildable_measures
+
+    sm = copy.copy(int8)
+    sm.config = copy.deepcopy(int8.config)
+    measures = buildable_measures(sm)
+    assert {"maxprob", "subset"} <= set(measures)
+    assert int8.model.lm_head.weight is int8.model.model.embed_tokens.weight
+    for name in measures:
+        sm.config.confidence = name
+        tokens = run(no_stop(ChatSession(sm, Mode.auto(0.5))), prompt_ids(sm, PROMPTS[0]), n=4)
+        assert len(tokens) == 4, name
+
+
 def test_exit_lenses_and_the_layer_lens_run_on_the_int8_model(tiny):
     """Lenses stay float32 before the int8 head: a lens changes what its exit predicts, as on float32."""
     from sortedchat.sorted_model import ExitLenses
