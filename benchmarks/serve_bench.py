@@ -7,9 +7,13 @@ its events on the main thread. Every answer runs to exactly `-n` tokens (`ignore
 1. One streamed full-depth answer: tokens/s through the server / tokens/s direct (decode: first token to last,
    as the client sees it). Rounds alternate, medians. The direct loop also runs on a worker thread, as the
    server's engine does (on a busy machine torch's threads make the main thread's loop slower).
-2. Four concurrent streams (four prompts, each at its own mode): their total tokens/s / one stream's
-   (the same prompts one at a time, through the server); each concurrent answer must equal its own single run.
+2. Four concurrent streams (four prompts at four modes; all at full depth; all in auto mode): their total
+   tokens/s / one stream's (the same prompts one at a time, through the server); each concurrent answer must
+   equal its own single run.
 3. Time to first token of a ~100-token prompt while three other streams run / the same when the server is idle.
+4. What one batched round costs, by CPU time on one torch thread (it holds on a busy machine, where wall clocks
+   do not): the layers of 4 full-depth steps run together (`run_together`) / one by one; 4 greedy heads one row
+   at a time (the half-precision screen) / one float32 product over the 4 rows.
 
 The machine may be shared: the load average is printed before and after.
 
@@ -21,17 +25,20 @@ from __future__ import annotations
 
 import os
 import statistics
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Optional
 
 import openai
+import torch
 import typer
 
 from sortedchat.cli.serve import build_app
 from sortedchat.engine import ChatSession, Mode, SamplingConfig
 from sortedchat.engine.context import encode_chat
 from sortedchat.loading import LoadOptions, load_sorted_model
+from sortedchat.server.batching import LayersAsk, run_together
 from sortedchat.server.running import in_background
 
 PROMPTS = ["Explain how a bicycle stays upright.", "Write a short poem about the sea.",
@@ -118,6 +125,61 @@ def decoding(scheduler, count: int, polls: int = 60_000) -> None:
     raise SystemExit(f"the {count} background answers never started")
 
 
+def cpu_ms(work, repeats: int = 9) -> float:
+    """Median CPU time of `work()` on this thread, in ms."""
+    times = []
+    for _ in range(repeats):
+        start = time.thread_time()
+        work()
+        times.append(time.thread_time() - start)
+    return statistics.median(times) * 1000
+
+
+def round_costs(sm) -> tuple[float, float, float, float]:
+    """(layers of 4 full-depth steps together, one by one, 4 greedy head rows one at a time, in one product), CPU
+    ms on one torch thread, on a worker thread; the 4 sessions hold the 4 prompts and a few answer tokens."""
+    sessions = []
+    for prompt in PROMPTS:
+        session = ChatSession(sm, Mode.fixed())
+        list(session.generate(messages(prompt), SamplingConfig(max_new_tokens=4, stop_at_end_of_turn=False)))
+        sessions.append(session)
+    L, token, out = sm.num_layers, sessions[0].state.tokens[-1], []
+
+    def back():  # forget the token the measure fed
+        for session in sessions:
+            session.state.crop(session.state.length - 1)
+
+    def together():
+        run_together([LayersAsk(session.state, L, [token]) for session in sessions])
+        back()
+
+    def one_by_one():
+        for session in sessions:
+            session.state.run(L, [token])
+        back()
+
+    def measure():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.inference_mode():
+                hidden = sessions[0].state.run(L, [token])[:, -1]
+                back()
+                rows = hidden.expand(len(sessions), -1).contiguous()
+                for work in (together, one_by_one):
+                    work()  # warm-up
+                out.extend([cpu_ms(together), cpu_ms(one_by_one),
+                            cpu_ms(lambda: [sm.head(hidden, L, True) for _ in sessions]),
+                            cpu_ms(lambda: sm.head(rows, L))])
+        finally:
+            torch.set_num_threads(threads)
+
+    worker = threading.Thread(target=measure)
+    worker.start()
+    worker.join()
+    return tuple(out)
+
+
 def main(
     model: Annotated[Optional[str], typer.Option(help="--model as for sortedchat (default: built-in)")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n")] = 96,
@@ -147,7 +209,7 @@ def main(
               f"one) {w:.1f} tok/s, ratio {s / w:.3f}")
 
         for label, chosen in (("4 modes: " + ", ".join(f["mode"] for f in modes), modes),
-                              ("all full depth", [{"mode": "full"}] * 4)):
+                              ("all full depth", [{"mode": "full"}] * 4), ("all auto", [{"mode": "auto"}] * 4)):
             total, one, identical = concurrent(url, n, rounds, chosen)
             print(f"2. 4 concurrent streams ({label}), {n} tokens each: total {total:.1f} tok/s, one stream "
                   f"{one:.1f} tok/s (request to last token), ratio {total / one:.2f} (target >= 2.5); each answer "
@@ -170,6 +232,10 @@ def main(
         i, b = statistics.median(idle), statistics.median(loaded)
         print(f"3. time to first token, {size}-token prompt: idle {i * 1000:.0f} ms, with 3 streams running "
               f"{b * 1000:.0f} ms, ratio {b / i:.2f} (target <= 2)")
+    together, alone, heads, head_product = round_costs(sm)
+    print(f"4. one round of 4 full-depth steps, CPU ms on 1 thread: layers together {together:.1f}, one by one "
+          f"{alone:.1f} ({alone / together:.2f}x); heads one row at a time {heads:.1f}, one product over the 4 rows "
+          f"{head_product:.1f}")
     print(f"model: {sm.source} ({L} layers); load average after: "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 

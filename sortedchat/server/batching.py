@@ -61,6 +61,7 @@ def run_together(asks: list[LayersAsk]) -> tuple[list, list[bool]]:
     exception (their states are part-way through a step: those requests end)."""
     passes = [LayerPass(ask.state, ask.depth, ask.new_ids) for ask in asks]
     shared = [False] * len(passes)
+    spans, rotation = [], None  # the spans of the last batched layer, and their `rotation_of`
     try:
         calls = [p.next_call() for p in passes]
         while live := [b for b, call in enumerate(calls) if call is not None]:
@@ -69,7 +70,10 @@ def run_together(asks: list[LayersAsk]) -> tuple[list, list[bool]]:
             steps = [passes[b].state.steps[i] for b in group]
             items = [(calls[b][1], calls[b][2], passes[b].state.cache.layers[i]) for b in group]
             if len(group) > 1 and all(isinstance(step, LayerStep) for step in steps):
-                outs = layer_together(steps[0], items)
+                if len(spans) != len(items) or any(a is not b for a, b in zip(spans, (span for _, span, _ in items))):
+                    spans = [span for _, span, _ in items]  # (a pass keeps its span while its positions stay)
+                    rotation = rotation_of(spans)
+                outs = layer_together(steps[0], items, rotation)
                 for b in group:
                     shared[b] = True
             else:
@@ -82,31 +86,38 @@ def run_together(asks: list[LayersAsk]) -> tuple[list, list[bool]]:
         return [exc] * len(asks), shared
 
 
-def layer_together(step: LayerStep, items: list[tuple[torch.Tensor, Span, object]]) -> list[torch.Tensor]:
-    """`step`'s layer over several requests' inputs ((x [1, q, H], its span, its cache layer) each): what `step`
-    computes for each alone, with the row-wise work (norms, projections, the MLP) done once over all positions."""
+def rotation_of(spans: list[Span]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary factors (`Span.rotation`) of several requests' positions side by side, [1, 1, sum q, head_dim]."""
+    factors = [span.rotation() for span in spans]
+    return torch.cat([cos for cos, _ in factors], dim=2), torch.cat([sin for _, sin in factors], dim=2)
+
+
+def layer_together(step: LayerStep, items: list[tuple[torch.Tensor, Span, object]],
+                   rotation: tuple[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
+    """`step`'s layer over several requests' inputs ((x [1, q, H], its span, its cache layer) each; `rotation` their
+    spans' `rotation_of`): what `step` computes for each alone. The row-wise and element-wise work (norms,
+    projections, rotary, the MLP) runs once over all positions; the K/V and attention per request."""
     (q_proj, k_proj, v_proj), o_proj, (gate, up, down) = step.qkv, step.o, step.mlp
     in_norm, post_norm = step.norms
     sizes = [x.shape[1] for x, _, _ in items]
     x = torch.cat([x for x, _, _ in items], dim=1)
     h = in_norm(x)
-    queries, keys, values = q_proj(h), k_proj(h), v_proj(h)
-    half, heads, lo = step.head_dim // 2, [], 0
+    shape = (1, x.shape[1], -1, step.head_dim)
+    query, key = q_proj(h).view(shape), k_proj(h).view(shape)
+    if step.q_norm is not None:
+        query = step.q_norm(query)
+    if step.k_norm is not None:
+        key = step.k_norm(key)
+    cos, signed_sin = rotation
+    half = step.head_dim // 2
+    query, key, value = query.transpose(1, 2), key.transpose(1, 2), v_proj(h).view(shape).transpose(1, 2)
+    query = query * cos + query.roll(half, -1) * signed_sin
+    key = key * cos + key.roll(half, -1) * signed_sin
+    heads, lo = [], 0
     for (_, span, cache_layer), q in zip(items, sizes):
-        shape = (1, q, -1, step.head_dim)
-        query, key = queries[:, lo : lo + q].view(shape), keys[:, lo : lo + q].view(shape)
-        if step.q_norm is not None:
-            query = step.q_norm(query)
-        if step.k_norm is not None:
-            key = step.k_norm(key)
-        cos, signed_sin = span.rotation()
-        query, key = query.transpose(1, 2), key.transpose(1, 2)
-        query = query * cos + query.roll(half, -1) * signed_sin
-        key = key * cos + key.roll(half, -1) * signed_sin
-        own_keys, own_values = cache_layer.update(key, values[:, lo : lo + q].view(shape).transpose(1, 2))
-        out = attend(query, own_keys, own_values, span.mask, step.scaling, step.groups)
-        heads.append(out.transpose(1, 2).reshape(1, q, -1))
+        own_keys, own_values = cache_layer.update(key[:, :, lo : lo + q], value[:, :, lo : lo + q])
+        heads.append(attend(query[:, :, lo : lo + q], own_keys, own_values, span.mask, step.scaling, step.groups))
         lo += q
-    x = x + o_proj(torch.cat(heads, dim=1))
+    x = x + o_proj(torch.cat(heads, dim=2).transpose(1, 2).reshape(1, x.shape[1], -1))
     h = post_norm(x)
     return list((x + down(step.act(gate(h)) * up(h))).split(sizes, dim=1))
