@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from sortedchat import SortedChatError
+from sortedchat.bench.prompts import load_prompts
 from sortedchat.engine.confidence import MEASURES, make_measure
 from sortedchat.engine.modes import KV
 from sortedchat.engine.session import ChatSession
@@ -97,7 +98,7 @@ def measure_costs(
     sm: SortedModel, context: int = 192, measures: dict | None = None, inner: int = 10, rounds: int = 7,
     clock=time.perf_counter,
 ) -> Costs:
-    """Time the pieces on this machine, on a state holding `context` positions (random token ids).
+    """Time the pieces on this machine, on a state holding `context` positions of text (`text_ids`).
 
     `measures` (name -> measure) are the confidence measures to time; by default every registered one
     this model can build (a classifier needs its calibrated file). `clock` is the benchmark's clock."""
@@ -108,23 +109,34 @@ def measure_costs(
     probe = CostProbe(sm, max(2, min(context, (sm.max_positions or context + 2) - 2)))
     layers = time_layers(probe, median_seconds)
     hidden = probe.next_hidden()
-    greedy_head = probe.greedy_head(hidden)
-    greedy_head()  # the first greedy step chooses the head's screen (`HeadProduct.screen`)
-    costs = Costs(head=median_seconds(greedy_head), context=probe.context, **layers)
+    greedy_heads = probe.greedy_heads()
+    greedy_heads()  # the first greedy step chooses the head's screen (`HeadProduct.screen`)
+    head = median_seconds(greedy_heads) / len(probe.last_hidden)
+    costs = Costs(head=head, context=probe.context, **layers)
     time_checks(costs, probe, hidden, buildable_measures(sm) if measures is None else measures, median_seconds)
     return costs
 
 
+def text_ids(sm: SortedModel, count: int) -> list[int]:
+    """`count` token ids of English text (the bench's built-in prompts, repeated). The head's cost depends on
+    them: a screen falls back to the exact product where the next token is a near-tie, which random ids make
+    common (bfloat16's screen: 38 of 64 steps) and chat text rare (1 of 144 greedy steps)."""
+    text = "\n".join(m["content"] for conversation in load_prompts() for m in conversation)
+    ids = sm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return (ids * (count // len(ids) + 1))[:count]
+
+
 class CostProbe:
-    """What the costs are timed on: the state a session on `sm` decodes with, holding `context` positions of random
-    token ids (seeded, so every run times the same work), and two more ids to decode next."""
+    """What the costs are timed on: the state a session on `sm` decodes with, holding `context` positions of text
+    (`text_ids`, so every run times the same work), and two more ids to decode next."""
+
+    HEAD_POSITIONS = 8  # the head is timed on the last layer's output at this many positions, one at a time
 
     def __init__(self, sm: SortedModel, context: int):
         self.sm, self.context = sm, context
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, sm.model.config.vocab_size, (context + 2,), generator=g).tolist()
+        self.ids = text_ids(sm, context + 2)
         self.state = ChatSession(sm).state
-        self.state.run(sm.num_layers, self.ids[:context])
+        self.last_hidden = self.state.run(sm.num_layers, self.ids[:context])[0, -self.HEAD_POSITIONS :]
 
     def step(self, depth: int, positions: int = 1, propagate: bool = False) -> Callable[[], None]:
         """A call that runs the next `positions` ids through `depth` layers (then, with `propagate`, stores
@@ -138,9 +150,15 @@ class CostProbe:
 
         return run
 
-    def greedy_head(self, hidden: torch.Tensor) -> Callable[[], torch.Tensor]:
-        """The head of a greedy full-depth step on `hidden`, as the session calls it."""
-        return lambda: self.sm.head(hidden, self.sm.num_layers, greedy=True)
+    def greedy_heads(self) -> Callable[[], None]:
+        """The head of a greedy full-depth step on each of `last_hidden`, as the session calls it."""
+        sm = self.sm
+
+        def run():
+            for hidden in self.last_hidden:
+                sm.head(hidden[None], sm.num_layers, greedy=True)
+
+        return run
 
     def next_hidden(self) -> torch.Tensor:
         """The last layer's hidden state of the next id, which the head and the checks are timed on."""
