@@ -140,6 +140,22 @@ def test_exit_lenses_and_the_layer_lens_run_on_the_int8_model(tiny):
     assert "lenses float32" in describe(sm)
 
 
+def test_own_exit_heads_are_quantized_and_decode(tiny):
+    from sortedchat.sorted_model import ExitHeads
+
+    sm = copy.deepcopy(tiny)
+    sm.exit_heads = ExitHeads([2], 64, sm.model.config.vocab_size, sm.model.model.norm)
+    hidden = torch.randn(1, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        before = sm.head(hidden, 2)
+        quantize_model(sm)
+        after = sm.head(hidden, 2)
+    assert is_int8(sm.exit_heads.heads["2"]) and "the exit heads" in describe(sm)
+    assert (after - before).norm() / before.norm() < 0.05
+    tokens = run(no_stop(ChatSession(sm, Mode.fixed(2))), prompt_ids(sm, PROMPTS[0]), n=4)
+    assert len(tokens) == 4
+
+
 def test_unmerged_adapter_layers_are_left_in_float32_and_go_through_transformers(tiny):
     from peft import LoraConfig, get_peft_model
 
