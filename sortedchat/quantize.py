@@ -4,12 +4,14 @@ On a CPU a decoding step is bound by the bytes of its weights: int8 weights are 
 are int8 per output channel (symmetric), inputs are quantized to 8 bits per position, products run in int8 and
 come back float32 (`Int8Linear`). One position (decoding) goes through torch's dynamic int8 linear
 (`torch.ops.quantized.linear_dynamic`, fbgemm or oneDNN), which was chosen by measurement among the maintained
-kernels (BENCHMARKS.md, issue 20): one position through
-SmolLM2-135M's 210 layer products, 1 thread, 40 ms in float32, 19 ms with it, 58-113 ms with torchao's int8
-configurations run eagerly (torchao is fast only inside `torch.compile`), 86 ms with bitsandbytes' CPU int8;
-the LM head 8.8 ms in float32, 1.2 ms with it. Several positions (a prompt, a speculative verification, `eval`)
-go through `torch._int_mm` with one input scale per position: the dynamic kernel has one per call, and on
-SmolLM2 that costs a third of the agreement with float32 when a call holds whole sequences.
+kernels (BENCHMARKS.md, issue 20): one position through SmolLM2-135M's 210 layer products, 1 thread, 40 ms in
+float32, 19 ms with it, 58-113 ms with torchao's int8 configurations run eagerly (torchao is fast only inside
+`torch.compile`), 86 ms with bitsandbytes' CPU int8; the LM head 8.8 ms in float32, 1.2 ms with it. Its packed
+weights are made from a quantized tensor, which torch 2.13 marks deprecated (a warning, silenced here): when they
+go, `torch._int_mm` can serve one position too (measured about 1.6x the dynamic kernel's time). Several
+positions (a prompt, a speculative verification, `eval`) go through `torch._int_mm` with one input scale per
+position: the dynamic kernel has one per call, and on SmolLM2 that costs half of the agreement with float32 when
+a call holds whole sequences (BENCHMARKS.md: 48.8% against 90.2%).
 
 Quantized: the seven projections of every decoder layer, the shared LM head and per-exit own heads (ICT). A tied
 head gets an int8 copy of its own: the embedding lookup stays float32. Left in float32: the embeddings, norms,
