@@ -13,7 +13,9 @@ Thresholds: every exit lets through the tokens it is most confident about as lon
 last exit at least a given share p of the time; p is the lowest value whose plan still meets the target
 agreement overall (the last exit always agrees, so p is usually below the target). An exit whose early
 tokens would save less time than checking costs is not checked at all (threshold 1). The expected
-speed-up comes from the measured costs of a layer, the head and a check (`bench.costs`).
+speed-up comes from the costs of a layer, the head and a check, timed here on the path the loaded model decodes on
+(`bench.costs`: the session's own layer steps, the head's screen chosen on this machine); the record written
+names the device, dtype and thread count they were measured at.
 
 With propagated K/V (`--kv propagate`) the one-pass figures would be wrong: a token that leaves early changes
 the K/V every later position sees. The cost model then counts no drain and the K/V projections of every skipped
@@ -456,6 +458,7 @@ def write(sm: SortedModel, result: Calibration, target: float) -> list[Path]:
                      "check": {k: round(v * 1e3, 4) for k, v in result.costs.check.items()}},
         "device": str(sm.device),
         "dtype": str(sm.dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),  # the costs above are this machine's at this thread count
     }
     written.append(cfg.write(directory))
     return written
