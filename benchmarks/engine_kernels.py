@@ -1,7 +1,7 @@
 """The engine's kernels against the plain routes they replace, in one process, as ratios.
 
 - LM head on one position: `F.linear` (what `lm_head` does) against the column-major float32 copy and the
-  float16 screen of `HeadProduct` (greedy steps);
+  half-precision screen of `HeadProduct` chosen on this machine (greedy steps);
 - LM head on a few positions (speculative verification): `F.linear` against `weight @ hidden.T`;
 - the decoder stack on n positions against one position: what draining a backlog of n-1 positions costs
   (the reason auto mode and drafting gain little on a CPU);
@@ -68,7 +68,7 @@ def main(
         base, new = compare(lambda: F.linear(h, w), lambda: sm.head_product(h), rounds, 10)
         rows.append(("head, 1 position", "F.linear", base, "column-major copy", new))
         base, new = compare(lambda: F.linear(h, w), lambda: sm.head_product.screened(h), rounds, 10)
-        rows.append(("head, 1 position, greedy", "F.linear", base, "float16 screen + float32 top 8", new))
+        rows.append(("head, 1 position, greedy", "F.linear", base, "chosen screen + float32 top 8", new))
         for n in (2, 4, 8):
             hn = torch.randn(1, n, H, generator=g) * float(h.norm() / H**0.5)
             base, new = compare(lambda: F.linear(hn, w), lambda: sm.head_product(hn), rounds, 5)
