@@ -1,9 +1,8 @@
 """A short throwaway answer while the loading screen still shows, so the user's first answer is not the slow one.
 
 The first tokens after a launch pay one-time costs: the head's copies and the timing that chooses its screen
-(`HeadProduct`),
-PyTorch's kernel and allocator set-up, the confidence measure of auto mode. Paying them behind the
-loading screen makes the first real answer run at the speed of the later ones.
+(`HeadProduct`), PyTorch's kernel and allocator set-up, the confidence measure of auto mode. Paying them behind
+the loading screen makes the first real answer run at the speed of the later ones.
 """
 
 from __future__ import annotations
