@@ -57,14 +57,14 @@ class DecodeGraph:
             return None
 
 
-class CompiledStep:
+class CompiledStep(LayerStep):
     """A layer's step with `--compile`: the shared graph for one position at the end of a `GrowingLayer`'s buffer
-    with room for it (the common decoding step), the eager `LayerStep` for everything else."""
+    with room for it (the common decoding step), the eager `LayerStep` for everything else (and, being one, for the
+    server's batched layers)."""
 
-    own = True
-
-    def __init__(self, eager: LayerStep, layer: nn.Module, graph: DecodeGraph):
-        self.eager, self.graph = eager, graph
+    def __init__(self, layer: nn.Module, graph: DecodeGraph):
+        super().__init__(layer)
+        self.graph = graph
         attn, mlp = layer.self_attn, layer.mlp
         self.weights = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
                         *((p.weight, p.bias) for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
@@ -73,7 +73,7 @@ class CompiledStep:
     def __call__(self, x, span: Span, cache_layer):
         n = cache_layer.get_seq_length()
         buffers = None
-        if x.shape[1] == 1 and n and self.graph.problem is None and torch.is_inference_mode_enabled():
+        if x.shape[:2] == (1, 1) and n and self.graph.problem is None and torch.is_inference_mode_enabled():
             # Room for one more than it writes: K/V filling the buffer to the end would be contiguous, which the
             # graph's guards tell apart (a recompile); that last position goes eagerly.
             buffers = cache_layer.room(2)
@@ -83,7 +83,7 @@ class CompiledStep:
             if out is not None:
                 cache_layer.keys, cache_layer.values = keys, values
                 return out
-        return self.eager(x, span, cache_layer)
+        return super().__call__(x, span, cache_layer)
 
 
 def one_position(x, cos, signed_sin, keys, values, weights, eps: float, scaling: float, head_dim: int):
@@ -133,7 +133,7 @@ def with_compiled(sm: SortedModel, steps: list) -> list:
     graph = _GRAPHS.get(sm.model)
     if graph is None or graph.problem is not None:
         return steps
-    steps[:] = [CompiledStep(s, layer, graph) if type(s) is LayerStep and plain(layer) else s
+    steps[:] = [CompiledStep(layer, graph) if type(s) is LayerStep and plain(layer) else s
                 for s, layer in zip(steps, sm.layers)]
     return steps
 
@@ -173,6 +173,7 @@ def _probe(sm: SortedModel, compiled: bool) -> torch.Tensor:
 
     state = LayeredState(sm)
     if not compiled:
-        state.steps[:] = [getattr(s, "eager", s) for s in state.steps]
+        state.steps[:] = [LayerStep(layer) if type(step) is CompiledStep else step
+                          for step, layer in zip(state.steps, sm.layers)]
     state.run(sm.num_layers, [1, 2])
     return torch.cat([state.run(sm.num_layers, [token]) for token in (3, 4, 5)], dim=1)
