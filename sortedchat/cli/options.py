@@ -74,8 +74,8 @@ class LoadFlags(PreciseLoadFlags):
     load_in_8bit: Annotated[bool, typer.Option("--load-in-8bit", help="Quantize the weights to 8 bits "
                                                "(bitsandbytes)")] = False
     compile: Annotated[bool, typer.Option("--compile", help="Compile the one-token decoding step with "
-                                          "torch.compile while the model loads (20-40 s the first time, cached on "
-                                          "disk after that); eager if it cannot")] = False
+                                          "torch.compile while the model loads (up to a minute the first time, "
+                                          "cached on disk after that); eager if it cannot")] = False
 
 
 # The flag that sets each `Mode` field a `ModeError` can name (`--speculative` sets `depth` when drafting).
