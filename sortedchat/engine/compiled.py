@@ -39,7 +39,8 @@ class DecodeGraph:
     def __init__(self, layer: nn.Module):
         attn = layer.self_attn
         self.constants = (layer.input_layernorm.variance_epsilon, attn.scaling, attn.head_dim)
-        # The C++ wrapper calls the graph's kernels without Python between them: 6-9% of a token on a CPU (issue 20).
+        # The C++ wrapper calls the graph's kernels without Python between them: the 30 layers' CPU time per token
+        # fell 6-8% against eager with it, 1-4% without (issue 20, BENCHMARKS.md).
         self.function = torch.compile(one_position, options={"cpp_wrapper": True})
         self.problem: str | None = None
         self.traced = False
