@@ -26,9 +26,9 @@ time would, where float32 picks the same.
 With `--compile`, decoding runs the layers' products inside the compiled graph (`engine/compiled.py`) instead:
 int8 weights with one scale per `GROUP` inputs of a row (symmetric), float32 inputs, dequantized in the graph,
 which inductor fuses into the product (BENCHMARKS.md, issue 20: SmolLM2-135M's 210 layer products, 1 thread,
-compiled, 2.2x float32's speed; teacher-forced agreement of full depth with float32, the layers alone int8, 98.3%
-against 96.8% with one scale per output channel). The layers' `Int8Linear`s keep these weights too (`grouped`);
-the eager paths use the per-channel ones.
+compiled, 2.2x float32's speed, about the dynamic kernel's; teacher-forced agreement of full depth with float32,
+the layers alone int8, 98.3% against 96.8% with one scale per output channel). The layers' `Int8Linear`s keep
+these weights too (`grouped`); the eager paths use the per-channel ones.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ stays the reference: the compiled step computes the same operators, but fused ke
 its tokens are checked against eager in tests/test_compiled.py, not its bits.
 
 A model `--quantize int8` made runs its layers' products in the graph with int8 weights (one scale per 32 inputs,
-`Int8Linear.grouped`) on float32 inputs, dequantized where inductor fuses them into the product: on a CPU more
-than twice float32's speed, and closer to float32 than the eager int8 kernels, which quantize the inputs too.
+`Int8Linear.grouped`) on float32 inputs, dequantized where inductor fuses them into the product: on a CPU about the
+eager int8 kernels' speed, and closer to float32 than they are (they quantize the inputs too; BENCHMARKS.md).
 """
 
 from __future__ import annotations
