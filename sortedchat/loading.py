@@ -243,7 +243,7 @@ def load_sorted_model(spec: str | None = None, opts: LoadOptions | None = None,
                      weights_path=spec if directory is None else str(directory), exit_heads=heads, exit_lenses=lenses)
     if opts.quantize:
         progress(f"quantizing to {opts.quantize}", None)
-        quantize_model(sm, opts.quantize)
+        quantize_model(sm, opts.quantize, grouped=opts.compile)  # the compiled graph's weights, only for it
     progress("model ready", 1.0)
     return sm
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from sortedchat import SortedChatError
 from sortedchat.cli import app
 from sortedchat.engine import ChatSession, Mode, SamplingConfig
-from sortedchat.quantize import Int8Linear, check_request, describe, is_int8, quantize_model
+from sortedchat.quantize import PROJECTIONS, Int8Linear, check_request, describe, is_int8, quantize_model
 
 from helpers.engine import PROMPTS, no_stop, prompt_ids, run
 
@@ -252,21 +252,30 @@ def test_eval_reports_each_exits_agreement_with_float32_full_depth(tiny, tiny_di
 
 
 @pytest.fixture(scope="module")
-def int8_compiled(int8):
-    """The int8 tiny model with `--compile`'s step (compiled once for the module; `int8` stays eager)."""
+def int8_compiled(tiny):
+    """The tiny model as `--quantize int8 --compile` loads it: grouped weights, and the compiled step (compiled once
+    for the module; `int8` stays eager)."""
     from sortedchat.engine.compiled import compile_steps
 
-    sm = copy.deepcopy(int8)
+    sm = copy.deepcopy(tiny)
+    quantize_model(sm, grouped=True)
     assert compile_steps(sm) is None
     return sm
 
 
-def test_the_compiled_steps_int8_product_is_the_float32_product_with_its_grouped_weights(int8):
+def test_only_compile_keeps_the_grouped_weights(int8, int8_compiled):
+    """The compiled graph's grouped int8 weights are a second copy of the layers: an eager int8 model has none."""
+    assert all(int8.layers[i].get_submodule(p).grouped is None for i in range(int8.num_layers) for p in PROJECTIONS)
+    assert all(int8_compiled.layers[i].get_submodule(p).grouped is not None
+               for i in range(int8_compiled.num_layers) for p in PROJECTIONS)
+
+
+def test_the_compiled_steps_int8_product_is_the_float32_product_with_its_grouped_weights(int8_compiled):
     """The graph's product (`engine.compiled.linear`) on an int8 projection: float32 inputs times the int8 weights
     dequantized with one scale per 32 inputs, which hold the float32 weights to 1% (half a step of 127 per group)."""
     from sortedchat.engine.compiled import linear
 
-    module = int8.layers[0].mlp.down_proj
+    module = int8_compiled.layers[0].mlp.down_proj
     weight, scale = module.grouped
     dequantized = (weight.view(-1, 32).float() * scale.view(-1, 1)).view(weight.shape)
     x = torch.randn(1, 1, module.in_features, generator=torch.Generator().manual_seed(0))
