@@ -222,6 +222,17 @@ def test_ask_and_info_on_the_int8_model(tiny_dir):
     assert "quantized none" in " ".join(plain.stdout.split())
 
 
+def test_bench_names_the_int8_products_in_its_title_and_json(tiny_dir, tmp_path):
+    prompts, out_json = tmp_path / "p.txt", tmp_path / "b.json"
+    prompts.write_text("Hello!\n")
+    res = runner.invoke(app, ["bench", "--model", str(tiny_dir), "--device", "cpu", "--quantize", "int8", "--prompts",
+                              str(prompts), "-n", "2", "--repeat", "1", "--modes", "", "--threads", "1",
+                              "--json", str(out_json)])
+    assert res.exit_code == 0, res.output
+    assert "float32, int8 products on cpu (1 thread)" in " ".join(res.stdout.split())
+    assert json.loads(out_json.read_text())["quantized"].startswith("int8 (")
+
+
 def test_eval_reports_each_exits_agreement_with_float32_full_depth(tiny, tiny_dir, tmp_path):
     from sortedchat.training.data import load_records
     from sortedchat.training.evaluate import full_depth_top1, score_exits

@@ -58,7 +58,9 @@ def bench(
         err.print("llama.cpp crashed on a batched prompt here: its prompts went in one token at a time",
                   highlight=False, soft_wrap=True)
     meta["command"] = " ".join(["sortedchat", *sys.argv[1:]])
-    title = (f"{meta['model']} · {meta['dtype']} on {meta['device']} ({meta['machine']['torch_threads']} threads) · "
+    threads, quantized = meta["machine"]["torch_threads"], meta["quantized"].split(" (")[0]
+    weights = meta["dtype"] if quantized == "none" else f"{meta['dtype']}, {quantized} products"
+    title = (f"{meta['model']} · {weights} on {meta['device']} ({threads} thread{'s' * (threads != 1)}) · "
              f"{len(conversations)} prompts × {max_new_tokens} tokens × {repeat} repeats · {clock} clock · load "
              f"{meta['load_average']['before']} → {meta['load_average']['after']}")
     print_table(rows, title)
