@@ -10,7 +10,9 @@ product (`choose_screen`; one choice per head shape and thread count in a proces
   `F.linear` 11.4 ms and matrix-vector 14.4 ms (slower than float32); bfloat16 `F.linear` 8.0 ms and
   matrix-vector 3.2 ms: the bfloat16 matrix-vector screen is chosen;
 - a 2-core AMD CPU (AVX2), earlier: float32 `F.linear` 8.9 ms, column-major 4.3 ms, float16 3.3 ms;
-- 2-64 positions (speculative verification): `weight @ hidden.T` 7 ms against `F.linear`'s 16-20 ms (AMD).
+- 2-64 positions (speculative verification): `weight @ hidden.T` 7 ms against `F.linear`'s 16-20 ms (AMD); on the
+  Xeon a column-major copy is about twice as fast for a few rows, so that kernel is timed on first use too
+  (`MULTI_ROW`).
 Everywhere else (GPUs, half-precision or quantized or biased heads, autograd) this is plain `lm_head`.
 """
 
@@ -69,6 +71,14 @@ SCREENS = {s.name: s for s in (
 )}
 
 _CHOSEN: dict[tuple, Screen | None] = {}  # (head shape, threads) -> the screen chosen in this process
+# The exact product over 2..MAX_ROWS positions (speculative verification), by name: both are float32 products of the
+# same rows, in another order of the sums. Intel Xeon today, 1 thread, 2 / 4 / 9 rows: `weight @ rows.T` 27.4 / 24.4
+# / 24.7 ms, `rows @ columns` 12.5 / 15.0 / 21.4 ms; the AMD CPU earlier: `weight @ rows.T` 7 ms.
+MULTI_ROW = {
+    "weight @ rows.T": lambda head, rows: (head.lm_head.weight @ rows.t()).t().contiguous(),
+    "rows @ columns": lambda head, rows: rows @ head._copy("columns"),
+}
+_MULTI_CHOSEN: dict[tuple, str] = {}  # (head shape, threads) -> the multi-row kernel chosen in this process
 
 
 def choose_screen(timings: dict[str, float]) -> Screen | None:
@@ -142,8 +152,24 @@ class HeadProduct:
         if rows == 1:
             out = flat @ self._copy("columns")
         else:
-            out = (self.lm_head.weight @ flat.t()).t().contiguous()
+            out = MULTI_ROW[self.multi_row_kernel(flat)](self, flat)
         return out.reshape(*hidden.shape[:-1], out.shape[-1])
+
+    def multi_row_kernel(self, rows: torch.Tensor) -> str:
+        """The name of the faster `MULTI_ROW` kernel on this machine, timed on `rows` the first time (a small head
+        keeps the first: its timings would be too short to choose on)."""
+        w = self.lm_head.weight
+        if w.numel() < MIN_SCREENED:
+            return next(iter(MULTI_ROW))
+        key = (tuple(w.shape), torch.get_num_threads())
+        if key not in _MULTI_CHOSEN:
+            timings = self.time_multi_row(rows)
+            _MULTI_CHOSEN[key] = min(timings, key=timings.__getitem__)
+        return _MULTI_CHOSEN[key]
+
+    def time_multi_row(self, rows: torch.Tensor) -> dict[str, float]:
+        """Seconds of every one of `MULTI_ROW` on `rows` [n, H] (normed positions)."""
+        return {name: fastest_seconds(lambda k=kernel: k(self, rows)) for name, kernel in MULTI_ROW.items()}
 
     def screen(self, hidden: torch.Tensor) -> Screen | None:
         """The screen of this head on this machine, chosen on first use (`time_screens`, `choose_screen`); the

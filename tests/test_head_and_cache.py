@@ -9,7 +9,7 @@ from torch import nn
 
 from sortedchat import head_product
 from sortedchat.engine.state import GrowingLayer, LayeredState
-from sortedchat.head_product import EXACT, MIN_SCREENED, SCREEN, SCREENS, HeadProduct, choose_screen
+from sortedchat.head_product import EXACT, MIN_SCREENED, MULTI_ROW, SCREEN, SCREENS, HeadProduct, choose_screen
 
 
 class Holder(nn.Module):
@@ -161,6 +161,31 @@ def test_a_small_head_is_not_screened_nor_timed(monkeypatch):
     with torch.inference_mode():
         assert HeadProduct(Holder()).screened(torch.randn(1, 48)) is None
     assert timed == []
+
+
+@pytest.mark.parametrize("fastest", MULTI_ROW)
+def test_several_rows_go_through_the_kernel_timed_fastest_here_and_give_float32s_logits(monkeypatch, fastest):
+    """Verification's rows (2..MAX_ROWS): each `MULTI_ROW` kernel is float32's product; the head times them once per
+    process and uses the faster (timings injected, the kernels still run)."""
+    monkeypatch.setattr(head_product, "_MULTI_CHOSEN", {})
+    timed, measure = [], HeadProduct.time_multi_row
+
+    def time_multi_row(self, rows):
+        timed.append({name: seconds > 0 for name, seconds in measure(self, rows).items()})
+        return {name: 1.0 if name == fastest else 2.0 for name in MULTI_ROW}
+
+    monkeypatch.setattr(HeadProduct, "time_multi_row", time_multi_row)
+    product = HeadProduct(Holder(vocab=LARGE))
+    w = product.lm_head.weight
+    with torch.inference_mode():
+        for rows in (2, 5, 2):
+            h = torch.randn(1, rows, 48) * 3
+            out = product(h)
+            torch.testing.assert_close(out, F.linear(h, w), rtol=1e-5, atol=1e-4)
+            assert torch.equal(out, MULTI_ROW[fastest](product, h[0])[None])
+    assert timed == [{name: True for name in MULTI_ROW}]  # timed once, every kernel run
+    assert product.multi_row_kernel(h[0]) == fastest
+    assert HeadProduct(Holder()).multi_row_kernel(h[0]) == next(iter(MULTI_ROW))  # a small head: not timed
 
 
 def test_growing_layer_matches_dynamic_layer_through_updates_and_crops():
