@@ -18,7 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from sortedchat import SortedChatError, default_model  # default_model's functions called through it: tests replace them
+# default_model's functions are called through the module: tests replace them
+from sortedchat import SortedChatError, default_model, first_line
 from sortedchat.config import CONFIG_NAME, SortedConfig, default_exits, validate_exits
 from sortedchat.convert import convert_gguf, incomplete
 from sortedchat.paths import cache_dir
@@ -76,11 +77,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return table[name]
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
-
-
 def _check_weights(directory: Path, allow_pickle: bool) -> None:
     has_safe = any(directory.glob("*.safetensors"))
     has_pickle = any(directory.glob("*.bin")) or any(directory.glob("*.pt"))
@@ -123,7 +119,7 @@ def _from_pretrained(source: str, opts: LoadOptions, device: torch.device, dtype
     except SortedChatError:
         raise
     except Exception as exc:
-        raise SortedChatError(f"{source}: cannot load model weights ({_first_line(exc)})") from None
+        raise SortedChatError(f"{source}: cannot load model weights ({first_line(exc)})") from None
     if quant is None:
         model.to(device)
     return model.eval()
@@ -136,7 +132,7 @@ def _tokenizer(source: str | Path, opts: LoadOptions):
         return AutoTokenizer.from_pretrained(str(source), trust_remote_code=opts.trust_remote_code,
                                              local_files_only=True)
     except Exception as exc:
-        raise SortedChatError(f"{source}: cannot load tokenizer ({_first_line(exc)})") from None
+        raise SortedChatError(f"{source}: cannot load tokenizer ({first_line(exc)})") from None
 
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.model", "*.txt", "*.tiktoken"]
@@ -150,7 +146,7 @@ def pull_hub_model(repo_id: str) -> str:
     try:
         return snapshot_download(repo_id, allow_patterns=HUB_PATTERNS)
     except Exception as exc:
-        raise SortedChatError(f"{repo_id}: download failed ({_first_line(exc)})") from None
+        raise SortedChatError(f"{repo_id}: download failed ({first_line(exc)})") from None
 
 
 def _check_hub_cache(repo_id: str) -> None:
@@ -179,12 +175,12 @@ def _load_exit_parts(directory: Path, name: str | None, what: str, build, device
     try:
         state = load_file(str(path))
     except Exception as exc:
-        raise SortedChatError(f"{path}: cannot load {what} ({_first_line(exc)})") from None
+        raise SortedChatError(f"{path}: cannot load {what} ({first_line(exc)})") from None
     module = build(sorted({int(k.split(".")[1]) for k in state}))
     try:
         module.load_state_dict(state)
     except RuntimeError as exc:
-        raise SortedChatError(f"{path}: {what} do not fit this model ({_first_line(exc)})") from None
+        raise SortedChatError(f"{path}: {what} do not fit this model ({first_line(exc)})") from None
     return module.to(device=device, dtype=dtype).eval()
 
 
@@ -332,7 +328,7 @@ def _load_adapter(directory: Path, cfg: SortedConfig, opts: LoadOptions, device,
     try:
         peft_model = PeftModel.from_pretrained(model, str(directory), local_files_only=True)
     except Exception as exc:
-        raise SortedChatError(f"{directory}: cannot apply adapter ({_first_line(exc)})") from None
+        raise SortedChatError(f"{directory}: cannot apply adapter ({first_line(exc)})") from None
     quantized = opts.load_in_4bit or opts.load_in_8bit
     # A quantized base cannot absorb the adapter; keep LoRA layers injected and drive the inner model.
     model = peft_model.base_model.model if quantized else peft_model.merge_and_unload()

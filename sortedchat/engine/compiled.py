@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sortedchat import first_line
 from sortedchat.engine.layer_step import LayerStep, Span
-from sortedchat.loading import _first_line
 from sortedchat.progress import Progress, quiet
 from sortedchat.quantize import GROUP, PROJECTIONS, is_int8
 from sortedchat.sorted_model import SortedModel
@@ -60,7 +60,7 @@ class DecodeGraph:
         try:
             return self.function(x, *rotation, keys, values, weights, *self.constants)
         except Exception as exc:  # no C++ compiler, an unsupported operator...: eager from now on
-            self.problem = f"--compile: the compiled step failed, decoding eagerly ({_first_line(exc)})"
+            self.problem = f"--compile: the compiled step failed, decoding eagerly ({first_line(exc)})"
             return None
 
 
