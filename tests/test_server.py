@@ -299,6 +299,24 @@ def test_speculative_requests_batch_their_drafts_and_verifications(tiny):
     assert scheduler.batched_steps >= 3 * 5
 
 
+@pytest.mark.parametrize("where", ["layer_together", "LayerPass"])
+def test_a_failed_batched_step_answers_each_request_with_an_error_of_its_own(tiny, monkeypatch, where):
+    """A batched layer (or the start of a pass) that raises ends those requests, each with its own error naming the
+    cause; nothing escapes to the engine thread."""
+    from sortedchat.engine.state import LayeredState
+    from sortedchat.server import batching
+
+    def broken(*args, **kwargs):
+        raise MemoryError("out of memory")
+
+    monkeypatch.setattr(batching, where, broken)
+    asks = [batching.LayersAsk(LayeredState(tiny), tiny.num_layers, [1, 2]) for _ in range(2)]
+    answers, shared = batching.run_together(asks)
+    assert [str(a) for a in answers] == ["a batched step failed (MemoryError: out of memory)"] * 2
+    assert answers[0] is not answers[1] and all(isinstance(a.__cause__, MemoryError) for a in answers)
+    assert shared == [False, False]
+
+
 def test_without_batching_requests_take_single_steps_in_turn(tiny):
     app = build_app(tiny, "tiny", Mode.fixed(), SamplingConfig(), None, batch=False)
     scheduler = app.state.scheduler

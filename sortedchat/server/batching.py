@@ -59,10 +59,10 @@ class BatchRunner(StepRunner):
 def run_together(asks: list[LayersAsk]) -> tuple[list, list[bool]]:
     """Every ask's pass, and whether it shared a layer call with another. A failure answers every ask with the
     exception (their states are part-way through a step: those requests end)."""
-    passes = [LayerPass(ask.state, ask.depth, ask.new_ids) for ask in asks]
-    shared = [False] * len(passes)
+    shared = [False] * len(asks)
     spans, rotation = [], None  # the spans of the last batched layer, and their `rotation_of`
     try:
+        passes = [LayerPass(ask.state, ask.depth, ask.new_ids) for ask in asks]  # each starts its state's step
         calls = [p.next_call() for p in passes]
         while live := [b for b, call in enumerate(calls) if call is not None]:
             i = min(calls[b][0] for b in live)
@@ -83,7 +83,15 @@ def run_together(asks: list[LayersAsk]) -> tuple[list, list[bool]]:
                 calls[b] = passes[b].next_call()
         return [p.finish() for p in passes], shared
     except Exception as exc:  # noqa: BLE001 - handed to each request, which ends
-        return [exc] * len(asks), shared
+        return [batch_failure(exc) for _ in asks], shared
+
+
+def batch_failure(exc: Exception) -> RuntimeError:
+    """An error of its own for each request of a failed batched step (one exception raised on several fibers would
+    gather all their frames), caused by `exc`."""
+    error = RuntimeError(f"a batched step failed ({type(exc).__name__}: {exc})")
+    error.__cause__ = exc
+    return error
 
 
 def rotation_of(spans: list[Span]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ from sortedchat import SortedChatError
 from sortedchat.engine.events import GenerationStats, TokenEvent
 from sortedchat.engine.modes import Mode
 from sortedchat.engine.sampling import SamplingConfig
+from sortedchat.engine.session import StepRunner
 from sortedchat.server.batching import BatchRunner, run_together
 from sortedchat.server.fibers import Ask, Fiber, Returned
 from sortedchat.server.sessions import SessionPool
@@ -161,14 +162,15 @@ class Scheduler:
         """One step of each job: on its fiber, their layers computed together, when several step and
         batching is on; else one after the other on this thread. Each token is delivered as soon as it is
         chosen, in the round's order."""
-        together = self.batch and len(jobs) > 1
-        pending: dict[Job, object] = {}
+        ready = []
         for job in jobs:
             if job.cancelled:
                 self._end(job)
-                continue
-            if job.generation is None and not self._admit(job):
-                continue
+            elif job.generation is not None or self._admit(job):
+                ready.append(job)
+        together = self.batch and len(ready) > 1  # of the jobs still there: one alone steps on this thread
+        pending: dict[Job, object] = {}
+        for job in ready:
             job.shared = False
             work = job.generation.__next__
             if together:
@@ -231,6 +233,7 @@ class Scheduler:
         if job.cancelled and job.stats is not None and not job.stats.stopped:
             job.stats.stopped = "interrupted"
         if job.session is not None:
+            job.session.runner = StepRunner()  # not this job's runner, whose fiber is closed
             self.pool.give_back(job.session, usable=done is None or done.error is None)
             job.session = None
         with self._wake:
