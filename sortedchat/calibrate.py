@@ -46,6 +46,7 @@ from sortedchat.engine.state import LayeredState
 from sortedchat.outputs import check_output_dir
 from sortedchat.outputs import write_or_rescue as rescued
 from sortedchat.progress import Progress, quiet
+from sortedchat.quantize import describe as describe_quantization
 from sortedchat.sorted_model import SortedModel
 from sortedchat.training.data import last_records, load_records
 
@@ -458,6 +459,7 @@ def write(sm: SortedModel, result: Calibration, target: float) -> list[Path]:
                      "check": {k: round(v * 1e3, 4) for k, v in result.costs.check.items()}},
         "device": str(sm.device),
         "dtype": str(sm.dtype).replace("torch.", ""),
+        "quantized": describe_quantization(sm),  # int8 products cost otherwise, and agree otherwise
         "threads": torch.get_num_threads(),  # the costs above are this machine's at this thread count
     }
     written.append(cfg.write(directory))

@@ -186,10 +186,13 @@ class HeadProduct:
         return _CHOSEN[key]
 
     def time_screens(self, hidden: torch.Tensor) -> dict[str, float]:
-        """Seconds of the exact product (`EXACT`) and of every one of `SCREENS`, on `hidden` (one normed position)."""
+        """Seconds of the exact product (`EXACT`) and of every one of `SCREENS` that can hold `hidden` (one normed
+        position; one that cannot would return at once, unscreened, and seem fastest)."""
         timings = {EXACT: fastest_seconds(lambda: self(hidden))}
+        peak = float(hidden.abs().max())
         for s in SCREENS.values():
-            timings[s.name] = fastest_seconds(lambda s=s: self._screened(hidden, s))
+            if peak < s.max_input:
+                timings[s.name] = fastest_seconds(lambda s=s: self._screened(hidden, s))
         return timings
 
     def screened(self, hidden: torch.Tensor, screen: Screen | None = None) -> torch.Tensor | None:

@@ -189,13 +189,25 @@ def int8_weights(model: nn.Module) -> int:
                if is_int8(m) and not (tied and m is getattr(model, "lm_head", None)))
 
 
+def weight_count(module: nn.Module) -> int:
+    """The weights of `module`, its int8 products' included (their weights are buffers, not parameters)."""
+    return (sum(p.numel() for p in module.parameters())
+            + sum(m.in_features * m.out_features for m in module.modules() if is_int8(m)))
+
+
+def kind(sm) -> str:
+    """How `sm`'s weights are quantized: "int8" (`quantize_model`), "bitsandbytes" or "none"."""
+    if any(is_int8(m) for m in sm.model.modules()):
+        return "int8"
+    return "bitsandbytes" if any(type(m).__module__.startswith("bitsandbytes") for m in sm.model.modules()) else "none"
+
+
 def describe(sm) -> str:
     """What is quantized, for `sortedchat info`."""
+    if kind(sm) != "int8":
+        return {"bitsandbytes": "bitsandbytes (--load-in-4bit/--load-in-8bit)"}.get(kind(sm), "none")
     layers = sum(is_int8(sm.layers[i].get_submodule(p)) for i in range(sm.num_layers) for p in PROJECTIONS
                  if _has(sm.layers[i], p))
-    if not layers and not is_int8(sm.model.lm_head):
-        bnb = any(type(m).__module__.startswith("bitsandbytes") for m in sm.model.modules())
-        return "bitsandbytes (--load-in-4bit/--load-in-8bit)" if bnb else "none"
     parts = [f"{layers} of {sm.num_layers * len(PROJECTIONS)} layer products"]
     if is_int8(sm.model.lm_head):
         parts.append("the LM head")

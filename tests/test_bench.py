@@ -180,7 +180,8 @@ def test_bench_writes_a_png_and_prints_the_table(bench_run):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     flat = " ".join(out.split())
     threads = data["machine"]["torch_threads"]
-    assert f"float32 on cpu ({threads} thread{'s' * (threads != 1)})" in flat and data["quantized"] == "none"
+    assert f"float32 on cpu ({threads} thread{'s' * (threads != 1)})" in flat
+    assert (data["quantization"], data["quantized"]) == ("none", "none")
     for label in ("hf generate", "hf early-exit 2", "depth 6", "depth 2", "auto", "speculative 4"):
         assert label in flat, label
 

@@ -77,6 +77,7 @@ def test_calibrate_writes_thresholds_that_the_reloaded_model_uses(monkeypatch, c
     assert set(thresholds) == {2, 4} and thresholds[2] < 1.0  # a 5% target lets the first exit take tokens
     assert saved["calibration"]["target_agreement"] == 0.05
     assert saved["calibration"]["expected"][measure]["agreement"] >= 0.0
+    assert saved["calibration"]["quantized"] == "none"  # the costs and agreement of float32 products
     assert (model_dir / CLASSIFIER_NAME).is_file() == (measure == "classifier")
     assert str(model_dir / CONFIG_NAME) in out.replace("\n", "")
 

@@ -156,6 +156,14 @@ def test_the_head_falls_back_to_the_exact_product_where_no_screen_is_faster(monk
         assert not any(isinstance(name, torch.dtype) for name in product._copies)  # no half-precision copy kept
 
 
+def test_a_screen_that_cannot_hold_the_timed_state_is_not_timed():
+    """float16 cannot hold a state past 6e4: its screen would return at once, unscreened, and seem fastest."""
+    product = HeadProduct(Holder(vocab=LARGE))
+    with torch.inference_mode():
+        timed = product.time_screens(torch.full((1, 48), 1e5))
+    assert set(timed) == {EXACT, "bfloat16", "bfloat16 matrix-vector"}
+
+
 def test_a_small_head_is_not_screened_nor_timed(monkeypatch):
     timed = given_timings(monkeypatch, TODAY)
     with torch.inference_mode():

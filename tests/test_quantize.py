@@ -230,7 +230,17 @@ def test_bench_names_the_int8_products_in_its_title_and_json(tiny_dir, tmp_path)
                               "--json", str(out_json)])
     assert res.exit_code == 0, res.output
     assert "float32, int8 products on cpu (1 thread)" in " ".join(res.stdout.split())
-    assert json.loads(out_json.read_text())["quantized"].startswith("int8 (")
+    data = json.loads(out_json.read_text())
+    assert data["quantization"] == "int8" and data["quantized"].startswith("int8 (")
+
+
+def test_a_propagated_kv_costs_the_same_share_of_an_int8_layer(tiny, int8):
+    """`kv_fill_share` counts the int8 weights too (they are buffers, not parameters): "compute saved" with
+    `--kv propagate` is not overstated on an int8 model."""
+    from sortedchat.engine.state import LayeredState
+
+    share = LayeredState(tiny).kv_fill_share
+    assert 0 < share < 0.5 and LayeredState(int8).kv_fill_share == pytest.approx(share, rel=1e-3)
 
 
 def test_eval_reports_each_exits_agreement_with_float32_full_depth(tiny, tiny_dir, tmp_path):

@@ -18,6 +18,7 @@ from sortedchat.bench.costs import measure_costs
 from sortedchat.bench.peer import skip_reason
 from sortedchat.bench.runner import CLOCKS, PROTOCOL, Bench, Row
 from sortedchat.quantize import describe as describe_quantization
+from sortedchat.quantize import kind as quantization_kind
 from sortedchat.sorted_model import SortedModel
 
 
@@ -79,6 +80,7 @@ def run_bench(
         "confidence": sm.config.confidence,
         "device": str(sm.device),
         "dtype": str(sm.dtype).replace("torch.", ""),
+        "quantization": quantization_kind(sm),
         "quantized": describe_quantization(sm),
         "max_new_tokens": max_new_tokens,
         "repeat": repeat,

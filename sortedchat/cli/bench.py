@@ -58,8 +58,8 @@ def bench(
         err.print("llama.cpp crashed on a batched prompt here: its prompts went in one token at a time",
                   highlight=False, soft_wrap=True)
     meta["command"] = " ".join(["sortedchat", *sys.argv[1:]])
-    threads, quantized = meta["machine"]["torch_threads"], meta["quantized"].split(" (")[0]
-    weights = meta["dtype"] if quantized == "none" else f"{meta['dtype']}, {quantized} products"
+    threads, quantization = meta["machine"]["torch_threads"], meta["quantization"]
+    weights = meta["dtype"] if quantization == "none" else f"{meta['dtype']}, {quantization} products"
     title = (f"{meta['model']} · {weights} on {meta['device']} ({threads} thread{'s' * (threads != 1)}) · "
              f"{len(conversations)} prompts × {max_new_tokens} tokens × {repeat} repeats · {clock} clock · load "
              f"{meta['load_average']['before']} → {meta['load_average']['after']}")

@@ -29,6 +29,7 @@ from sortedchat import SortedChatError
 from sortedchat.engine.compiled import with_compiled
 from sortedchat.engine.layer_step import LayerStep, Span, TransformersCall, own_step_matches
 from sortedchat.hf_contract import GrowingLayer, kv_projection
+from sortedchat.quantize import weight_count
 from sortedchat.sorted_model import SortedModel
 
 
@@ -182,8 +183,7 @@ class LayeredState:
             return 0.0
         layer = self.sm.layers[0]
         attn = layer.self_attn
-        kv = sum(p.numel() for m in (attn.k_proj, attn.v_proj) for p in m.parameters())
-        return kv / sum(p.numel() for p in layer.parameters())
+        return (weight_count(attn.k_proj) + weight_count(attn.v_proj)) / weight_count(layer)
 
     @property
     def length(self) -> int:
