@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sortedchat import SortedChatError
+from sortedchat import SortedChatError, first_line
 from sortedchat.config import CLASSIFIER_NAME, CONFIG_NAME
 from sortedchat.outputs import write_error
 from sortedchat.progress import Progress
@@ -132,7 +132,7 @@ def convert_gguf(gguf: Path, target: Path, progress: Progress) -> Path:
                     str(gguf.parent), gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True)
                 )
     except Exception as exc:  # transformers raises many kinds for a bad GGUF
-        raise SortedChatError(f"{gguf}: cannot read GGUF ({str(exc).splitlines()[0]})") from None
+        raise SortedChatError(f"{gguf}: cannot read GGUF ({first_line(exc)})") from None
 
     def save(tmp: Path) -> None:
         with _ticking(progress, "writing safetensors into the cache", 0.75):

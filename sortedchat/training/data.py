@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sortedchat import SortedChatError
+from sortedchat import SortedChatError, first_line
 
 ROLES = ("system", "user", "assistant")
 QA_PROMPT = "Answer this trivia question in a few words.\nQuestion: {question}"
@@ -182,7 +182,7 @@ def _dataset_rows(spec: str, path: Path | None):
             name, _, config = name.partition(":")
             ds = datasets.load_dataset(name, config or None, split=split or "train")
     except Exception as exc:  # datasets raises many kinds (offline, missing split, bad file)
-        raise SortedChatError(f"--data {spec}: cannot load dataset ({str(exc).strip().splitlines()[0]})") from None
+        raise SortedChatError(f"--data {spec}: cannot load dataset ({first_line(exc)})") from None
     for i, record in enumerate(ds, 1):
         yield i, record
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from sortedchat import SortedChatError
+from sortedchat import SortedChatError, first_line
 from sortedchat.config import SortedConfig, atomic_write_text, validate_exits
 from sortedchat.default_model import SHIPPED_ADAPTER, base_model_dir
 from sortedchat.loading import LoadOptions, load_exit_lenses, load_sorted_model
@@ -293,8 +293,8 @@ class Trainer:
                 model = get_peft_model(model, saved)
                 loaded = set_peft_model_state_dict(model, load_peft_weights(str(directory), device="cpu"))
         except (RuntimeError, ValueError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise SortedChatError(f"--init-adapter {source}: does not fit --model {o.model}: {first}") from None
+            raise SortedChatError(f"--init-adapter {source}: does not fit --model {o.model}: "
+                                  f"{first_line(exc)}") from None
         missing = [k for k in loaded.missing_keys if "lora_" in k]
         if loaded.unexpected_keys or missing:
             name = (loaded.unexpected_keys or missing)[0]
