@@ -299,7 +299,7 @@ def test_speculative_requests_batch_their_drafts_and_verifications(tiny):
     assert scheduler.batched_steps >= 3 * 5
 
 
-@pytest.mark.parametrize("where", ["layer_together", "LayerPass"])
+@pytest.mark.parametrize("where", ["rows", "LayerPass"])
 def test_a_failed_batched_step_answers_each_request_with_an_error_of_its_own(tiny, monkeypatch, where):
     """A batched layer (or the start of a pass) that raises ends those requests, each with its own error naming the
     cause; nothing escapes to the engine thread."""
@@ -309,7 +309,7 @@ def test_a_failed_batched_step_answers_each_request_with_an_error_of_its_own(tin
     def broken(*args, **kwargs):
         raise MemoryError("out of memory")
 
-    monkeypatch.setattr(batching, where, broken)
+    monkeypatch.setattr(batching.LayerStep if where == "rows" else batching, where, broken)
     asks = [batching.LayersAsk(LayeredState(tiny), tiny.num_layers, [1, 2]) for _ in range(2)]
     answers, shared = batching.run_together(asks)
     assert [str(a) for a in answers] == ["a batched step failed (MemoryError: out of memory)"] * 2

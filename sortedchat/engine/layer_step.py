@@ -84,28 +84,44 @@ class LayerStep:
     def __call__(self, x, span: Span, cache_layer):
         """`x` [1, q, H] at the positions of `span`; `cache_layer` the layer's K/V, which the step extends by
         q positions."""
+        return self.rows([(x, span, cache_layer)], span.rotation())[0]
+
+    def rows(self, items: list[tuple[torch.Tensor, Span, object]],
+             rotation: tuple[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
+        """The layer over several sequences' inputs at once ((x [1, q, H], its span, its cache layer) each;
+        `rotation` their spans' `Span.rotation` side by side, [1, 1, sum q, head_dim]): what the layer computes for
+        each alone. The row-wise and element-wise work (norms, projections, rotary, the MLP) runs once over all
+        positions, the K/V and attention per sequence (`sortedchat serve` batches concurrent requests so); one
+        item is the plain step."""
         in_norm, post_norm = self.norms
         q_proj, k_proj, v_proj = self.qkv
-        q_len = x.shape[1]
-        shape = (1, q_len, -1, self.head_dim)
+        sizes = [x.shape[1] for x, _, _ in items]
+        x = items[0][0] if len(items) == 1 else torch.cat([x for x, _, _ in items], dim=1)
+        n = x.shape[1]
+        shape = (1, n, -1, self.head_dim)
         h = in_norm(x)
         query, key = q_proj(h).view(shape), k_proj(h).view(shape)
         if self.q_norm is not None:
             query = self.q_norm(query)
         if self.k_norm is not None:
             key = self.k_norm(key)
-        cos, signed_sin = span.rotation()
+        cos, signed_sin = rotation
         half = self.head_dim // 2
         query, key = query.transpose(1, 2), key.transpose(1, 2)
         query = query * cos + query.roll(half, -1) * signed_sin
         key = key * cos + key.roll(half, -1) * signed_sin
-        keys, values = cache_layer.update(key, v_proj(h).view(shape).transpose(1, 2))
-        out = attend(query, keys, values, span.mask, self.scaling, self.groups)
-        x = x + self.o(out.transpose(1, 2).reshape(1, q_len, -1))
+        value = v_proj(h).view(shape).transpose(1, 2)
+        heads, lo = [], 0
+        for (_, span, cache_layer), q in zip(items, sizes):
+            keys, values = cache_layer.update(key[:, :, lo : lo + q], value[:, :, lo : lo + q])
+            heads.append(attend(query[:, :, lo : lo + q], keys, values, span.mask, self.scaling, self.groups))
+            lo += q
+        out = heads[0] if len(heads) == 1 else torch.cat(heads, dim=2)
+        x = x + self.o(out.transpose(1, 2).reshape(1, n, -1))
         h = post_norm(x)
         gate, up, down = self.mlp
-        return x + down(self.act(gate(h)) * up(h))
-
+        x = x + down(self.act(gate(h)) * up(h))
+        return [x] if len(items) == 1 else list(x.split(sizes, dim=1))
 
 def product(linear: nn.Module):
     """A projection as a function of its input: `F.linear` on an `nn.Linear`'s own weight and bias (no module

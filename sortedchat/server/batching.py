@@ -10,7 +10,7 @@ its fiber, and those that go on ride together to the next exit; speculative draf
 verification (the last draft draining the drafted positions through the layers above the draft depth) shares
 those layers with whatever else runs there.
 
-A batched layer (`layer_together`) is the engine's own `LayerStep` over the requests' positions side by side:
+A batched layer is the engine's own `LayerStep` over the requests' positions side by side (`LayerStep.rows`):
 norms, projections and the MLP once over all rows, rotary, K/V and attention per request, each over its own
 cache, exactly as a single step does (BENCHMARKS.md has what a batch costs against single steps). A layer called
 through transformers runs per request.
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sortedchat.engine.layer_step import LayerStep, Span, attend
+from sortedchat.engine.layer_step import LayerStep, Span
 from sortedchat.engine.session import StepRunner
 from sortedchat.engine.state import LayeredState, LayerPass
 from sortedchat.server.fibers import Fiber
@@ -73,7 +73,7 @@ def run_together(asks: list[LayersAsk]) -> tuple[list, list[bool]]:
                 if len(spans) != len(items) or any(a is not b for a, b in zip(spans, (span for _, span, _ in items))):
                     spans = [span for _, span, _ in items]  # (a pass keeps its span while its positions stay)
                     rotation = rotation_of(spans)
-                outs = layer_together(steps[0], items, rotation)
+                outs = steps[0].rows(items, rotation)
                 for b in group:
                     shared[b] = True
             else:
@@ -99,33 +99,3 @@ def rotation_of(spans: list[Span]) -> tuple[torch.Tensor, torch.Tensor]:
     factors = [span.rotation() for span in spans]
     return torch.cat([cos for cos, _ in factors], dim=2), torch.cat([sin for _, sin in factors], dim=2)
 
-
-def layer_together(step: LayerStep, items: list[tuple[torch.Tensor, Span, object]],
-                   rotation: tuple[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
-    """`step`'s layer over several requests' inputs ((x [1, q, H], its span, its cache layer) each; `rotation` their
-    spans' `rotation_of`): what `step` computes for each alone. The row-wise and element-wise work (norms,
-    projections, rotary, the MLP) runs once over all positions; the K/V and attention per request."""
-    (q_proj, k_proj, v_proj), o_proj, (gate, up, down) = step.qkv, step.o, step.mlp
-    in_norm, post_norm = step.norms
-    sizes = [x.shape[1] for x, _, _ in items]
-    x = torch.cat([x for x, _, _ in items], dim=1)
-    h = in_norm(x)
-    shape = (1, x.shape[1], -1, step.head_dim)
-    query, key = q_proj(h).view(shape), k_proj(h).view(shape)
-    if step.q_norm is not None:
-        query = step.q_norm(query)
-    if step.k_norm is not None:
-        key = step.k_norm(key)
-    cos, signed_sin = rotation
-    half = step.head_dim // 2
-    query, key, value = query.transpose(1, 2), key.transpose(1, 2), v_proj(h).view(shape).transpose(1, 2)
-    query = query * cos + query.roll(half, -1) * signed_sin
-    key = key * cos + key.roll(half, -1) * signed_sin
-    heads, lo = [], 0
-    for (_, span, cache_layer), q in zip(items, sizes):
-        own_keys, own_values = cache_layer.update(key[:, :, lo : lo + q], value[:, :, lo : lo + q])
-        heads.append(attend(query[:, :, lo : lo + q], own_keys, own_values, span.mask, step.scaling, step.groups))
-        lo += q
-    x = x + o_proj(torch.cat(heads, dim=2).transpose(1, 2).reshape(1, x.shape[1], -1))
-    h = post_norm(x)
-    return list((x + down(step.act(gate(h)) * up(h))).split(sizes, dim=1))
