@@ -44,7 +44,7 @@ class LoadOptions:
     trust_remote_code: bool = False
     allow_pickle: bool = False
     exits: list[int] | None = None
-    quantize: str | None = None  # "int8": the products in int8 on a CPU, after loading (`sortedchat.quantize`)
+    quantize: str | None = None  # "int8"/"int4": the products quantized on a CPU, after loading (`sortedchat.quantize`)
     compile: bool = False  # the front end compiles the decoding step after loading (`engine/compiled.py`)
 
 
@@ -329,9 +329,10 @@ def _load_adapter(directory: Path, cfg: SortedConfig, opts: LoadOptions, device,
         peft_model = PeftModel.from_pretrained(model, str(directory), local_files_only=True)
     except Exception as exc:
         raise SortedChatError(f"{directory}: cannot apply adapter ({first_line(exc)})") from None
-    quantized = opts.load_in_4bit or opts.load_in_8bit
-    # A quantized base cannot absorb the adapter; keep LoRA layers injected and drive the inner model.
-    model = peft_model.base_model.model if quantized else peft_model.merge_and_unload()
+    # A quantized base cannot absorb the adapter; keep LoRA layers injected and drive the inner model. So does a
+    # base that `--quantize int4` will run in its 4-bit blocks: merging would move its weights off them.
+    unmerged = opts.load_in_4bit or opts.load_in_8bit or opts.quantize == "int4"
+    model = peft_model.base_model.model if unmerged else peft_model.merge_and_unload()
     tok_source = directory if (directory / "tokenizer_config.json").is_file() else base_dir
     return model.eval(), _tokenizer(tok_source, opts)
 

@@ -1,4 +1,5 @@
-"""`--quantize int8`: a loaded model's matrix products in int8 on a CPU, the rest in float32.
+"""`--quantize int8|int4`: a loaded model's matrix products in int8 (here) or int4 (`sortedchat.int4`) on a CPU, the
+rest in float32.
 
 On a CPU a decoding step is bound by the bytes of its weights: int8 weights are a quarter of float32's. Weights
 are int8 per output channel (symmetric), inputs are quantized to 8 bits per position, products run in int8 and
@@ -39,9 +40,10 @@ import warnings
 import torch
 from torch import nn
 
-from sortedchat import SortedChatError
+from sortedchat import SortedChatError, int4
+from sortedchat.int4 import Int4Linear, int4_of
 
-KINDS = ("int8",)
+KINDS = ("int8", "int4")
 GROUP = 32  # inputs per scale of the compiled graph's int8 weights (`Int8Linear.grouped`)
 # The projections of a LLaMA-family decoder layer, by the attribute paths `LayerStep` and transformers use.
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -60,16 +62,21 @@ def check_request(kind: str, device: torch.device, dtype: torch.dtype, bitsandby
     if dtype != torch.float32:
         raise SortedChatError(f"--quantize {kind} quantizes float32 weights: --dtype {_name(dtype)} asked for "
                               "(use --dtype float32 or auto)")
+    if kind == "int4" and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        raise SortedChatError(f"--quantize int4: this build of torch ({torch.__version__}) has no CPU int4 kernel")
     if not torch.backends.quantized.supported_engines or torch.backends.quantized.engine == "none":
         raise SortedChatError(f"--quantize {kind}: this build of torch has no quantized CPU kernels")
 
 
 def quantize_model(sm, kind: str = "int8", grouped: bool = False) -> None:
-    """Replace `sm`'s layer products and heads by int8 ones, in place (module docstring). Everything is checked
+    """Replace `sm`'s layer products and heads by int8 ones, or its layer products by int4 ones, in place (module
+    docstrings). Everything is checked
     before anything changes: a model that cannot be quantized is refused in one line and left as it was.
     `grouped` (with `--compile` only: about 120 MB more on SmolLM2) also keeps the layers' weights grouped for the
     compiled graph."""
     check_request(kind, sm.device, sm.dtype, bitsandbytes=False)
+    if kind == "int4":
+        return _quantize_int4(sm)
     targets = [(layer, path, _checked(layer, path, f"layer {i}")) for i, layer in enumerate(sm.layers)
                for path in PROJECTIONS]
     targets.append((sm.model, "lm_head", _checked(sm.model, "lm_head", "the model")))
@@ -86,6 +93,18 @@ def quantize_model(sm, kind: str = "int8", grouped: bool = False) -> None:
                         Int8Linear(module, module.weight if tied else None, grouped=grouped and path in PROJECTIONS))
 
 
+def _quantize_int4(sm) -> None:
+    """The layers' projections as `Int4Linear`s, a PEFT LoRA layer's base with its adapter beside it; the heads
+    stay as they are (the LM head's product has its own screen, `head_product`)."""
+    targets = [(layer, path, _checked(layer, path, f"layer {i}")) for i, layer in enumerate(sm.layers)
+               for path in PROJECTIONS]
+    replacements = [(owner, path, int4_of(module, f"layer {i // len(PROJECTIONS)}'s {path}"))
+                    for i, (owner, path, module) in enumerate(targets)]
+    for owner, path, module in replacements:
+        parent, _, name = path.rpartition(".")
+        setattr(owner.get_submodule(parent), name, module)
+
+
 def _checked(owner: nn.Module, path: str, where: str) -> nn.Module:
     """The module at `path`, if it is one `quantize_model` knows: a float32 CPU Linear (quantized), an int8 one
     already, or a PEFT layer wrapping one (left as it is); otherwise the line naming why not."""
@@ -100,7 +119,7 @@ def _checked(owner: nn.Module, path: str, where: str) -> nn.Module:
             raise SortedChatError(f"--quantize: {where}'s {path} is {_name(w.dtype)} on {w.device.type}, "
                                   "not float32 on the CPU")
         return module
-    if isinstance(module, Int8Linear) or hasattr(module, "base_layer"):  # a PEFT tuner layer has its base_layer
+    if is_quantized(module) or hasattr(module, "base_layer"):  # a PEFT tuner layer has its base_layer
         return module
     raise SortedChatError(f"--quantize: {where}'s {path} is a {type(module).__name__}, a layer type it does not "
                           "know (it quantizes torch Linear layers)")
@@ -181,29 +200,37 @@ def is_int8(module: nn.Module) -> bool:
     return isinstance(module, Int8Linear)
 
 
-def int8_weights(model: nn.Module) -> int:
-    """How many weights `model` holds in int8 (not counted by `parameters()`, which sees only float tensors);
-    a tied head's int8 copy is not counted again (the embedding already is)."""
+def is_quantized(module: nn.Module) -> bool:
+    """Whether `module` is one of the products `quantize_model` makes (int8 or int4)."""
+    return isinstance(module, (Int8Linear, Int4Linear))
+
+
+def quantized_weights(model: nn.Module) -> int:
+    """How many weights `model` holds in int8 or int4 (not counted by `parameters()`, which sees only float
+    tensors); a tied head's int8 copy is not counted again (the embedding already is)."""
     tied = getattr(model.config, "tie_word_embeddings", False)
-    return sum(m.qweight.numel() for m in model.modules()
-               if is_int8(m) and not (tied and m is getattr(model, "lm_head", None)))
+    return sum(m.in_features * m.out_features for m in model.modules()
+               if is_quantized(m) and not (tied and m is getattr(model, "lm_head", None)))
 
 
 def weight_count(module: nn.Module) -> int:
     """The weights of `module`, its int8 products' included (their weights are buffers, not parameters)."""
     return (sum(p.numel() for p in module.parameters())
-            + sum(m.in_features * m.out_features for m in module.modules() if is_int8(m)))
+            + sum(m.in_features * m.out_features for m in module.modules() if is_quantized(m)))
 
 
 def kind(sm) -> str:
-    """How `sm`'s weights are quantized: "int8" (`quantize_model`), "bitsandbytes" or "none"."""
-    if any(is_int8(m) for m in sm.model.modules()):
-        return "int8"
+    """How `sm`'s weights are quantized: "int8" or "int4" (`quantize_model`), "bitsandbytes" or "none"."""
+    for m in sm.model.modules():
+        if is_quantized(m):
+            return "int8" if is_int8(m) else "int4"
     return "bitsandbytes" if any(type(m).__module__.startswith("bitsandbytes") for m in sm.model.modules()) else "none"
 
 
 def describe(sm) -> str:
     """What is quantized, for `sortedchat info`."""
+    if kind(sm) == "int4":
+        return int4.describe(sm, len(PROJECTIONS))
     if kind(sm) != "int8":
         return {"bitsandbytes": "bitsandbytes (--load-in-4bit/--load-in-8bit)"}.get(kind(sm), "none")
     layers = sum(is_int8(sm.layers[i].get_submodule(p)) for i in range(sm.num_layers) for p in PROJECTIONS

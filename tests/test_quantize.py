@@ -197,7 +197,7 @@ def test_a_model_it_cannot_quantize_is_refused_in_one_line_and_left_as_it_was(ti
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--quantize", "int4"], "--quantize: 'int4' is not one of int8"),
+    (["--quantize", "int2"], "--quantize: 'int2' is not one of int8, int4"),
     (["--quantize", "int8", "--load-in-8bit"], "--quantize and --load-in-4bit/--load-in-8bit exclude each other"),
     (["--quantize", "int8", "--dtype", "bfloat16"], "--quantize int8 quantizes float32 weights: --dtype bfloat16 "
                                                     "asked for (use --dtype float32 or auto)"),

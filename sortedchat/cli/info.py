@@ -29,12 +29,12 @@ def info(*, model: o.ModelOpt = None, load: o.LoadFlags) -> None:
     check_before_loading(model, load)
     facts = read_model_facts(model, load.load_options())
     if facts is None:
-        from sortedchat.quantize import describe, int8_weights
+        from sortedchat.quantize import describe, quantized_weights
 
         sm = o.load_model(model, load.load_options())
         lens_exits = sm.exit_lenses.exits if sm.exit_lenses is not None else None
         facts = (sm, type(sm.model).__name__, sm.exit_heads is not None, lens_exits,
-                 sm.parameter_count() + int8_weights(sm.model), describe(sm))
+                 sm.parameter_count() + quantized_weights(sm.model), describe(sm))
     else:
         facts = (facts, facts.class_name, facts.exit_heads, facts.lens_exits, facts.parameters, "none")
     Console().print(_table(*facts))

@@ -40,10 +40,12 @@ class PreciseLoadFlags:
                                                "(can run code)")] = False
     exits: Annotated[Optional[str], typer.Option("--exits", help="Override the exits, e.g. 9,12,15,30")] = None
     threads: ThreadsOpt = None
-    quantize: Annotated[Optional[str], typer.Option("--quantize", help="int8: for CPUs. The layers' matrix "
+    quantize: Annotated[Optional[str], typer.Option("--quantize", help="For CPUs. int8: the layers' matrix "
                                                     "products and the LM head run with int8 weights (torch's int8 "
-                                                    "kernels: faster, a little less exact; embeddings, norms, "
-                                                    "attention and lenses stay float32)")] = None
+                                                    "kernels: faster, a little less exact). int4: the layers' "
+                                                    "products in 4-bit blocks, a GGUF's Q4_1 blocks as they are, an "
+                                                    "adapter kept beside them (fastest). Embeddings, norms, "
+                                                    "attention and lenses stay float32")] = None
 
     def exit_list(self) -> list[int] | None:
         """`--exits 9,12,30` as numbers (checked against the model's layers once they are known)."""

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sortedchat.hf_contract import cache_keyword, rotary_function
-from sortedchat.quantize import is_int8
+from sortedchat.quantize import is_quantized
 
 MAX_GQA_HEAD_DIM = 256  # transformers' sdpa integration lets SDPA broadcast K/V heads up to this head size
 
@@ -151,7 +151,7 @@ def _looks_like_llama(layer: nn.Module, config) -> bool:
     linears = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
     linears += [getattr(mlp, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
     return (
-        all(type(m) is nn.Linear or is_int8(m) for m in linears)
+        all(type(m) is nn.Linear or is_quantized(m) for m in linears)
         and all(hasattr(layer, n) for n in ("input_layernorm", "post_attention_layernorm"))
         and hasattr(mlp, "act_fn")
         and all(hasattr(attn, n) for n in ("head_dim", "scaling", "num_key_value_groups"))
