@@ -62,6 +62,26 @@ def test_a_lora_adapter_is_kept_beside_the_blocks_and_adds_its_float32_product()
     assert torch.allclose(adapted - plain, x @ a.t() @ b.t(), atol=1e-5)
 
 
+def test_products_of_one_input_run_as_one_kernel_call_where_that_gives_each_ones_numbers():
+    """q/k/v-like parts whose rows fill the kernel's packing groups are joined (one call, one copy of the weights);
+    parts that do not (32 rows beside 64) are called in turn. Either way each output is its own call's, bit for bit."""
+    from sortedchat.int4 import JoinedInt4, joined
+
+    x = torch.randn(1, 3, 128, generator=torch.Generator().manual_seed(4))
+    for sizes, together in (((128, 64, 64), True), ((64, 32, 32), False)):
+        parts = [Int4Linear(q4_1_linear(n, 128, seed=n), (torch.randn(4, 128), torch.randn(n, 4)) if i else None)
+                 for i, n in enumerate(sizes)]
+        with torch.inference_mode():
+            alone = [p(x) for p in parts]
+            call = joined(parts)
+            assert isinstance(call, JoinedInt4) is together
+            assert all(torch.equal(a, b) for a, b in zip(call(x), alone)), sizes
+            assert all(torch.equal(p(x), a) for p, a in zip(parts, alone))  # the parts still give their own
+        if together:
+            assert parts[1].packed.data_ptr() == call.packed[128:].data_ptr()  # one copy of the weights
+            assert joined(parts) is call  # joined once, however many decoding states ask
+
+
 def test_projections_are_int4_and_the_head_and_embedding_stay_float32(tiny, int4):
     layer = int4.layers[1]
     assert all(isinstance(layer.get_submodule(p), Int4Linear) for p in
@@ -83,6 +103,8 @@ def test_the_engines_own_step_runs_the_int4_products_as_transformers_layers_do(i
     own, ref = LayeredState(int4), LayeredState(int4)
     ref.steps = LayerSteps(TransformersCall(layer, ref.cache) for layer in int4.layers)
     assert all(type(step) is LayerStep for step in own.steps)
+    # the tiny model's gate/up (128 rows each) run joined, its q/k/v (64, 32, 32 rows) in turn
+    assert type(own.steps[0].gate_up).__name__ == "JoinedInt4" and type(own.steps[0].qkv).__name__ == "function"
     ids = prompt_ids(int4, PROMPTS[0])
     for depth, new in [(6, ids), (2, [7]), (6, [11, 12])]:
         assert torch.equal(own.run(depth, new), ref.run(depth, new)), (depth, new)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sortedchat.hf_contract import cache_keyword, rotary_function
+from sortedchat.int4 import joined
 from sortedchat.quantize import is_quantized
 
 MAX_GQA_HEAD_DIM = 256  # transformers' sdpa integration lets SDPA broadcast K/V heads up to this head size
@@ -74,9 +75,11 @@ class LayerStep:
         self.norms = (layer.input_layernorm.forward, layer.post_attention_layernorm.forward)
         self.q_norm = getattr(attn, "q_norm", None)
         self.k_norm = getattr(attn, "k_norm", None)
-        self.qkv = tuple(product(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        # the products of one input in one call where they can be (int4: `JoinedInt4`), each in turn otherwise
+        self.qkv = joined([product(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj)])
         self.o = product(attn.o_proj)
-        self.mlp = tuple(product(p) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        self.gate_up = joined([product(mlp.gate_proj), product(mlp.up_proj)])
+        self.down = product(mlp.down_proj)
         self.act = mlp.act_fn
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
         self.groups = attn.num_key_value_groups
@@ -94,13 +97,13 @@ class LayerStep:
         positions, the K/V and attention per sequence (`sortedchat serve` batches concurrent requests so); one
         item is the plain step."""
         in_norm, post_norm = self.norms
-        q_proj, k_proj, v_proj = self.qkv
         sizes = [x.shape[1] for x, _, _ in items]
         x = items[0][0] if len(items) == 1 else torch.cat([x for x, _, _ in items], dim=1)
         n = x.shape[1]
         shape = (1, n, -1, self.head_dim)
         h = in_norm(x)
-        query, key = q_proj(h).view(shape), k_proj(h).view(shape)
+        query, key, value = self.qkv(h)
+        query, key = query.view(shape), key.view(shape)
         if self.q_norm is not None:
             query = self.q_norm(query)
         if self.k_norm is not None:
@@ -110,7 +113,7 @@ class LayerStep:
         query, key = query.transpose(1, 2), key.transpose(1, 2)
         query = query * cos + query.roll(half, -1) * signed_sin
         key = key * cos + key.roll(half, -1) * signed_sin
-        value = v_proj(h).view(shape).transpose(1, 2)
+        value = value.view(shape).transpose(1, 2)
         heads, lo = [], 0
         for (_, span, cache_layer), q in zip(items, sizes):
             keys, values = cache_layer.update(key[:, :, lo : lo + q], value[:, :, lo : lo + q])
@@ -119,13 +122,13 @@ class LayerStep:
         out = heads[0] if len(heads) == 1 else torch.cat(heads, dim=2)
         x = x + self.o(out.transpose(1, 2).reshape(1, n, -1))
         h = post_norm(x)
-        gate, up, down = self.mlp
-        x = x + down(self.act(gate(h)) * up(h))
+        gate, up = self.gate_up(h)
+        x = x + self.down(self.act(gate) * up)
         return [x] if len(items) == 1 else list(x.split(sizes, dim=1))
 
 def product(linear: nn.Module):
     """A projection as a function of its input: `F.linear` on an `nn.Linear`'s own weight and bias (no module
-    call), or an int8 one's own call (`sortedchat.quantize`)."""
+    call), or a quantized one itself (`sortedchat.quantize`)."""
     if type(linear) is nn.Linear:
         return functools.partial(F.linear, weight=linear.weight, bias=linear.bias)
     return linear
