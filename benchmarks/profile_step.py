@@ -3,7 +3,7 @@ of a step labelled, and the time of each part per decoded token.
 
 The parts are labelled by wrapping, for the profiled run only, the functions that do them (nothing in the
 package carries profiling code):
-- products: every `F.linear` inside a decoder layer (the layers' weight matrices);
+- products: every `F.linear` inside a decoder layer (the layers' weight matrices), or `--quantize`'s products;
 - attention: `F.scaled_dot_product_attention`;
 - norms and rotary: the model's RMSNorm modules, its rotary table, `apply_rotary_pos_emb`;
 - K/V writes: the cache layer's `update`;
@@ -23,6 +23,7 @@ Both ways of running the layers are profiled in the same process: the engine's o
 
     python benchmarks/profile_step.py                       # default model, float32, 1 thread, 3 x 64 tokens
     python benchmarks/profile_step.py --threads 2 --tokens 128 --rounds 5
+    python benchmarks/profile_step.py --quantize int4               # the layers' products in 4-bit blocks
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ from sortedchat.engine import session as session_module
 from sortedchat.engine import state as state_module
 from sortedchat.engine.sampling import Sampler
 from sortedchat.engine.text import IncrementalText
+from sortedchat.int4 import Int4Linear, JoinedInt4
 from sortedchat.loading import LoadOptions, load_sorted_model
+from sortedchat.quantize import Int8Linear
 from sortedchat.sorted_model import SortedModel
 
 PROMPT = "Why is the sky blue?"
@@ -63,6 +66,9 @@ def targets(sm: SortedModel) -> list[tuple[object, str, str]]:
     cache_layer = type(ChatSession(sm).state.cache.layers[0])
     found = [  # wrapped before a session (re)builds its layer steps, which bind some of these
         (torch.nn.functional, "linear", "products"),
+        (Int8Linear, "forward", "products"),  # `--quantize`'s products
+        (Int4Linear, "forward", "products"),
+        (JoinedInt4, "__call__", "products"),
         (torch.nn.functional, "scaled_dot_product_attention", "attention"),
         (type(layer.input_layernorm), "forward", "norms"),
         (type(sm.model.model.rotary_emb), "forward", "rotary"),
@@ -180,10 +186,11 @@ def main(
     tokens: Annotated[int, typer.Option("--tokens", "-n", help="Tokens per answer")] = 64,
     rounds: Annotated[int, typer.Option("--rounds", help="Unprofiled answers timed per path (median)")] = 3,
     threads: Annotated[int, typer.Option("--threads", help="torch threads")] = 1,
+    quantize: Annotated[Optional[str], typer.Option("--quantize", help="int8 or int4 products")] = None,
 ) -> None:
     """Profile full-depth decoding through the engine's own layer steps and through transformers' layers."""
     torch.set_num_threads(threads)
-    sm = load_sorted_model(model, LoadOptions(device="cpu", dtype="float32"))
+    sm = load_sorted_model(model, LoadOptions(device="cpu", dtype="float32", quantize=quantize))
     sampling = SamplingConfig(max_new_tokens=tokens, stop_at_end_of_turn=False)
     paths = {"transformers' layers": True, "engine's steps": False}
     sessions = {}
@@ -206,7 +213,8 @@ def main(
             results[name] = profiled(sessions[name], sampling, targets(sm))
 
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    table = Table(title=f"{sm.source} · float32 · {torch.get_num_threads()} thread(s) · {tokens} tokens · ms per "
+    weights = f"float32, {quantize} products" if quantize else "float32"
+    table = Table(title=f"{sm.source} · {weights} · {torch.get_num_threads()} thread(s) · {tokens} tokens · ms per "
                         f"token (profiled: ops / Python) · load {load}", title_justify="left")
     table.add_column("part")
     for name in paths:

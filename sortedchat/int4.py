@@ -19,7 +19,6 @@ spans its minimum to its maximum in 16 steps); `Int4Linear.exact` says which wer
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sortedchat import SortedChatError
@@ -51,7 +50,8 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1)
                              .to(torch.bfloat16).contiguous())
         self.bias = None if linear.bias is None else linear.bias.detach()
-        self.lora = None if lora is None else (lora[0].detach().contiguous(), lora[1].detach().t().contiguous())
+        # (A transposed [in, rank], B transposed and scaled [rank, out]): two plain products, no transposing per call
+        self.lora = None if lora is None else (lora[0].detach().t().contiguous(), lora[1].detach().t().contiguous())
         self.joined: JoinedInt4 | None = None  # this product and the next ones of its input in one (`joined`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,11 +60,12 @@ class Int4Linear(nn.Module):
                                                          self.scales_and_zeros).to(x.dtype)
         return self.finish(out, flat).view(*x.shape[:-1], self.out_features)
 
-    def finish(self, out: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-        """The block product `out` [rows, out_features] (float32) with the adapter's product and the bias added."""
+    def finish(self, out: torch.Tensor, flat: torch.Tensor, low: torch.Tensor | None = None) -> torch.Tensor:
+        """The block product `out` [rows, out_features] (float32) with the adapter's product and the bias added;
+        `low`: `flat` by the adapter's A, where it was made already (the same numbers: `JoinedInt4`)."""
         if self.lora is not None:
             a, b = self.lora
-            out = torch.addmm(out, F.linear(flat, a), b)
+            out = torch.addmm(out, flat @ a if low is None else low, b)
         return out if self.bias is None else out + self.bias
 
     @property
@@ -76,7 +77,7 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, int4"
-                + (f", LoRA rank {self.lora[0].shape[0]}" if self.lora is not None else ""))
+                + (f", LoRA rank {self.lora[0].shape[1]}" if self.lora is not None else ""))
 
 
 class JoinedInt4:
@@ -90,8 +91,11 @@ class JoinedInt4:
         self.in_features = parts[0].in_features
         self.packed = torch.cat([p.packed for p in parts])
         self.scales_and_zeros = torch.cat([p.scales_and_zeros for p in parts], dim=1).contiguous()
-        ends = torch.tensor([p.out_features for p in parts]).cumsum(0).tolist()
-        self.bounds = list(zip([0, *ends[:-1]], ends))
+        self.bounds = _spans([p.out_features for p in parts])
+        # the adapters' A side by side too, where every part has one: its columns are computed apart
+        adapted = all(p.lora is not None for p in parts)
+        self.a = torch.cat([p.lora[0] for p in parts], dim=1) if adapted else None
+        self.ranks = _spans([p.lora[0].shape[1] for p in parts]) if adapted else [None] * len(parts)
 
     def share(self) -> None:
         """Let the parts' packed weights be views of the joined ones (one copy in memory, not two)."""
@@ -102,8 +106,15 @@ class JoinedInt4:
         flat = x.reshape(-1, self.in_features)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.packed, GROUP,
                                                          self.scales_and_zeros).to(x.dtype)
-        return [p.finish(out[:, lo:hi], flat).view(*x.shape[:-1], hi - lo)
-                for p, (lo, hi) in zip(self.parts, self.bounds)]
+        low = None if self.a is None else flat @ self.a
+        return [p.finish(out[:, lo:hi], flat, None if r is None else low[:, r[0] : r[1]]).view(*x.shape[:-1], hi - lo)
+                for p, (lo, hi), r in zip(self.parts, self.bounds, self.ranks)]
+
+
+def _spans(sizes: list[int]) -> list[tuple[int, int]]:
+    """(start, end) of each of `sizes` laid side by side."""
+    ends = torch.tensor(sizes).cumsum(0).tolist()
+    return list(zip([0, *ends[:-1]], ends))
 
 
 def joined(products: list[nn.Module]):

@@ -46,6 +46,7 @@ class LoadOptions:
     exits: list[int] | None = None
     quantize: str | None = None  # "int8"/"int4": the products quantized on a CPU, after loading (`sortedchat.quantize`)
     compile: bool = False  # the front end compiles the decoding step after loading (`engine/compiled.py`)
+    unmerged: bool = False  # keep a PEFT adapter beside its base (as `--quantize int4` does), not merged into it
 
 
 def resolve_device(name: str) -> torch.device:
@@ -331,7 +332,7 @@ def _load_adapter(directory: Path, cfg: SortedConfig, opts: LoadOptions, device,
         raise SortedChatError(f"{directory}: cannot apply adapter ({first_line(exc)})") from None
     # A quantized base cannot absorb the adapter; keep LoRA layers injected and drive the inner model. So does a
     # base that `--quantize int4` will run in its 4-bit blocks: merging would move its weights off them.
-    unmerged = opts.load_in_4bit or opts.load_in_8bit or opts.quantize == "int4"
+    unmerged = opts.unmerged or opts.load_in_4bit or opts.load_in_8bit or opts.quantize == "int4"
     model = peft_model.base_model.model if unmerged else peft_model.merge_and_unload()
     tok_source = directory if (directory / "tokenizer_config.json").is_file() else base_dir
     return model.eval(), _tokenizer(tok_source, opts)

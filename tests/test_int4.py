@@ -68,13 +68,16 @@ def test_products_of_one_input_run_as_one_kernel_call_where_that_gives_each_ones
     from sortedchat.int4 import JoinedInt4, joined
 
     x = torch.randn(1, 3, 128, generator=torch.Generator().manual_seed(4))
-    for sizes, together in (((128, 64, 64), True), ((64, 32, 32), False)):
-        parts = [Int4Linear(q4_1_linear(n, 128, seed=n), (torch.randn(4, 128), torch.randn(n, 4)) if i else None)
-                 for i, n in enumerate(sizes)]
+    # every part adapted (their A products made as one too), or some; rows that fill the packing groups or not
+    for sizes, adapted, together in (((128, 64, 64), (1, 1, 1), True), ((128, 64, 64), (0, 1, 1), True),
+                                     ((64, 32, 32), (1, 1, 1), False)):
+        parts = [Int4Linear(q4_1_linear(n, 128, seed=n), (torch.randn(4, 128), torch.randn(n, 4)) if a else None)
+                 for n, a in zip(sizes, adapted)]
         with torch.inference_mode():
             alone = [p(x) for p in parts]
             call = joined(parts)
             assert isinstance(call, JoinedInt4) is together
+            assert not together or (call.a is not None) == all(adapted)
             assert all(torch.equal(a, b) for a, b in zip(call(x), alone)), sizes
             assert all(torch.equal(p(x), a) for p, a in zip(parts, alone))  # the parts still give their own
         if together:
@@ -203,3 +206,38 @@ def test_ask_info_and_eval_on_the_int4_model(tiny_dir, tmp_path):
     # the tiny model's random weights are no 4-bit blocks and rounding them moves its near-tied logits (measured
     # 33%; chance is 1 in 400): the default model's figure is the test above
     assert result["metrics"][str(result["layers"])]["agree_f32"] > 0.2
+
+
+def test_an_adapter_directory_loads_unmerged_for_int4_and_eval_quantizes_those_weights(tiny_dir, tmp_path, monkeypatch):
+    """`--quantize int4` on an adapter keeps it beside the base's blocks (merging would move the weights off
+    them); `eval --quantize int4` takes its float32 reference from the same unmerged model before quantizing it."""
+    import json
+
+    from test_loading import _tiny_adapter
+    from typer.testing import CliRunner
+
+    from sortedchat.cli import app
+    from sortedchat.training import evaluate
+
+    adapter = tmp_path / "adapter"
+    _tiny_adapter(tiny_dir, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": str(tiny_dir)}))
+    sm = load_sorted_model(str(adapter), LoadOptions(device="cpu", quantize="int4"))
+    attn = sm.layers[0].self_attn
+    assert attn.q_proj.lora is not None and attn.v_proj.lora is not None and attn.k_proj.lora is None
+
+    quantized_with_adapter_beside = []
+    original = evaluate.quantize_model
+
+    def recording(model, kind):
+        quantized_with_adapter_beside.append(any(hasattr(m, "base_layer") for m in model.model.modules()))
+        original(model, kind)
+
+    monkeypatch.setattr(evaluate, "quantize_model", recording)
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"instruction": "Say hi.", "input": "", "output": "hi hi hi."}]))
+    res = CliRunner().invoke(app, ["eval", "--model", str(adapter), "--device", "cpu", "--quantize", "int4",
+                                   "--data", str(data), "--json", str(tmp_path / "o.json")])
+    assert res.exit_code == 0, res.output
+    assert quantized_with_adapter_beside == [True]

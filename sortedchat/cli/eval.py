@@ -58,7 +58,8 @@ def evaluate(
     use_qa = records.kind == "qa" if qa is None else qa
     if use_qa and not all(ex.aliases for ex in examples):
         raise SortedChatError(f"--qa: {data} holds {records.kind} records, not question/answer records")
-    results = score_models(model, dataclasses.replace(opts, quantize=None),  # quantized after the reference
+    # quantized after the reference, from the weights it quantizes (int4 keeps an adapter beside its blocks)
+    results = score_models(model, dataclasses.replace(opts, quantize=None, unmerged=opts.quantize == "int4"),
                            steps=lambda sm: len(examples) * (1 + bool(opts.quantize)
                                                              + (len(sm.exits) if use_qa else 0)),
                            score=lambda sm, tick: ev.evaluate_model(sm, subset, template, max_length, batch_size,
