@@ -72,7 +72,7 @@ class LayerStep:
 
     def __init__(self, layer: nn.Module):
         attn, mlp = layer.self_attn, layer.mlp
-        self.norms = (layer.input_layernorm.forward, layer.post_attention_layernorm.forward)
+        self.norms = (norm_function(layer.input_layernorm), norm_function(layer.post_attention_layernorm))
         self.q_norm = getattr(attn, "q_norm", None)
         self.k_norm = getattr(attn, "k_norm", None)
         # the products of one input in one call where they can be (int4: `JoinedInt4`), each in turn otherwise
@@ -132,6 +132,22 @@ def product(linear: nn.Module):
     if type(linear) is nn.Linear:
         return functools.partial(F.linear, weight=linear.weight, bias=linear.bias)
     return linear
+
+
+def norm_function(norm: nn.Module):
+    """A norm as a function of its input: torch's `F.rms_norm` on the module's weight and epsilon where it gives the
+    module's own numbers on a probe (LLaMA's RMSNorm, in one operator call instead of the module's seven: 11 us
+    against 19 us per call on the Xeon of issue 20), else the module's forward."""
+    weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float):
+        return norm.forward
+    fused = functools.partial(F.rms_norm, normalized_shape=tuple(weight.shape), weight=weight, eps=eps)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    probe = (torch.randn(1, 3, weight.shape[0], generator=g) * torch.tensor([0.01, 1.0, 100.0])[:, None]).to(
+        device=weight.device, dtype=weight.dtype)
+    with torch.inference_mode():
+        same = torch.equal(fused(probe), norm(probe))
+    return fused if same else norm.forward
 
 
 def attend(query, keys, values, mask, scaling: float, groups: int) -> torch.Tensor:
