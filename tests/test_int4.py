@@ -241,3 +241,14 @@ def test_an_adapter_directory_loads_unmerged_for_int4_and_eval_quantizes_those_w
                                    "--data", str(data), "--json", str(tmp_path / "o.json")])
     assert res.exit_code == 0, res.output
     assert quantized_with_adapter_beside == [True]
+
+
+def test_compile_leaves_an_int4_model_eager_and_says_why_in_one_line(int4):
+    from sortedchat.engine.compiled import compile_problem, compile_steps
+
+    sm = copy.copy(int4)
+    problem = compile_steps(sm)
+    assert problem == ("--compile: this model's layers are not the kind the compiled step knows (--quantize int4 "
+                       "products are not compiled); decoding eagerly")
+    assert compile_problem(sm) == problem
+    assert len(run(no_stop(ChatSession(sm, Mode.fixed())), prompt_ids(sm, PROMPTS[0]), n=4)) == 4

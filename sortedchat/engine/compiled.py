@@ -30,6 +30,7 @@ from sortedchat import first_line
 from sortedchat.engine.layer_step import LayerStep, Span
 from sortedchat.progress import Progress, quiet
 from sortedchat.quantize import GROUP, PROJECTIONS, is_int8
+from sortedchat.quantize import kind as quantization
 from sortedchat.sorted_model import SortedModel
 
 PROBE_TOLERANCE = 1e-3  # the probe's compiled and eager outputs differ by at most this share (norms), or eager stays
@@ -164,8 +165,9 @@ def compile_steps(sm: SortedModel, progress: Progress = quiet) -> str | None:
     check it on a probe against the eager step, and use it in every `LayeredState` made afterwards. Returns None,
     or the one line saying why decoding stays eager."""
     if sm.num_layers == 0 or not plain(sm.layers[0]):
-        problem = _PROBLEMS[sm.model] = ("--compile: this model's layers are not the kind the compiled step knows; "
-                                         "decoding eagerly")
+        why = " (--quantize int4 products are not compiled)" if quantization(sm) == "int4" else ""
+        problem = _PROBLEMS[sm.model] = ("--compile: this model's layers are not the kind the compiled step "
+                                         f"knows{why}; decoding eagerly")
         return problem
     progress("compiling the decoding step", None)
     graph = _GRAPHS[sm.model] = DecodeGraph(sm.layers[0])
