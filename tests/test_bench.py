@@ -222,6 +222,7 @@ def test_the_peer_runs_the_gguf_behind_the_model_option(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("default_model_here")
 def test_llama_cpp_row_beside_our_full_depth_on_the_default_gguf(tmp_path):
     pytest.importorskip("llama_cpp", reason="the optional extra `peer` (llama-cpp-python) is not installed")
     prompts, out_json = tmp_path / "p.txt", tmp_path / "b.json"

