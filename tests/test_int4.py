@@ -154,6 +154,10 @@ def test_a_layer_whose_inputs_do_not_fill_4_bit_blocks_is_refused_and_the_model_
                                               r"multiple of the 32 a 4-bit block holds$"):
         quantize_model(sm, "int4")
     assert describe(sm) == "none"
+    sm.layers[1].mlp.down_proj = nn.Linear(128, 40, bias=False)
+    with pytest.raises(SortedChatError, match=r"^--quantize int4: layer 1's mlp.down_proj has 40 outputs, not a "
+                                              r"multiple of the 16 torch's int4 kernel packs together$"):
+        quantize_model(sm, "int4")
 
 
 @pytest.mark.slow

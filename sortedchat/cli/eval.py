@@ -42,8 +42,9 @@ def evaluate(
     load: o.LoadFlags,
 ) -> None:
     """Per exit and per model: response-token CE, perplexity, top-1, agreement with the last exit (and QA EM).
-    With --quantize int8, each model loads in float32, gives its full depth's top-1 on every response token, is
-    quantized, and is scored: the =f32 column is each exit's agreement with float32 full depth."""
+    With --quantize int8|int4, each model loads in float32 (int4: an adapter unmerged), gives its full depth's
+    top-1 on every response token, is quantized, and is scored: the =f32 column is each exit's agreement with
+    float32 full depth."""
     from sortedchat.config import atomic_write_text
     from sortedchat.loading import resolved
     from sortedchat.training import evaluate as ev

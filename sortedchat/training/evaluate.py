@@ -2,7 +2,7 @@
 
 Per exit, on the response tokens of the data: cross-entropy, perplexity, top-1 accuracy, and agreement
 of the exit's top-1 with the same model's last exit (how often a shallow exit already says what the full
-model would), and with `--quantize int8` its agreement with the float32 model's full depth (`agree_f32`). With
+model would), and with `--quantize int8|int4` its agreement with the float32 model's full depth (`agree_f32`). With
 QA data also closed-book exact match: the greedy answer generated at that depth
 (through the chat engine, so exactly what a user would see) against every alias, normalised the TriviaQA
 way. Results go to a table, a JSON file and, if asked, a plot of quality against depth.
