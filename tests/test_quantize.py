@@ -121,13 +121,14 @@ def test_auto_mode_runs_with_every_confidence_measure_on_the_int8_model(int8):
         assert len(tokens) == 4, name
 
 
-def test_exit_lenses_and_the_layer_lens_run_on_the_int8_model(tiny):
-    """Lenses stay float32 before the int8 head: a lens changes what its exit predicts, as on float32."""
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_exit_lenses_and_the_layer_lens_run_on_the_quantized_model(tiny, kind):
+    """Lenses stay float32 before the head (int8 or float32): a lens changes what its exit predicts, as on float32."""
     from sortedchat.sorted_model import ExitLenses
 
     sm = copy.deepcopy(tiny)
     sm.exit_lenses = ExitLenses([2], 64)
-    quantize_model(sm)
+    quantize_model(sm, kind)
     assert type(sm.exit_lenses.lenses["2"]) is nn.Linear
     hidden = torch.randn(1, 64, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
