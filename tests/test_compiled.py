@@ -15,7 +15,7 @@ from sortedchat.engine import ChatSession, Mode, SamplingConfig
 from sortedchat.engine import compiled as compiled_module
 from sortedchat.engine.compiled import CompiledStep, compile_problem, compile_steps
 
-from helpers.engine import PROMPTS, no_stop, prompt_ids
+from helpers.engine import PROMPTS, count_graph_calls, no_stop, prompt_ids
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -41,15 +41,7 @@ def compiled(tiny):
 @pytest.fixture
 def graph_calls(compiled, monkeypatch):
     """How many layer steps went through the compiled graph (a list of one count)."""
-    graph = compiled_module._GRAPHS[compiled.model]
-    calls, function = [0], graph.function
-
-    def counted(*args):
-        calls[0] += 1
-        return function(*args)
-
-    monkeypatch.setattr(graph, "function", counted)
-    return calls
+    return count_graph_calls(compiled, monkeypatch)
 
 
 def greedy(sm, mode, messages, n=24, check=False):

@@ -16,7 +16,7 @@ from sortedchat.cli import app
 from sortedchat.engine import ChatSession, Mode, SamplingConfig
 from sortedchat.quantize import PROJECTIONS, Int8Linear, check_request, describe, is_int8, quantize_model
 
-from helpers.engine import PROMPTS, no_stop, prompt_ids, run
+from helpers.engine import PROMPTS, count_graph_calls, no_stop, prompt_ids, run
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -312,18 +312,10 @@ def test_compile_decodes_the_int8_model_through_the_graph_close_to_float32(tiny,
     on float32 full depth's greedy answers its next tokens agree with float32's on at least 70% (measured 78%; the
     eager int8 kernels 76%: the tiny model's random weights make near ties and amplify errors, and its 64 inputs are
     two groups of 32; on SmolLM2 the grouped weights pay, BENCHMARKS.md). Prompts go through the eager int8 step."""
-    from sortedchat.engine import compiled as compiled_module
     from sortedchat.engine.compiled import CompiledStep
     from sortedchat.engine.state import LayeredState
 
-    graph = compiled_module._GRAPHS[int8_compiled.model]
-    calls, function = [0], graph.function
-
-    def counted(*args):
-        calls[0] += 1
-        return function(*args)
-
-    monkeypatch.setattr(graph, "function", counted)
+    calls = count_graph_calls(int8_compiled, monkeypatch)
     L, agree, total = tiny.num_layers, 0, 0
     with torch.inference_mode():
         for messages in PROMPTS:

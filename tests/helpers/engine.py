@@ -43,3 +43,19 @@ def fresh_prefill_kv(sm, tokens):
     sm.model(input_ids=torch.tensor([tokens], device=sm.device), use_cache=True,
              **{cache_keyword(type(sm.model)): cache})  # as each transformers version names it
     return cache
+
+
+def count_graph_calls(sm, monkeypatch) -> list[int]:
+    """How many layer steps of `sm` go through its compiled graph from now on (a list of one count): `--compile`'s
+    tests check that the graph ran, not only the eager fallback."""
+    from sortedchat.engine import compiled
+
+    graph = compiled._GRAPHS[sm.model]
+    calls, function = [0], graph.function
+
+    def counted(*args):
+        calls[0] += 1
+        return function(*args)
+
+    monkeypatch.setattr(graph, "function", counted)
+    return calls
