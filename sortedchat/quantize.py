@@ -70,15 +70,13 @@ def check_request(kind: str, device: torch.device, dtype: torch.dtype, bitsandby
 
 def quantize_model(sm, kind: str = "int8", grouped: bool = False) -> None:
     """Replace `sm`'s layer products and heads by int8 ones, or its layer products by int4 ones, in place (module
-    docstrings). Everything is checked
-    before anything changes: a model that cannot be quantized is refused in one line and left as it was.
-    `grouped` (with `--compile` only: about 120 MB more on SmolLM2) also keeps the layers' weights grouped for the
-    compiled graph."""
+    docstrings). Everything is checked before anything changes: a model that cannot be quantized is refused in one
+    line and left as it was. `grouped` (with `--compile` only: about 120 MB more on SmolLM2) also keeps the layers'
+    weights grouped for the compiled graph."""
     check_request(kind, sm.device, sm.dtype, bitsandbytes=False)
     if kind == "int4":
         return _quantize_int4(sm)
-    targets = [(layer, path, _checked(layer, path, f"layer {i}")) for i, layer in enumerate(sm.layers)
-               for path in PROJECTIONS]
+    targets = _layer_targets(sm)
     targets.append((sm.model, "lm_head", _checked(sm.model, "lm_head", "the model")))
     if sm.exit_heads is not None:
         targets += [(sm.exit_heads.heads, key, _checked(sm.exit_heads.heads, key, "the exit heads"))
@@ -96,13 +94,17 @@ def quantize_model(sm, kind: str = "int8", grouped: bool = False) -> None:
 def _quantize_int4(sm) -> None:
     """The layers' projections as `Int4Linear`s, a PEFT LoRA layer's base with its adapter beside it; the heads
     stay as they are (the LM head's product has its own screen, `head_product`)."""
-    targets = [(layer, path, _checked(layer, path, f"layer {i}")) for i, layer in enumerate(sm.layers)
-               for path in PROJECTIONS]
     replacements = [(owner, path, int4_of(module, f"layer {i // len(PROJECTIONS)}'s {path}"))
-                    for i, (owner, path, module) in enumerate(targets)]
+                    for i, (owner, path, module) in enumerate(_layer_targets(sm))]
     for owner, path, module in replacements:
         parent, _, name = path.rpartition(".")
         setattr(owner.get_submodule(parent), name, module)
+
+
+def _layer_targets(sm) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(layer, projection path, the module there, checked) for every projection of every layer."""
+    return [(layer, path, _checked(layer, path, f"layer {i}")) for i, layer in enumerate(sm.layers)
+            for path in PROJECTIONS]
 
 
 def _checked(owner: nn.Module, path: str, where: str) -> nn.Module:

@@ -44,7 +44,7 @@ class PreciseLoadFlags:
                                                     "products and the LM head run with int8 weights (torch's int8 "
                                                     "kernels: faster, a little less exact). int4: the layers' "
                                                     "products in 4-bit blocks, a GGUF's Q4_1 blocks as they are, an "
-                                                    "adapter kept beside them (fastest). Embeddings, norms, "
+                                                    "adapter kept beside them (the most exact). Embeddings, norms, "
                                                     "attention and lenses stay float32")] = None
 
     def exit_list(self) -> list[int] | None:
