@@ -4,6 +4,7 @@ same; and how long `compile_steps` took (run it twice: the second process finds 
 `TORCHINDUCTOR_CACHE_DIR` makes the first run cold).
 
     python benchmarks/compiled_step.py                                   # default model, threads 1 and 2
+    python benchmarks/compiled_step.py --quantize int4                   # both models --quantize int4
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python benchmarks/compiled_step.py --threads 1   # a cold compile
 
 Wall time is what a user waits; CPU time of the decoding thread (1 thread only) is what the step costs when
@@ -47,9 +48,11 @@ def main(
     tokens: Annotated[int, typer.Option(help="tokens per answer")] = 64,
     rounds: Annotated[int, typer.Option(help="times each prompt is answered by each")] = 2,
     prompts: Annotated[Path, typer.Option(help="one prompt a line, # comments")] = PROMPTS,
+    quantize: Annotated[str | None, typer.Option(help="int8 or int4: both models quantized so")] = None,
 ) -> None:
     texts = [line for line in prompts.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    eager = load_sorted_model(None, LoadOptions(device="cpu", dtype="float32"))
+    eager = load_sorted_model(None, LoadOptions(device="cpu", dtype="float32", quantize=quantize,
+                                                compile=quantize == "int8"))  # int8: the graph's grouped weights
     fused = copy.deepcopy(eager)
     start = time.perf_counter()
     problem = compile_steps(fused)

@@ -99,7 +99,13 @@ class GrowingLayer(DynamicLayer):
     positions that is a few percent of a CPU decoding step (BENCHMARKS.md). Here `keys`/`values` are views of
     the first positions of a buffer whose capacity doubles when full, so a step writes only its own
     positions. `crop` is still `DynamicLayer`'s slice, a view of the same buffer, and the next update
-    overwrites what was cropped."""
+    overwrites what was cropped.
+
+    The buffers hold positions outermost ([batch, capacity, kv heads, head dim]; `keys`/`values` are their
+    [batch, kv heads, n, head dim] views): the first n positions of a sequence are then one contiguous block
+    whatever the capacity, which the compiled step (`engine/compiled.py`) needs, its graph being compiled ahead of
+    time for one layout of its inputs. Attention reads the views as they are (SDPA gives the same bits on them as
+    on contiguous K/V)."""
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -109,17 +115,20 @@ class GrowingLayer(DynamicLayer):
         buffers = self.room(q)
         if buffers is None:
             capacity = max(64, 2 * (n + q))
-            buffers = tuple(
-                new.new_empty((*new.shape[:-2], capacity, new.shape[-1])) for new in (key_states, value_states)
-            )
+            b, heads, _, dim = key_states.shape
+            buffers = tuple(new.new_empty((b, capacity, heads, dim)) for new in (key_states, value_states))
             if n:
-                buffers[0][..., :n, :] = self.keys
-                buffers[1][..., :n, :] = self.values
+                buffers[0][:, :n] = self.keys.transpose(1, 2)
+                buffers[1][:, :n] = self.values.transpose(1, 2)
             self._buffers = buffers
-        buffers[0][..., n : n + q, :] = key_states
-        buffers[1][..., n : n + q, :] = value_states
-        self.keys, self.values = buffers[0][..., : n + q, :], buffers[1][..., : n + q, :]
+        buffers[0][:, n : n + q] = key_states.transpose(1, 2)
+        buffers[1][:, n : n + q] = value_states.transpose(1, 2)
+        self.show(n + q)
         return self.keys, self.values
+
+    def show(self, n: int) -> None:
+        """Let `keys`/`values` be the buffers' first n positions (after something wrote them there)."""
+        self.keys, self.values = (t[:, :n].transpose(1, 2) for t in self._buffers)
 
     def room(self, q: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The (keys, values) buffers if they take q more positions in place, else None: `update` rebuilds them when
@@ -130,7 +139,7 @@ class GrowingLayer(DynamicLayer):
         n = self.get_seq_length()
         if (
             buffers is None
-            or n + q > buffers[0].shape[-2]
+            or n + q > buffers[0].shape[1]
             or (n and self.keys.data_ptr() != buffers[0].data_ptr())
             or (buffers[0].is_inference() and not torch.is_inference_mode_enabled())
         ):

@@ -95,6 +95,18 @@ def tiny(tiny_dir):
     return load_sorted_model(str(tiny_dir), LoadOptions(device="cpu", exits=[2, 4, 6]))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory):
+    """A private cache folder for what session- and module-wide fixtures make (`--compile`'s libraries) before
+    `isolated_dirs` gives each test its own."""
+    if os.environ.get("SORTEDCHAT_TEST_REAL_CACHE"):
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SORTEDCHAT_CACHE_DIR", str(tmp_path_factory.mktemp("session-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def isolated_dirs(tmp_path, monkeypatch):
     """Keep every test's cache, data and config directories private (the real cache is opt-in)."""

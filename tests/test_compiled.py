@@ -4,10 +4,10 @@ layered K/V invariants, compiles once for a whole chat, and falls back to eager 
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
 from typer.testing import CliRunner
 
 from sortedchat.cli import app
@@ -108,43 +108,77 @@ def converse(sm, questions):
 
 
 def test_a_long_chat_never_recompiles_and_writes_k_v_into_the_layers_buffers(tiny, compiled, graph_calls):
-    """150 tokens take each layer's buffer from 64 positions to 130 and 262 (it grows eagerly, then the same graph
-    goes on at every K/V length)."""
-    before = counters["frames"]["ok"]
+    """150 tokens take each layer's buffer from 64 positions to 130 and 262 (it grows eagerly, then the same library
+    goes on at every K/V length and capacity)."""
+    graph = compiled_module._GRAPHS[compiled.model]
+    libraries = dict(graph.loaders)
     expected, _ = greedy(tiny, Mode.fixed(), PROMPTS[0], n=150)
     got, session = greedy(compiled, Mode.fixed(), PROMPTS[0], n=150)
     assert got == expected
-    assert counters["frames"]["ok"] == before  # nothing compiled again
+    assert graph.loaders == libraries  # nothing compiled or loaded again
     layer = session.state.cache.layers[-1]
     buffer = layer._buffers[0]  # GrowingLayer's: the compiled graph wrote into it, in place
-    assert layer.keys.data_ptr() == buffer.data_ptr() and buffer.shape[-2] == 262
+    assert layer.keys.data_ptr() == buffer.data_ptr() and buffer.shape[1] == 262
     assert graph_calls[0] > 140 * compiled.num_layers
 
 
-def test_where_compiling_fails_one_warning_line_and_eager(tiny, monkeypatch):
-    def no_compiler(function, **options):
-        def fails(*args):
-            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
-        return fails
+def test_the_library_is_kept_in_the_cache_folder_and_loaded_by_the_next_start(tiny, tmp_path, monkeypatch):
+    """A second model of the same shapes (the next start) loads the library the first one compiled, without
+    compiling (`aoti_compile_and_package` is not called), and answers the same."""
+    first = copy.deepcopy(tiny)
+    assert compile_steps(first) is None
+    libraries = list((tmp_path / "cache" / "packages").glob("decode-*.pt2"))
+    assert len(libraries) == 1 and not list(libraries[0].parent.glob("*.*.pt2"))  # no temporary left behind
 
-    monkeypatch.setattr(compiled_module.torch, "compile", no_compiler)
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(compiled_module.torch._inductor, "aoti_compile_and_package", no_compiling)
+    second = copy.deepcopy(tiny)
+    assert compile_steps(second) is None
+    assert greedy(second, Mode.fixed(), PROMPTS[0], n=12)[0] == greedy(tiny, Mode.fixed(), PROMPTS[0], n=12)[0]
+
+
+def test_another_thread_count_gets_a_library_of_its_own(tiny, compiled, graph_calls):
+    """The libraries' kernels are compiled for one thread count: at another, the step compiles (or loads) one for it,
+    and answers the same."""
+    graph = compiled_module._GRAPHS[compiled.model]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected, _ = greedy(tiny, Mode.fixed(), PROMPTS[1], n=12)
+        got, _ = greedy(compiled, Mode.fixed(), PROMPTS[1], n=12)
+    finally:
+        torch.set_num_threads(before)
+    assert got == expected and set(graph.loaders) == {1, 2} and graph.problem is None
+    assert graph_calls[0] >= 11 * compiled.num_layers
+
+
+def test_where_compiling_fails_one_warning_line_and_eager(tiny, monkeypatch):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(compiled_module.torch._inductor, "aoti_compile_and_package", no_compiler)
     sm = copy.deepcopy(tiny)
     problem = ("--compile: the compiled step failed, decoding eagerly (InvalidCxxCompiler: No working C++ compiler "
                "found)")
     assert compile_steps(sm) == problem and compile_problem(sm) == problem
+    assert not list(compiled_module.Path(os.environ["SORTEDCHAT_CACHE_DIR"]).rglob("*.pt2"))
     expected, _ = greedy(tiny, Mode.fixed(4), PROMPTS[0], n=8)
     got, session = greedy(sm, Mode.fixed(4), PROMPTS[0], n=8)
     assert got == expected and not any(type(step) is CompiledStep for step in session.state.steps)
 
 
 def test_ask_with_compile_warns_once_and_answers_where_compiling_fails(tiny_dir, monkeypatch):
-    monkeypatch.setattr(compiled_module.torch, "compile", lambda function, **options: None)  # not callable: fails
+    def fails(*args, **kwargs):
+        raise OSError("cannot write the library")
+
+    monkeypatch.setattr(compiled_module.torch._inductor, "aoti_compile_and_package", fails)
     args = ["ask", "Hello!", "--model", str(tiny_dir), "--device", "cpu", "-n", "4", "--compile"]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     warnings = [line for line in res.stderr.splitlines() if "--compile" in line]
-    assert warnings == ["warning: --compile: the compiled step failed, decoding eagerly ('NoneType' object is not "
-                        "callable)"]
+    assert warnings == ["warning: --compile: the compiled step failed, decoding eagerly (cannot write the library)"]
     assert res.stdout.strip()
 
 

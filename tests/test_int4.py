@@ -14,7 +14,7 @@ from sortedchat.engine import ChatSession, Mode, SamplingConfig
 from sortedchat.loading import LoadOptions, load_sorted_model
 from sortedchat.quantize import GROUP, Int4Linear, describe, kind, quantize_model, quantized_weights
 
-from helpers.engine import PROMPTS, no_stop, prompt_ids, run
+from helpers.engine import PROMPTS, count_graph_calls, no_stop, prompt_ids, run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -275,12 +275,27 @@ def test_an_adapter_directory_loads_unmerged_for_int4_and_eval_quantizes_those_w
     assert quantized_with_adapter_beside == [True]
 
 
-def test_compile_leaves_an_int4_model_eager_and_says_why_in_one_line(int4):
-    from sortedchat.engine.compiled import compile_problem, compile_steps
+@pytest.mark.parametrize("adapted", [False, True], ids=["plain", "adapter on every projection"])
+def test_compile_runs_the_int4_products_in_the_graph_and_answers_what_eager_does(tiny, adapted, monkeypatch):
+    """`--quantize int4 --compile`: the graph runs the same packed blocks (joined as the eager step joins them) and
+    the adapter beside them; greedy answers in every mode are eager int4's."""
+    from peft import LoraConfig, get_peft_model
 
-    sm = copy.copy(int4)
-    problem = compile_steps(sm)
-    assert problem == ("--compile: this model's layers are not the kind the compiled step knows (--quantize int4 "
-                       "products are not compiled); decoding eagerly")
-    assert compile_problem(sm) == problem
-    assert len(run(no_stop(ChatSession(sm, Mode.fixed())), prompt_ids(sm, PROMPTS[0]), n=4)) == 4
+    from sortedchat.engine.compiled import CompiledStep, compile_steps
+
+    eager = copy.deepcopy(tiny)
+    if adapted:
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        eager.model = get_peft_model(eager.model, LoraConfig(r=8, target_modules=targets, init_lora_weights=False)
+                                     ).base_model.model
+    quantize_model(eager, "int4")
+    sm = copy.deepcopy(eager)
+    assert compile_steps(sm) is None
+    calls = count_graph_calls(sm, monkeypatch)
+    step = ChatSession(sm).state.steps[0]
+    assert type(step) is CompiledStep and step.plan[2][0]  # gate/up in one kernel call, as eagerly
+    assert all(lora == adapted for group in step.plan for _, _, lora, _ in group[1])
+    for mode in (Mode.fixed(), Mode.auto(0.3), Mode.speculative(2, draft_len=3, pace=False)):
+        answers = [run(no_stop(ChatSession(m, mode)), prompt_ids(m, PROMPTS[0]), n=12) for m in (eager, sm)]
+        assert answers[1] == answers[0]
+    assert calls[0] > 12 * sm.num_layers

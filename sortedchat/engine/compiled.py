@@ -1,36 +1,46 @@
-"""The compiled decoding step (`--compile`): one graph, made by `torch.compile`, that runs a LLaMA-family layer over
-one position, for every layer.
+"""The compiled decoding step (`--compile`): one graph, compiled ahead of time by AOTInductor, that runs a
+LLaMA-family layer over one position, for every layer.
 
 Decoding one token at a time runs 30 layer calls of a few dozen small operators each; on a CPU their dispatch and
-the Python around them cost about as much as a third of the layers' matrix products (BENCHMARKS.md, issue 20).
-Inductor fuses the norms, rotary, residuals and the activation into a few kernels. The graph takes everything a
-layer differs by as arguments (its weights, its K/V buffer), never as attributes, so the guards of one graph hold
-for every layer of the same shapes, and the K/V length is a dynamic dimension, so a chat never recompiles.
+the Python around them cost about as much as a third of the layers' matrix products in float32, and more than the
+products themselves with 4-bit weights (BENCHMARKS.md, issue 20). Inductor fuses the norms, rotary, the K/V write,
+the residuals, the activation and the casts into a few C++ kernels around the products; AOTInductor builds them
+into a shared library called from C++ without dynamo's guards or Python between the kernels (what `torch.compile`
+kept: per-layer overhead about three times AOTInductor's, BENCHMARKS.md). The graph takes everything a layer
+differs by as inputs (its weights, its K/V), so one library serves every layer of the same shapes, and the K/V
+length is a dynamic dimension, so a chat never recompiles. The library is compiled once per model shape, kind of
+weights, CPU and thread count (its kernels are made for both) and kept in the cache folder (`packages`): a later
+start loads it in milliseconds.
 
 Only the common case is compiled: one position, no mask, a K/V buffer (`GrowingLayer`) with room for it. Prefill,
 drains of waiting positions, propagation and a full buffer run the engine's own eager step (`LayerStep`), which
 stays the reference: the compiled step computes the same operators, but fused kernels may round differently, so
 its tokens are checked against eager in tests/test_compiled.py, not its bits.
 
-A model `--quantize int8` made runs its layers' products in the graph with int8 weights (one scale per 32 inputs,
-`Int8Linear.grouped`) on float32 inputs, dequantized where inductor fuses them into the product: on a CPU about the
-eager int8 kernels' speed, and closer to float32 than they are (they quantize the inputs too; BENCHMARKS.md).
+Products: float32 weights, `--quantize int8`'s (int8 weights with one scale per 32 inputs, `Int8Linear.grouped`,
+on float32 inputs, dequantized where inductor fuses them into the product), and `--quantize int4`'s (torch's int4
+kernel on the same packed blocks as eagerly, joined where the eager step joins them, the adapter beside them).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
+import platform
 import weakref
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sortedchat import first_line
+from sortedchat import __version__, first_line
 from sortedchat.engine.layer_step import LayerStep, Span
+from sortedchat.int4 import GROUP as INT4_GROUP
+from sortedchat.int4 import Int4Linear, JoinedInt4
 from sortedchat.progress import Progress, quiet
 from sortedchat.quantize import GROUP, PROJECTIONS, is_int8
-from sortedchat.quantize import kind as quantization
 from sortedchat.sorted_model import SortedModel
 
 PROBE_TOLERANCE = 1e-3  # the probe's compiled and eager outputs differ by at most this share (norms), or eager stays
@@ -40,26 +50,28 @@ _PROBLEMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> w
 
 
 class DecodeGraph:
-    """The compiled `one_position` of one model, shared by its layers; `problem` says why it stopped being used
-    (None while it works)."""
+    """The compiled `one_position` of one model's layers (`plan`: what their inputs are), one library per thread
+    count; `problem` says why it stopped being used (None while it works)."""
 
-    def __init__(self, layer: nn.Module):
-        attn = layer.self_attn
-        self.constants = (layer.input_layernorm.variance_epsilon, attn.scaling, attn.head_dim)
-        # The C++ wrapper calls the graph's kernels without Python between them: the 30 layers' CPU time per token
-        # fell 6-8% against eager with it, 1-4% without (issue 20, BENCHMARKS.md).
-        self.function = torch.compile(one_position, options={"cpp_wrapper": True})
+    def __init__(self, step: "CompiledStep"):
+        self.plan, self.constants = step.plan, step.constants
+        self.shapes = shapes(step.tensors)
+        self.example = step.tensors  # layer 0's own: traced (by shape) to compile for another thread count
+        self.loaders: dict[int, object] = {}
         self.problem: str | None = None
-        self.traced = False
 
-    def __call__(self, x, rotation, keys, values, weights) -> torch.Tensor | None:
+    def loader(self):
+        """The library for torch's current thread count (its kernels' parallel regions are compiled for it):
+        loaded from the cache folder, or compiled into it."""
+        threads = torch.get_num_threads()
+        if threads not in self.loaders:
+            self.loaders[threads] = compile_package(self, threads).loader
+        return self.loaders[threads]
+
+    def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor | None:
         """The layer's output, or None if compiling or running the graph failed (then never again: eager)."""
-        if not self.traced:  # the K/V length varies within a chat: one graph for every length
-            for t in (keys, values):
-                torch._dynamo.maybe_mark_dynamic(t, 2)
-            self.traced = True
         try:
-            return self.function(x, *rotation, keys, values, weights, *self.constants)
+            return self.loader().run(inputs)[0]
         except Exception as exc:  # no C++ compiler, an unsupported operator...: eager from now on
             self.problem = f"--compile: the compiled step failed, decoding eagerly ({first_line(exc)})"
             return None
@@ -68,51 +80,100 @@ class DecodeGraph:
 class CompiledStep(LayerStep):
     """A layer's step with `--compile`: the shared graph for one position at the end of a `GrowingLayer`'s buffer
     with room for it (the common decoding step), the eager `LayerStep` for everything else (and, being one, for the
-    server's batched layers)."""
+    server's batched layers). `plan` and `tensors`: the graph's inputs that are this layer's."""
 
-    def __init__(self, layer: nn.Module, graph: DecodeGraph):
+    def __init__(self, layer: nn.Module, graph: DecodeGraph | None = None):
         super().__init__(layer)
         self.graph = graph
-        attn, mlp = layer.self_attn, layer.mlp
-        self.weights = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-                        *(((*p.grouped, p.bias) if is_int8(p) else (p.weight, None, p.bias))
-                          for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                                    mlp.gate_proj, mlp.up_proj, mlp.down_proj)))
+        attn = layer.self_attn
+        groups = [(self.qkv, (attn.q_proj, attn.k_proj, attn.v_proj)), (None, (attn.o_proj,)),
+                  (self.gate_up, (layer.mlp.gate_proj, layer.mlp.up_proj)), (None, (layer.mlp.down_proj,))]
+        self.tensors = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+        self.plan = tuple(self._group(*g) for g in groups)
+        self.constants = (layer.input_layernorm.variance_epsilon, attn.scaling, attn.head_dim)
+
+    def _group(self, joined, products) -> tuple:
+        """One group of products of the same input, as the graph's plan says it (its tensors appended)."""
+        together = isinstance(joined, JoinedInt4)
+        if together:  # the eager step's joined kernel call, on the same joined blocks
+            self.tensors += [joined.packed, joined.scales_and_zeros]
+        parts = []
+        for p in products:
+            kind = "int4" if isinstance(p, Int4Linear) else "int8" if is_int8(p) else "float"
+            if kind == "int4" and not together:
+                self.tensors += [p.packed, p.scales_and_zeros]
+            self.tensors += list(p.grouped) if kind == "int8" else [p.weight] if kind == "float" else []
+            lora = kind == "int4" and p.lora is not None
+            self.tensors += list(p.lora) if lora else []
+            self.tensors += [] if p.bias is None else [p.bias]
+            parts.append((kind, p.out_features, lora, p.bias is not None))
+        return together, tuple(parts)
 
     def __call__(self, x, span: Span, cache_layer):
         n = cache_layer.get_seq_length()
         buffers = None
         if x.shape[:2] == (1, 1) and n and self.graph.problem is None and torch.is_inference_mode_enabled():
-            # Room for one more than it writes: K/V filling the buffer to the end would be contiguous, which the
-            # graph's guards tell apart (a recompile); that last position goes eagerly.
-            buffers = cache_layer.room(2)
+            buffers = cache_layer.room(1)
         if buffers is not None:
-            keys, values = buffers[0][..., : n + 1, :], buffers[1][..., : n + 1, :]
-            out = self.graph(x, span.rotation(), keys, values, self.weights)
+            # the first n + 1 positions of the buffers (positions outermost): contiguous whatever their capacity
+            keys, values = buffers[0][0, : n + 1], buffers[1][0, : n + 1]
+            cos, signed_sin = span.rotation()
+            out = self.graph([x, cos, signed_sin, keys, values, *self.tensors])
             if out is not None:
-                cache_layer.keys, cache_layer.values = keys, values
+                cache_layer.show(n + 1)
                 return out
         return super().__call__(x, span, cache_layer)
 
 
-def one_position(x, cos, signed_sin, keys, values, weights, eps: float, scaling: float, head_dim: int):
-    """`LayerStep.__call__` for x [1, 1, H] at the last position of `keys`/`values` (views of the layer's buffer,
-    [1, kv_heads, n + 1, head_dim]), whose K/V it writes there. `weights`: the two norms' weights and the seven
-    projections' (weight, scales, bias): scales None for float weights (`linear`)."""
-    in_w, post_w, q, k, v, o, gate, up, down = weights
-    shape = (1, 1, -1, head_dim)
-    h = rms_norm(x, in_w, eps)
-    query = linear(h, *q).view(shape).transpose(1, 2)
-    key = linear(h, *k).view(shape).transpose(1, 2)
+def one_position(x, cos, signed_sin, keys, values, tensors, plan, eps: float, scaling: float, head_dim: int):
+    """`LayerStep.__call__` for x [1, 1, H] at the last position of `keys`/`values` ([n + 1, kv_heads, head_dim],
+    the layer's K/V buffers' first positions), whose K/V it writes there. `tensors`: the two norms' weights, then
+    each product's as `plan` lists them (`CompiledStep._group`)."""
+    t = iter(tensors)
+    in_w, post_w = next(t), next(t)
+    cos, signed_sin = cos.reshape(1, head_dim), signed_sin.reshape(1, head_dim)
     half = head_dim // 2
+    h = rms_norm(x.reshape(1, -1), in_w, eps)
+    query, key, value = products(h, plan[0], t)
+    query, key = query.view(-1, head_dim), key.view(-1, head_dim)  # [heads, head_dim]
     query = query * cos + query.roll(half, -1) * signed_sin
-    keys[:, :, -1:] = key * cos + key.roll(half, -1) * signed_sin
-    values[:, :, -1:] = linear(h, *v).view(shape).transpose(1, 2)
-    out = F.scaled_dot_product_attention(query, keys, values, scale=scaling,
-                                         enable_gqa=keys.shape[1] != query.shape[1])
-    x = x + linear(out.transpose(1, 2).reshape(1, 1, -1), *o)
+    keys[-1] = key * cos + key.roll(half, -1) * signed_sin
+    values[-1] = value.view(-1, head_dim)
+    heads = lambda kv: kv.transpose(0, 1).unsqueeze(0)  # noqa: E731 ([1, kv_heads, n + 1, head_dim])
+    out = F.scaled_dot_product_attention(query.view(1, -1, 1, head_dim), heads(keys), heads(values), scale=scaling,
+                                         enable_gqa=keys.shape[1] != query.shape[0])
+    x = x.reshape(1, -1) + products(out.reshape(1, -1), plan[1], t)[0]
     h = rms_norm(x, post_w, eps)
-    return x + linear(F.silu(linear(h, *gate)) * linear(h, *up), *down)
+    gate, up = products(h, plan[2], t)
+    return (x + products(F.silu(gate) * up, plan[3], t)[0]).view(1, 1, -1)
+
+
+def products(x, group: tuple, t) -> list[torch.Tensor]:
+    """The products of one input [1, in] in a group of the plan, taking their tensors from the iterator `t`."""
+    together, parts = group
+    if together:
+        joined = int4(x, next(t), next(t)).split([size for _, size, _, _ in parts], dim=-1)
+    outs = []
+    for i, (kind, _, lora, bias) in enumerate(parts):
+        if together:
+            out = joined[i]
+        elif kind == "int4":
+            out = int4(x, next(t), next(t))
+        elif kind == "int8":
+            out = linear(x, next(t), next(t), None)
+        else:
+            out = F.linear(x, next(t))
+        if lora:
+            a, b = next(t), next(t)
+            out = torch.addmm(out, x @ a, b)
+        outs.append(out + next(t) if bias else out)
+    return outs
+
+
+def int4(x, packed, scales_and_zeros):
+    """`Int4Linear`'s block product: bfloat16 in, float32 out."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, INT4_GROUP,
+                                                      scales_and_zeros).float()
 
 
 def linear(x, weight, scale, bias):
@@ -133,14 +194,70 @@ def rms_norm(x, weight, eps: float):
     return weight * h.to(x.dtype)
 
 
+class _Graph(nn.Module):
+    """`one_position` with the plan and constants fixed, for `torch.export`."""
+
+    def __init__(self, graph: DecodeGraph):
+        super().__init__()
+        self.plan, self.constants = graph.plan, graph.constants
+
+    def forward(self, x, cos, signed_sin, keys, values, tensors):
+        return one_position(x, cos, signed_sin, keys, values, tensors, self.plan, *self.constants)
+
+
+def compile_package(graph: DecodeGraph, threads: int):
+    """The compiled library of `graph` at `threads`, from the cache folder or compiled into it (written whole, then
+    renamed: a crash leaves no half library)."""
+    from sortedchat.paths import cache_dir
+
+    path = cache_dir() / "packages" / f"decode-{package_key(graph, threads)}.pt2"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        norm, head_dim = graph.example[0], graph.constants[2]
+        kv_heads = graph.plan[0][1][1][1] // head_dim  # the key projection's outputs
+        rotation = norm.new_zeros(1, 1, 1, head_dim)
+        keys = norm.new_zeros(3, kv_heads, head_dim)  # two positions and the new one
+        positions = torch.export.Dim("positions", min=2)
+        temporary = path.with_name(f"{path.stem}.{os.getpid()}.pt2")
+        previous = torch.get_num_threads()
+        with torch.inference_mode():
+            program = torch.export.export(
+                _Graph(graph), (norm.new_zeros(1, 1, norm.shape[0]), rotation, rotation.clone(), keys, keys.clone(),
+                                list(graph.example)),
+                dynamic_shapes={"x": None, "cos": None, "signed_sin": None, "keys": {0: positions},
+                                "values": {0: positions}, "tensors": [None] * len(graph.example)})
+            torch.set_num_threads(threads)
+            try:
+                torch._inductor.aoti_compile_and_package(program, package_path=str(temporary))
+            finally:
+                torch.set_num_threads(previous)
+        os.replace(temporary, path)
+    return torch._inductor.aoti_load_package(str(path))
+
+
+def package_key(graph: DecodeGraph, threads: int) -> str:
+    """What a compiled library depends on: this module's code, torch's and sortedchat's versions, the layers' plan,
+    shapes and constants, the CPU (its instruction set and model) and the thread count."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        cpu += next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line), "")
+    parts = (Path(__file__).read_bytes(), torch.__version__, __version__, graph.plan, graph.shapes, graph.constants,
+             torch.backends.cpu.get_cpu_capability(), cpu, threads)
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
+
+
+def shapes(tensors: list[torch.Tensor]) -> tuple:
+    return tuple((tuple(t.shape), t.dtype, t.device.type) for t in tensors)
+
+
 def plain(layer: nn.Module) -> bool:
     """Whether `one_position` is this layer's computation as far as its parts tell: plain linear projections (or
-    `--quantize`'s, with their grouped int8 weights),
-    LLaMA's RMSNorm (`variance_epsilon`, no offset), SiLU, no q/k norms. The warm-up's probe checks the numbers."""
+    `--quantize`'s: grouped int8 weights, int4 blocks), LLaMA's RMSNorm (`variance_epsilon`, no offset), SiLU, no
+    q/k norms. The warm-up's probe checks the numbers."""
     attn, mlp = layer.self_attn, layer.mlp
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
     return (
-        all(type(p) is nn.Linear or is_int8(p) and p.grouped is not None
+        all(type(p) is nn.Linear or is_int8(p) and p.grouped is not None or isinstance(p, Int4Linear)
             for p in (getattr(m, n, None) for m, names in ((attn, "qkvo"), (mlp, ("gate", "up", "down")))
             for n in (f"{c}_proj" for c in names)))
         and all(type(norm).__name__ == "LlamaRMSNorm" for norm in norms)
@@ -150,28 +267,35 @@ def plain(layer: nn.Module) -> bool:
 
 
 def with_compiled(sm: SortedModel, steps: list) -> list:
-    """`steps` with the compiled step in place of each eager `LayerStep` of a plain layer, once `compile_steps`
-    compiled `sm` (and while its graph works); `steps` as they are otherwise."""
+    """`steps` with the compiled step in place of each eager `LayerStep` of a plain layer whose inputs are the
+    graph's (same plan and shapes), once `compile_steps` compiled `sm` (and while its graph works); `steps` as they
+    are otherwise."""
     graph = _GRAPHS.get(sm.model)
     if graph is None or graph.problem is not None:
         return steps
-    steps[:] = [CompiledStep(layer, graph) if type(s) is LayerStep and plain(layer) else s
-                for s, layer in zip(steps, sm.layers)]
+    for i, (step, layer) in enumerate(zip(steps, sm.layers)):
+        if type(step) is LayerStep and plain(layer):
+            compiled = CompiledStep(layer, graph)
+            if compiled.plan == graph.plan and shapes(compiled.tensors) == graph.shapes:
+                steps[i] = compiled
     return steps
 
 
 def compile_steps(sm: SortedModel, progress: Progress = quiet) -> str | None:
-    """`--compile`: compile the decoding step of `sm` now (inductor's on-disk cache makes a second start faster),
-    check it on a probe against the eager step, and use it in every `LayeredState` made afterwards. Returns None,
-    or the one line saying why decoding stays eager."""
+    """`--compile`: compile the decoding step of `sm` now (or load it from the cache folder), check it on a probe
+    against the eager step, and use it in every `LayeredState` made afterwards. Returns None, or the one line
+    saying why decoding stays eager."""
     if sm.num_layers == 0 or not plain(sm.layers[0]):
-        why = " (--quantize int4 products are not compiled)" if quantization(sm) == "int4" else ""
-        problem = _PROBLEMS[sm.model] = ("--compile: this model's layers are not the kind the compiled step "
-                                         f"knows{why}; decoding eagerly")
+        problem = _PROBLEMS[sm.model] = ("--compile: this model's layers are not the kind the compiled step knows; "
+                                         "decoding eagerly")
         return problem
     progress("compiling the decoding step", None)
-    graph = _GRAPHS[sm.model] = DecodeGraph(sm.layers[0])
+    graph = _GRAPHS[sm.model] = DecodeGraph(CompiledStep(sm.layers[0]))
     with _graph_products(sm):
+        try:
+            graph.loader()
+        except Exception as exc:  # no C++ compiler, an operator export or inductor cannot take...
+            graph.problem = f"--compile: the compiled step failed, decoding eagerly ({first_line(exc)})"
         compiled, eager = _probe(sm, compiled=True), _probe(sm, compiled=False)
     problem = graph.problem
     # Fused kernels round differently, and 30 layers add it up (about 1e-5 of the norm on SmolLM2); a computation

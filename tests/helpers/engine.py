@@ -51,11 +51,11 @@ def count_graph_calls(sm, monkeypatch) -> list[int]:
     from sortedchat.engine import compiled
 
     graph = compiled._GRAPHS[sm.model]
-    calls, function = [0], graph.function
+    calls, loader = [0], graph.loader
 
-    def counted(*args):
+    def counted():
         calls[0] += 1
-        return function(*args)
+        return loader()
 
-    monkeypatch.setattr(graph, "function", counted)
+    monkeypatch.setattr(graph, "loader", counted)
     return calls
