@@ -294,7 +294,8 @@ def test_compile_runs_the_int4_products_in_the_graph_and_answers_what_eager_does
     calls = count_graph_calls(sm, monkeypatch)
     step = ChatSession(sm).state.steps[0]
     assert type(step) is CompiledStep and step.plan[2][0]  # gate/up in one kernel call, as eagerly
-    assert all(lora == adapted for group in step.plan for _, _, lora, _ in group[1])
+    assert step.plan[2][1] == adapted  # and their adapters as one
+    assert all(lora == adapted for group in step.plan for _, _, lora, _ in group[2])
     for mode in (Mode.fixed(), Mode.auto(0.3), Mode.speculative(2, draft_len=3, pace=False)):
         answers = [run(no_stop(ChatSession(m, mode)), prompt_ids(m, PROMPTS[0]), n=12) for m in (eager, sm)]
         assert answers[1] == answers[0]
