@@ -295,6 +295,7 @@ def test_compile_runs_the_int4_products_in_the_graph_and_answers_what_eager_does
     step = ChatSession(sm).state.steps[0]
     assert type(step) is CompiledStep and step.plan[2][0]  # gate/up in one kernel call, as eagerly
     assert step.plan[2][1] == adapted  # and their adapters as one
+    assert all(a is b for a, b in zip(step.tensors, ChatSession(sm).state.steps[0].tensors))  # once, not per session
     assert all(lora == adapted for group in step.plan for _, _, lora, _ in group[2])
     for mode in (Mode.fixed(), Mode.auto(0.3), Mode.speculative(2, draft_len=3, pace=False)):
         answers = [run(no_stop(ChatSession(m, mode)), prompt_ids(m, PROMPTS[0]), n=12) for m in (eager, sm)]

@@ -75,9 +75,10 @@ class LoadFlags(PreciseLoadFlags):
                                                "(bitsandbytes)")] = False
     load_in_8bit: Annotated[bool, typer.Option("--load-in-8bit", help="Quantize the weights to 8 bits "
                                                "(bitsandbytes)")] = False
-    compile: Annotated[bool, typer.Option("--compile", help="Compile the one-token decoding step with "
-                                          "torch.compile while the model loads (up to a minute the first time, "
-                                          "cached on disk after that); eager if it cannot")] = False
+    compile: Annotated[bool, typer.Option("--compile", help="Compile the one-token decoding step ahead "
+                                          "of time (AOTInductor; needs a C++ compiler) while the model loads: "
+                                          "10-30 s the first time for a model, CPU and thread count, kept in the "
+                                          "cache folder after that; eager if it cannot")] = False
 
 
 # The flag that sets each `Mode` field a `ModeError` can name (`--speculative` sets `depth` when drafting).

@@ -5,8 +5,8 @@ Decoding one token at a time runs 30 layer calls of a few dozen small operators 
 the Python around them cost about as much as a third of the layers' matrix products in float32, and more than the
 products themselves with 4-bit weights (BENCHMARKS.md, issue 20). Inductor fuses the norms, rotary, the K/V write,
 the residuals, the activation and the casts into a few C++ kernels around the products; AOTInductor builds them
-into a shared library called from C++ without dynamo's guards or Python between the kernels (what `torch.compile`
-kept: per-layer overhead about three times AOTInductor's, BENCHMARKS.md). The graph takes everything a layer
+into a shared library called from C++ without dynamo's guards or Python between the kernels (`torch.compile`'s
+graph, called through dynamo, left nearly twice as much time around the products: BENCHMARKS.md). The graph takes everything a layer
 differs by as inputs (its weights, its K/V), so one library serves every layer of the same shapes, and the K/V
 length is a dynamic dimension, so a chat never recompiles. The library is compiled once per model shape, kind of
 weights, CPU and thread count (its kernels are made for both) and kept in the cache folder (`packages`): a later
@@ -47,6 +47,7 @@ PROBE_TOLERANCE = 1e-3  # the probe's compiled and eager outputs differ by at mo
 
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its `DecodeGraph`, once compiled
 _PROBLEMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> why `compile_steps` left it eager
+_JOINED_ADAPTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # first product -> (ids, `joined_adapters`)
 
 
 class DecodeGraph:
@@ -104,7 +105,7 @@ class CompiledStep(LayerStep):
         # about 0.8 MB a layer more on SmolLM2 (rank 16), for 6 fewer small products a layer (1.3 ms a token)
         adapters_joined = together and len(adapters) == len(products)
         if adapters_joined:
-            self.tensors += [torch.cat([a for a, _ in adapters], dim=1), torch.block_diag(*[b for _, b in adapters])]
+            self.tensors += joined_adapters(products)
         parts = []
         for p in products:
             kind = "int4" if isinstance(p, Int4Linear) else "int8" if is_int8(p) else "float"
@@ -131,6 +132,19 @@ class CompiledStep(LayerStep):
                 cache_layer.show(n + 1)
                 return out
         return super().__call__(x, span, cache_layer)
+
+
+def joined_adapters(products: list[Int4Linear]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LoRA adapters (A^T, B^T scaled) of int4 products of one input as one: their A side by side, their B
+    block-diagonal. Made once per model (every decoding state makes its steps anew), as plain tensors."""
+    key = tuple(id(t) for p in products for t in p.lora)
+    known = _JOINED_ADAPTERS.get(products[0])
+    if known is None or known[0] != key:
+        with torch.inference_mode(False), torch.no_grad():
+            known = key, (torch.cat([p.lora[0] for p in products], dim=1),
+                          torch.block_diag(*[p.lora[1] for p in products]))
+        _JOINED_ADAPTERS[products[0]] = known
+    return known[1]
 
 
 def one_position(x, cos, signed_sin, keys, values, tensors, plan, eps: float, scaling: float, head_dim: int):
@@ -223,9 +237,13 @@ def compile_package(graph: DecodeGraph, threads: int):
     renamed: a crash leaves no half library)."""
     from sortedchat.paths import cache_dir
 
-    path = cache_dir() / "packages" / f"decode-{package_key(graph, threads)}.pt2"
+    code = hashlib.sha256(Path(__file__).read_bytes() + torch.__version__.encode()).hexdigest()[:8]
+    path = cache_dir() / "packages" / f"decode-{code}-{package_key(graph, threads)}.pt2"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
+        for old in path.parent.glob("decode-*.pt2"):  # compiled from another version of this code: never loaded
+            if not old.name.startswith(f"decode-{code}-"):
+                old.unlink(missing_ok=True)
         norm, head_dim = graph.example[0], graph.constants[2]
         kv_heads = graph.plan[0][2][1][1] // head_dim  # the key projection's outputs
         rotation = norm.new_zeros(1, 1, 1, head_dim)
@@ -249,12 +267,13 @@ def compile_package(graph: DecodeGraph, threads: int):
 
 
 def package_key(graph: DecodeGraph, threads: int) -> str:
-    """What a compiled library depends on: this module's code, torch's and sortedchat's versions, the layers' plan,
-    shapes and constants, the CPU (its instruction set and model) and the thread count."""
+    """What a compiled library depends on besides this module's code and torch's version (`compile_package` names it
+    by those too): sortedchat's version, the layers' plan, shapes and constants, the CPU (its instruction set and
+    model) and the thread count."""
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         cpu += next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line), "")
-    parts = (Path(__file__).read_bytes(), torch.__version__, __version__, graph.plan, graph.shapes, graph.constants,
+    parts = (__version__, graph.plan, graph.shapes, graph.constants,
              torch.backends.cpu.get_cpu_capability(), cpu, threads)
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:24]
 
