@@ -7,6 +7,8 @@ package carries profiling code):
 - attention: `F.scaled_dot_product_attention`;
 - norms and rotary: the model's RMSNorm modules, its rotary table, `apply_rotary_pos_emb`;
 - K/V writes: the cache layer's `update`;
+- compiled layers: with `--compile`, the compiled library's calls (a whole layer each: its products, norms,
+  rotary, K/V write and attention, none of them seen apart);
 - layer glue: the decoder layer's own code around those (transformers' modules, or the engine's step):
   residual adds, the activation, reshapes, their Python;
 - engine: `LayeredState.run` itself (embedding, positions, masks, the backlog, its Python);
@@ -24,6 +26,7 @@ Both ways of running the layers are profiled in the same process: the engine's o
     python benchmarks/profile_step.py                       # default model, float32, 1 thread, 3 x 64 tokens
     python benchmarks/profile_step.py --threads 2 --tokens 128 --rounds 5
     python benchmarks/profile_step.py --quantize int4               # the layers' products in 4-bit blocks
+    python benchmarks/profile_step.py --quantize int4 --compile     # the engine's steps compiled (`--compile`)
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from sortedchat.engine import ChatSession, Mode, SamplingConfig, layer_step
+from sortedchat.engine import ChatSession, Mode, SamplingConfig, compiled, layer_step
 from sortedchat.engine import session as session_module
 from sortedchat.engine import state as state_module
 from sortedchat.engine.sampling import Sampler
@@ -54,7 +57,7 @@ from sortedchat.quantize import Int8Linear
 from sortedchat.sorted_model import SortedModel
 
 PROMPT = "Why is the sky blue?"
-PARTS = ("products", "attention", "norms", "rotary", "K/V writes", "layer glue", "engine", "head", "sampling",
+PARTS = ("products", "compiled layers", "attention", "norms", "rotary", "K/V writes", "layer glue", "engine", "head", "sampling",
          "detokenizing", "events", "loop")
 ABSORBING = ("head", "sampling", "prefill")  # everything inside these is theirs
 
@@ -84,6 +87,8 @@ def targets(sm: SortedModel) -> list[tuple[object, str, str]]:
         (session_module._Answer, "event", "events"),
         (ChatSession, "_prefill", "prefill"),
         (layer_step.LayerStep, "__call__", "layer glue"),
+        (compiled.CompiledStep, "__call__", "layer glue"),
+        (compiled.DecodeGraph, "__call__", "compiled layers"),  # `--compile`'s library: a layer in one call
         (layer_step, "attend", "attention"),
     ]
     return [(owner, attr, part) for owner, attr, part in found if hasattr(owner, attr)]
@@ -187,10 +192,13 @@ def main(
     rounds: Annotated[int, typer.Option("--rounds", help="Unprofiled answers timed per path (median)")] = 3,
     threads: Annotated[int, typer.Option("--threads", help="torch threads")] = 1,
     quantize: Annotated[Optional[str], typer.Option("--quantize", help="int8 or int4 products")] = None,
+    compile: Annotated[bool, typer.Option("--compile", help="the engine's steps compiled (`--compile`)")] = False,
 ) -> None:
     """Profile full-depth decoding through the engine's own layer steps and through transformers' layers."""
     torch.set_num_threads(threads)
-    sm = load_sorted_model(model, LoadOptions(device="cpu", dtype="float32", quantize=quantize))
+    sm = load_sorted_model(model, LoadOptions(device="cpu", dtype="float32", quantize=quantize, compile=compile))
+    if compile and (problem := compiled.compile_steps(sm)):
+        raise SystemExit(problem)
     sampling = SamplingConfig(max_new_tokens=tokens, stop_at_end_of_turn=False)
     paths = {"transformers' layers": True, "engine's steps": False}
     sessions = {}
@@ -213,7 +221,7 @@ def main(
             results[name] = profiled(sessions[name], sampling, targets(sm))
 
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    weights = f"float32, {quantize} products" if quantize else "float32"
+    weights = (f"float32, {quantize} products" if quantize else "float32") + (", --compile" if compile else "")
     table = Table(title=f"{sm.source} · {weights} · {torch.get_num_threads()} thread(s) · {tokens} tokens · ms per "
                         f"token (profiled: ops / Python) · load {load}", title_justify="left")
     table.add_column("part")
