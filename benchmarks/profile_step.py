@@ -57,8 +57,8 @@ from sortedchat.quantize import Int8Linear
 from sortedchat.sorted_model import SortedModel
 
 PROMPT = "Why is the sky blue?"
-PARTS = ("products", "compiled layers", "attention", "norms", "rotary", "K/V writes", "layer glue", "engine", "head", "sampling",
-         "detokenizing", "events", "loop")
+PARTS = ("products", "compiled layers", "attention", "norms", "rotary", "K/V writes", "layer glue", "engine", "head",
+         "sampling", "detokenizing", "events", "loop")
 ABSORBING = ("head", "sampling", "prefill")  # everything inside these is theirs
 
 

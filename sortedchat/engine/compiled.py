@@ -1,24 +1,24 @@
-"""The compiled decoding step (`--compile`): one graph, compiled ahead of time by AOTInductor, that runs a
-LLaMA-family layer over one position, for every layer.
+"""The compiled decoding step (`--compile`): one graph, compiled ahead of time by AOTInductor, that runs a LLaMA-family
+layer over one position, for every layer.
 
 Decoding one token at a time runs 30 layer calls of a few dozen small operators each; on a CPU their dispatch and
 the Python around them cost about as much as a third of the layers' matrix products in float32, and more than the
 products themselves with 4-bit weights (BENCHMARKS.md, issue 20). Inductor fuses the norms, rotary, the K/V write,
-the residuals, the activation and the casts into a few C++ kernels around the products; AOTInductor builds them
-into a shared library called from C++ without dynamo's guards or Python between the kernels (`torch.compile`'s
-graph, called through dynamo, left nearly twice as much time around the products: BENCHMARKS.md). The graph takes everything a layer
-differs by as inputs (its weights, its K/V), so one library serves every layer of the same shapes, and the K/V
-length is a dynamic dimension, so a chat never recompiles. The library is compiled once per model shape, kind of
-weights, CPU and thread count (its kernels are made for both) and kept in the cache folder (`packages`): a later
-start loads it in milliseconds.
+the residuals, the activation and the casts into a few C++ kernels around the products; AOTInductor builds them into
+a shared library called from C++ without dynamo's guards or Python between the kernels (`torch.compile`'s graph,
+called through dynamo, left nearly twice as much time around the products: BENCHMARKS.md). The graph takes
+everything a layer differs by as inputs (its weights, its K/V), so one library serves every layer of the same
+shapes, and the K/V length is a dynamic dimension, so a chat never recompiles. The library is compiled once per
+model shape, kind of weights, CPU and thread count (its kernels are made for both) and kept in the cache folder
+(`packages`): a later start loads it in milliseconds.
 
 Only the common case is compiled: one position, no mask, a K/V buffer (`GrowingLayer`) with room for it. Prefill,
 drains of waiting positions, propagation and a full buffer run the engine's own eager step (`LayerStep`), which
-stays the reference: the compiled step computes the same operators, but fused kernels may round differently, so
-its tokens are checked against eager in tests/test_compiled.py, not its bits.
+stays the reference: the compiled step computes the same operators, but fused kernels may round differently, so its
+tokens are checked against eager in tests/test_compiled.py, not its bits.
 
-Products: float32 weights, `--quantize int8`'s (int8 weights with one scale per 32 inputs, `Int8Linear.grouped`,
-on float32 inputs, dequantized where inductor fuses them into the product), and `--quantize int4`'s (torch's int4
+Products: float32 weights, `--quantize int8`'s (int8 weights with one scale per 32 inputs, `Int8Linear.grouped`, on
+float32 inputs, dequantized where inductor fuses them into the product), and `--quantize int4`'s (torch's int4
 kernel on the same packed blocks as eagerly, joined where the eager step joins them, the adapter beside them).
 """
 
