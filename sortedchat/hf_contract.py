@@ -140,7 +140,7 @@ class GrowingLayer(DynamicLayer):
         if (
             buffers is None
             or n + q > buffers[0].shape[1]
-            or (n and self.keys.data_ptr() != buffers[0].data_ptr())
+            or (n and (self.keys.data_ptr(), self.values.data_ptr()) != (buffers[0].data_ptr(), buffers[1].data_ptr()))
             or (buffers[0].is_inference() and not torch.is_inference_mode_enabled())
         ):
             return None

@@ -122,9 +122,10 @@ def test_a_long_chat_never_recompiles_and_writes_k_v_into_the_layers_buffers(tin
     assert graph_calls[0] > 140 * compiled.num_layers
 
 
-def test_the_library_is_kept_in_the_cache_folder_and_loaded_by_the_next_start(tiny, tmp_path, monkeypatch):
+def test_the_library_is_kept_in_the_cache_folder_loaded_by_the_next_start_and_compiled_again_if_damaged(
+        tiny, tmp_path, monkeypatch):
     """A second model of the same shapes (the next start) loads the library the first one compiled, without
-    compiling (`aoti_compile_and_package` is not called), and answers the same."""
+    compiling, and answers the same; a damaged library (a full disk, a copy cut short) is compiled again, once."""
     packages = tmp_path / "cache" / "packages"
     packages.mkdir(parents=True)
     (packages / "decode-00000000-0123.pt2").write_bytes(b"compiled by an older sortedchat")
@@ -133,13 +134,52 @@ def test_the_library_is_kept_in_the_cache_folder_and_loaded_by_the_next_start(ti
     libraries = list(packages.glob("*"))  # the older library pruned, no temporary left behind
     assert len(libraries) == 1 and libraries[0].name.startswith("decode-") and libraries[0].suffix == ".pt2"
 
-    def no_compiling(*args, **kwargs):
-        raise AssertionError("compiled again")
+    compiling, original = [], compiled_module.torch._inductor.aoti_compile_and_package
 
-    monkeypatch.setattr(compiled_module.torch._inductor, "aoti_compile_and_package", no_compiling)
+    def recorded(*args, **kwargs):
+        compiling.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(compiled_module.torch._inductor, "aoti_compile_and_package", recorded)
     second = copy.deepcopy(tiny)
-    assert compile_steps(second) is None
-    assert greedy(second, Mode.fixed(), PROMPTS[0], n=12)[0] == greedy(tiny, Mode.fixed(), PROMPTS[0], n=12)[0]
+    assert compile_steps(second) is None and not compiling
+    expected = greedy(tiny, Mode.fixed(), PROMPTS[0], n=12)[0]
+    assert greedy(second, Mode.fixed(), PROMPTS[0], n=12)[0] == expected
+
+    size = libraries[0].stat().st_size
+    libraries[0].write_bytes(libraries[0].read_bytes()[: size // 2])
+    third = copy.deepcopy(tiny)
+    assert compile_steps(third) is None and compiling == [1]
+    assert libraries[0].stat().st_size > size // 2
+    assert greedy(third, Mode.fixed(), PROMPTS[0], n=12)[0] == expected
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_model_with_biases_and_as_many_k_v_heads_as_heads_compiles(tmp_path, monkeypatch, dtype):
+    """Other LLaMA shapes than the tiny model's: biases on every projection, no grouped K/V heads, head size 24.
+    float32 answers what eager does; bfloat16 (half precision rounds otherwise in fused kernels) is accepted too."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sortedchat.loading import LoadOptions, load_sorted_model
+
+    from conftest import build_tokenizer
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=72, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=3, num_key_value_heads=3, attention_bias=True, mlp_bias=True,
+                         initializer_range=0.2, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "m", safe_serialization=True)
+    tok.save_pretrained(tmp_path / "m")
+    eager = load_sorted_model(str(tmp_path / "m"), LoadOptions(device="cpu", dtype=dtype))
+    sm = copy.deepcopy(eager)
+    assert compile_steps(sm) is None
+    calls = count_graph_calls(sm, monkeypatch)
+    got, _ = greedy(sm, Mode.fixed(), PROMPTS[0], n=12)
+    assert len(got) == 12 and calls[0] >= 11 * sm.num_layers
+    if dtype == "float32":
+        assert got == greedy(eager, Mode.fixed(), PROMPTS[0], n=12)[0]
 
 
 def test_another_thread_count_gets_a_library_of_its_own(tiny, compiled, graph_calls):
