@@ -158,11 +158,10 @@ def test_the_library_is_kept_in_the_cache_folder_loaded_by_the_next_start_and_co
 def test_a_model_with_biases_and_as_many_k_v_heads_as_heads_compiles(tmp_path, monkeypatch, dtype):
     """Other LLaMA shapes than the tiny model's: biases on every projection, no grouped K/V heads, head size 24.
     float32 answers what eager does; bfloat16 (half precision rounds otherwise in fused kernels) is accepted too."""
+    from conftest import build_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sortedchat.loading import LoadOptions, load_sorted_model
-
-    from conftest import build_tokenizer
 
     tok = build_tokenizer()
     torch.manual_seed(0)
