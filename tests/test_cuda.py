@@ -25,10 +25,11 @@ import torch
 from rich.console import Console
 
 from sortedchat.engine import ChatSession, Mode, SamplingConfig
+from sortedchat.engine.compiled import compile_steps
 from sortedchat.head_product import HeadProduct
 from sortedchat.loading import LoadOptions, load_sorted_model, resolve_dtype
 
-from helpers.engine import PROMPTS, fresh_prefill_kv, hf_greedy, no_stop, prompt_ids, run
+from helpers.engine import PROMPTS, count_graph_calls, fresh_prefill_kv, hf_greedy, no_stop, prompt_ids, run
 from helpers.training import options
 
 NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -90,6 +91,17 @@ def test_the_model_lands_on_the_device_and_dtype_asked_for(sm, tiny_dir):
     if device == "cuda":  # "auto" is bfloat16 on a GPU that has it
         auto = load_sorted_model(str(tiny_dir), LoadOptions(device="cuda", exits=[2, 4, 6]))
         assert auto.dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+
+
+def test_the_compiled_step_answers_what_the_eager_one_does(sm, monkeypatch):
+    """`--compile` on the device and dtype (its library compiled for them): the graph runs every decoding step, and
+    greedy answers leave the eager engine's only at a near tie."""
+    compiled = copy.deepcopy(sm)
+    assert compile_steps(compiled) is None
+    calls = count_graph_calls(compiled, monkeypatch)
+    ids = prompt_ids(sm, PROMPTS[0])
+    assert_greedy_matches(sm, ids, run(no_stop(ChatSession(compiled)), ids), run(no_stop(ChatSession(sm)), ids))
+    assert calls[0] >= 23 * compiled.num_layers
 
 
 @pytest.mark.parametrize("messages", PROMPTS)
