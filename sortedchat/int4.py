@@ -62,8 +62,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16).contiguous(), self.packed, GROUP,
-                                                         self.scales_and_zeros).to(x.dtype)
+        out = block_product(flat, self.packed, self.scales_and_zeros).to(x.dtype)
         return self.finish(out, flat).view(*x.shape[:-1], self.out_features)
 
     def finish(self, out: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
@@ -71,8 +70,7 @@ class Int4Linear(nn.Module):
         (Not joined with other products' adapters: MKL splits one position's product by its width and the thread
         count, so the last bits would differ from this product's own call.)"""
         if self.lora is not None:
-            a, b = self.lora
-            out = torch.addmm(out, flat @ a, b)
+            out = with_adapter(out, flat, *self.lora)
         return out if self.bias is None else out + self.bias
 
     @property
@@ -108,10 +106,21 @@ class JoinedInt4:
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         flat = x.reshape(-1, self.in_features)
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16).contiguous(), self.packed, GROUP,
-                                                         self.scales_and_zeros).to(x.dtype)
+        out = block_product(flat, self.packed, self.scales_and_zeros).to(x.dtype)
         return [p.finish(out[:, lo:hi], flat).view(*x.shape[:-1], hi - lo)
                 for p, (lo, hi) in zip(self.parts, self.bounds)]
+
+
+def block_product(flat: torch.Tensor, packed: torch.Tensor, scales_and_zeros: torch.Tensor) -> torch.Tensor:
+    """torch's CPU int4 kernel over rows [rows, in] on packed 4-bit blocks: bfloat16 inputs (its fast path), float32
+    out. (`engine/compiled.py`'s graph calls it too.)"""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16).contiguous(), packed, GROUP,
+                                                      scales_and_zeros).float()
+
+
+def with_adapter(out: torch.Tensor, flat: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`out` plus a LoRA adapter's product on `flat`: (flat @ A^T) @ (B^T scaled), two small products."""
+    return torch.addmm(out, flat @ a, b)
 
 
 def joined(products: list[nn.Module]):

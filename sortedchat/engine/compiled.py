@@ -36,16 +36,14 @@ from torch import nn
 from sortedchat import first_line
 from sortedchat.engine.aot_library import library
 from sortedchat.engine.layer_step import LayerStep, Span
-from sortedchat.int4 import GROUP as INT4_GROUP
-from sortedchat.int4 import Int4Linear, JoinedInt4
+from sortedchat.int4 import Int4Linear, JoinedInt4, block_product, with_adapter
 from sortedchat.progress import Progress, quiet
 from sortedchat.quantize import GROUP, PROJECTIONS, is_int8
 from sortedchat.sorted_model import SortedModel
 
-# The probe's compiled and eager outputs differ by at most this share (norms), or eager stays: float32, and half
-# precision, whose roundings in fused kernels add up to about 2% over a tiny bfloat16 model's layers.
-PROBE_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-3}
-HALF_TOLERANCE = 5e-2
+# The probe's compiled and eager outputs differ by at most this share (norms), or eager stays: in float32, and in
+# half precision, whose roundings in fused kernels add up to about 2% over a tiny bfloat16 model's layers.
+PROBE_TOLERANCE, HALF_TOLERANCE = 1e-3, 5e-2
 
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its `DecodeGraph`, once compiled
 _PROBLEMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> why `compile_steps` left it eager
@@ -208,32 +206,24 @@ def products(x, group: tuple, t) -> list[torch.Tensor]:
     the iterator `t`."""
     together, adapters_joined, parts = group
     if together:
-        whole = int4(x, next(t), next(t))
+        whole = block_product(x, next(t), next(t))
         if adapters_joined:
-            a, b = next(t), next(t)
-            whole = torch.addmm(whole, x @ a, b)
+            whole = with_adapter(whole, x, next(t), next(t))
         joined = whole.split([part.size for part in parts], dim=-1)
     outs = []
     for i, (kind, _, lora, bias) in enumerate(parts):
         if together:
             out = joined[i]
         elif kind == "int4":
-            out = int4(x, next(t), next(t))
+            out = block_product(x, next(t), next(t))
         elif kind == "int8":
             out = linear(x, next(t), next(t), None)
         else:
             out = F.linear(x, next(t))
         if lora and not adapters_joined:
-            a, b = next(t), next(t)
-            out = torch.addmm(out, x @ a, b)
+            out = with_adapter(out, x, next(t), next(t))
         outs.append(out + next(t) if bias else out)
     return outs
-
-
-def int4(x, packed, scales_and_zeros):
-    """`Int4Linear`'s block product: bfloat16 in, float32 out."""
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, INT4_GROUP,
-                                                      scales_and_zeros).float()
 
 
 def linear(x, weight, scale, bias):
@@ -321,7 +311,7 @@ def compile_steps(sm: SortedModel, progress: Progress = quiet) -> str | None:
     problem = graph.problem
     # Fused kernels round differently, and 30 layers add it up (about 1e-5 of the norm on SmolLM2); a computation
     # that is not the layer's is off by its whole size.
-    tolerance = PROBE_TOLERANCE.get(eager.dtype, HALF_TOLERANCE)
+    tolerance = PROBE_TOLERANCE if eager.element_size() >= 4 else HALF_TOLERANCE
     if problem is None and (compiled - eager).norm() > tolerance * eager.norm():
         problem = "--compile: the compiled step does not compute what the eager one does; decoding eagerly"
     if problem is not None:
