@@ -1,7 +1,8 @@
 """The engine's kernels against the plain routes they replace, in one process, as ratios.
 
 - LM head on one position: `F.linear` (what `lm_head` does) against the column-major float32 copy and the
-  half-precision screen of `HeadProduct` chosen on this machine (greedy steps);
+  screen of `HeadProduct` chosen on this machine (greedy steps: half-precision or int8 estimates, the candidates for
+  the argmax recomputed in float32);
 - LM head on a few positions (speculative verification): `F.linear` against `weight @ hidden.T`;
 - the decoder stack on n positions against one position: what draining a backlog of n-1 positions costs
   (the reason auto mode and drafting gain little on a CPU);
@@ -68,7 +69,9 @@ def main(
         base, new = compare(lambda: F.linear(h, w), lambda: sm.head_product(h), rounds, 10)
         rows.append(("head, 1 position", "F.linear", base, "column-major copy", new))
         base, new = compare(lambda: F.linear(h, w), lambda: sm.head_product.screened(h), rounds, 10)
-        rows.append(("head, 1 position, greedy", "F.linear", base, "chosen screen + float32 top 8", new))
+        chosen = sm.head_product.screen(h)
+        rows.append(("head, 1 position, greedy", "F.linear", base,
+                     f"screen chosen here ({chosen.name if chosen else 'none'}) + float32 candidates", new))
         for n in (2, 4, 8):
             hn = torch.randn(1, n, H, generator=g) * float(h.norm() / H**0.5)
             base, new = compare(lambda: F.linear(hn, w), lambda: sm.head_product(hn), rounds, 5)

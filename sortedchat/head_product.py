@@ -1,74 +1,40 @@
-"""The LM head's matrix product on a CPU: the kernel that is fastest for the rows at hand, and a
-half-precision screen that finds the float32 argmax for greedy decoding at a fraction of the memory traffic.
+"""The LM head's matrix product on a CPU: the kernel that is fastest for the rows at hand, and a screen that
+finds the float32 argmax for greedy decoding at a fraction of the memory traffic.
 
 On SmolLM2-135M the norm + head (49152 x 576) costs as much as 6-9 decoder layers when run as `F.linear`,
 so its kernel matters. Which kernel is fastest differs from CPU to CPU, so the screen is chosen on the machine it
-runs on: the first greedy step times every screen (`SCREENS`: a float16 or bfloat16 copy, as `F.linear` or as a
-matrix-vector product) against the exact float32 product and keeps the fastest, or none if none beats the exact
-product (`choose_screen`; one choice per head shape and thread count in a process). One position, 1 thread:
-- Intel Xeon (AVX-512, bf16, AMX), today: float32 `F.linear` 9.0 ms, against a column-major copy 8.3 ms; float16
-  `F.linear` 11.4 ms and matrix-vector 14.4 ms (slower than float32); bfloat16 `F.linear` 8.0 ms and
-  matrix-vector 3.2 ms: the bfloat16 matrix-vector screen is chosen;
-- a 2-core AMD CPU (AVX2), earlier: float32 `F.linear` 8.9 ms, column-major 4.3 ms, float16 3.3 ms;
-- 2-64 positions (speculative verification): `weight @ hidden.T` 7 ms against `F.linear`'s 16-20 ms (AMD); on the
-  Xeon a column-major copy is about twice as fast for a few rows, so that kernel is timed on first use too
-  (`MULTI_ROW`).
+runs on: the first greedy step times every screen (`head_screens.SCREENS`: a float16 or bfloat16 copy, as
+`F.linear` or as a matrix-vector product; an int8 copy through torch's dynamic int8 kernel) against the exact
+float32 product and keeps the fastest, or none if none beats the exact product (`choose_screen`; one choice per
+head shape and thread count in a process). One position, 1 thread:
+- Intel Xeon (AVX-512, bf16, AMX), 2026-12-02: float32 `F.linear` 9.0 ms, against a column-major copy 8.3 ms;
+  float16 `F.linear` 11.4 ms and matrix-vector 14.4 ms (slower than float32); bfloat16 `F.linear` 8.0 ms and
+  matrix-vector 3.2 ms;
+- AMD EPYC (AVX-512, bf16, VNNI), 2026-12-03: float32 `F.linear` 11 ms, column-major 6.0-6.8 ms; bfloat16
+  matrix-vector 10.7 ms; the int8 screen 2.0 ms (its kernel 1.1-1.4 ms);
+- 2-64 positions (speculative verification): `weight @ hidden.T` 7 ms against `F.linear`'s 16-20 ms (an AMD CPU
+  with AVX2); on the Xeon a column-major copy is about twice as fast for a few rows, so that kernel is timed on
+  first use too (`MULTI_ROW`).
 Everywhere else (GPUs, half-precision or quantized or biased heads, autograd) this is plain `lm_head`.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-SCREEN = 8  # candidates recomputed in float32
+from sortedchat.head_screens import SCREENS, Screen
+
+SCREEN = 8  # the leading estimates recomputed in float32 whatever the bounds say (a displayed confidence's top)
+MOST_CANDIDATES = 1 / 8  # of the vocabulary: past this share recomputing candidates costs about the full product
 EXACT = "float32"  # the exact product's name among the timings `choose_screen` compares
 TIMED_CALLS = 2  # timed calls of each kernel after one warm-up: the fastest counts
 # A smaller head is not screened: its exact product takes well under a millisecond, and timings that short would
 # make the choice (and so the estimates beside the argmax) change from run to run.
 MIN_SCREENED = 1 << 20  # weights
 
-
-@dataclass(frozen=True)
-class Screen:
-    """A half-precision copy of the head and the call that ranks the vocabulary with it.
-
-    A copy of w and h in a format of p significand bits carries relative errors of at most u = 2^-p each; the CPU
-    kernels accumulate in float32 and round each result to the copy's format once more: a screened logit lies
-    within `input_error` * |w_j| * |h| (2u, plus float32 accumulation) + `output_error` * |its value| (u) of the
-    float32 one, and `slack` covers the underflow of tiny entries. float16: p = 11; bfloat16: p = 8 (measured
-    against float64 on random, positive, aligned and badly scaled heads and states: at most 28% of the bound).
-    Per-row norms, not the largest row's, keep bfloat16's wider bound from refusing real steps: on SmolLM2's
-    greedy steps of the bench prompts it falls back on 1 of 144 (0 for float16; 73 with the largest row's
-    norm). `max_input` is where a copy of the hidden state would overflow (bfloat16 has float32's range)."""
-
-    name: str
-    dtype: torch.dtype
-    matrix_vector: bool  # `copy @ h`, rather than `F.linear(h, copy)`
-    input_error: float
-    output_error: float
-    slack: float
-    max_input: float
-
-    def logits(self, copy: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """The screen's estimate of every logit, float32, for one position [H]."""
-        h = hidden.to(self.dtype)
-        return (copy @ h if self.matrix_vector else F.linear(h, copy)).float()
-
-
-HALF = dict(dtype=torch.float16, input_error=1.1e-3, output_error=5e-4, slack=1e-3, max_input=6.0e4)
-BFLOAT = dict(dtype=torch.bfloat16, input_error=8e-3, output_error=4e-3, slack=1e-3, max_input=math.inf)
-SCREENS = {s.name: s for s in (
-    Screen("float16", matrix_vector=False, **HALF),
-    Screen("float16 matrix-vector", matrix_vector=True, **HALF),
-    Screen("bfloat16", matrix_vector=False, **BFLOAT),
-    Screen("bfloat16 matrix-vector", matrix_vector=True, **BFLOAT),
-)}
 
 _CHOSEN: dict[tuple, Screen | None] = {}  # (head shape, threads) -> the screen chosen in this process
 # The exact product over 2..MAX_ROWS positions (speculative verification), by name: both are float32 products of the
@@ -127,8 +93,8 @@ class HeadProduct:
             and not torch.is_grad_enabled()
         )
 
-    def _copy(self, name: str | torch.dtype) -> torch.Tensor:
-        """The weight as "columns" (column-major), its "row_norms", or a copy in a screen's dtype."""
+    def _copy(self, name: str | torch.dtype):
+        """The weight as "columns" (column-major), its "row_norms", or a screen's copy (by its `copy_name`)."""
         w = self.lm_head.weight
         key = (w.data_ptr(), tuple(w.shape), 0 if w.is_inference() else w._version)
         if self._key != key:
@@ -140,7 +106,7 @@ class HeadProduct:
             elif name == "row_norms":
                 self._copies[name] = w.norm(dim=1)
             else:
-                self._copies[name] = w.to(name)
+                self._copies[name] = next(s for s in SCREENS.values() if s.copy_name == name).make_copy(w)
         return self._copies[name]
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -181,8 +147,8 @@ class HeadProduct:
         if key not in _CHOSEN:
             _CHOSEN[key] = chosen = choose_screen(self.time_screens(hidden))
             for s in SCREENS.values():
-                if chosen is None or s.dtype != chosen.dtype:
-                    self._copies.pop(s.dtype, None)
+                if chosen is None or s.copy_name != chosen.copy_name:
+                    self._copies.pop(s.copy_name, None)
         return _CHOSEN[key]
 
     def time_screens(self, hidden: torch.Tensor) -> dict[str, float]:
@@ -191,20 +157,21 @@ class HeadProduct:
         timings = {EXACT: fastest_seconds(lambda: self(hidden))}
         peak = float(hidden.abs().max())
         for s in SCREENS.values():
-            if peak < s.max_input:
+            if peak < s.max_input and self._copy(s.copy_name) is not None:  # an int8 copy needs its kernel
                 timings[s.name] = fastest_seconds(lambda s=s: self._screened(hidden, s))
         return timings
 
     def screened(self, hidden: torch.Tensor, screen: Screen | None = None) -> torch.Tensor | None:
         """Logits for one position whose argmax is the float32 head's, or None where this does not apply.
 
-        The screen (`screen`, or the one chosen on this machine) ranks the vocabulary; the top `SCREEN`
-        candidates are recomputed in float32; if the best of them beats every other token's screened logit by
-        more than the screen's error bound, it is the float32 argmax (among the candidates, up to the order of the
-        float32 sums: two logits within a few ulps may rank otherwise than in `__call__`). The returned logits are
-        float32 at the candidates and half-precision estimates elsewhere (good for a displayed confidence, not for
-        sampling). None (use `__call__`) when the bound is not met (rare: a near-tie), when no screen beats the
-        exact product here, or off the CPU/float32 path."""
+        The screen (`screen`, or the one chosen on this machine) estimates every logit with a bound on its error;
+        every token whose estimate plus bound reaches the best lower bound (estimate minus bound) may hold the
+        float32 argmax, and those candidates, with the `SCREEN` leading estimates, are recomputed in float32: the
+        argmax among them is the float32 argmax (up to the order of the float32 sums: two logits within a few ulps
+        may rank otherwise than in `__call__`). The returned logits are float32 at the candidates and estimates
+        elsewhere (good for a displayed confidence, not for sampling). None (use `__call__`) when the candidates
+        are more than `MOST_CANDIDATES` of the vocabulary (a near-tie of many), when no screen beats the exact
+        product here, or off the CPU/float32 path."""
         if not self._routed() or hidden.numel() != hidden.shape[-1] or self.lm_head.weight.shape[0] <= SCREEN:
             return None
         screen = screen or self.screen(hidden)
@@ -212,17 +179,20 @@ class HeadProduct:
 
     def _screened(self, hidden: torch.Tensor, screen: Screen) -> torch.Tensor | None:
         h = hidden.reshape(-1)
-        if not float(h.abs().max()) < screen.max_input:
+        peak = float(h.abs().max())
+        if not peak < screen.max_input:  # past what the copy holds; inf and nan too
             return None
-        approx = screen.logits(self._copy(screen.dtype), h)
-        top = approx.topk(SCREEN)
-        candidates = top.indices
-        exact = self.lm_head.weight[candidates] @ h
-        # The most each other token's float32 logit can be (`Screen`): all must stay below the best candidate's.
-        most = approx + (screen.input_error * float(h.norm()) * self._copy("row_norms") + screen.output_error
-                         * approx.abs() + screen.slack)
-        most[candidates] = -math.inf
-        if not float(most.max()) < float(exact.max()):
+        estimate = screen.estimate(self._copy(screen.copy_name), self._copy("row_norms"), h, peak)
+        if estimate is None:
             return None
-        approx[candidates] = exact
+        approx = estimate.logits
+        # Only ids within twice the widest bound of the best estimate can reach its lower bound: bound those alone
+        # (the widest bound is summed in float64, the ids' in float32: a margin far above their rounding).
+        near = torch.nonzero(approx >= float(approx.max()) - 2.001 * estimate.widest).squeeze(1)
+        bound = estimate.bound(near)
+        lowest_best = float((approx[near] - bound).max())
+        candidates = torch.cat([near[approx[near] + bound >= lowest_best], approx.topk(SCREEN).indices]).unique()
+        if len(candidates) > MOST_CANDIDATES * len(approx):
+            return None
+        approx[candidates] = self.lm_head.weight[candidates] @ h
         return approx.reshape(*hidden.shape[:-1], -1)

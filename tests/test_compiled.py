@@ -230,3 +230,19 @@ def test_a_model_the_compiled_step_does_not_know_stays_eager(tiny):
     assert compile_steps(sm) == ("--compile: this model's layers are not the kind the compiled step knows; "
                                  "decoding eagerly")
     assert not any(type(step) is CompiledStep for step in ChatSession(sm).state.steps)
+
+
+@pytest.mark.parametrize("quantize", [None, "int4"], ids=["float32", "int4"])
+def test_a_graph_that_computes_something_else_is_refused_by_the_probe(tiny, monkeypatch, quantize):
+    """The probe's tolerance lets fused roundings through (int4's inputs are rounded to bfloat16, so it gets half
+    precision's), not a layer off by a tenth of its output."""
+    from sortedchat.quantize import quantize_model
+
+    run = compiled_module.DecodeGraph.run
+    monkeypatch.setattr(compiled_module.DecodeGraph, "run", lambda self, inputs: run(self, inputs) * 1.1)
+    sm = copy.deepcopy(tiny)
+    if quantize:
+        quantize_model(sm, quantize)
+    problem = "--compile: the compiled step does not compute what the eager one does; decoding eagerly"
+    assert compile_steps(sm) == problem and compile_problem(sm) == problem
+    assert not any(type(step) is CompiledStep for step in ChatSession(sm).state.steps)

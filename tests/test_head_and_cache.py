@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sortedchat import head_product
+from sortedchat import head_product, head_screens
 from sortedchat.engine.state import GrowingLayer, LayeredState
 from sortedchat.head_product import EXACT, MIN_SCREENED, MULTI_ROW, SCREEN, SCREENS, HeadProduct, choose_screen
+from sortedchat.head_screens import Int8Copy
 
 
 class Holder(nn.Module):
@@ -75,21 +76,74 @@ def test_every_screen_returns_the_float32_argmax(screen):
 
 
 @pytest.mark.parametrize("screen", SCREENS.values(), ids=SCREENS.keys())
-def test_every_screen_refuses_a_near_tie_and_rows_it_cannot_screen(screen):
+def test_every_screen_settles_a_near_tie_in_float32_and_refuses_what_it_cannot_screen(screen):
     holder = Holder()
-    with torch.no_grad():  # more near-equal leaders than the screen recomputes: the bound cannot separate them
-        for i in range(SCREEN + 1):
-            holder.lm_head.weight[100 + i] = holder.lm_head.weight[3] * (1 + 1e-6 * i)
+    with torch.no_grad():  # more near-equal leaders than the `SCREEN` leading estimates: all are recomputed
+        for i in range(SCREEN + 4):
+            holder.lm_head.weight[100 + i] = holder.lm_head.weight[3] * (1 + 1e-6 * (i + 1))
     product = HeadProduct(holder)
     w = holder.lm_head.weight
     with torch.inference_mode():
         h = w[3] / w[3].norm() * 40
-        assert product.screened(h[None], screen) is None
+        screened, exact = product.screened(h[None], screen)[0], F.linear(h, w)
+        assert int(screened.argmax()) == int(exact.argmax()) == 100 + SCREEN + 3
+        torch.testing.assert_close(screened[100:100 + SCREEN + 4], exact[100:100 + SCREEN + 4], rtol=1e-6, atol=0)
         assert product.screened(torch.randn(2, 48), screen) is None  # several rows: not a greedy step
         assert product.screened(torch.full((1, 48), float("nan")), screen) is None
+        assert product.screened(torch.full((1, 48), float("inf")), screen) is None
         assert HeadProduct(Holder(vocab=SCREEN)).screened(torch.randn(1, 48), screen) is None  # nothing to screen
     with torch.no_grad():
         assert product.screened(torch.randn(1, 48), screen) is not None  # no autograd needed: screening applies
+        w[400:1000] = w[3]  # a fifth of the vocabulary tied at the top: the full product is as cheap
+        assert product.screened(h[None], screen) is None
+
+
+@pytest.mark.parametrize("bits", [8, 7])
+def test_the_int8_screens_bound_holds_for_every_token_and_leaves_few_candidates(monkeypatch, bits):
+    """Against float64 on heads with large rows and states with an outlier, tiny or zero entries: every estimate
+    lies within its bound, and the bound is tight enough to leave a handful of candidates on ordinary states. 7
+    bits: a CPU whose kernel would saturate 8-bit inputs (`quantize.full_range_is_exact`)."""
+    monkeypatch.setattr(head_screens, "full_range_is_exact", lambda: bits == 8)
+    g = torch.Generator().manual_seed(0)
+    worst, candidates = 0.0, []
+    for trial in range(24):
+        w = torch.randn(3000, 64, generator=g) * 0.05
+        w[trial * 7] *= 40  # one row far larger than the rest
+        copy = Int8Copy.of(w)
+        assert copy is not None and copy.half == (128 if bits == 8 else 64)
+        h = torch.randn(64, generator=g) * 3
+        if trial % 3 == 1:
+            h[5] = 300.0  # an outlier dimension, as a model's states have
+        if trial % 3 == 2:
+            h[::2] = 1e-30  # entries far below the grid
+        estimate = copy.estimate(h, float(h.abs().max()))
+        exact = (w.double() @ h.double()).float()
+        bound = estimate.bound(torch.arange(3000))
+        assert float(bound.max()) <= estimate.widest * 1.0005  # as `_screened` widens it
+        worst = max(worst, float(((estimate.logits - exact).abs() / bound).max()))
+        best = float((estimate.logits - bound).max())
+        candidates.append(int((estimate.logits + bound >= best).sum()))
+    assert worst < 1
+    assert sorted(candidates)[len(candidates) // 2] <= 8  # a handful of 3000 at the median
+    zero = Int8Copy.of(torch.randn(100, 64, generator=g)).estimate(torch.zeros(64), 0.0)
+    assert torch.equal(zero.logits, torch.zeros(100)) and zero.widest < 1e-20
+
+
+def test_an_int8_copy_is_refused_where_the_kernel_would_not_see_the_grid(monkeypatch):
+    """The probe catches inputs off the kernel's grid (here: without the grid's ends, the kernel chooses a scale
+    of its own and rounds the input): the copy is refused, and screening falls back to the exact product."""
+    rows = Int8Copy.grid_rows
+
+    def without_ends(self, h, peak):
+        grid, residual = rows(self, h, peak)
+        grid[:, -2:] = 0
+        return grid, residual
+
+    monkeypatch.setattr(Int8Copy, "grid_rows", without_ends)
+    w = torch.randn(300, 64)
+    assert Int8Copy.of(w) is None
+    with torch.inference_mode():
+        assert HeadProduct(Holder()).screened(torch.randn(1, 48), SCREENS["int8"]) is None
 
 
 def test_a_float16_screen_refuses_what_float16_cannot_hold_and_bfloat16_takes_it():
@@ -161,7 +215,7 @@ def test_a_screen_that_cannot_hold_the_timed_state_is_not_timed():
     product = HeadProduct(Holder(vocab=LARGE))
     with torch.inference_mode():
         timed = product.time_screens(torch.full((1, 48), 1e5))
-    assert set(timed) == {EXACT, "bfloat16", "bfloat16 matrix-vector"}
+    assert set(timed) == {EXACT, "bfloat16", "bfloat16 matrix-vector", "int8"}
 
 
 def test_a_small_head_is_not_screened_nor_timed(monkeypatch):

@@ -17,7 +17,7 @@ PACKAGE = Path(sortedchat.__file__).parent
 LAYERS = [
     {"__init__", "config", "paths", "progress", "palette", "outputs", "gguf_meta"},  # foundations
     # the model as nested sub-models, on transformers' parts (int8 or int4 products where --quantize asks)
-    {"head_product", "hf_contract", "int4", "quantize", "sorted_model"},
+    {"head_product", "head_screens", "hf_contract", "int4", "quantize", "sorted_model"},
     {"convert", "default_model", "loading"},  # --model to a SortedModel
     {"engine"},  # decoding, all three modes
     {"bench", "training"},  # tools on the model and the engine
