@@ -10,7 +10,7 @@ head shape and thread count in a process). One position, 1 thread:
 - Intel Xeon (AVX-512, bf16, AMX), 2026-12-02: float32 `F.linear` 9.0 ms, against a column-major copy 8.3 ms;
   float16 `F.linear` 11.4 ms and matrix-vector 14.4 ms (slower than float32); bfloat16 `F.linear` 8.0 ms and
   matrix-vector 3.2 ms;
-- AMD EPYC (AVX-512, bf16, VNNI), 2026-12-03: float32 `F.linear` 11 ms, column-major 6.0-6.8 ms; bfloat16
+- AMD EPYC (AVX-512, bf16, VNNI), 2026-12-02: float32 `F.linear` 11 ms, column-major 6.0-6.8 ms; bfloat16
   matrix-vector 10.7 ms; the int8 screen 2.0 ms (its kernel 1.1-1.4 ms);
 - 2-64 positions (speculative verification): `weight @ hidden.T` 7 ms against `F.linear`'s 16-20 ms (an AMD CPU
   with AVX2); on the Xeon a column-major copy is about twice as fast for a few rows, so that kernel is timed on

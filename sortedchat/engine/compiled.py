@@ -43,7 +43,7 @@ from sortedchat.sorted_model import SortedModel
 
 # The probe's compiled and eager outputs differ by at most this share (norms), or eager stays: in float32, and in
 # half precision, whose roundings in fused kernels add up to about 2% over a tiny bfloat16 model's layers. int4
-# products round their inputs to bfloat16, so they count as half precision: on an AMD EPYC (2026-12-03) one input
+# products round their inputs to bfloat16, so they count as half precision: on an AMD EPYC (2026-12-02) one input
 # rounded the other way at SmolLM2's layer 6 grew to 0.4% of the norm by layer 11 (outsized activations of the
 # probe's special tokens), where the Intel Xeon's probe had stayed under 0.1%.
 PROBE_TOLERANCE, HALF_TOLERANCE = 1e-3, 5e-2
