@@ -88,7 +88,7 @@ def targets(sm: SortedModel) -> list[tuple[object, str, str]]:
         (ChatSession, "_prefill", "prefill"),
         (layer_step.LayerStep, "__call__", "layer glue"),
         (compiled.CompiledStep, "__call__", "layer glue"),
-        (compiled.DecodeGraph, "__call__", "compiled layers"),  # `--compile`'s library: a layer in one call
+        (compiled.DecodeGraph, "run", "compiled layers"),  # `--compile`'s library: a layer in one call
         (layer_step, "attend", "attention"),
     ]
     return [(owner, attr, part) for owner, attr, part in found if hasattr(owner, attr)]

@@ -92,13 +92,22 @@ def quantize_model(sm, kind: str = "int8", grouped: bool = False) -> None:
 
 
 def _quantize_int4(sm) -> None:
-    """The layers' projections as `Int4Linear`s, a PEFT LoRA layer's base with its adapter beside it; the heads
-    stay as they are (the LM head's product has its own screen, `head_product`)."""
-    replacements = [(owner, path, int4_of(module, f"layer {i // len(PROJECTIONS)}'s {path}"))
-                    for i, (owner, path, module) in enumerate(_layer_targets(sm))]
+    """The layers' projections as `Int4Linear`s, a PEFT LoRA layer's base with its adapter beside it, each with a
+    bfloat16 copy for prompts while those copies stay within `int4.DENSE_LIMIT`; the heads stay as they are (the LM
+    head's product has its own screen, `head_product`)."""
+    targets = _layer_targets(sm)
+    weights = sum(getattr(_base(m), "in_features", 0) * getattr(_base(m), "out_features", 0) for _, _, m in targets)
+    dense = 2 * weights <= int4.DENSE_LIMIT
+    replacements = [(owner, path, int4_of(module, f"layer {i // len(PROJECTIONS)}'s {path}", dense))
+                    for i, (owner, path, module) in enumerate(targets)]
     for owner, path, module in replacements:
         parent, _, name = path.rpartition(".")
         setattr(owner.get_submodule(parent), name, module)
+
+
+def _base(module: nn.Module) -> nn.Module:
+    """The product a PEFT layer wraps, or `module` itself."""
+    return getattr(module, "base_layer", module)
 
 
 def _layer_targets(sm) -> list[tuple[nn.Module, str, nn.Module]]:
