@@ -20,6 +20,7 @@ Everywhere else (GPUs, half-precision or quantized or biased heads, autograd) th
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -182,8 +183,8 @@ class HeadProduct:
         peak = float(h.abs().max())
         if not peak < screen.max_input:  # past what the copy holds; inf and nan too
             return None
-        estimate = screen.estimate(self._copy(screen.copy_name), self._copy("row_norms"), h, peak)
-        if estimate is None:
+        estimate = screen.estimate(self._copy, h, peak)
+        if estimate is None or not math.isfinite(estimate.widest):  # no copy here; past float16's range
             return None
         approx = estimate.logits
         # Only ids within twice the widest bound of the best estimate can reach its lower bound: bound those alone

@@ -7,21 +7,21 @@ Two kinds, because CPUs differ in which product is cheap (`HeadProduct` times th
 - `Int8Screen`: an int8 copy, one scale per row, through torch's dynamic int8 kernel (a quarter of the bytes, and
   the kernel that runs the int8 head of `--quantize int8`). Its bound has to hold whatever the kernel does to the
   input, so the input reaches it already on the kernel's own grid (`Int8Copy.estimate`): the kernel then multiplies
-  exact integers, and the only errors are the weights' rounding, a residual of the input 2^15 below its largest
-  entry, and float32 rounding of the results.
+  exact integers, and the only errors are the weights' rounding, a residual of the input at most 2^-14 of its
+  largest entry (2^-12 with 7-bit inputs), and float32 rounding of the results.
+Each screen takes what it needs of the head's copies through `copies` (`HeadProduct._copy`), made once.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from sortedchat.quantize import full_range_is_exact
+from sortedchat.quantize import full_range_is_exact, prepacked
 
 
 class Estimate(NamedTuple):
@@ -59,9 +59,9 @@ class HalfScreen:
     def make_copy(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.to(self.dtype)
 
-    def estimate(self, copy: torch.Tensor, row_norms: torch.Tensor, h: torch.Tensor, peak: float) -> Estimate:
+    def estimate(self, copies: Callable, h: torch.Tensor, peak: float) -> Estimate:
         """The estimate of every logit for one position `h` [H] (`peak`: its largest magnitude)."""
-        x = h.to(self.dtype)
+        x, copy, row_norms = h.to(self.dtype), copies(self.dtype), copies("row_norms")
         logits = (copy @ x if self.matrix_vector else F.linear(x, copy)).float()
         size = float(h.norm())
         widest = (self.input_error * size * float(row_norms.max()) + self.output_error * float(logits.abs().max())
@@ -72,18 +72,19 @@ class HalfScreen:
 
 @dataclass(frozen=True)
 class Int8Screen:
-    """The head in int8 (`Int8Copy`), through torch's dynamic int8 kernel."""
+    """The head in int8 (`Int8Copy`), through torch's dynamic int8 kernel. (`max_input`: the grid's ends, about
+    128 times the largest entry, stay far from float32's overflow.)"""
 
     name: str = "int8"
-    max_input: float = math.inf
+    max_input: float = 1e30
     copy_name: str = "int8"
 
     @staticmethod
     def make_copy(weight: torch.Tensor) -> Int8Copy | None:
         return Int8Copy.of(weight)
 
-    @staticmethod
-    def estimate(copy: Int8Copy | None, row_norms: torch.Tensor, h: torch.Tensor, peak: float) -> Estimate | None:
+    def estimate(self, copies: Callable, h: torch.Tensor, peak: float) -> Estimate | None:
+        copy = copies(self.copy_name)
         return None if copy is None else copy.estimate(h, peak)
 
 
@@ -96,7 +97,11 @@ class Int8Copy:
     + s1/HALF*k2 + a residual at most s1/(2*HALF)), and the two extra columns hold the grid's ends (-HALF*s1 and
     (HALF-1)*s1), which set the kernel's scale to exactly s1 and its zero point to HALF. Each row's integer
     product is then exact, and the logit's error is the weights' rounding (half a row's scale per weight, against
-    |h|_1), the residual against the row's |w_j|_1, and float32's rounding of the results."""
+    |h|_1), the residual against the row's |w_j|_1, and float32's rounding of the results. torch raises an input
+    scale below about 6.1e-5 to that, so s1 is never below 2^-14: a tinier state leaves more of itself to the
+    residual, which the bound counts."""
+
+    MIN_GRID = -14  # log2 of the least s1
 
     def __init__(self, weight: torch.Tensor):
         w = weight.detach().float()
@@ -105,36 +110,34 @@ class Int8Copy:
         q = torch.round(w / self.scale[:, None]).clamp(-127, 127)
         self.l1 = q.abs().sum(dim=1) * self.scale  # each row's |w_j|_1, as rounded
         self.half = 128 if full_range_is_exact() else 64  # 8-bit inputs, or the 7 bits of `reduce_range`
-        padded = torch.cat([q * self.scale[:, None], w.new_zeros(self.rows, 2)], dim=1)
-        with warnings.catch_warnings():  # torch warns that quantized tensors are deprecated: the kernels are current
-            warnings.simplefilter("ignore")
-            quantized = torch.quantize_per_channel(padded, self.scale.double(),
-                                                   torch.zeros(self.rows, dtype=torch.long), 0, torch.qint8)
-            self.packed = torch.ops.quantized.linear_prepack(quantized, None)
+        self.packed = prepacked(torch.cat([q * self.scale[:, None], w.new_zeros(self.rows, 2)], dim=1), self.scale)
 
     @classmethod
     def of(cls, weight: torch.Tensor) -> Int8Copy | None:
         """The copy of `weight`, or None where the kernel is missing or does not give the products exactly as
-        this class assumes (a probe on the head's first rows against float64)."""
+        this class assumes: a probe on the head's first rows, for a state with an outlier and a tiny one, against
+        float64 (within the estimate's own allowance for float32's rounding)."""
         if torch.backends.quantized.engine in (None, "none") or not torch.backends.quantized.supported_engines:
             return None
-        copy = cls(weight)
         probe = cls(weight[:64])
         g = torch.Generator().manual_seed(0)
         h = torch.randn(weight.shape[1], generator=g) * torch.rand(weight.shape[1], generator=g) ** 4 * 30
         h[0] = 55.0  # an outlier, as real states have
-        est = probe.estimate(h, float(h.abs().max()))
-        rows = probe.grid_rows(h, float(h.abs().max()))[0].double()
-        exact = (probe.scale.double()[:, None] * torch.round(weight[:64].double() / probe.scale.double()[:, None])
-                 .clamp(-127, 127)) @ (rows[0, :-2] + rows[1, :-2] / probe.half)
-        if not torch.allclose(est.logits.double(), exact, rtol=1e-5, atol=1e-5 * float(probe.l1.max()) * 55):
-            return None
-        return copy
+        for state in (h, h * 1e-7):
+            peak = float(state.abs().max())
+            estimate = probe.estimate(state, peak)
+            rows, residual = probe.grid_rows(state, peak)
+            on_grid = rows[0, :-2].double() + rows[1, :-2].double() / probe.half
+            exact = (probe.scale.double()[:, None] * torch.round(weight[:64].double() / probe.scale.double()[:, None])
+                     .clamp(-127, 127)) @ on_grid
+            if not bool(((estimate.logits.double() - exact).abs() <= probe.rounding(estimate.logits, peak)).all()):
+                return None
+        return cls(weight)
 
     def grid_rows(self, h: torch.Tensor, peak: float) -> tuple[torch.Tensor, float]:
         """(the kernel's input [2, H + 2]: s1*k1 and s1*k2 with the grid's ends, the residual's largest magnitude)."""
         half = self.half
-        s1 = 2.0 ** max(math.ceil(math.log2(peak / (half - 1))), -100) if peak > 0 else 1.0  # |k1| <= half - 1
+        s1 = 2.0 ** max(math.ceil(math.log2(peak / (half - 1))), self.MIN_GRID) if peak > 0 else 1.0  # |k1| < half
         k1 = torch.round(h / s1)  # h / s1, k1 * s1 and h - k1 * s1 are exact: s1 is a power of two
         rest = h - k1 * s1
         k2 = torch.round(rest * (half / s1))  # |k2| <= half / 2
@@ -149,10 +152,14 @@ class Int8Copy:
         out = torch.ops.quantized.linear_dynamic(rows, self.packed, reduce_range=self.half == 64)
         logits = torch.add(out[0], out[1], alpha=1 / self.half)
         weights = 0.5 * (1 + 1e-4) * float(h.abs().sum())  # half a scale per weight (and a float32 quotient), by |h|_1
-        # float32's rounding of the kernel's results and of their sum: far below 1e-6 of these magnitudes
-        rounding = 1e-6 * (float(logits.abs().max()) + float(self.l1.max()) * peak) + 1e-30
+        rounding = self.rounding(logits, peak)
         widest = weights * float(self.scale.max()) + residual * float(self.l1.max()) + rounding
         return Estimate(logits, lambda ids: weights * self.scale[ids] + residual * self.l1[ids] + rounding, widest)
+
+    def rounding(self, logits: torch.Tensor, peak: float) -> float:
+        """What float32's rounding of the kernel's results and of their sum may add: far below 1e-6 of the
+        magnitudes they pass through."""
+        return 1e-6 * (float(logits.abs().max()) + float(self.l1.max()) * peak) + 1e-30
 
 
 HALF = dict(dtype=torch.float16, input_error=1.1e-3, output_error=5e-4, slack=1e-3, max_input=6.0e4)

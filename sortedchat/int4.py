@@ -63,7 +63,8 @@ class Int4Linear(nn.Module):
         # the kernel's dequantization is (q - 8) * scale + zero, per block: zero = min + 8 * scale
         self.register_buffer("scales_and_zeros", torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1)
                              .to(torch.bfloat16).contiguous())
-        # the weights as the kernel dequantizes them (bfloat16 scales), rounded to bfloat16: for `DENSE_ROWS`+ rows
+        # the weights as the kernel dequantizes them (bfloat16 scales), rounded to bfloat16, for `DENSE_ROWS`+ rows
+        # (a plain attribute, not a buffer: CPU only, not saved, not moved by `.to()`; 2 bytes a weight more)
         sz = self.scales_and_zeros.float()
         self.dense = ((q.float() - 8) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]).reshape(w.shape).to(
             torch.bfloat16) if dense else None

@@ -81,14 +81,12 @@ def quantize_model(sm, kind: str = "int8", grouped: bool = False) -> None:
     if sm.exit_heads is not None:
         targets += [(sm.exit_heads.heads, key, _checked(sm.exit_heads.heads, key, "the exit heads"))
                     for key in list(sm.exit_heads.heads.keys())]
-    with warnings.catch_warnings():  # torch warns that quantized tensors are deprecated: the kernels are current
-        warnings.simplefilter("ignore")
-        for owner, path, module in targets:
-            if type(module) is nn.Linear:
-                parent, _, name = path.rpartition(".")
-                tied = module.weight is sm.model.model.embed_tokens.weight
-                setattr(owner.get_submodule(parent) if parent else owner, name,
-                        Int8Linear(module, module.weight if tied else None, grouped=grouped and path in PROJECTIONS))
+    for owner, path, module in targets:
+        if type(module) is nn.Linear:
+            parent, _, name = path.rpartition(".")
+            tied = module.weight is sm.model.model.embed_tokens.weight
+            setattr(owner.get_submodule(parent) if parent else owner, name,
+                    Int8Linear(module, module.weight if tied else None, grouped=grouped and path in PROJECTIONS))
 
 
 def _quantize_int4(sm) -> None:
@@ -149,9 +147,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale)
         self.bias = None if linear.bias is None else linear.bias.detach()
-        quantized = torch.quantize_per_channel(w, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0,
-                                               torch.qint8)
-        self._packed = torch.ops.quantized.linear_prepack(quantized, self.bias)
+        self._packed = prepacked(w, scale, self.bias)
         self._full_range = full_range_is_exact()
         self.grouped = group_quantized(w) if grouped and self.in_features % GROUP == 0 else None
 
@@ -187,20 +183,25 @@ def group_quantized(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.reshape(w.shape), scale
 
 
+def prepacked(w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+    """`w` [out, in] in int8 with one `scale` per row (symmetric), packed for torch's dynamic int8 kernel. (torch
+    warns that the quantized tensor this goes through is deprecated: the kernels are current, so it is silenced.)"""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantized = torch.quantize_per_channel(w, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0,
+                                               torch.qint8)
+        return torch.ops.quantized.linear_prepack(quantized, bias)
+
+
 @functools.cache
 def full_range_is_exact() -> bool:
     """Whether the dynamic kernel multiplies 8-bit inputs without saturating on this CPU. Kernels without VNNI
     sum pairs of u8 x s8 products in int16, which 255 * 127 * 2 overflows: torch then quantizes inputs to 7 bits
     (`reduce_range`), at twice the rounding error. Measured on the worst case, not assumed from the CPU's name."""
     w = torch.full((8, 64), 1.0)
-    with warnings.catch_warnings():  # torch warns that quantized tensors are deprecated: the kernels are current
-        warnings.simplefilter("ignore")
-        quantized = torch.quantize_per_channel(w, torch.full((8,), 1 / 127, dtype=torch.double),
-                                               torch.zeros(8, dtype=torch.long), 0, torch.qint8)
     x = torch.full((1, 64), 1.0)
     x[0, 0] = -1.0  # the input's range spans 0..255 after its zero point: every other entry maps to 255
-    out = torch.ops.quantized.linear_dynamic(x, torch.ops.quantized.linear_prepack(quantized, None),
-                                             reduce_range=False)
+    out = torch.ops.quantized.linear_dynamic(x, prepacked(w, torch.full((8,), 1 / 127)), reduce_range=False)
     return bool(torch.allclose(out, x @ w.t(), rtol=0.02))
 
 

@@ -149,8 +149,8 @@ class SortedModel:
         """Logits of the sub-model that stops after `exit_layer` layers, from that layer's raw output.
 
         `greedy=True` promises that only the argmax (and a rough softmax) will be used: the head may then
-        screen the vocabulary in half precision and compute only the leading candidates exactly
-        (`HeadProduct.screened`); the argmax is still the float32 one."""
+        estimate the vocabulary on a cheap copy (half precision or int8) and compute exactly only the tokens that
+        may hold the argmax (`HeadProduct.screened`); the argmax is still the float32 one."""
         norm, head = self.head_parts(exit_layer)
         if head is not self.model.lm_head:  # the exit's own head: the shared head's kernels do not apply
             return head(norm(hidden))

@@ -116,6 +116,8 @@ def test_the_int8_screens_bound_holds_for_every_token_and_leaves_few_candidates(
             h[5] = 300.0  # an outlier dimension, as a model's states have
         if trial % 3 == 2:
             h[::2] = 1e-30  # entries far below the grid
+        if trial % 4 == 3:
+            h *= 1e-6  # a state below the least input scale torch takes (about 6.1e-5)
         estimate = copy.estimate(h, float(h.abs().max()))
         exact = (w.double() @ h.double()).float()
         bound = estimate.bound(torch.arange(3000))
@@ -151,6 +153,9 @@ def test_a_float16_screen_refuses_what_float16_cannot_hold_and_bfloat16_takes_it
     with torch.inference_mode():
         h = torch.randn(1, 48) * 1e5
         assert product.screened(h, SCREENS["float16"]) is None  # float16 would overflow
+        big = HeadProduct(Holder())
+        big.lm_head.weight.mul_(1e4)  # a state float16 holds, logits it cannot: refused, not a crash
+        assert big.screened(torch.randn(1, 48) * 100, SCREENS["float16"]) is None
         screened = product.screened(h, SCREENS["bfloat16 matrix-vector"])
         assert int(screened.argmax()) == int(F.linear(h, product.lm_head.weight).argmax())
 

@@ -119,8 +119,9 @@ def measure_costs(
 
 def text_ids(sm: SortedModel, count: int) -> list[int]:
     """`count` token ids of English text (the bench's built-in prompts, repeated). The head's cost depends on
-    them: a screen falls back to the exact product where the next token is a near-tie, which random ids make
-    common (bfloat16's screen: 38 of 64 steps) and chat text rare (1 of 144 greedy steps)."""
+    them: a screen recomputes in float32 every token that may be the argmax, many where the next token is a near-tie
+    (which random ids make common and chat text rare: bfloat16's screen, when it fell back on a near-tie, did so on
+    38 of 64 steps of random ids and 1 of 144 greedy steps of chat)."""
     text = "\n".join(m["content"] for conversation in load_prompts() for m in conversation)
     ids = sm.tokenizer(text, add_special_tokens=False)["input_ids"]
     return (ids * (count // len(ids) + 1))[:count]
