@@ -107,10 +107,13 @@ class Int8Copy:
         w = weight.detach().float()
         self.rows, self.columns = w.shape
         self.scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
-        q = torch.round(w / self.scale[:, None]).clamp(-127, 127)
-        self.l1 = q.abs().sum(dim=1) * self.scale  # each row's |w_j|_1, as rounded
+        padded = w.new_zeros(self.rows, self.columns + 2)  # in place from here: a head's copies are 100s of MB
+        q = padded[:, :-2]
+        q.copy_(w).div_(self.scale[:, None]).round_().clamp_(-127, 127)
+        self.l1 = torch.linalg.vector_norm(q, ord=1, dim=1) * self.scale  # each row's |w_j|_1, as rounded
         self.half = 128 if full_range_is_exact() else 64  # 8-bit inputs, or the 7 bits of `reduce_range`
-        self.packed = prepacked(torch.cat([q * self.scale[:, None], w.new_zeros(self.rows, 2)], dim=1), self.scale)
+        q.mul_(self.scale[:, None])
+        self.packed = prepacked(padded, self.scale)
 
     @classmethod
     def of(cls, weight: torch.Tensor) -> Int8Copy | None:
