@@ -100,11 +100,21 @@ def session_cache(tmp_path_factory):
     """A private cache folder for what session- and module-wide fixtures make (`--compile`'s libraries) before
     `isolated_dirs` gives each test its own."""
     if os.environ.get("SORTEDCHAT_TEST_REAL_CACHE"):
-        yield
+        yield None
         return
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SORTEDCHAT_CACHE_DIR", str(tmp_path_factory.mktemp("session-cache")))
-        yield
+        path = tmp_path_factory.mktemp("session-cache")
+        patch.setenv("SORTEDCHAT_CACHE_DIR", str(path))
+        yield path
+
+
+@pytest.fixture
+def shared_libraries(session_cache, monkeypatch):
+    """This test compiles into the session's cache folder (`session_cache`), where the module fixtures' `--compile`
+    libraries are and later tests find its own: a test that is not about the cache need not compile again (10-20 s
+    each)."""
+    if session_cache is not None:
+        monkeypatch.setenv("SORTEDCHAT_CACHE_DIR", str(session_cache))
 
 
 @pytest.fixture(autouse=True)

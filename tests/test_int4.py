@@ -311,6 +311,7 @@ def test_an_adapter_directory_loads_unmerged_for_int4_and_eval_quantizes_those_w
 
 
 @pytest.mark.parametrize("adapted", [False, True], ids=["plain", "adapter on every projection"])
+@pytest.mark.usefixtures("shared_libraries")
 def test_compile_runs_the_int4_products_in_the_graph_and_answers_what_eager_does(tiny, adapted, monkeypatch):
     """`--quantize int4 --compile`: the graph runs the same packed blocks (joined as the eager step joins them) and
     the adapter beside them; greedy answers in every mode are eager int4's."""
