@@ -34,8 +34,8 @@ ROWS = 16  # the kernel packs outputs (weight rows) in multiples of this
 # From this many positions on (a prompt, `eval`'s sequences), a product runs on a bfloat16 copy of its 4-bit
 # weights: the kernel's cost grows with every position it takes (it is made for decoding), a dense product's far
 # less. One 1536 x 576 product, 1 thread, AMD EPYC 2026-12-02: 4 positions 0.19 ms in the kernel against 0.33 ms
-# dense, 16 positions 1.18 against 0.53, 100 positions 1.8 against 0.8; a 119-token prompt's first token 532 ->
-# 359 ms at 1 thread, 287 -> 203 ms at 2.
+# dense, 16 positions 1.18 against 0.53, 100 positions 1.8 against 0.8; a 119-token prompt's first token 523 ->
+# 280 ms at 1 thread, 330 -> 253 ms at 2 (`benchmarks/first_token.py`, one run; others moved by up to a quarter).
 DENSE_ROWS = 8
 DENSE_LIMIT = 1 << 30  # bytes of bfloat16 copies a model may keep (SmolLM2-135M: 212 MB); past it, prompts run 4-bit
 

@@ -235,8 +235,8 @@ def test_a_model_the_compiled_step_does_not_know_stays_eager(tiny):
 @pytest.mark.parametrize("quantize", [None, "int4"], ids=["float32", "int4"])
 @pytest.mark.usefixtures("compiled", "shared_libraries")  # float32: the module's library, not compiled again
 def test_a_graph_that_computes_something_else_is_refused_by_the_probe(tiny, monkeypatch, quantize):
-    """The probe's tolerance lets fused roundings through (int4's inputs are rounded to bfloat16, so it gets half
-    precision's), not a layer off by a tenth of its output."""
+    """The probe's tolerance lets fused roundings through (int4's inputs are rounded to bfloat16, so it gets a
+    wider one, `INT4_TOLERANCE`), not a layer off by a tenth of its output."""
     from sortedchat.quantize import quantize_model
 
     run = compiled_module.DecodeGraph.run
