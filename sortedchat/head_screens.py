@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from sortedchat.quantize import full_range_is_exact, prepacked
+from sortedchat.quantize import full_range_is_exact, prepacked, row_scales
 
 
 class Estimate(NamedTuple):
@@ -106,7 +106,7 @@ class Int8Copy:
     def __init__(self, weight: torch.Tensor):
         w = weight.detach().float()
         self.rows, self.columns = w.shape
-        self.scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        self.scale = row_scales(w)
         padded = w.new_zeros(self.rows, self.columns + 2)  # in place from here: a head's copies are 100s of MB
         q = padded[:, :-2]
         q.copy_(w).div_(self.scale[:, None]).round_().clamp_(-127, 127)
@@ -114,6 +114,7 @@ class Int8Copy:
         self.half = 128 if full_range_is_exact() else 64  # 8-bit inputs, or the 7 bits of `reduce_range`
         q.mul_(self.scale[:, None])
         self.packed = prepacked(padded, self.scale)
+        self.largest_scale, self.largest_l1 = float(self.scale.max()), float(self.l1.max())  # for every token's bound
 
     @classmethod
     def of(cls, weight: torch.Tensor) -> Int8Copy | None:
@@ -123,6 +124,7 @@ class Int8Copy:
         if torch.backends.quantized.engine in (None, "none") or not torch.backends.quantized.supported_engines:
             return None
         probe = cls(weight[:64])
+        held = torch.ops.quantized.linear_unpack(probe.packed)[0].dequantize().double()[:, :-2]  # the kernel's weights
         g = torch.Generator().manual_seed(0)
         h = torch.randn(weight.shape[1], generator=g) * torch.rand(weight.shape[1], generator=g) ** 4 * 30
         h[0] = 55.0  # an outlier, as real states have
@@ -131,8 +133,7 @@ class Int8Copy:
             estimate = probe.estimate(state, peak)
             rows, residual = probe.grid_rows(state, peak)
             on_grid = rows[0, :-2].double() + rows[1, :-2].double() / probe.half
-            exact = (probe.scale.double()[:, None] * torch.round(weight[:64].double() / probe.scale.double()[:, None])
-                     .clamp(-127, 127)) @ on_grid
+            exact = held @ on_grid
             if not bool(((estimate.logits.double() - exact).abs() <= probe.rounding(estimate.logits, peak)).all()):
                 return None
         return cls(weight)
@@ -156,13 +157,13 @@ class Int8Copy:
         logits = torch.add(out[0], out[1], alpha=1 / self.half)
         weights = 0.5 * (1 + 1e-4) * float(h.abs().sum())  # half a scale per weight (and a float32 quotient), by |h|_1
         rounding = self.rounding(logits, peak)
-        widest = weights * float(self.scale.max()) + residual * float(self.l1.max()) + rounding
+        widest = weights * self.largest_scale + residual * self.largest_l1 + rounding
         return Estimate(logits, lambda ids: weights * self.scale[ids] + residual * self.l1[ids] + rounding, widest)
 
     def rounding(self, logits: torch.Tensor, peak: float) -> float:
         """What float32's rounding of the kernel's results and of their sum may add: far below 1e-6 of the
         magnitudes they pass through."""
-        return 1e-6 * (float(logits.abs().max()) + float(self.l1.max()) * peak) + 1e-30
+        return 1e-6 * (float(logits.abs().max()) + self.largest_l1 * peak) + 1e-30
 
 
 HALF = dict(dtype=torch.float16, input_error=1.1e-3, output_error=5e-4, slack=1e-3, max_input=6.0e4)

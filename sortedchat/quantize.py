@@ -142,7 +142,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         w = linear.weight.detach()
         self._weight = float_weight  # `weight`, where a float32 copy is kept anyway (a tied head's: the embedding)
-        scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        scale = row_scales(w)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scale", scale)
@@ -181,6 +181,11 @@ def group_quantized(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = blocks.abs().amax(dim=-1).clamp(min=torch.finfo(torch.float32).tiny) / 127
     q = torch.round(blocks / scale[..., None]).clamp(-127, 127).to(torch.int8)
     return q.reshape(w.shape), scale
+
+
+def row_scales(w: torch.Tensor) -> torch.Tensor:
+    """One symmetric int8 scale per row of `w` [out, in]: its largest magnitude maps to 127."""
+    return w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
 
 
 def prepacked(w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
