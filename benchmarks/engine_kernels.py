@@ -4,6 +4,9 @@
   screen of `HeadProduct` chosen on this machine (greedy steps: half-precision or int8 estimates, the candidates for
   the argmax recomputed in float32);
 - LM head on a few positions (speculative verification): `F.linear` against `weight @ hidden.T`;
+- every layer's float32 products on one position, weights streamed from memory as in a token: `F.linear` (the
+  BLAS call the eager step makes) against the reduction `--compile`'s graph writes instead (`compiled.linear`,
+  here compiled by `torch.compile`, a layer's products in one call);
 - the decoder stack on n positions against one position: what draining a backlog of n-1 positions costs
   (the reason auto mode and drafting gain little on a CPU);
 - one decode step's K/V update: transformers' `DynamicLayer` (a copy of the whole cache) against
@@ -28,9 +31,11 @@ from rich.console import Console
 from rich.table import Table
 from transformers.cache_utils import DynamicLayer
 
+from sortedchat.engine import compiled
 from sortedchat.engine.state import LayeredState
 from sortedchat.hf_contract import GrowingLayer
 from sortedchat.loading import LoadOptions, load_sorted_model
+from sortedchat.quantize import PROJECTIONS
 
 
 def timed(fn, inner: int) -> float:
@@ -76,6 +81,13 @@ def main(
             hn = torch.randn(1, n, H, generator=g) * float(h.norm() / H**0.5)
             base, new = compare(lambda: F.linear(hn, w), lambda: sm.head_product(hn), rounds, 5)
             rows.append((f"head, {n} positions", "F.linear", base, "weight @ hidden.T", new))
+
+        weights = [[layer.get_submodule(path).weight for path in PROJECTIONS] for layer in sm.layers]
+        inputs = [torch.randn(1, w.shape[1], generator=g) for w in weights[0]]
+        reduction = torch.compile(lambda xs, ws: [compiled.linear(x, w, None, None) for x, w in zip(xs, ws)])
+        base, new = compare(lambda: [F.linear(x, w) for ws in weights for x, w in zip(inputs, ws)],
+                            lambda: [reduction(inputs, ws) for ws in weights], rounds, 2)
+        rows.append((f"{L} layers' products, 1 position", "F.linear", base, "reduction (--compile's)", new))
 
         def stack(n):
             def run():

@@ -32,10 +32,11 @@ from sortedchat import SortedChatError
 GROUP = 32  # inputs per 4-bit block (llama.cpp's Q4_0/Q4_1 blocks hold 32)
 ROWS = 16  # the kernel packs outputs (weight rows) in multiples of this
 # From this many positions on (a prompt, `eval`'s sequences), a product runs on a bfloat16 copy of its 4-bit
-# weights: the kernel's cost grows with every position it takes (it is made for decoding), a dense product's far
-# less. One 1536 x 576 product, 1 thread, AMD EPYC 2026-12-02: 4 positions 0.19 ms in the kernel against 0.33 ms
-# dense, 16 positions 1.18 against 0.53, 100 positions 1.8 against 0.8; a 119-token prompt's first token 523 ->
-# 280 ms at 1 thread, 330 -> 253 ms at 2 (`benchmarks/first_token.py`, one run; others moved by up to a quarter).
+# weights, its adapter merged into the copy, a layer's joined products as one: the kernel's cost grows with every
+# position it takes (it is made for decoding), a dense product's far less. One 1536 x 576 product, 1 thread, AMD
+# EPYC 2026-12-02: 4 positions 0.19 ms in the kernel against 0.33 ms dense, 16 positions 1.18 against 0.53, 100
+# positions 1.8 against 0.8; a 119-token prompt's first token 523 -> 280 ms at 1 thread, 330 -> 253 ms at 2
+# (`benchmarks/first_token.py`, one run; others moved by up to a quarter).
 DENSE_ROWS = 8
 DENSE_LIMIT = 1 << 30  # bytes of bfloat16 copies a model may keep (SmolLM2-135M: 212 MB); past it, prompts run 4-bit
 
@@ -63,24 +64,29 @@ class Int4Linear(nn.Module):
         # the kernel's dequantization is (q - 8) * scale + zero, per block: zero = min + 8 * scale
         self.register_buffer("scales_and_zeros", torch.stack([scale.t(), (low + 8 * scale).t()], dim=-1)
                              .to(torch.bfloat16).contiguous())
-        # the weights as the kernel dequantizes them (bfloat16 scales), rounded to bfloat16, for `DENSE_ROWS`+ rows
-        # (a plain attribute, not a buffer: CPU only, not saved, not moved by `.to()`; 2 bytes a weight more)
-        sz = self.scales_and_zeros.float()
-        self.dense = ((q.float() - 8) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]).reshape(w.shape).to(
-            torch.bfloat16) if dense else None
         self.bias = None if linear.bias is None else linear.bias.detach()
         # (A transposed [in, rank], B transposed and scaled [rank, out]): two plain products, no transposing per call
         self.lora = None if lora is None else (lora[0].detach().t().contiguous(), lora[1].detach().t().contiguous())
+        # for `DENSE_ROWS`+ rows: the weights as the kernel dequantizes them (bfloat16 scales), the adapter merged,
+        # rounded to bfloat16 (a plain attribute, not a buffer: CPU only, not saved, not moved by `.to()`; 2 bytes a
+        # weight more)
+        self.dense = None
+        if dense:
+            sz = self.scales_and_zeros.float()
+            merged = ((q.float() - 8) * sz[..., 0].t()[..., None] + sz[..., 1].t()[..., None]).reshape(w.shape)
+            if self.lora is not None:
+                merged += (self.lora[0] @ self.lora[1]).t()
+            self.dense = merged.to(torch.bfloat16)
         # `joined`'s decision for this product and the next ones of its input: (the products, JoinedInt4 or None)
         self.joined: tuple[list, JoinedInt4 | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if self.dense is not None and len(flat) >= DENSE_ROWS:
-            out = F.linear(flat.to(torch.bfloat16), self.dense).float()
+            out = dense_product(flat, self.dense, self.bias)
         else:
-            out = block_product(flat, self.packed, self.scales_and_zeros)
-        return self.finish(out.to(x.dtype), flat).view(*x.shape[:-1], self.out_features)
+            out = self.finish(block_product(flat, self.packed, self.scales_and_zeros).to(x.dtype), flat)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def finish(self, out: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         """The block product `out` [rows, out_features] (float32) with the adapter's product and the bias added.
@@ -115,16 +121,22 @@ class JoinedInt4:
         self.scales_and_zeros = torch.cat([p.scales_and_zeros for p in parts], dim=1).contiguous()
         ends = torch.tensor([p.out_features for p in parts]).cumsum(0).tolist()
         self.bounds = list(zip([0, *ends[:-1]], ends))
+        self.dense = torch.cat([p.dense for p in parts]) if all(p.dense is not None for p in parts) else None
+        biases = [p.bias if p.bias is not None else torch.zeros(p.out_features) for p in parts]
+        self.bias = torch.cat(biases) if any(p.bias is not None for p in parts) else None
 
     def share(self) -> None:
-        """Let the parts' packed weights be views of the joined ones (one copy in memory, not two)."""
+        """Let the parts' weights be views of the joined ones (one copy in memory, not two)."""
         for p, (lo, hi) in zip(self.parts, self.bounds):
             p.packed = self.packed[lo:hi]
+            if self.dense is not None:
+                p.dense = self.dense[lo:hi]
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         flat = x.reshape(-1, self.in_features)
-        if len(flat) >= DENSE_ROWS and self.parts[0].dense is not None:  # many rows: each part's own dense product
-            return [p(x) for p in self.parts]
+        if len(flat) >= DENSE_ROWS and self.dense is not None:  # many rows: one dense product, adapters merged
+            out = dense_product(flat, self.dense, self.bias).to(x.dtype)
+            return [out[:, lo:hi].view(*x.shape[:-1], hi - lo) for lo, hi in self.bounds]
         out = block_product(flat, self.packed, self.scales_and_zeros).to(x.dtype)
         return [p.finish(out[:, lo:hi], flat).view(*x.shape[:-1], hi - lo)
                 for p, (lo, hi) in zip(self.parts, self.bounds)]
@@ -135,6 +147,13 @@ def block_product(flat: torch.Tensor, packed: torch.Tensor, scales_and_zeros: to
     out. (`engine/compiled.py`'s graph calls it too.)"""
     return torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16).contiguous(), packed, GROUP,
                                                       scales_and_zeros).float()
+
+
+def dense_product(flat: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Rows [rows, in] through a bfloat16 copy of 4-bit weights with their adapter merged (`Int4Linear.dense`),
+    float32 out."""
+    out = F.linear(flat.to(torch.bfloat16), dense).float()
+    return out if bias is None else out + bias
 
 
 def with_adapter(out: torch.Tensor, flat: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
