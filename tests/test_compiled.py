@@ -247,3 +247,19 @@ def test_a_graph_that_computes_something_else_is_refused_by_the_probe(tiny, monk
     problem = "--compile: the compiled step does not compute what the eager one does; decoding eagerly"
     assert compile_steps(sm) == problem and compile_problem(sm) == problem
     assert not any(type(step) is CompiledStep for step in ChatSession(sm).state.steps)
+
+
+@pytest.mark.usefixtures("compiled", "shared_libraries")
+def test_a_graph_that_writes_another_key_is_refused_by_the_probe(tiny, monkeypatch):
+    """The probe compares what each step writes into the K/V as well as its output: a step whose output is right
+    but whose key for the new position is a tenth off (every later token would read it) is refused."""
+    run = compiled_module.DecodeGraph.run
+
+    def another_key(self, inputs):
+        out = run(self, inputs)
+        inputs[3][-1] *= 1.1  # the keys' last position, which the graph has just written
+        return out
+
+    monkeypatch.setattr(compiled_module.DecodeGraph, "run", another_key)
+    sm = copy.deepcopy(tiny)
+    assert compile_steps(sm) == "--compile: the compiled step does not compute what the eager one does; decoding eagerly"
