@@ -5,14 +5,15 @@ default model's layers come from a Q4_1 GGUF: converted to float32 they are such
 are found again as they were (their codes exactly; their scales and minimums to bfloat16, below), where merging
 the shipped SoFT adapter into them (what float32 loading does) would move the weights off the blocks. So
 `--quantize int4` loads an adapter unmerged and keeps it beside the blocks in float32 (`Int4Linear.lora`), as the
-issue that asked for it put it (issue 20).
+issue that asked for it put it (issue 20); only the bfloat16 copies that prompts use (`DENSE_ROWS`) carry it merged.
 
 The kernel is torch's own CPU int4 product (`_weight_int4pack_mm_for_cpu`, the one torchao's CPU int4 layout
 calls), chosen by measurement: on the Xeon of 2026-12-02, one position through a 1536 x 576 product, 1 thread, 53
 us against float32 `F.linear`'s 129 us; its float32-input path is a slow reference (1.5 ms), so inputs go in as
 bfloat16 (its only fast path) and the output comes back float32; that path takes the blocks' scales and minimums
-in bfloat16 too (a weight moves by at most about 0.2%). Those roundings are the only loss on the default model:
-teacher-forced full depth agrees with float32 on 99.2% of 11269 held-out response tokens (BENCHMARKS.md).
+in bfloat16 too (a weight moves by at most about 0.2%). Those roundings, and the prompts' copies rounded to
+bfloat16, are the only loss on the default model: teacher-forced full depth agrees with float32 on 99.1% of 11269
+held-out response tokens, and 98.7% on the compiled decoding path (BENCHMARKS.md).
 
 With `--compile` the same blocks and adapters run inside the compiled step (`engine/compiled.py`), where the
 code around the kernel, which eagerly costs about as much as the kernel itself, is fused away.
@@ -44,7 +45,8 @@ DENSE_LIMIT = 1 << 30  # bytes of bfloat16 copies a model may keep (SmolLM2-135M
 class Int4Linear(nn.Module):
     """An `nn.Linear` with 4-bit weights in blocks of `GROUP` inputs, each block with its own scale and minimum
     (llama.cpp's Q4_1 layout: w = q * scale + min, q in 0..15), multiplied by torch's CPU int4 kernel on bfloat16
-    inputs, float32 out. `lora`: a LoRA adapter's (A, B * scaling), kept beside the 4-bit base and added in float32.
+    inputs, float32 out. `lora`: a LoRA adapter's (A, B * scaling), kept beside the 4-bit base and added in float32
+    (merged into `dense`, the bfloat16 copy for `DENSE_ROWS` rows or more).
 
     A GGUF's Q4_1 weights, converted to float32, are such blocks exactly: quantizing them again finds the same
     blocks (`exact`), so the products lose only the bfloat16 rounding of the blocks' scales and minimums and of the
@@ -83,7 +85,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if self.dense is not None and len(flat) >= DENSE_ROWS:
-            out = dense_product(flat, self.dense, self.bias)
+            out = dense_product(flat, self.dense, self.bias).to(x.dtype)
         else:
             out = self.finish(block_product(flat, self.packed, self.scales_and_zeros).to(x.dtype), flat)
         return out.view(*x.shape[:-1], self.out_features)
@@ -134,7 +136,9 @@ class JoinedInt4:
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         flat = x.reshape(-1, self.in_features)
-        if len(flat) >= DENSE_ROWS and self.dense is not None:  # many rows: one dense product, adapters merged
+        if len(flat) >= DENSE_ROWS and self.parts[0].dense is not None:  # many rows: the copies, adapters merged
+            if self.dense is None:  # side by side they did not give each part's own numbers (`joined`)
+                return [p(x) for p in self.parts]
             out = dense_product(flat, self.dense, self.bias).to(x.dtype)
             return [out[:, lo:hi].view(*x.shape[:-1], hi - lo) for lo, hi in self.bounds]
         out = block_product(flat, self.packed, self.scales_and_zeros).to(x.dtype)
@@ -176,9 +180,13 @@ def joined(products: list[nn.Module]):
     with torch.inference_mode(False):
         together = JoinedInt4(products)
     g = torch.Generator().manual_seed(0)
-    probes = [torch.randn(rows, products[0].in_features, generator=g) for rows in (1, 3)]  # decoding; a prompt
+    # decoding; a few positions through the kernel; a prompt on the bfloat16 copies
+    probes = [torch.randn(rows, products[0].in_features, generator=g) for rows in (1, 3, DENSE_ROWS)]
     with torch.inference_mode():
-        same = all(torch.equal(a, b) for probe in probes for a, b in zip(together(probe), each(probe)))
+        same = all(torch.equal(a, b) for probe in probes[:2] for a, b in zip(together(probe), each(probe)))
+        if same and together.dense is not None and not all(
+                torch.equal(a, b) for a, b in zip(together(probes[2]), each(probes[2]))):
+            together.dense = None  # side by side the copies round otherwise: each part's own product for prompts
     if same:
         together.share()
     products[0].joined = (list(products), together if same else None)
@@ -229,9 +237,11 @@ def describe(sm, projections: int) -> str:
     parts = [f"{len(products)} of {sm.num_layers * projections} layer products in 4-bit blocks of {GROUP} "
              f"(bfloat16 inputs and scales; {exact} of them the loaded weights' own blocks" + (", the rest rounded" if
                                                                                 exact < len(products) else "") + ")"]
-    if any(m.dense is not None for m in products):
+    copies = any(m.dense is not None for m in products)
+    if copies:
         parts.append(f"prompts of {DENSE_ROWS} positions or more on bfloat16 copies of them")
     if adapted:
-        parts.append(f"a LoRA adapter kept beside {adapted} of them in float32")
+        parts.append(f"a LoRA adapter kept beside {adapted} of them in float32"
+                     + (" (merged into the prompts' copies)" if copies else ""))
     return f"int4: {'; '.join(parts)}; LM head, embeddings, norms" + (", lenses" if sm.exit_lenses is not None
                                                                       else "") + " float32"

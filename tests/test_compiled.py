@@ -232,20 +232,27 @@ def test_a_model_the_compiled_step_does_not_know_stays_eager(tiny):
     assert not any(type(step) is CompiledStep for step in ChatSession(sm).state.steps)
 
 
-@pytest.mark.parametrize("quantize", [None, "int4"], ids=["float32", "int4"])
+REFUSED = "--compile: the compiled step does not compute what the eager one does; decoding eagerly"
+
+
+@pytest.mark.parametrize("weights", ["float32", "int4", "bfloat16"])
 @pytest.mark.usefixtures("compiled", "shared_libraries")  # float32: the module's library, not compiled again
-def test_a_graph_that_computes_something_else_is_refused_by_the_probe(tiny, monkeypatch, quantize):
-    """The probe's tolerance lets fused roundings through (int4's inputs are rounded to bfloat16, so it gets a
-    wider one, `INT4_TOLERANCE`), not a layer off by a tenth of its output."""
+def test_a_graph_that_computes_something_else_is_refused_by_the_probe(tiny, tiny_dir, monkeypatch, weights):
+    """The probe's tolerance lets fused roundings through (int4's inputs are rounded to bfloat16, and half
+    precision rounds its residual stream at its own scale, so they get wider ones), not a layer off by a tenth of
+    its output."""
+    from sortedchat.loading import LoadOptions, load_sorted_model
     from sortedchat.quantize import quantize_model
 
     run = compiled_module.DecodeGraph.run
     monkeypatch.setattr(compiled_module.DecodeGraph, "run", lambda self, inputs: run(self, inputs) * 1.1)
-    sm = copy.deepcopy(tiny)
-    if quantize:
-        quantize_model(sm, quantize)
-    problem = "--compile: the compiled step does not compute what the eager one does; decoding eagerly"
-    assert compile_steps(sm) == problem and compile_problem(sm) == problem
+    if weights == "bfloat16":
+        sm = load_sorted_model(str(tiny_dir), LoadOptions(device="cpu", dtype="bfloat16", exits=[2, 4, 6]))
+    else:
+        sm = copy.deepcopy(tiny)
+    if weights == "int4":
+        quantize_model(sm, weights)
+    assert compile_steps(sm) == REFUSED and compile_problem(sm) == REFUSED
     assert not any(type(step) is CompiledStep for step in ChatSession(sm).state.steps)
 
 
@@ -261,5 +268,11 @@ def test_a_graph_that_writes_another_key_is_refused_by_the_probe(tiny, monkeypat
         return out
 
     monkeypatch.setattr(compiled_module.DecodeGraph, "run", another_key)
-    sm = copy.deepcopy(tiny)
-    assert compile_steps(sm) == "--compile: the compiled step does not compute what the eager one does; decoding eagerly"
+    assert compile_steps(copy.deepcopy(tiny)) == REFUSED
+
+
+@pytest.mark.usefixtures("compiled", "shared_libraries")
+def test_a_graph_that_gives_nan_is_refused_by_the_probe(tiny, monkeypatch):
+    run = compiled_module.DecodeGraph.run
+    monkeypatch.setattr(compiled_module.DecodeGraph, "run", lambda self, inputs: run(self, inputs) * float("nan"))
+    assert compile_steps(copy.deepcopy(tiny)) == REFUSED

@@ -87,8 +87,8 @@ def test_products_of_one_input_run_as_one_kernel_call_where_that_gives_each_ones
 def test_prompts_run_on_bfloat16_copies_of_the_blocks_and_decoding_on_the_kernel(tiny, monkeypatch):
     """From `DENSE_ROWS` positions on a product multiplies a bfloat16 copy of the weights the kernel uses with the
     adapter merged into it (within bfloat16's rounding of them); fewer go through the kernel, the adapter beside it;
-    joined parts give each part's own numbers (many positions: one product over the parts' copies side by side, to
-    float32's rounding). A model whose copies would pass `DENSE_LIMIT` keeps none."""
+    joined parts give each part's own numbers either way (many positions: one product over the parts' copies side
+    by side, where `joined` found it gives them). A model whose copies would pass `DENSE_LIMIT` keeps none."""
     import torch.nn.functional as F
 
     from sortedchat import int4 as int4_module
@@ -106,8 +106,10 @@ def test_prompts_run_on_bfloat16_copies_of_the_blocks_and_decoding_on_the_kernel
         kernel = q.finish(block_product(many, q.packed, q.scales_and_zeros), many)
         assert (q(many) - kernel).norm() / kernel.norm() < 0.01
         call = joined(parts)
-        assert all(torch.equal(out, p(few)) for out, p in zip(call(few), parts))
-        assert all(torch.allclose(out, p(many), rtol=1e-5, atol=1e-6) for out, p in zip(call(many), parts))
+        for x in (few, many):
+            assert all(torch.equal(out, p(x)) for out, p in zip(call(x), parts))
+        if call.dense is not None:  # the parts' copies are views of the joined one: no more memory
+            assert all(p.dense.untyped_storage().data_ptr() == call.dense.untyped_storage().data_ptr() for p in parts)
     assert Int4Linear(q4_1_linear(64, 128)).dense is None  # not asked for
     sm = copy.deepcopy(tiny)
     quantize_model(sm, "int4")

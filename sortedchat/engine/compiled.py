@@ -26,6 +26,7 @@ adapter beside them as two more reductions).
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from pathlib import Path
 from typing import NamedTuple
@@ -43,9 +44,9 @@ from sortedchat.quantize import GROUP, PROJECTIONS, is_int8
 from sortedchat.sorted_model import SortedModel
 
 # The probe's compiled and eager layers differ by at most this share (`_probe`), or eager stays: in float32 (fused
-# sums in another order: 4e-6 on SmolLM2), in half precision (roundings of the residual stream: 1e-2 on SmolLM2 in
-# bfloat16), and with int4 products, which round their inputs to bfloat16 (a norm one float32 ulp apart rounds some
-# to the other neighbour: 1.2e-3 on SmolLM2, on an AMD EPYC, 2026-12-02).
+# sums in another order: 4e-6 on SmolLM2), in half precision (roundings beyond the residual stream's: 6e-3
+# on SmolLM2 in bfloat16), and with int4 products, which round their inputs to bfloat16 (a norm one float32 ulp
+# apart rounds some to the other neighbour: 1.2e-3 on SmolLM2, on an AMD EPYC, 2026-12-02).
 PROBE_TOLERANCE, HALF_TOLERANCE, INT4_TOLERANCE = 1e-3, 5e-2, 1e-2
 
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its `DecodeGraph`, once compiled
@@ -358,11 +359,11 @@ def _graph_products(sm: SortedModel):
 def _probe(sm: SortedModel) -> float:
     """How far the compiled step is from the eager one: over every layer and three decoding positions after a
     two-token prompt, the largest difference of what the two write given the same input and K/V (the layer's
-    update, output minus input, and the position's key and value), as a share of the eager one's norm. Layer by
-    layer, so that roundings do not grow through the layers: on SmolLM2 a float32 sum in another order at one
-    layer came out 7% apart 25 layers later, over the probe's special tokens (outsized activations). In half
-    precision the whole output is compared: its residual stream is rounded at its own scale, which can be larger
-    than a layer's update."""
+    update, output minus input, and the position's key and value), as a share of the eager one's norm (inf for a
+    NaN). Layer by layer, so that roundings do not grow through the layers: on SmolLM2 a float32 sum in another
+    order at one layer came out 7% apart 25 layers later, over the probe's special tokens (outsized activations).
+    The residual stream is rounded at its own scale, which in half precision can exceed a layer's update: of an
+    update's difference, what two roundings of the output (its dtype's eps) could make does not count."""
     from sortedchat.engine.state import LayeredState, LayerPass  # the state uses this module's steps
 
     state = LayeredState(sm)
@@ -376,12 +377,23 @@ def _probe(sm: SortedModel) -> float:
             if type(step) is not CompiledStep:  # a layer the graph does not take
                 layer_pass.done(step(x, span, cache_layer))
                 continue
-            n, base = cache_layer.get_seq_length(), 0 if x.element_size() < 4 else x
-            out = step(x, span, cache_layer)
-            written = [out - base] + [t[..., n, :].clone() for t in (cache_layer.keys, cache_layer.values)]
+            n = cache_layer.get_seq_length()
+            written = _written(step(x, span, cache_layer), x, cache_layer, n)
             cache_layer.crop(-1)
             out = LayerStep.__call__(step, x, span, cache_layer)  # eager, on the same object
-            reference = [out - base] + [t[..., n, :] for t in (cache_layer.keys, cache_layer.values)]
-            worst = max([worst] + [((a - b).norm() / b.norm()).item() for a, b in zip(written, reference)])
+            reference = _written(out, x, cache_layer, n)
+            unresolved = (2 * torch.finfo(x.dtype).eps * out.float().norm(), 0, 0)
+            for a, b, floor in zip(written, reference, unresolved):
+                apart = (((a - b).norm() - floor).clamp(min=0) / b.norm().clamp(min=1e-30)).item()
+                if math.isnan(apart):
+                    return math.inf
+                worst = max(worst, apart)
             layer_pass.done(out)
     return worst
+
+
+def _written(out: torch.Tensor, x: torch.Tensor, cache_layer, n: int) -> list[torch.Tensor]:
+    """What a step over x just wrote at position n, in float32: its update (output minus input), the key and the
+    value (copies: the other step writes the same places)."""
+    return [out.float() - x.float()] + [t[..., n, :].to(torch.float32, copy=True)
+                                        for t in (cache_layer.keys, cache_layer.values)]
