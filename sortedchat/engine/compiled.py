@@ -234,7 +234,8 @@ def linear(x, weight, scale, bias):
     """x [1, in] times weight [out, in]: float weights, or int8 ones with one scale per `GROUP` inputs (`scale` not
     None) dequantized in the product. Written as the reduction inductor fuses into one kernel reading the weights
     once, not `F.linear`: on an AMD EPYC that kernel streamed float32 weights at 18-25 GB/s, the BLAS call (MKL's
-    one-row product) at 8.5-10 (BENCHMARKS.md)."""
+    one-row product) at 8.5-10 (BENCHMARKS.md). On the Intel Xeon MKL's had streamed about 21 GB/s; the reduction
+    is not measured there yet (`benchmarks/engine_kernels.py` times both on the machine it runs on)."""
     rows = weight.shape[0]
     if scale is None:
         dequantized = weight
