@@ -33,11 +33,12 @@ from sortedchat import SortedChatError
 GROUP = 32  # inputs per 4-bit block (llama.cpp's Q4_0/Q4_1 blocks hold 32)
 ROWS = 16  # the kernel packs outputs (weight rows) in multiples of this
 # From this many positions on (a prompt, `eval`'s sequences), a product runs on a bfloat16 copy of its 4-bit
-# weights, its adapter merged into the copy, a layer's joined products as one: the kernel's cost grows with every
-# position it takes (it is made for decoding), a dense product's far less. One 1536 x 576 product, 1 thread, AMD
-# EPYC 2026-12-02: 4 positions 0.19 ms in the kernel against 0.33 ms dense, 16 positions 1.18 against 0.53, 100
-# positions 1.8 against 0.8; a 119-token prompt's first token 523 -> 280 ms at 1 thread, 330 -> 253 ms at 2
-# (`benchmarks/first_token.py`, one run; others moved by up to a quarter).
+# weights, its adapter merged into the copy, a layer's joined products as one (where `joined` finds that this gives
+# each its own numbers): the kernel's cost grows with every position it takes (it is made for decoding), a dense
+# product's far less. One 1536 x 576 product, 1 thread, AMD EPYC 2026-12-02: 4 positions 0.19 ms in the kernel
+# against 0.33 ms dense, 16 positions 1.18 against 0.53, 100 positions 1.8 against 0.8; a 119-token prompt's first
+# token 523 -> 280 ms at 1 thread, 330 -> 253 ms at 2 (`benchmarks/first_token.py`, one run; others moved by up to
+# a quarter).
 DENSE_ROWS = 8
 DENSE_LIMIT = 1 << 30  # bytes of bfloat16 copies a model may keep (SmolLM2-135M: 212 MB); past it, prompts run 4-bit
 
@@ -114,7 +115,9 @@ class JoinedInt4:
     """Several `Int4Linear`s of the same input (a layer's q/k/v projections; its gate/up) as one kernel call over
     their rows side by side, then each one's adapter and bias as its own call would add them: the same numbers as
     calling each (`joined` checks), with fewer calls, which on a CPU decoding one position cost about half as much
-    as the kernel's own work (issue 20: SmolLM2's 30 layers, one position, 1 thread, 26.4 ms apart, 21.7 joined)."""
+    as the kernel's own work (issue 20: SmolLM2's 30 layers, one position, 1 thread, 26.4 ms apart, 21.7 joined).
+    Prompts: one product over the parts' bfloat16 copies side by side (`dense`), or, where `joined` found that this
+    rounds otherwise than each part's own (`dense` None), each part's."""
 
     def __init__(self, parts: list[Int4Linear]):
         self.parts = parts
@@ -136,7 +139,7 @@ class JoinedInt4:
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         flat = x.reshape(-1, self.in_features)
-        if len(flat) >= DENSE_ROWS and self.parts[0].dense is not None:  # many rows: the copies, adapters merged
+        if len(flat) >= DENSE_ROWS and any(p.dense is not None for p in self.parts):  # the copies, adapters merged
             if self.dense is None:  # side by side they did not give each part's own numbers (`joined`)
                 return [p(x) for p in self.parts]
             out = dense_product(flat, self.dense, self.bias).to(x.dtype)
@@ -180,12 +183,12 @@ def joined(products: list[nn.Module]):
     with torch.inference_mode(False):
         together = JoinedInt4(products)
     g = torch.Generator().manual_seed(0)
-    # decoding; a few positions through the kernel; a prompt on the bfloat16 copies
-    probes = [torch.randn(rows, products[0].in_features, generator=g) for rows in (1, 3, DENSE_ROWS)]
+    # decoding; a few positions through the kernel; prompts on the bfloat16 copies
+    probes = [torch.randn(rows, products[0].in_features, generator=g) for rows in (1, 3, DENSE_ROWS, 64)]
     with torch.inference_mode():
         same = all(torch.equal(a, b) for probe in probes[:2] for a, b in zip(together(probe), each(probe)))
         if same and together.dense is not None and not all(
-                torch.equal(a, b) for a, b in zip(together(probes[2]), each(probes[2]))):
+                torch.equal(a, b) for probe in probes[2:] for a, b in zip(together(probe), each(probe))):
             together.dense = None  # side by side the copies round otherwise: each part's own product for prompts
     if same:
         together.share()

@@ -256,6 +256,20 @@ def test_a_graph_that_computes_something_else_is_refused_by_the_probe(tiny, tiny
     assert not any(type(step) is CompiledStep for step in ChatSession(sm).state.steps)
 
 
+@pytest.mark.usefixtures("shared_libraries")
+def test_a_half_precision_graph_whose_update_is_off_is_refused_by_the_probe(tiny_dir, monkeypatch):
+    """In half precision the probe does not count what two ulps of the output can make, but a layer whose update
+    is a tenth off, its residual kept, is still refused."""
+    from sortedchat.loading import LoadOptions, load_sorted_model
+
+    sm = load_sorted_model(str(tiny_dir), LoadOptions(device="cpu", dtype="bfloat16", exits=[2, 4, 6]))
+    assert compile_steps(copy.deepcopy(sm)) is None  # as it is, its roundings pass
+    run = compiled_module.DecodeGraph.run
+    monkeypatch.setattr(compiled_module.DecodeGraph, "run",
+                        lambda self, inputs: inputs[0] + 1.1 * (run(self, inputs) - inputs[0]))
+    assert compile_steps(sm) == REFUSED
+
+
 @pytest.mark.usefixtures("compiled", "shared_libraries")
 def test_a_graph_that_writes_another_key_is_refused_by_the_probe(tiny, monkeypatch):
     """The probe compares what each step writes into the K/V as well as its output: a step whose output is right

@@ -105,8 +105,8 @@ def test_prompts_run_on_bfloat16_copies_of_the_blocks_and_decoding_on_the_kernel
         assert torch.equal(q(many), F.linear(many.bfloat16(), q.dense).float())
         kernel = q.finish(block_product(many, q.packed, q.scales_and_zeros), many)
         assert (q(many) - kernel).norm() / kernel.norm() < 0.01
-        call = joined(parts)
-        for x in (few, many):
+        call, prompt = joined(parts), torch.randn(50, 128, generator=g)
+        for x in (few, many, prompt):
             assert all(torch.equal(out, p(x)) for out, p in zip(call(x), parts))
         if call.dense is not None:  # the parts' copies are views of the joined one: no more memory
             assert all(p.dense.untyped_storage().data_ptr() == call.dense.untyped_storage().data_ptr() for p in parts)
@@ -119,6 +119,26 @@ def test_prompts_run_on_bfloat16_copies_of_the_blocks_and_decoding_on_the_kernel
     quantize_model(sm, "int4")
     assert all(m.dense is None for m in sm.model.modules() if isinstance(m, Int4Linear))
     assert "bfloat16 copies" not in describe(sm)
+
+
+def test_joined_copies_that_round_otherwise_leave_prompts_to_each_part(monkeypatch):
+    """Where one product over the parts' copies side by side does not give each part's own numbers (a BLAS may split
+    a wider product otherwise), `joined` keeps the kernel joined for decoding but leaves each part its own copy for
+    prompts, and the parts' copies stay their own."""
+    from sortedchat import int4 as int4_module
+    from sortedchat.int4 import DENSE_ROWS, joined
+
+    dense_product = int4_module.dense_product
+    monkeypatch.setattr(int4_module, "dense_product",  # wider than any part: rounds otherwise
+                        lambda flat, dense, bias: dense_product(flat, dense, bias) + (len(dense) > 128) * 1e-3)
+    parts = [Int4Linear(q4_1_linear(n, 128, seed=n), dense=True) for n in (128, 64, 64)]
+    call, g = joined(parts), torch.Generator().manual_seed(6)
+    assert isinstance(call, int4_module.JoinedInt4) and call.dense is None
+    assert len({p.dense.untyped_storage().data_ptr() for p in parts}) == 3
+    with torch.inference_mode():
+        for rows in (1, DENSE_ROWS, 50):
+            x = torch.randn(rows, 128, generator=g)
+            assert all(torch.equal(out, p(x)) for out, p in zip(call(x), parts))
 
 
 def test_projections_are_int4_and_the_head_and_embedding_stay_float32(tiny, int4):
