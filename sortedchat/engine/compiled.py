@@ -236,17 +236,16 @@ def linear(x, weight, scale, bias):
     once, not `F.linear`: on an AMD EPYC that kernel streamed float32 weights at 18-25 GB/s, the BLAS call (MKL's
     one-row product) at 8.5-10 (BENCHMARKS.md). On the Intel Xeon MKL's had streamed about 21 GB/s; the reduction
     is not measured there yet (`benchmarks/engine_kernels.py` times both on the machine it runs on)."""
-    rows = weight.shape[0]
-    if scale is None:
-        dequantized = weight
-    else:
-        dequantized = (weight.view(rows, -1, GROUP).to(x.dtype) * scale.unsqueeze(-1)).view(rows, -1)
-    out = (x.unsqueeze(-2) * dequantized).sum(-1)
+    if scale is not None:
+        rows = weight.shape[0]
+        weight = (weight.view(rows, -1, GROUP).to(x.dtype) * scale.unsqueeze(-1)).view(rows, -1)
+    out = (x.unsqueeze(-2) * weight).sum(-1)
     return out if bias is None else out + bias
 
 
 def adapter(out, x, a, b):
-    """`out` plus a LoRA adapter's product on x [1, in] (A^T [in, r], B^T scaled [r, out]) as two reductions."""
+    """`out` plus a LoRA adapter's product on x [1, in] (A^T [in, r], B^T scaled [r, out]): `int4.with_adapter`'s
+    two products written as reductions, as `linear` writes its own, not BLAS calls."""
     low = (x.view(-1, 1) * a).sum(0)
     return out + (low.view(-1, 1) * b).sum(0)
 
