@@ -334,14 +334,16 @@ def test_an_adapter_directory_loads_unmerged_for_int4_and_eval_quantizes_those_w
     assert quantized_with_adapter_beside == [True]
 
 
-@pytest.mark.parametrize("adapted", [False, True], ids=["plain", "adapter on every projection"])
+@pytest.mark.parametrize("adapted", [None, "float32", "float16"],
+                         ids=["plain", "adapter on every projection", "adapter of float16 values"])
 @pytest.mark.usefixtures("shared_libraries")
 def test_compile_runs_the_int4_products_in_the_graph_and_answers_what_eager_does(tiny, adapted, monkeypatch):
     """`--quantize int4 --compile`: the graph runs the same packed blocks (joined as the eager step joins them) and
-    the adapter beside them; greedy answers in every mode are eager int4's."""
+    the adapter beside them, read in float16 where that holds its values exactly (as the shipped adapter's), in
+    float32 otherwise; greedy answers in every mode are eager int4's."""
     from peft import LoraConfig, get_peft_model
 
-    from sortedchat.engine.compiled import CompiledStep, compile_steps
+    from sortedchat.engine.compiled import CompiledStep, adapter_copies, compile_steps
 
     eager = copy.deepcopy(tiny)
     if adapted:
@@ -349,14 +351,25 @@ def test_compile_runs_the_int4_products_in_the_graph_and_answers_what_eager_does
         eager.model = get_peft_model(eager.model, LoraConfig(r=8, target_modules=targets, init_lora_weights=False)
                                      ).base_model.model
     quantize_model(eager, "int4")
+    adapters = [m for m in eager.model.modules() if isinstance(m, Int4Linear) and m.lora is not None]
+    if adapted == "float16":
+        for m in adapters:
+            m.lora = tuple(t.half().float() for t in m.lora)
     sm = copy.deepcopy(eager)
     assert compile_steps(sm) is None
     calls = count_graph_calls(sm, monkeypatch)
     step = ChatSession(sm).state.steps[0]
     assert type(step) is CompiledStep and step.plan[2][0]  # gate/up in one kernel call, as eagerly
-    assert step.plan[2][1] == adapted  # and their adapters as one
+    assert step.plan[2][1] == bool(adapted)  # and their adapters' first products as one
     assert all(a is b for a, b in zip(step.tensors, ChatSession(sm).state.steps[0].tensors))  # once, not per session
-    assert all(lora == adapted for group in step.plan for _, _, lora, _ in group[2])
+    assert all(lora == bool(adapted) for group in step.plan for _, _, lora, _ in group[2])
+    if adapted:  # gate/up's adapters as the graph reads them: their A side by side, each one's B
+        gate, up = sm.layers[0].mlp.gate_proj, sm.layers[0].mlp.up_proj
+        a, (b_gate, b_up) = adapter_copies([gate, up])
+        assert torch.equal(a.float(), torch.cat([gate.lora[0].t(), up.lora[0].t()]))
+        assert torch.equal(b_gate.float(), gate.lora[1]) and torch.equal(b_up.float(), up.lora[1])
+        assert {t.dtype for t in (a, b_gate, b_up)} == {getattr(torch, adapted)}
+        assert all(any(c is t for t in step.tensors) for c in (a, b_gate, b_up))
     for mode in (Mode.fixed(), Mode.auto(0.3), Mode.speculative(2, draft_len=3, pace=False)):
         answers = [run(no_stop(ChatSession(m, mode)), prompt_ids(m, PROMPTS[0]), n=12) for m in (eager, sm)]
         assert answers[1] == answers[0]

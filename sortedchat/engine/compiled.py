@@ -20,7 +20,7 @@ tokens are checked against eager in tests/test_compiled.py, not its bits.
 Products: float32 weights and `--quantize int8`'s (int8 weights with one scale per 32 inputs, `Int8Linear.grouped`,
 on float32 inputs, dequantized in the product) as reductions inductor writes itself (`linear`), and `--quantize
 int4`'s (torch's int4 kernel on the same packed blocks as eagerly, joined where the eager step joins them, the
-adapter beside them as two more reductions).
+adapter beside them as two more reductions, on float16 copies where those hold its values exactly: `adapter_copies`).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ PROBE_TOLERANCE, HALF_TOLERANCE, INT4_TOLERANCE = 1e-3, 5e-2, 1e-2
 
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its `DecodeGraph`, once compiled
 _PROBLEMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> why `compile_steps` left it eager
-_JOINED_ADAPTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # first product -> (adapters, joined)
+_ADAPTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # first product -> (its adapters, `adapter_copies`)
 
 
 class Part(NamedTuple):
@@ -67,7 +67,7 @@ class Group(NamedTuple):
     """Products of one input in the graph's plan (a layer's q/k/v, o, gate/up, down)."""
 
     joined: bool  # one int4 kernel call over the parts' blocks side by side (as the eager step's `JoinedInt4`)
-    adapters_joined: bool  # the parts' adapters as one: A side by side, B block-diagonal (`joined_adapters`)
+    adapters_joined: bool  # every part's adapter, their A side by side: one reduction over the input for all
     parts: tuple[Part, ...]
 
 
@@ -131,24 +131,26 @@ class CompiledStep(LayerStep):
         self.constants = (layer.input_layernorm.variance_epsilon, attn.scaling, attn.head_dim)
 
     def _group(self, joined, products) -> Group:
-        """One group of products of the same input, as the graph's plan says it (its tensors appended). Joined
-        adapters: two small products instead of two per part."""
+        """One group of products of the same input, as the graph's plan says it (its tensors appended)."""
         together = isinstance(joined, JoinedInt4)
         if together:  # the eager step's joined kernel call, on the same joined blocks
             self.tensors += [joined.packed, joined.scales_and_zeros]
-        adapters = [p.lora for p in products if isinstance(p, Int4Linear) and p.lora is not None]
-        # about 0.8 MB a layer more on SmolLM2 (rank 16), for 6 fewer small products a layer (1.3 ms a token)
-        adapters_joined = together and len(adapters) == len(products)
+        adapters_joined = together and all(p.lora is not None for p in products)
         if adapters_joined:
-            self.tensors += joined_adapters(products)
+            a, bs = adapter_copies(products)
+            self.tensors.append(a)
         parts = []
-        for p in products:
+        for i, p in enumerate(products):
             kind = "int4" if isinstance(p, Int4Linear) else "int8" if is_int8(p) else "float"
             if kind == "int4" and not together:
                 self.tensors += [p.packed, p.scales_and_zeros]
             self.tensors += list(p.grouped) if kind == "int8" else [p.weight] if kind == "float" else []
             lora = kind == "int4" and p.lora is not None
-            self.tensors += list(p.lora) if lora and not adapters_joined else []
+            if lora and adapters_joined:
+                self.tensors.append(bs[i])
+            elif lora:
+                own, (b,) = adapter_copies([p])
+                self.tensors += [own, b]
             self.tensors += [] if p.bias is None else [p.bias]
             parts.append(Part(kind, p.out_features, lora, p.bias is not None))
         return Group(together, adapters_joined, tuple(parts))
@@ -169,17 +171,25 @@ class CompiledStep(LayerStep):
         return super().__call__(x, span, cache_layer)
 
 
-def joined_adapters(products: list[Int4Linear]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The LoRA adapters (A^T, B^T scaled) of int4 products of one input as one: their A side by side, their B
-    block-diagonal. Made once per model (every decoding state makes its steps anew), as plain tensors."""
-    adapters = [t for p in products for t in p.lora]
-    known = _JOINED_ADAPTERS.get(products[0])
-    if known is None or len(known[0]) != len(adapters) or any(a is not b for a, b in zip(known[0], adapters)):
+def adapter_copies(products: list[Int4Linear]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The LoRA adapters of int4 products of one input as the graph reads them: their A sides (A [rank, in]) side
+    by side, and each one's B^T scaled [rank, out]; each in float16 where float16 holds its values exactly, as
+    it holds the shipped adapter's (saved in float16), else float32. Half the bytes: the adapters are a sixth of
+    what a decoding step streams with 4-bit weights (SmolLM2, rank 16), and took 2.7 of a 17.6 ms token on a Xeon
+    (BENCHMARKS.md). Made once per model (every decoding state makes its steps anew), as plain tensors."""
+    known = _ADAPTERS.get(products[0])
+    if known is None or len(known[0]) != len(products) or any(a is not p.lora for a, p in zip(known[0], products)):
         with torch.inference_mode(False), torch.no_grad():
-            known = adapters, (torch.cat([p.lora[0] for p in products], dim=1),
-                               torch.block_diag(*[p.lora[1] for p in products]))
-        _JOINED_ADAPTERS[products[0]] = known
+            copies = exact_half(torch.cat([p.lora[0].t() for p in products])), [exact_half(p.lora[1])
+                                                                                for p in products]
+        known = _ADAPTERS[products[0]] = [p.lora for p in products], copies
     return known[1]
+
+
+def exact_half(t: torch.Tensor) -> torch.Tensor:
+    """`t` contiguous, in float16 if that changes none of its values."""
+    half = t.to(torch.float16)
+    return half.contiguous() if torch.equal(half.float(), t) else t.contiguous()
 
 
 def one_position(x, cos, signed_sin, keys, values, tensors, plan, eps: float, scaling: float, head_dim: int):
@@ -210,10 +220,9 @@ def products(x, group: tuple, t) -> list[torch.Tensor]:
     the iterator `t`."""
     together, adapters_joined, parts = group
     if together:
-        whole = block_product(x, next(t), next(t))
-        if adapters_joined:
-            whole = adapter(whole, x, next(t), next(t))
-        joined = whole.split([part.size for part in parts], dim=-1)
+        joined = block_product(x, next(t), next(t)).split([part.size for part in parts], dim=-1)
+        if adapters_joined:  # every part's low-rank input in one reduction, over their A side by side
+            low, start = low_rank(x, next(t)), 0
     outs = []
     for i, (kind, _, lora, bias) in enumerate(parts):
         if together:
@@ -224,8 +233,11 @@ def products(x, group: tuple, t) -> list[torch.Tensor]:
             out = linear(x, next(t), next(t), None)
         else:
             out = linear(x, next(t), None, None)
-        if lora and not adapters_joined:
-            out = adapter(out, x, next(t), next(t))
+        if lora and adapters_joined:  # this part's B on its share of `low`
+            b = next(t)
+            out, start = out + raised(low[start : start + len(b)], b), start + len(b)
+        elif lora:
+            out = out + raised(low_rank(x, next(t)), next(t))
         outs.append(out + next(t) if bias else out)
     return outs
 
@@ -234,8 +246,9 @@ def linear(x, weight, scale, bias):
     """x [1, in] times weight [out, in]: float weights, or int8 ones with one scale per `GROUP` inputs (`scale` not
     None) dequantized in the product. Written as the reduction inductor fuses into one kernel reading the weights
     once, not `F.linear`: on an AMD EPYC that kernel streamed float32 weights at 18-25 GB/s, the BLAS call (MKL's
-    one-row product) at 8.5-10 (BENCHMARKS.md). On the Intel Xeon MKL's had streamed about 21 GB/s; the reduction
-    is not measured there yet (`benchmarks/engine_kernels.py` times both on the machine it runs on)."""
+    one-row product) at 8.5-10 (BENCHMARKS.md); on an Intel Xeon with AMX, MKL's was the faster by 6% at 1 thread
+    and 12% at 2 (all 30 layers: 34.1 against 36.1 ms, 20.2 against 22.7), a smaller difference the other way
+    (`benchmarks/engine_kernels.py` times both on the machine it runs on)."""
     if scale is not None:
         rows = weight.shape[0]
         weight = (weight.view(rows, -1, GROUP).to(x.dtype) * scale.unsqueeze(-1)).view(rows, -1)
@@ -243,11 +256,15 @@ def linear(x, weight, scale, bias):
     return out if bias is None else out + bias
 
 
-def adapter(out, x, a, b):
-    """`out` plus a LoRA adapter's product on x [1, in] (A^T [in, r], B^T scaled [r, out]): `int4.with_adapter`'s
-    two products written as reductions, as `linear` writes its own, not BLAS calls."""
-    low = (x.view(-1, 1) * a).sum(0)
-    return out + (low.view(-1, 1) * b).sum(0)
+def low_rank(x, a):
+    """A LoRA adapter's first product on x [1, in], A [rank, in] (`adapter_copies`), as a reduction `linear`
+    writes its own: [rank], in float32 whatever A's dtype."""
+    return (x * a.float()).sum(-1)
+
+
+def raised(low, b):
+    """Its second, [rank] through B^T scaled [rank, out]: [out], in float32."""
+    return (low.view(-1, 1) * b.float()).sum(0)
 
 
 def rms_norm(x, weight, eps: float):
