@@ -334,41 +334,55 @@ def test_an_adapter_directory_loads_unmerged_for_int4_and_eval_quantizes_those_w
     assert quantized_with_adapter_beside == [True]
 
 
-@pytest.mark.parametrize("adapted", [None, "float32", "float16"],
-                         ids=["plain", "adapter on every projection", "adapter of float16 values"])
+@pytest.mark.parametrize("adapted", [None, "float32", "float16", "some"],
+                         ids=["plain", "adapter on every projection", "adapter of float16 values",
+                              "adapter on q, gate and up, of other ranks"])
 @pytest.mark.usefixtures("shared_libraries")
 def test_compile_runs_the_int4_products_in_the_graph_and_answers_what_eager_does(tiny, adapted, monkeypatch):
     """`--quantize int4 --compile`: the graph runs the same packed blocks (joined as the eager step joins them) and
-    the adapter beside them, read in float16 where that holds its values exactly (as the shipped adapter's), in
-    float32 otherwise; greedy answers in every mode are eager int4's."""
+    the adapter beside them, read in float16 where that holds all its values exactly (as the shipped adapter's), in
+    float32 otherwise; in every layer; greedy answers in every mode are eager int4's. With an adapter on some of a
+    joined group's products (q of q/k/v), each adapted one reads its own; gate and up, adapted at ranks 8 and 4,
+    read their A sides side by side."""
     from peft import LoraConfig, get_peft_model
 
-    from sortedchat.engine.compiled import CompiledStep, adapter_copies, compile_steps
+    from sortedchat.engine.compiled import CompiledStep, adapter_copies, adapter_dtype, compile_steps
 
     eager = copy.deepcopy(tiny)
     if adapted:
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        eager.model = get_peft_model(eager.model, LoraConfig(r=8, target_modules=targets, init_lora_weights=False)
-                                     ).base_model.model
+        config = LoraConfig(r=8, target_modules=targets, init_lora_weights=False)
+        if adapted == "some":
+            config = LoraConfig(r=8, target_modules=["q_proj", "gate_proj", "up_proj"], rank_pattern={"up_proj": 4},
+                                init_lora_weights=False)
+        eager.model = get_peft_model(eager.model, config).base_model.model
     quantize_model(eager, "int4")
-    adapters = [m for m in eager.model.modules() if isinstance(m, Int4Linear) and m.lora is not None]
-    if adapted == "float16":
-        for m in adapters:
-            m.lora = tuple(t.half().float() for t in m.lora)
+    if adapted == "float16":  # (the prompts' copies keep the adapter they merged: the same on both sides)
+        for m in eager.model.modules():
+            if isinstance(m, Int4Linear) and m.lora is not None:
+                m.lora = tuple(t.half().float() for t in m.lora)
     sm = copy.deepcopy(eager)
     assert compile_steps(sm) is None
     calls = count_graph_calls(sm, monkeypatch)
-    step = ChatSession(sm).state.steps[0]
-    assert type(step) is CompiledStep and step.plan[2][0]  # gate/up in one kernel call, as eagerly
+    steps = ChatSession(sm).state.steps
+    step = steps[0]
+    assert all(type(s) is CompiledStep for s in steps)  # every layer's inputs are the library's
+    assert step.plan[2][0]  # gate/up in one kernel call, as eagerly
     assert step.plan[2][1] == bool(adapted)  # and their adapters' first products as one
-    assert all(a is b for a, b in zip(step.tensors, ChatSession(sm).state.steps[0].tensors))  # once, not per session
-    assert all(lora == bool(adapted) for group in step.plan for _, _, lora, _ in group[2])
+    again = ChatSession(sm).state.steps[0].tensors
+    assert len(again) == len(step.tensors) and all(a is b for a, b in zip(step.tensors, again))  # once, not per session
+    adapted_parts = [lora for group in step.plan for _, _, lora, _ in group[2]]
+    assert adapted_parts == ([True, False, False, False, True, True, False] if adapted == "some"
+                             else [bool(adapted)] * 7)
     if adapted:  # gate/up's adapters as the graph reads them: their A side by side, each one's B
+        dtype = torch.float16 if adapted == "float16" else torch.float32
+        assert adapter_dtype(sm) == dtype
         gate, up = sm.layers[0].mlp.gate_proj, sm.layers[0].mlp.up_proj
-        a, (b_gate, b_up) = adapter_copies([gate, up])
+        a, (b_gate, b_up) = adapter_copies([gate, up], dtype)
+        assert a.shape == (8 + (4 if adapted == "some" else 8), gate.in_features)
         assert torch.equal(a.float(), torch.cat([gate.lora[0].t(), up.lora[0].t()]))
         assert torch.equal(b_gate.float(), gate.lora[1]) and torch.equal(b_up.float(), up.lora[1])
-        assert {t.dtype for t in (a, b_gate, b_up)} == {getattr(torch, adapted)}
+        assert {t.dtype for t in (a, b_gate, b_up)} == {dtype}
         assert all(any(c is t for t in step.tensors) for c in (a, b_gate, b_up))
     for mode in (Mode.fixed(), Mode.auto(0.3), Mode.speculative(2, draft_len=3, pace=False)):
         answers = [run(no_stop(ChatSession(m, mode)), prompt_ids(m, PROMPTS[0]), n=12) for m in (eager, sm)]

@@ -20,7 +20,7 @@ tokens are checked against eager in tests/test_compiled.py, not its bits.
 Products: float32 weights and `--quantize int8`'s (int8 weights with one scale per 32 inputs, `Int8Linear.grouped`,
 on float32 inputs, dequantized in the product) as reductions inductor writes itself (`linear`), and `--quantize
 int4`'s (torch's int4 kernel on the same packed blocks as eagerly, joined where the eager step joins them, the
-adapter beside them as two more reductions, on float16 copies where those hold its values exactly: `adapter_copies`).
+adapter beside them as two more reductions, on float16 copies where those hold its values exactly: `adapter_dtype`).
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ PROBE_TOLERANCE, HALF_TOLERANCE, INT4_TOLERANCE = 1e-3, 5e-2, 1e-2
 
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its `DecodeGraph`, once compiled
 _PROBLEMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> why `compile_steps` left it eager
-_ADAPTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # first product -> (its adapters, `adapter_copies`)
+# first product of a group -> (the `lora` tuples and dtype its `adapter_copies` were made from, the copies)
+_ADAPTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_ADAPTER_DTYPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> `adapter_dtype`
 
 
 class Part(NamedTuple):
@@ -67,7 +69,7 @@ class Group(NamedTuple):
     """Products of one input in the graph's plan (a layer's q/k/v, o, gate/up, down)."""
 
     joined: bool  # one int4 kernel call over the parts' blocks side by side (as the eager step's `JoinedInt4`)
-    adapters_joined: bool  # every part's adapter, their A side by side: one reduction over the input for all
+    adapters_joined: bool  # joined, every part adapted: their A side by side, one reduction over the input for all
     parts: tuple[Part, ...]
 
 
@@ -120,9 +122,9 @@ class CompiledStep(LayerStep):
     with room for it (the common decoding step), the eager `LayerStep` for everything else (and, being one, for the
     server's batched layers). `plan` and `tensors`: the graph's inputs that are this layer's."""
 
-    def __init__(self, layer: nn.Module, graph: DecodeGraph | None = None):
+    def __init__(self, layer: nn.Module, graph: DecodeGraph | None = None, adapters: torch.dtype = torch.float32):
         super().__init__(layer)
-        self.graph = graph
+        self.graph, self.adapters = graph, adapters
         attn = layer.self_attn
         groups = [(self.qkv, (attn.q_proj, attn.k_proj, attn.v_proj)), (None, (attn.o_proj,)),
                   (self.gate_up, (layer.mlp.gate_proj, layer.mlp.up_proj)), (None, (layer.mlp.down_proj,))]
@@ -137,7 +139,7 @@ class CompiledStep(LayerStep):
             self.tensors += [joined.packed, joined.scales_and_zeros]
         adapters_joined = together and all(p.lora is not None for p in products)
         if adapters_joined:
-            a, bs = adapter_copies(products)
+            a, bs = adapter_copies(products, self.adapters)
             self.tensors.append(a)
         parts = []
         for i, p in enumerate(products):
@@ -149,7 +151,7 @@ class CompiledStep(LayerStep):
             if lora and adapters_joined:
                 self.tensors.append(bs[i])
             elif lora:
-                own, (b,) = adapter_copies([p])
+                own, (b,) = adapter_copies([p], self.adapters)
                 self.tensors += [own, b]
             self.tensors += [] if p.bias is None else [p.bias]
             parts.append(Part(kind, p.out_features, lora, p.bias is not None))
@@ -171,25 +173,33 @@ class CompiledStep(LayerStep):
         return super().__call__(x, span, cache_layer)
 
 
-def adapter_copies(products: list[Int4Linear]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The LoRA adapters of int4 products of one input as the graph reads them: their A sides (A [rank, in]) side
-    by side, and each one's B^T scaled [rank, out]; each in float16 where float16 holds its values exactly, as
-    it holds the shipped adapter's (saved in float16), else float32. Half the bytes: the adapters are a sixth of
-    what a decoding step streams with 4-bit weights (SmolLM2, rank 16), and took 2.7 of a 17.6 ms token on a Xeon
-    (BENCHMARKS.md). Made once per model (every decoding state makes its steps anew), as plain tensors."""
+def adapter_copies(products: list[Int4Linear], dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The LoRA adapters of int4 products of one input as the graph reads them, in `dtype` (`adapter_dtype`): their
+    A sides (A [rank, in]) side by side, and each one's B^T scaled [rank, out]. Made once per model (every decoding
+    state makes its steps anew), as plain tensors; asked for another list with the same first product, it makes
+    them anew."""
     known = _ADAPTERS.get(products[0])
-    if known is None or len(known[0]) != len(products) or any(a is not p.lora for a, p in zip(known[0], products)):
+    made_from = ([p.lora for p in products], dtype)
+    if known is None or len(known[0][0]) != len(products) or known[0][1] != dtype or any(
+            a is not b for a, b in zip(known[0][0], made_from[0])):
         with torch.inference_mode(False), torch.no_grad():
-            copies = exact_half(torch.cat([p.lora[0].t() for p in products])), [exact_half(p.lora[1])
-                                                                                for p in products]
-        known = _ADAPTERS[products[0]] = [p.lora for p in products], copies
+            copies = (torch.cat([p.lora[0].t() for p in products]).to(dtype).contiguous(),
+                      [p.lora[1].to(dtype).contiguous() for p in products])
+        known = _ADAPTERS[products[0]] = made_from, copies
     return known[1]
 
 
-def exact_half(t: torch.Tensor) -> torch.Tensor:
-    """`t` contiguous, in float16 if that changes none of its values."""
-    half = t.to(torch.float16)
-    return half.contiguous() if torch.equal(half.float(), t) else t.contiguous()
+def adapter_dtype(sm: SortedModel) -> torch.dtype:
+    """float16 if it holds every value of every int4 product's adapter exactly (the shipped adapter was saved in
+    float16), else float32: one choice for the whole model, since the library's inputs, their dtypes included, must
+    be the same in every layer. Half the bytes: with 4-bit weights the adapters (rank 16 on SmolLM2's seven
+    products) are 29% of the blocks' bytes in float32 and took 2.7 of a 17.6 ms token on a Xeon (BENCHMARKS.md)."""
+    if sm.model not in _ADAPTER_DTYPES:
+        tensors = [t for layer in sm.layers for m in layer.modules() if isinstance(m, Int4Linear) and m.lora is not None
+                   for t in m.lora]
+        exact = all(torch.equal(t.to(torch.float16).float(), t) for t in tensors)
+        _ADAPTER_DTYPES[sm.model] = torch.float16 if tensors and exact else torch.float32
+    return _ADAPTER_DTYPES[sm.model]
 
 
 def one_position(x, cos, signed_sin, keys, values, tensors, plan, eps: float, scaling: float, head_dim: int):
@@ -316,7 +326,7 @@ def with_compiled(sm: SortedModel, steps: list) -> list:
         return steps
     for i, (step, layer) in enumerate(zip(steps, sm.layers)):
         if type(step) is LayerStep and plain(layer):
-            compiled = CompiledStep(layer, graph)
+            compiled = CompiledStep(layer, graph, adapter_dtype(sm))
             if compiled.plan == graph.plan and layout(compiled.tensors) == graph.layout:
                 steps[i] = compiled
     return steps
@@ -331,7 +341,7 @@ def compile_steps(sm: SortedModel, progress: Progress = quiet) -> str | None:
                                          "decoding eagerly")
         return problem
     progress("compiling the decoding step", None)
-    graph = _GRAPHS[sm.model] = DecodeGraph(CompiledStep(sm.layers[0]))
+    graph = _GRAPHS[sm.model] = DecodeGraph(CompiledStep(sm.layers[0], adapters=adapter_dtype(sm)))
     with _graph_products(sm):
         try:
             graph.loader()
