@@ -51,7 +51,7 @@ PROBE_TOLERANCE, HALF_TOLERANCE, INT4_TOLERANCE = 1e-3, 5e-2, 1e-2
 
 _GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its `DecodeGraph`, once compiled
 _PROBLEMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> why `compile_steps` left it eager
-# first product of a group -> (the `lora` tuples and dtype its `adapter_copies` were made from, the copies)
+# first product of a group -> (the `lora` tuples and the dtype its `adapter_copies` were made from, the copies)
 _ADAPTERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _ADAPTER_DTYPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> `adapter_dtype`
 
@@ -178,15 +178,14 @@ def adapter_copies(products: list[Int4Linear], dtype: torch.dtype) -> tuple[torc
     A sides (A [rank, in]) side by side, and each one's B^T scaled [rank, out]. Made once per model (every decoding
     state makes its steps anew), as plain tensors; asked for another list with the same first product, it makes
     them anew."""
-    known = _ADAPTERS.get(products[0])
-    made_from = ([p.lora for p in products], dtype)
-    if known is None or len(known[0][0]) != len(products) or known[0][1] != dtype or any(
-            a is not b for a, b in zip(known[0][0], made_from[0])):
+    loras, known = [p.lora for p in products], _ADAPTERS.get(products[0])
+    if known is None or known[1] != dtype or len(known[0]) != len(loras) or any(
+            a is not b for a, b in zip(known[0], loras)):
         with torch.inference_mode(False), torch.no_grad():
-            copies = (torch.cat([p.lora[0].t() for p in products]).to(dtype).contiguous(),
-                      [p.lora[1].to(dtype).contiguous() for p in products])
-        known = _ADAPTERS[products[0]] = made_from, copies
-    return known[1]
+            copies = (torch.cat([a.t() for a, _ in loras]).to(dtype).contiguous(),
+                      [b.to(dtype).contiguous() for _, b in loras])
+        known = _ADAPTERS[products[0]] = loras, dtype, copies
+    return known[2]
 
 
 def adapter_dtype(sm: SortedModel) -> torch.dtype:
@@ -195,8 +194,8 @@ def adapter_dtype(sm: SortedModel) -> torch.dtype:
     be the same in every layer. Half the bytes: with 4-bit weights the adapters (rank 16 on SmolLM2's seven
     products) are 29% of the blocks' bytes in float32 and took 2.7 of a 17.6 ms token on a Xeon (BENCHMARKS.md)."""
     if sm.model not in _ADAPTER_DTYPES:
-        tensors = [t for layer in sm.layers for m in layer.modules() if isinstance(m, Int4Linear) and m.lora is not None
-                   for t in m.lora]
+        products = [m for layer in sm.layers for m in layer.modules() if isinstance(m, Int4Linear)]
+        tensors = [t for m in products if m.lora is not None for t in m.lora]
         exact = all(torch.equal(t.to(torch.float16).float(), t) for t in tensors)
         _ADAPTER_DTYPES[sm.model] = torch.float16 if tensors and exact else torch.float32
     return _ADAPTER_DTYPES[sm.model]
@@ -232,7 +231,7 @@ def products(x, group: tuple, t) -> list[torch.Tensor]:
     if together:
         joined = block_product(x, next(t), next(t)).split([part.size for part in parts], dim=-1)
         if adapters_joined:  # every part's low-rank input in one reduction, over their A side by side
-            low, start = low_rank(x, next(t)), 0
+            low, start = linear(x, next(t), None, None).view(-1), 0
     outs = []
     for i, (kind, _, lora, bias) in enumerate(parts):
         if together:
@@ -247,33 +246,30 @@ def products(x, group: tuple, t) -> list[torch.Tensor]:
             b = next(t)
             out, start = out + raised(low[start : start + len(b)], b), start + len(b)
         elif lora:
-            out = out + raised(low_rank(x, next(t)), next(t))
+            out = out + raised(linear(x, next(t), None, None).view(-1), next(t))
         outs.append(out + next(t) if bias else out)
     return outs
 
 
 def linear(x, weight, scale, bias):
-    """x [1, in] times weight [out, in]: float weights, or int8 ones with one scale per `GROUP` inputs (`scale` not
-    None) dequantized in the product. Written as the reduction inductor fuses into one kernel reading the weights
-    once, not `F.linear`: on an AMD EPYC that kernel streamed float32 weights at 18-25 GB/s, the BLAS call (MKL's
-    one-row product) at 8.5-10 (BENCHMARKS.md); on an Intel Xeon with AMX, MKL's was the faster by 6% at 1 thread
-    and 12% at 2 (all 30 layers: 34.1 against 36.1 ms, 20.2 against 22.7), a smaller difference the other way
-    (`benchmarks/engine_kernels.py` times both on the machine it runs on)."""
+    """x [1, in] times weight [out, in]: float weights (of another dtype, such as an adapter's float16 copy, cast to
+    x's in the product), or int8 ones with one scale per `GROUP` inputs (`scale` not None) dequantized in it.
+    Written as the reduction inductor fuses into one kernel reading the weights once, not `F.linear`: on an AMD EPYC
+    that kernel streamed float32 weights at 18-25 GB/s, the BLAS call (MKL's one-row product) at 8.5-10
+    (BENCHMARKS.md); on an Intel Xeon with AMX, MKL's was the faster by 6% at 1 thread and 12% at 2 (all 30 layers:
+    34.1 against 36.1 ms, 20.2 against 22.7), a smaller difference the other way (`benchmarks/engine_kernels.py`
+    times both on the machine it runs on)."""
+    weight = weight.to(x.dtype)
     if scale is not None:
         rows = weight.shape[0]
-        weight = (weight.view(rows, -1, GROUP).to(x.dtype) * scale.unsqueeze(-1)).view(rows, -1)
+        weight = (weight.view(rows, -1, GROUP) * scale.unsqueeze(-1)).view(rows, -1)
     out = (x.unsqueeze(-2) * weight).sum(-1)
     return out if bias is None else out + bias
 
 
-def low_rank(x, a):
-    """A LoRA adapter's first product on x [1, in], A [rank, in] (`adapter_copies`), as a reduction `linear`
-    writes its own: [rank], in float32 whatever A's dtype."""
-    return (x * a.float()).sum(-1)
-
-
 def raised(low, b):
-    """Its second, [rank] through B^T scaled [rank, out]: [out], in float32."""
+    """A LoRA adapter's second product: its first (`linear` on A [rank, in], `adapter_copies`), [rank], through B^T
+    scaled [rank, out]: [out], in float32 whatever B's dtype."""
     return (low.view(-1, 1) * b.float()).sum(0)
 
 
