@@ -61,7 +61,7 @@ def main(
 
             def llama_cpp() -> float:
                 start = time.perf_counter()
-                peer.generate(prompt, 1)
+                next(peer.tokens(prompt, 1))
                 return 1000 * (time.perf_counter() - start)
 
             timed["llama.cpp (Q4_1 GGUF)"] = llama_cpp

@@ -190,9 +190,11 @@ class HeadProduct:
         # Only ids within twice the widest bound of the best estimate can reach its lower bound: bound those alone
         # (the widest bound is summed in float64, the ids' in float32: a margin far above their rounding).
         near = torch.nonzero(approx >= float(approx.max()) - 2.001 * estimate.widest).squeeze(1)
-        bound = estimate.bound(near)
-        lowest_best = float((approx[near] - bound).max())
-        candidates = torch.cat([near[approx[near] + bound >= lowest_best], approx.topk(SCREEN).indices]).unique()
+        bound, near_approx = estimate.bound(near), approx[near]
+        lowest_best = float((near_approx - bound).max())
+        # the leading estimates are near's own when near holds that many (every other estimate is below near's)
+        leading = near[near_approx.topk(SCREEN).indices] if len(near) >= SCREEN else approx.topk(SCREEN).indices
+        candidates = torch.cat([near[near_approx + bound >= lowest_best], leading]).unique()
         if len(candidates) > MOST_CANDIDATES * len(approx):
             return None
         approx[candidates] = self.lm_head.weight[candidates] @ h

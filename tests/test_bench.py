@@ -52,6 +52,9 @@ def test_bench_json_has_every_mode(bench_run):
         assert r["clock"] == "cpu" and r["ratio"] == r["by_clock"]["cpu"]["ratio"]
         assert r["by_clock"]["wall"]["tokens_per_second"] > 0
         assert r["peak_memory_mib"] is None or r["peak_memory_mib"] > 0
+        # decoding alone: our engine times each answer from its first token; `generate` hands the answer over whole
+        assert (r["decode_tokens_per_second"] is None) == r["key"].startswith("hf"), r["key"]
+        assert r["decode_tokens_per_second"] is None or r["decode_tokens_per_second"] > 0
     assert data["machine"]["cpu_count"] >= 1 and data["costs"]["layer"] >= 0 and data["costs"]["head"] > 0
 
 
@@ -96,7 +99,7 @@ def make_row(kind, ratio, agree=0.0, forced=None, ideal=None):
     from sortedchat.bench.runner import Row
 
     return Row(key=kind, label=kind, kind=kind, exit=3, clock="wall", tokens_per_second=1.0, ratio=ratio,
-               agreement=agree, forced_agreement=forced, mean_exit=None, acceptance=None,
+               decode_tokens_per_second=None, agreement=agree, forced_agreement=forced, mean_exit=None, acceptance=None,
                accepted_per_verification=None, paced_share=None,
                peak_memory_mib=None, ideal_ratio=ideal, check_share=None, checks_per_token=None, by_clock={})
 
@@ -233,7 +236,42 @@ def test_llama_cpp_row_beside_our_full_depth_on_the_default_gguf(tmp_path):
     data = json.loads(out_json.read_text())
     peer = next(r for r in data["rows"] if r["key"] == "llama.cpp")
     assert peer["kind"] == "peer" and peer["tokens_per_second"] > 0 and data["peer"]["threads"] == 1
-    assert data["full_vs_peer"]["ratio"] > 0 and "against llama.cpp's" in " ".join(out.split())
+    versus, full = data["full_vs_peer"], next(r for r in data["rows"] if r["key"] == "full")
+    assert versus["ratio"] > 0 and versus["decode_peer"] == peer["decode_tokens_per_second"] > 0
+    assert versus["decode_ratio"] == pytest.approx(full["decode_tokens_per_second"] / versus["decode_peer"])
+    line = next(x for x in " ".join(out.split()).split("our full depth ")[1:] if "against llama.cpp's" in x)
+    assert (f"{versus['ratio']:.2f}x; decoding alone (prompt and first token left out) {versus['decode_full']:.1f} "
+            f"against {versus['decode_peer']:.1f} tok/s: {versus['decode_ratio']:.2f}x") in line
+
+
+def test_decoding_alone_counts_the_tokens_after_each_answers_first():
+    from sortedchat.bench.runner import Tally, decode_speed
+
+    # 2 answers of 5 tokens a repeat: 8 tokens after the first ones, over 2 s and then 4 s of decoding
+    assert decode_speed(Tally(tokens=[10, 10], decode_seconds=[2.0, 4.0]), answers=2) == pytest.approx(3.0)
+    assert decode_speed(Tally(tokens=[10], decode_seconds=[None]), answers=2) is None  # `generate`
+    assert decode_speed(Tally(), answers=2) is None
+
+
+def test_the_summary_line_sets_decoding_alone_beside_the_whole_answer():
+    import io
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from sortedchat.bench.report import full_vs_peer, print_table
+
+    full, peer = make_row("full", 1.0), make_row("peer", 1.0)
+    rows = [replace(full, tokens_per_second=50.0, decode_tokens_per_second=60.0),
+            replace(peer, tokens_per_second=80.0, decode_tokens_per_second=120.0)]
+    assert full_vs_peer(rows) == {"full": 50.0, "peer": 80.0, "ratio": 0.625, "decode_full": 60.0,
+                                  "decode_peer": 120.0, "decode_ratio": 0.5}
+    console = Console(file=io.StringIO(), width=300)
+    print_table(rows, "t", console)
+    assert ("our full depth 50.0 tok/s against llama.cpp's 80.0 tok/s on the same GGUF and threads: 0.62x; decoding "
+            "alone (prompt and first token left out) 60.0 against 120.0 tok/s: 0.50x") in console.file.getvalue()
+    rows[1] = replace(rows[1], decode_tokens_per_second=None)
+    assert full_vs_peer(rows)["decode_ratio"] is None
 
 
 def test_default_prompts_are_varied_chat_questions():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from sortedchat import SortedChatError
@@ -77,13 +78,13 @@ class LlamaCpp:
         except (ValueError, RuntimeError) as exc:
             raise SortedChatError(f"llama.cpp cannot load {gguf}: {exc}") from None
 
-    def generate(self, prompt: list[int], n: int) -> list[int]:
-        """Exactly `n` greedy tokens after `prompt`, from an empty K/V cache."""
+    def tokens(self, prompt: list[int], n: int) -> Iterator[int]:
+        """Exactly `n` greedy tokens after `prompt`, from an empty K/V cache, each as soon as it is chosen."""
         self.llm.reset()
-        out: list[int] = []
-        for token in self.llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
-                                       reset=True):
-            out.append(int(token))
-            if len(out) == n:
-                break
-        return out
+        if n < 1:
+            return
+        for i, token in enumerate(self.llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0,
+                                                    repeat_penalty=1.0, reset=True), start=1):
+            yield int(token)
+            if i == n:
+                return

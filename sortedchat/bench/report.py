@@ -143,18 +143,27 @@ def print_table(rows: list[Row], title: str, console: Console | None = None) -> 
         console.print(verdict_line(name, ways, list(verdicts)))
     versus = full_vs_peer(rows)
     if versus is not None:
-        console.print(f"our full depth {versus['full']:.1f} tok/s against llama.cpp's {versus['peer']:.1f} tok/s on "
-                      f"the same GGUF and threads: {versus['ratio']:.2f}x")
+        line = (f"our full depth {versus['full']:.1f} tok/s against llama.cpp's {versus['peer']:.1f} tok/s on the same "
+                f"GGUF and threads: {versus['ratio']:.2f}x")
+        if versus["decode_ratio"] is not None:
+            line += (f"; decoding alone (prompt and first token left out) {versus['decode_full']:.1f} against "
+                     f"{versus['decode_peer']:.1f} tok/s: {versus['decode_ratio']:.2f}x")
+        console.print(line)
 
 
 def full_vs_peer(rows: list[Row]) -> dict | None:
-    """Our full depth's tokens/s against llama.cpp's (the peer row), by the table's clock; None without a peer."""
+    """Our full depth's tokens/s against llama.cpp's (the peer row), by the table's clock, and decoding alone (wall
+    clock; None where either could not tell); None without a peer. Decoding alone tells the engines apart where
+    their prompts are not alike: a llama.cpp whose batched prompts crash takes them a token at a time."""
     full = next((r for r in rows if r.kind == RowKind.FULL), None)
     peer = next((r for r in rows if r.kind == RowKind.PEER), None)
     if full is None or peer is None or not peer.tokens_per_second:
         return None
+    decode_full, decode_peer = full.decode_tokens_per_second, peer.decode_tokens_per_second
     return {"full": full.tokens_per_second, "peer": peer.tokens_per_second,
-            "ratio": full.tokens_per_second / peer.tokens_per_second}
+            "ratio": full.tokens_per_second / peer.tokens_per_second,
+            "decode_full": decode_full, "decode_peer": decode_peer,
+            "decode_ratio": decode_full / decode_peer if decode_full and decode_peer else None}
 
 
 def write_json(path: str | Path, meta: dict, rows: list[Row]) -> Path:

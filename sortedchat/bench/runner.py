@@ -27,7 +27,7 @@ import os
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -47,7 +47,8 @@ PROTOCOL = (
     "each repeat; tok/s = median over repeats; ratio = median of per-repeat ratios to the baseline; agreement = "
     "share of positions whose token equals the baseline's; forced agreement (fixed depth, full, auto) = share of "
     "steps whose token equals the baseline's when every step is fed the baseline's previous tokens (teacher "
-    "forcing, untimed)"
+    "forcing, untimed); decoding alone (our engine and llama.cpp) = tokens after the first / wall seconds from the "
+    "first token to the last, prefill left out"
 )
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
@@ -82,6 +83,8 @@ class Tally:
 
     seconds: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in CLOCKS})  # per repeat
     tokens: list[int] = field(default_factory=list)  # per repeat
+    # per repeat, wall clock, from each answer's first token to its last (None: a row that cannot tell, `generate`)
+    decode_seconds: list[float | None] = field(default_factory=list)
     agree: int = 0
     compared: int = 0
     forced_agree: int = 0
@@ -106,6 +109,7 @@ class Row:
     clock: str
     tokens_per_second: float  # by `clock`
     ratio: float  # by `clock`
+    decode_tokens_per_second: float | None  # wall clock, the prompt's prefill and first token left out
     agreement: float
     forced_agreement: float | None  # teacher-forced, for the modes that choose one token per step
     mean_exit: float | None
@@ -254,13 +258,13 @@ class Bench:
         self.tallies[spec.key] = Tally()
 
     # -- one generation ------------------------------------------------------------------------------
-    def generate(self, spec: ModeSpec, prompt_index: int, tally: Tally) -> tuple[list[int], dict[str, float]]:
-        """The answer's tokens and the seconds it took by each clock."""
+    def generate(self, spec: ModeSpec, prompt_index: int,
+                 tally: Tally) -> tuple[list[int], dict[str, float], float | None]:
+        """The answer's tokens, the seconds it took by each clock, and the wall seconds from its first token to its
+        last (None for `generate`, which hands over the answer whole)."""
         ids = self.prompts[prompt_index]
         if spec.kind == RowKind.PEER:
-            t = {c: clock() for c, clock in CLOCKS.items()}
-            tokens = self.peer.generate(ids, self.n)
-            return tokens, {c: clock() - t[c] for c, clock in CLOCKS.items()}
+            return self._timed(self.peer.tokens(ids, self.n))
         if spec.kind in (RowKind.HF, RowKind.HF_EE):
             x = torch.tensor([ids], device=self.sm.device)
             early_exit = spec.kind == RowKind.HF_EE
@@ -274,13 +278,10 @@ class Bench:
                 )
                 self._sync()
                 seconds = {c: clock() - t[c] for c, clock in CLOCKS.items()}
-            return out[0, len(ids):].tolist(), seconds
+            return out[0, len(ids):].tolist(), seconds, None
         session = self.sessions[spec.key]
         session.reset()
-        t = {c: clock() for c, clock in CLOCKS.items()}
-        tokens = [ev.token_id for ev in session.generate_ids(ids, self.sampling)]
-        self._sync()
-        seconds = {c: clock() - t[c] for c, clock in CLOCKS.items()}
+        answer = self._timed(ev.token_id for ev in session.generate_ids(ids, self.sampling))
         st = session.last_stats
         tally.exit_sum += st.exit_sum
         tally.exit_tokens += st.tokens
@@ -290,7 +291,21 @@ class Bench:
         tally.paced += st.paced
         tally.check_seconds += st.check_seconds
         tally.checks += st.checks
-        return tokens, seconds
+        return answer
+
+    def _timed(self, tokens: Iterator[int]) -> tuple[list[int], dict[str, float], float | None]:
+        """The tokens an answer's iterator gives, the seconds they took by each clock, and the wall seconds from the
+        first to the last (None for fewer than two)."""
+        t = {c: clock() for c, clock in CLOCKS.items()}
+        out, first = [], None
+        for token in tokens:
+            out.append(token)
+            if first is None:
+                self._sync()
+                first = time.perf_counter()
+        self._sync()
+        seconds = {c: clock() - t[c] for c, clock in CLOCKS.items()}
+        return out, seconds, time.perf_counter() - first if len(out) > 1 else None
 
     def _sync(self) -> None:
         if self.sm.device.type == "cuda":
@@ -315,14 +330,17 @@ class Bench:
             order = self.specs[r % len(self.specs):] + self.specs[: r % len(self.specs)]
             seconds = {spec.key: dict.fromkeys(CLOCKS, 0.0) for spec in self.specs}
             tokens = dict.fromkeys(seconds, 0)
+            decoding: dict[str, float | None] = dict.fromkeys(seconds, 0.0)
             for i in range(len(self.prompts)):
                 progress(f"repeat {r + 1}/{repeat} · prompt {i + 1}/{len(self.prompts)}")
                 for spec in order:
                     tally = self.tallies[spec.key]
-                    answer, took = self.generate(spec, i, tally)
+                    answer, took, decoded = self.generate(spec, i, tally)
                     for c in CLOCKS:
                         seconds[spec.key][c] += took[c]
                     tokens[spec.key] += len(answer)
+                    if decoding[spec.key] is not None:
+                        decoding[spec.key] = None if decoded is None else decoding[spec.key] + decoded
                     ref = self.reference[i]
                     tally.agree += sum(a == b for a, b in zip(answer, ref))
                     tally.compared += max(len(answer), len(ref))
@@ -331,6 +349,7 @@ class Bench:
                 for c in CLOCKS:
                     tally.seconds[c].append(seconds[spec.key][c])
                 tally.tokens.append(tokens[spec.key])
+                tally.decode_seconds.append(decoding[spec.key])
 
     def teacher_forced(self, progress: Callable[[str], None]) -> None:
         """Per-token quality of the modes that choose one token per step: fed the baseline's answer, how
@@ -362,6 +381,7 @@ class Bench:
             rows.append(
                 Row(key=spec.key, label=spec.label, kind=spec.kind, exit=spec.exit, clock=clock,
                     tokens_per_second=by_clock[clock]["tokens_per_second"], ratio=by_clock[clock]["ratio"],
+                    decode_tokens_per_second=decode_speed(tally, len(self.prompts)),
                     mean_exit=exit_mean, ideal_ratio=ideal_ratio(spec, costs, exit_mean, L), by_clock=by_clock,
                     kv=spec.mode.kv if spec.mode is not None else None, **shares(spec, tally, full_token_seconds))
             )
@@ -386,6 +406,15 @@ def speeds_by_clock(tally: Tally, base: dict[str, list[float]]) -> dict[str, dic
             "per_repeat": tps,
         }
     return by_clock
+
+
+def decode_speed(tally: Tally, answers: int) -> float | None:
+    """The median over the repeats of the tokens after each answer's first per wall second from its first token to
+    its last: decoding alone, which the prompt's prefill does not weigh on (None where a repeat could not tell)."""
+    if not tally.decode_seconds or None in tally.decode_seconds:
+        return None
+    return statistics.median((t - answers) / s if s > 0 else 0.0
+                             for t, s in zip(tally.tokens, tally.decode_seconds))
 
 
 def seconds_per_token(tally: Tally) -> float:
