@@ -259,6 +259,15 @@ def test_sampling_is_seeded_and_spec_sampling_runs(tiny):
     assert len(spec) == 24
 
 
+def test_a_session_stops_at_the_end_of_turn_tokens_its_vocabulary_has(tiny):
+    """The tiny tokenizer has <|im_end|> (its eos) and <|endoftext|> among the end-of-turn names, not <|eot_id|> and
+    the others, which map to nothing rather than to some other token."""
+    tok = tiny.tokenizer
+    assert ChatSession(tiny).stop_ids == {tok.convert_tokens_to_ids("<|im_end|>"),
+                                          tok.convert_tokens_to_ids("<|endoftext|>")}
+    assert "<|eot_id|>" not in tok.get_vocab()
+
+
 def test_stop_token_ends_answer_and_text_is_complete(tiny):
     session = ChatSession(tiny)
     eos = tiny.tokenizer.convert_tokens_to_ids("<|im_end|>")
