@@ -268,6 +268,23 @@ def test_a_session_stops_at_the_end_of_turn_tokens_its_vocabulary_has(tiny):
     assert "<|eot_id|>" not in tok.get_vocab()
 
 
+def test_an_end_of_turn_name_the_vocabulary_lacks_is_not_its_unknown_token():
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    from sortedchat.engine.session import stop_token_ids
+
+    vocab = {"<unk>": 0, "<|im_end|>": 1, "hi": 2}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")), unk_token="<unk>",
+                                  eos_token="hi")
+    assert tok.convert_tokens_to_ids("<|eot_id|>") == 0  # the unknown token's id, for every name it lacks
+    sm = SimpleNamespace(tokenizer=tok, model=SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None)))
+    assert stop_token_ids(sm) == {2, 1}  # its eos and <|im_end|>, not <unk>
+
+
 def test_stop_token_ends_answer_and_text_is_complete(tiny):
     session = ChatSession(tiny)
     eos = tiny.tokenizer.convert_tokens_to_ids("<|im_end|>")

@@ -47,8 +47,8 @@ PROTOCOL = (
     "each repeat; tok/s = median over repeats; ratio = median of per-repeat ratios to the baseline; agreement = "
     "share of positions whose token equals the baseline's; forced agreement (fixed depth, full, auto) = share of "
     "steps whose token equals the baseline's when every step is fed the baseline's previous tokens (teacher "
-    "forcing, untimed); decoding alone (our engine and llama.cpp) = tokens after the first / wall seconds from the "
-    "first token to the last, prefill left out"
+    "forcing, untimed); decoding alone (our engine but speculative rows, llama.cpp) = tokens after the first / wall "
+    "seconds from the first token to the last, prefill left out"
 )
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
@@ -261,7 +261,8 @@ class Bench:
     def generate(self, spec: ModeSpec, prompt_index: int,
                  tally: Tally) -> tuple[list[int], dict[str, float], float | None]:
         """The answer's tokens, the seconds it took by each clock, and the wall seconds from its first token to its
-        last (None for `generate`, which hands over the answer whole)."""
+        last (None for `generate`, which hands over the answer whole, and for speculative rows, whose first token
+        arrives with the rest of its round)."""
         ids = self.prompts[prompt_index]
         if spec.kind == RowKind.PEER:
             return self._timed(self.peer.tokens(ids, self.n))
@@ -281,7 +282,9 @@ class Bench:
             return out[0, len(ids):].tolist(), seconds, None
         session = self.sessions[spec.key]
         session.reset()
-        answer = self._timed(ev.token_id for ev in session.generate_ids(ids, self.sampling))
+        tokens, seconds, decoded = self._timed(ev.token_id for ev in session.generate_ids(ids, self.sampling))
+        if spec.kind in (RowKind.SPEC, RowKind.DRAFT):  # its first token comes with a whole round's: not timed apart
+            decoded = None
         st = session.last_stats
         tally.exit_sum += st.exit_sum
         tally.exit_tokens += st.tokens
@@ -291,7 +294,7 @@ class Bench:
         tally.paced += st.paced
         tally.check_seconds += st.check_seconds
         tally.checks += st.checks
-        return answer
+        return tokens, seconds, decoded
 
     def _timed(self, tokens: Iterator[int]) -> tuple[list[int], dict[str, float], float | None]:
         """The tokens an answer's iterator gives, the seconds they took by each clock, and the wall seconds from the

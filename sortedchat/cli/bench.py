@@ -55,7 +55,8 @@ def bench(
     if meta["peer"]["skipped"]:
         err.print(f"llama.cpp row skipped: {meta['peer']['skipped']}", markup=False, highlight=False, soft_wrap=True)
     elif meta["peer"]["prompt_batch"] == 1:
-        err.print("llama.cpp crashed on a batched prompt here: its prompts went in one token at a time",
+        err.print("llama.cpp crashed on a batched prompt here: its prompts went in one token at a time (its whole "
+                  "answers are slower for it; decoding alone compares the engines)",
                   highlight=False, soft_wrap=True)
     meta["command"] = " ".join(["sortedchat", *sys.argv[1:]])
     threads, quantization = meta["machine"]["torch_threads"], meta["quantization"]

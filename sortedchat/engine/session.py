@@ -47,9 +47,15 @@ def stop_token_ids(sm: SortedModel) -> set[int]:
         elif source:
             ids.update(int(i) for i in source)
     # each name looked up alone (the whole vocabulary, `get_vocab`, took 23 ms of every session's start); a name the
-    # vocabulary lacks maps to the unknown token or None, whose name is not the one asked
-    found = tok.convert_tokens_to_ids(list(END_OF_TURN_TOKENS))
-    ids.update(i for t, i in zip(END_OF_TURN_TOKENS, found) if i is not None and tok.convert_ids_to_tokens(i) == t)
+    # vocabulary lacks maps to the unknown token's id or None, whose name is not the one asked, or (some tokenizers
+    # of their own) raises
+    for name in END_OF_TURN_TOKENS:
+        try:
+            i = tok.convert_tokens_to_ids(name)
+            if i is not None and tok.convert_ids_to_tokens(i) == name:
+                ids.add(i)
+        except (KeyError, ValueError, IndexError):
+            continue
     return ids
 
 
