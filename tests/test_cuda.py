@@ -93,6 +93,8 @@ def test_the_model_lands_on_the_device_and_dtype_asked_for(sm, tiny_dir):
         assert auto.dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
 
 
+# on the CPU, at one thread, the library test_compiled.py compiled for bfloat16 is loaded rather than compiled again
+@pytest.mark.usefixtures("one_thread", "shared_libraries")
 def test_the_compiled_step_answers_what_the_eager_one_does(sm, monkeypatch):
     """`--compile` on the device and dtype (its library compiled for them): the graph runs every decoding step, and
     greedy answers leave the eager engine's only at a near tie."""
