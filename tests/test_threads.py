@@ -12,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from sortedchat.cli import app
+from sortedchat.cli.options import usable_cpus
 
 runner = CliRunner()
 
@@ -41,7 +42,24 @@ def test_info_shows_the_thread_count(tiny_dir, restore_threads):
     res = runner.invoke(app, ["info", "--model", str(tiny_dir), "--threads", "1"], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
     row = next(line for line in res.stdout.splitlines() if line.strip().startswith("threads"))
-    assert row.split()[1] == "1" and f"on {os.cpu_count()} CPUs" in row
+    assert row.split()[1] == "1" and f"on {usable_cpus()} CPUs" in row
+
+
+@pytest.mark.parametrize("command", ["ask", "eval"])
+def test_more_threads_than_cpus_is_one_warning_line_before_loading(command, tiny_dir, tmp_path, restore_threads):
+    """Threads beyond the CPUs this process may use take turns and wait for each other: the command still runs,
+    and says so once; as many threads as CPUs is no warning."""
+    data = tmp_path / "d.json"
+    data.write_text('[{"instruction": "Say hi.", "input": "", "output": "hi."}]')
+    args = {"ask": ["ask", "Hello!", "-n", "3"], "eval": ["eval", "--data", str(data)]}[command]
+    cpus = usable_cpus()
+    warned = []
+    for threads in (cpus + 1, cpus):
+        res = runner.invoke(app, [*args, "--model", str(tiny_dir), "--device", "cpu", "--threads", str(threads)])
+        assert res.exit_code == 0, res.output
+        warned.append([line for line in res.stderr.splitlines() if "--threads" in line])
+    assert warned == [[f"warning: --threads {cpus + 1} is more than the {cpus} CPUs this process may use: threads "
+                       "that share a CPU wait for each other, and the model runs slower, not faster"], []]
 
 
 def test_threads_below_one_is_a_one_line_error(tiny_dir):

@@ -51,6 +51,7 @@ def evaluate(
     from sortedchat.training.data import RecordSet, last_records, load_records
 
     _check_arguments(template, holdout, limit, json_out, plot)
+    o.warn_of_threads(load.threads)
     opts = load.load_options()
     resolved(opts)  # --quantize against the other options, before the data loads
     records = load_records(data, skip_bad, "--data")

@@ -6,8 +6,6 @@ says what `--quantize` made int8)."""
 
 from __future__ import annotations
 
-import os
-
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -61,7 +59,7 @@ def _table(sm, class_name: str, exit_heads: bool, lens_exits: list[int] | None, 
         ("dtype", str(sm.dtype).replace("torch.", "")),
         ("quantized", quantization),
         ("device", str(sm.device)),
-        ("threads", f"{torch.get_num_threads()} (torch, on {os.cpu_count()} CPUs; --threads sets it)"),
+        ("threads", f"{torch.get_num_threads()} (torch, on {o.usable_cpus()} CPUs; --threads sets it)"),
         ("weights", sm.weights_path),
     ]
     if sm.config.training:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sortedchat.cli.options import ModeFlags, PreciseLoadFlags
+from sortedchat.cli.options import ModeFlags, PreciseLoadFlags, warn_of_threads
 from sortedchat.engine.modes import Mode
 
 
@@ -14,6 +14,7 @@ def check_before_loading(spec: str | None, load: PreciseLoadFlags, mode: ModeFla
     ask for (checked against the layer count where it is known without loading)."""
     from sortedchat.config import validate_exits
 
+    warn_of_threads(load.threads)
     layers = known_layers(spec)
     parsed = load.exit_list()
     if layers is not None and parsed is not None:
