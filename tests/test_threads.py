@@ -51,7 +51,8 @@ def test_more_threads_than_cpus_is_one_warning_line_before_loading(command, tiny
     and says so once; as many threads as CPUs is no warning."""
     data = tmp_path / "d.json"
     data.write_text('[{"instruction": "Say hi.", "input": "", "output": "hi."}]')
-    args = {"ask": ["ask", "Hello!", "-n", "3"], "eval": ["eval", "--data", str(data)]}[command]
+    args = {"ask": ["ask", "Hello!", "-n", "3"],
+            "eval": ["eval", "--data", str(data), "--json", str(tmp_path / "o.json")]}[command]
     cpus = usable_cpus()
     warned = []
     for threads in (cpus + 1, cpus):
