@@ -166,8 +166,15 @@ def load_model(spec, opts, console=None):
         from sortedchat.engine.compiled import compile_problem
 
         if problem := compile_problem(sm):
-            console.print(f"[yellow]warning:[/] {problem}", soft_wrap=True)
+            warn(problem, console)
     return sm
+
+
+def warn(text: str, console=None) -> None:
+    """One warning line on stderr (or `console`), never wrapped: tests and scripts read it whole."""
+    from rich.console import Console
+
+    (console or Console(stderr=True)).print(f"[yellow]warning:[/] {text}", soft_wrap=True)
 
 
 def loaded(spec, opts, progress):
@@ -198,11 +205,8 @@ def warn_of_threads(threads: int | None) -> None:
     decoding at 8.4-9.8 against 10.2-10.8 tok/s)."""
     cpus = usable_cpus()
     if threads is not None and threads > cpus:
-        from rich.console import Console
-
-        Console(stderr=True).print(f"[yellow]warning:[/] --threads {threads} is more than the {cpus} CPUs this "
-                                   "process may use: threads that share a CPU wait for each other, and the model "
-                                   "runs slower, not faster", soft_wrap=True)
+        warn(f"--threads {threads} is more than the {cpus} CPUs this process may use: threads that share a CPU wait "
+             "for each other, and the model runs slower, not faster")
 
 
 def set_threads(threads: int | None) -> None:
