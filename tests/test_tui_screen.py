@@ -12,6 +12,7 @@ from textual.widgets._footer import FooterKey
 
 from sortedchat.engine import GenerationStats
 from sortedchat.palette import MIN_CONTRAST, contrast, exit_colour, hex_rgb
+from sortedchat.tui.app import SortedChatApp
 from sortedchat.tui.colours import theme_background
 from sortedchat.tui.depth import exit_agreement
 from sortedchat.tui.screens.chats import ChatListScreen
@@ -198,14 +199,25 @@ def token_on_screen(app, index) -> tuple[int, int] | None:
     return None
 
 
+def in_view_above_the_lens(app, token: int) -> bool:
+    """Token `token` of the last answer is drawn in the conversation, above the layer lens."""
+    place = token_on_screen(app, token)
+    return (place is not None and chat(app).conversation.region.contains(*place)
+            and place[1] < chat(app).lens.region.y)
+
+
+def long_answer_app(tiny, tmp_path) -> tuple[SortedChatApp, int]:
+    """An app whose store holds one chat with an answer longer than the 80x24 conversation shows at once."""
+    store = ChatStore(tmp_path / "chats.sqlite3")
+    text = " ".join(["The quick brown fox jumps over the lazy dog."] * 16)
+    return make_app(tiny, tmp_path, store=store), saved_answer(store, tiny.tokenizer, "one", text)
+
+
 @pytest.mark.parametrize("how", ["f9", "click"])
 def test_at_80x24_the_lens_leaves_the_token_it_describes_in_view(tiny, tmp_path, how):
     """A long answer fills the conversation to its bottom; the lens then takes the lower half of it. The token
     it describes (the last one after F9, or the one clicked) is scrolled into what is left, above the lens."""
-    store = ChatStore(tmp_path / "chats.sqlite3")
-    text = " ".join(["The quick brown fox jumps over the lazy dog."] * 16)
-    chat_id = saved_answer(store, tiny.tokenizer, "one", text)
-    app = make_app(tiny, tmp_path, store=store)
+    app, chat_id = long_answer_app(tiny, tmp_path)
 
     @run_async
     async def run():
@@ -224,16 +236,35 @@ def test_at_80x24_the_lens_leaves_the_token_it_describes_in_view(tiny, tmp_path,
                 await pilot.click(offset=(x, y))
             await wait_for(pilot, lambda: chat(app).lens.display and answer.depth_view.cursor == index)
 
-            def in_view_above_the_lens(token: int) -> bool:
-                place = token_on_screen(app, token)
-                return (place is not None and chat(app).conversation.region.contains(*place)
-                        and place[1] < chat(app).lens.region.y)
-
             # the scroll lands after a refresh or two (under a loaded machine, later than a fixed pause)
-            await wait_for(pilot, lambda: in_view_above_the_lens(index), timeout=5.0)
+            await wait_for(pilot, lambda: in_view_above_the_lens(app, index), timeout=5.0)
             assert chat(app).lens.region.y >= SMALL[1] // 3
             await pilot.press("home")  # the answer's first token, out of view above: the view follows
-            await wait_for(pilot, lambda: in_view_above_the_lens(answer.depth_view.cursor), timeout=5.0)
+            await wait_for(pilot, lambda: in_view_above_the_lens(app, answer.depth_view.cursor), timeout=5.0)
+
+
+def test_a_token_chosen_as_the_conversation_follows_its_end_is_scrolled_into_view(tiny, tmp_path):
+    """While an answer streams, the conversation scrolls to its end after each refresh; a token chosen in that
+    moment (one near the top, the view scrolled up to it) still ends up in view: its place comes from the layout,
+    not from where the screen drew it before that scroll (likely why the test above once failed in CI)."""
+    app, chat_id = long_answer_app(tiny, tmp_path)
+
+    @run_async
+    async def run():
+        async with app.run_test(size=SMALL) as pilot:
+            await chat(app).open_chat(chat_id)
+            await pilot.press("f9")
+            view = chat(app).answer.depth_view
+            await wait_for(pilot, lambda: in_view_above_the_lens(app, view.cursor))
+            conversation = chat(app).conversation
+            conversation.scroll_home(animate=False, immediate=True)
+            index = view.shown_indices()[20]
+            await wait_for(pilot, lambda: in_view_above_the_lens(app, index))
+            conversation.scroll_end(animate=False)  # after the next refresh, as when new tokens arrive
+            view.reveal(index)  # as a choice of token does; it runs right after that scroll, before a redraw
+            await wait_for(pilot, lambda: conversation.scroll_y < conversation.max_scroll_y)
+            await pilot.pause()
+            assert in_view_above_the_lens(app, index)
 
 
 def test_a_mid_answer_mode_change_shows_in_the_answer_header_and_the_saved_chat(tiny, tmp_path):

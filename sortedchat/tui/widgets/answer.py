@@ -182,22 +182,27 @@ class TokenText(Vertical, can_focus=True):
     def reveal(self, index: int) -> None:
         """Scroll what holds the answer so that token `index` is in view (the layer lens, opening below, may
         have just taken the lower half of the conversation). Done after the next refresh, on the layout that
-        the change asking for it brings; requests before then are one scroll, to the latest token (a second
-        one would measure where the first left the screen before it is drawn there, and scroll too far)."""
+        the change asking for it brings."""
         if self._revealing is None:
             self.call_after_refresh(self._scroll_to_revealed)
         self._revealing = index
 
     def _scroll_to_revealed(self) -> None:
+        """The token's row is placed from the layout alone (each widget's place in its parent's content), not
+        from where it was last drawn: a scroll not yet drawn (another reveal's, or the conversation following
+        its end) would otherwise shift the target by that scroll, and the view would land off the token."""
         index, self._revealing = self._revealing, None
+        holder = next((w for w in self.ancestors if isinstance(w, Widget) and w.allow_vertical_scroll), None)
+        if holder is None:
+            return
         block, start, _ = self.places[index]
-        row = Region(block.region.x, block.region.y + block.line_of(start), block.region.width, 1)
-        for holder in self.ancestors:
-            if isinstance(holder, Widget) and holder.allow_vertical_scroll:
-                view = holder.scrollable_content_region
-                holder.scroll_to_region(row.translate(holder.scroll_offset - view.offset), animate=False,
-                                        immediate=True)
-                return
+        y, widget = block.line_of(start), block
+        while widget is not holder:
+            y += widget.virtual_region.y
+            widget = widget.parent
+            if widget is not holder:
+                y += widget.styles.gutter.top
+        holder.scroll_to_region(Region(0, y, 1, 1), animate=False, immediate=True)
 
     def select(self, index: int) -> None:
         self.cursor = index
