@@ -212,9 +212,11 @@ def test_plain_chat_stops_a_looping_answer_and_says_why(looping, tmp_path):
     assert "stopped: it repeated itself (--no-repeat-stop lets an answer run on)" in console.export_text()
 
 
-def test_the_app_says_why_a_looping_answer_stopped(looping, tmp_path):
+def test_the_app_says_why_a_looping_answer_stopped_and_its_settings_let_answers_run_on(looping, tmp_path):
+    from sortedchat.tui.screens.settings import SettingsScreen
+    from sortedchat.tui.settings import load_settings, settings_path
 
-    from helpers.tui import ask, make_app, run_async, status
+    from helpers.tui import ask, dialogue, make_app, run_async, status, wait_for
 
     app = make_app(looping, tmp_path, max_new_tokens=100, mode=Mode.fixed(2))
 
@@ -223,9 +225,17 @@ def test_the_app_says_why_a_looping_answer_stopped(looping, tmp_path):
         async with app.run_test(size=(110, 34)) as pilot:
             await ask(pilot, app)
             said = [n.message for n in app._notifications]
-            assert any(m.startswith("The answer was stopped: it kept repeating itself. repeat_stop = false under "
-                                    "[chat] in ") for m in said)
+            assert ("The answer was stopped: it kept repeating itself. Untick Repeats in the settings (^o) to let "
+                    "answers run on.") in said
             assert " · stopped: it repeated itself · " in status(app)
+            await pilot.press("ctrl+o")
+            await wait_for(pilot, lambda: isinstance(app.screen, SettingsScreen))
+            app.screen.query_one("#repeat_stop").focus()
+            await pilot.press("space", "ctrl+s")
+            await wait_for(pilot, lambda: not isinstance(app.screen, SettingsScreen))
+            assert load_settings().repeat_stop is False and "repeat_stop = false" in settings_path().read_text()
+            await ask(pilot, app)
+            assert len(dialogue(app).events) == 100 and dialogue(app).stats.stopped == "max_tokens"
 
 
 def test_the_dialogue_keeps_how_far_a_long_prompt_pass_went(tiny, tmp_path):

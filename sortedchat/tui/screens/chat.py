@@ -23,7 +23,7 @@ from sortedchat.tui.dialogue import Dialogue
 from sortedchat.tui.screens.chats import ChatListScreen
 from sortedchat.tui.screens.rename import RenameScreen
 from sortedchat.tui.screens.settings import SettingsScreen
-from sortedchat.tui.settings import ACTIONS, key_name, settings_path
+from sortedchat.tui.settings import ACTIONS, key_name
 from sortedchat.tui.storage import StoredToken
 from sortedchat.tui.widgets.answer import AnswerView, TokenText
 from sortedchat.tui.widgets.conversation import Conversation, Welcome
@@ -165,8 +165,8 @@ class ChatScreen(Screen):
         for error in self.dialogue.finish():
             self.notify(error, severity="error", timeout=10)
         if self.dialogue.stats and self.dialogue.stats.stopped == "repetition":
-            self.notify(f"The answer was stopped: it kept repeating itself. repeat_stop = false under [chat] in "
-                        f"{settings_path()} lets answers run on.", severity="warning", timeout=10)
+            self.notify(f"The answer was stopped: it kept repeating itself. Untick Repeats in the settings "
+                        f"({self.keys_shown['settings']}) to let answers run on.", severity="warning", timeout=10)
         self.show_status()
         self.refresh_bindings()
 

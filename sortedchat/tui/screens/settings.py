@@ -7,7 +7,7 @@ from dataclasses import replace
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Footer, Input, Label, Static, TextArea
+from textual.widgets import Button, Checkbox, Footer, Input, Label, Static, TextArea
 
 from sortedchat.tui.settings import Settings, check_value, settings_path
 
@@ -40,6 +40,10 @@ class SettingsScreen(ModalScreen[Settings | None]):
                 with Horizontal(classes="setting"):
                     yield Label(label, classes="setting-label")
                     yield Input("" if value is None else str(value), placeholder=hint, id=name, compact=True)
+            with Horizontal(classes="setting"):
+                yield Label("Repeats", classes="setting-label")
+                yield Checkbox("stop an answer that keeps repeating itself", self.settings.repeat_stop,
+                               id="repeat_stop", compact=True)
             yield Static("", id="settings-error")
             yield Static(f"Saved in {settings_path()}", classes="help-note")
             with Horizontal(id="settings-buttons"):
@@ -57,7 +61,8 @@ class SettingsScreen(ModalScreen[Settings | None]):
         self.dismiss(None)
 
     def action_save(self) -> None:
-        values = {"system_prompt": self.query_one("#system_prompt", TextArea).text}
+        values = {"system_prompt": self.query_one("#system_prompt", TextArea).text,
+                  "repeat_stop": self.query_one("#repeat_stop", Checkbox).value}
         for name, (label, _) in FIELDS.items():
             raw = self.query_one(f"#{name}", Input).value.strip()
             if name == "seed" and not raw:
