@@ -267,6 +267,25 @@ def test_a_token_chosen_as_the_conversation_follows_its_end_is_scrolled_into_vie
             assert in_view_above_the_lens(app, index)
 
 
+def test_the_inspected_token_stays_in_view_when_its_answer_rewraps(tiny, tmp_path):
+    """Opening the lens makes the conversation scroll, and its scrollbar then narrows the answer by two columns: the
+    text rewraps a row longer, after the conversation's resize (when the machine is busy, after the scroll too).
+    The answer's own resize keeps the token in view; here a wider right margin rewraps it the same way."""
+    app, chat_id = long_answer_app(tiny, tmp_path)
+
+    @run_async
+    async def run():
+        async with app.run_test(size=SMALL) as pilot:
+            await chat(app).open_chat(chat_id)
+            await pilot.press("f9")
+            view = chat(app).answer.depth_view
+            await wait_for(pilot, lambda: in_view_above_the_lens(app, view.cursor))
+            rows = view.size.height
+            chat(app).answer.styles.margin = (1, 30, 0, 0)
+            await wait_for(pilot, lambda: view.size.height > rows + 2)
+            await wait_for(pilot, lambda: in_view_above_the_lens(app, view.cursor))
+
+
 def test_a_mid_answer_mode_change_shows_in_the_answer_header_and_the_saved_chat(tiny, tmp_path):
     app = make_app(tiny, tmp_path, max_new_tokens=10)
 

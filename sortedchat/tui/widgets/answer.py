@@ -128,6 +128,12 @@ class TokenText(Vertical, can_focus=True):
         if late:
             self.mount_all(late)
 
+    def on_resize(self) -> None:
+        """Rewrapped (the conversation's scrollbar appeared as the layer lens opened, or the terminal narrowed):
+        the token being inspected may have moved down a row or more, with the conversation's own size unchanged."""
+        if self.cursor is not None and self.has_focus:
+            self.reveal(self.cursor)
+
     def _colour(self, layer: int) -> Style:
         if layer not in self._colours:
             self._colours[layer] = Style.parse(themed_exit_colour(self.app, layer, self.num_layers, self.first_exit))
