@@ -19,6 +19,7 @@ from sortedchat.tui.screens.chats import ChatListScreen
 from sortedchat.tui.screens.settings import SettingsScreen
 from sortedchat.tui.settings import Settings, load_settings, settings_path
 from sortedchat.tui.storage import ChatStore
+from sortedchat.tui.widgets.answer import TokenText
 from sortedchat.tui.widgets.legend import ExitLegend
 from sortedchat.tui.widgets.status import fit_parts, status_parts
 
@@ -243,19 +244,25 @@ def test_at_80x24_the_lens_leaves_the_token_it_describes_in_view(tiny, tmp_path,
             await wait_for(pilot, lambda: in_view_above_the_lens(app, answer.depth_view.cursor), timeout=5.0)
 
 
+async def lens_on_the_last_token(pilot, app: SortedChatApp, chat_id: int) -> TokenText:
+    """Open the long answer's chat and press F9: the lens describes its last token, which is shown above it."""
+    await chat(app).open_chat(chat_id)
+    await pilot.press("f9")
+    view = chat(app).answer.depth_view
+    await wait_for(pilot, lambda: in_view_above_the_lens(app, view.cursor))
+    return view
+
+
 def test_a_token_chosen_as_the_conversation_follows_its_end_is_scrolled_into_view(tiny, tmp_path):
     """While an answer streams, the conversation scrolls to its end after each refresh; a token chosen in that
     moment (one near the top, the view scrolled up to it) still ends up in view: its place comes from the layout,
-    not from where the screen drew it before that scroll (likely why the test above once failed in CI)."""
+    not from where the screen drew it before that scroll."""
     app, chat_id = long_answer_app(tiny, tmp_path)
 
     @run_async
     async def run():
         async with app.run_test(size=SMALL) as pilot:
-            await chat(app).open_chat(chat_id)
-            await pilot.press("f9")
-            view = chat(app).answer.depth_view
-            await wait_for(pilot, lambda: in_view_above_the_lens(app, view.cursor))
+            view = await lens_on_the_last_token(pilot, app, chat_id)
             conversation = chat(app).conversation
             conversation.scroll_home(animate=False, immediate=True)
             index = view.shown_indices()[20]
@@ -269,17 +276,14 @@ def test_a_token_chosen_as_the_conversation_follows_its_end_is_scrolled_into_vie
 
 def test_the_inspected_token_stays_in_view_when_its_answer_rewraps(tiny, tmp_path):
     """Opening the lens makes the conversation scroll, and its scrollbar then narrows the answer by two columns: the
-    text rewraps a row longer, after the conversation's resize (when the machine is busy, after the scroll too).
-    The answer's own resize keeps the token in view; here a wider right margin rewraps it the same way."""
+    text rewraps a row longer, after the conversation's resize (on a busy machine after the scroll too: the F9 test
+    above failed so in CI). The answer's own resize keeps the token in view; a wider right margin rewraps it here."""
     app, chat_id = long_answer_app(tiny, tmp_path)
 
     @run_async
     async def run():
         async with app.run_test(size=SMALL) as pilot:
-            await chat(app).open_chat(chat_id)
-            await pilot.press("f9")
-            view = chat(app).answer.depth_view
-            await wait_for(pilot, lambda: in_view_above_the_lens(app, view.cursor))
+            view = await lens_on_the_last_token(pilot, app, chat_id)
             rows = view.size.height
             chat(app).answer.styles.margin = (1, 30, 0, 0)
             await wait_for(pilot, lambda: view.size.height > rows + 2)
