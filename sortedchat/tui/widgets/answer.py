@@ -131,6 +131,10 @@ class TokenText(Vertical, can_focus=True):
     def on_resize(self) -> None:
         """Rewrapped (the conversation's scrollbar appeared as the layer lens opened, or the terminal narrowed):
         the token being inspected may have moved down a row or more, with the conversation's own size unchanged."""
+        self.keep_cursor_in_view()
+
+    def keep_cursor_in_view(self) -> None:
+        """While the user inspects tokens here (focused, one selected), a layout change scrolls it back into view."""
         if self.cursor is not None and self.has_focus:
             self.reveal(self.cursor)
 

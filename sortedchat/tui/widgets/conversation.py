@@ -71,9 +71,9 @@ class Conversation(VerticalScroll):
 
     def on_resize(self) -> None:
         """Smaller (the layer lens opened below, or the terminal shrank): the token the lens describes stays in view."""
-        selected = self.app.focused
-        if isinstance(selected, TokenText) and selected.cursor is not None and self in selected.ancestors:
-            selected.reveal(selected.cursor)
+        focused = self.app.focused
+        if isinstance(focused, TokenText) and self in focused.ancestors:
+            focused.keep_cursor_in_view()
 
     def show_welcome(self) -> None:
         if self.welcome_keys is not None and not self.children:
